@@ -1,0 +1,2 @@
+//! Train-step bench (in progress).
+fn main() {}

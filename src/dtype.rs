@@ -1,0 +1,175 @@
+//! Element types: storage dtypes and the CPU compute types.
+
+use half::{bf16, f16};
+use std::fmt;
+
+/// The storage type of a tensor's elements.
+///
+/// `F64` exists for the CPU reference only (finite-difference gradient checks); the GPU
+/// kernels handle `F32`, `BF16` and `F16`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DType {
+    /// IEEE binary32.
+    F32,
+    /// IEEE binary64 (CPU reference only).
+    F64,
+    /// bfloat16: 8 exponent bits, 7 mantissa bits.
+    BF16,
+    /// IEEE binary16.
+    F16,
+}
+
+impl DType {
+    /// Bytes per element.
+    pub fn size_in_bytes(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::F64 => 8,
+            DType::BF16 | DType::F16 => 2,
+        }
+    }
+
+    /// True for the 16-bit types, which train with an fp32 master copy.
+    pub fn is_half(self) -> bool {
+        matches!(self, DType::BF16 | DType::F16)
+    }
+
+    /// The lowercase name (`"f32"`, `"bf16"`, ...).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DType::F32 => "f32",
+            DType::F64 => "f64",
+            DType::BF16 => "bf16",
+            DType::F16 => "f16",
+        }
+    }
+
+    /// Parses a name as printed by [`DType::as_str`].
+    pub fn parse(s: &str) -> crate::Result<Self> {
+        match s {
+            "f32" => Ok(DType::F32),
+            "f64" => Ok(DType::F64),
+            "bf16" => Ok(DType::BF16),
+            "f16" => Ok(DType::F16),
+            _ => Err(crate::Error::invalid(format!(
+                "unknown dtype {s:?} (expected f32, f64, bf16 or f16)"
+            ))),
+        }
+    }
+
+    /// Unit roundoff: half an ulp of 1.0 in this type (the bound of one rounding, relative).
+    pub fn unit_roundoff(self) -> f64 {
+        match self {
+            DType::F32 => f32::EPSILON as f64 / 2.0,
+            DType::F64 => f64::EPSILON / 2.0,
+            DType::BF16 => 2f64.powi(-8),
+            DType::F16 => 2f64.powi(-11),
+        }
+    }
+}
+
+impl fmt::Display for DType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A Rust type that can be the element type of a tensor.
+pub trait Element: Copy + Send + Sync + 'static + bytemuck::Pod {
+    /// The matching [`DType`].
+    const DTYPE: DType;
+    /// Widens to f64 (exact for every supported type).
+    fn to_f64(self) -> f64;
+    /// Rounds from f64 (round to nearest even).
+    fn from_f64(v: f64) -> Self;
+    /// Widens to f32 (exact for the 16-bit types; rounds for f64).
+    fn to_f32(self) -> f32;
+    /// Rounds from f32 (round to nearest even).
+    fn from_f32(v: f32) -> Self;
+}
+
+impl Element for f32 {
+    const DTYPE: DType = DType::F32;
+    fn to_f64(self) -> f64 {
+        self as f64
+    }
+    fn from_f64(v: f64) -> Self {
+        v as f32
+    }
+    fn to_f32(self) -> f32 {
+        self
+    }
+    fn from_f32(v: f32) -> Self {
+        v
+    }
+}
+
+impl Element for f64 {
+    const DTYPE: DType = DType::F64;
+    fn to_f64(self) -> f64 {
+        self
+    }
+    fn from_f64(v: f64) -> Self {
+        v
+    }
+    fn to_f32(self) -> f32 {
+        self as f32
+    }
+    fn from_f32(v: f32) -> Self {
+        v as f64
+    }
+}
+
+impl Element for bf16 {
+    const DTYPE: DType = DType::BF16;
+    fn to_f64(self) -> f64 {
+        bf16::to_f64(self)
+    }
+    fn from_f64(v: f64) -> Self {
+        bf16::from_f64(v)
+    }
+    fn to_f32(self) -> f32 {
+        bf16::to_f32(self)
+    }
+    fn from_f32(v: f32) -> Self {
+        bf16::from_f32(v)
+    }
+}
+
+impl Element for f16 {
+    const DTYPE: DType = DType::F16;
+    fn to_f64(self) -> f64 {
+        f16::to_f64(self)
+    }
+    fn from_f64(v: f64) -> Self {
+        f16::from_f64(v)
+    }
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+    fn from_f32(v: f32) -> Self {
+        f16::from_f32(v)
+    }
+}
+
+/// A type the CPU reference computes in: `f32` for f32/bf16/f16 tensors, `f64` for f64.
+///
+/// CPU kernels are written once, generic over `Real`.
+pub trait Real:
+    Element
+    + num_traits::Float
+    + num_traits::FromPrimitive
+    + std::iter::Sum
+    + std::ops::AddAssign
+    + std::ops::SubAssign
+    + std::ops::MulAssign
+    + std::fmt::Debug
+    + Default
+{
+    /// Converts an f64 constant.
+    fn c(v: f64) -> Self {
+        <Self as Element>::from_f64(v)
+    }
+}
+impl Real for f32 {}
+impl Real for f64 {}

@@ -1,0 +1,2 @@
+//! The lorafuse demo (in progress).
+fn main() {}

@@ -1,0 +1,197 @@
+//! Dense products: `matmul` (`a·b`) and `linear` (`x·Wᵀ + b`, the layout of `nn.Linear`).
+
+pub(crate) mod cpu;
+
+use super::elementwise::{bias_grad, cpu::bias_add as cpu_bias_add};
+use super::{output, with_real};
+use crate::tape::Tape;
+use crate::tensor::{same_device, same_dtype};
+use crate::{Error, Real, Result, Tensor};
+
+/// `a·b` for `a [M, K]`, `b [K, N]`.
+pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    const OP: &str = "matmul";
+    let (m, k) = a.shape().dims2(OP)?;
+    let (k2, n) = b.shape().dims2(OP)?;
+    if k != k2 {
+        return Err(Error::shape(OP, format!("{} · {}", a.shape(), b.shape())));
+    }
+    let dtype = same_dtype(OP, &[a, b])?;
+    same_device(OP, &[a, b])?;
+    let tape = Tape::of(OP, &[a, b])?;
+    fn fwd<T: Real>(a: &Tensor, b: &Tensor, (m, k, n): (usize, usize, usize)) -> Result<Tensor> {
+        let (av, bv) = (a.cpu_read::<T>(OP)?, b.cpu_read::<T>(OP)?);
+        let mut c = vec![T::zero(); m * n];
+        cpu::matmul(&mut c, false, &av, false, &bv, false, (m, k, n), T::one())?;
+        output(c, [m, n], a.dtype())
+    }
+    let y = with_real(dtype, || fwd::<f32>(a, b, (m, k, n)), || fwd::<f64>(a, b, (m, k, n)))?;
+    if let Some(tape) = &tape {
+        let (a, b, yid) = (a.clone(), b.clone(), y.id());
+        tape.push(OP, move |g| {
+            let Some(gy) = g.take_output(yid) else { return Ok(()) };
+            fn bwd<T: Real>(a: &Tensor, b: &Tensor, gy: &Tensor, (m, k, n): (usize, usize, usize)) -> Result<(Option<Tensor>, Option<Tensor>)> {
+                let (av, bv, gv) = (a.cpu_read::<T>(OP)?, b.cpu_read::<T>(OP)?, gy.cpu_read::<T>(OP)?);
+                let ga = if a.requires_grad() {
+                    // ga = gy·bᵀ  [m, k]
+                    let mut ga = vec![T::zero(); m * k];
+                    cpu::matmul(&mut ga, false, &gv, false, &bv, true, (m, n, k), T::one())?;
+                    Some(output(ga, [m, k], a.dtype())?)
+                } else {
+                    None
+                };
+                let gb = if b.requires_grad() {
+                    // gb = aᵀ·gy  [k, n]
+                    let mut gb = vec![T::zero(); k * n];
+                    cpu::matmul(&mut gb, false, &av, true, &gv, false, (k, m, n), T::one())?;
+                    Some(output(gb, [k, n], b.dtype())?)
+                } else {
+                    None
+                };
+                Ok((ga, gb))
+            }
+            let (ga, gb) = with_real(a.dtype(), || bwd::<f32>(&a, &b, &gy, (m, k, n)), || bwd::<f64>(&a, &b, &gy, (m, k, n)))?;
+            if let Some(ga) = ga {
+                g.accumulate(&a, ga)?;
+            }
+            if let Some(gb) = gb {
+                g.accumulate(&b, gb)?;
+            }
+            Ok(())
+        });
+    }
+    Ok(y.with_tape(tape))
+}
+
+/// `x·Wᵀ + b` for `x [.., K]`, `w [N, K]`, `bias [N]`: the output is `[.., N]`.
+///
+/// Backward: `gx = gy·W`, `gW = gyᵀ·x`, `gb = Σ_rows gy`, each computed only when
+/// that input is tracked.
+pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    const OP: &str = "linear";
+    let (m, k) = x.shape().as_rows(OP)?;
+    let (n, k2) = w.shape().dims2(OP)?;
+    if k != k2 {
+        return Err(Error::shape(OP, format!("x {} with weight {}", x.shape(), w.shape())));
+    }
+    if let Some(b) = bias {
+        if b.dims() != [n] {
+            return Err(Error::shape(OP, format!("bias {} for weight {}", b.shape(), w.shape())));
+        }
+    }
+    let mut ins = vec![x, w];
+    ins.extend(bias);
+    let dtype = same_dtype(OP, &ins)?;
+    same_device(OP, &ins)?;
+    let tape = Tape::of(OP, &ins)?;
+    let mut out_dims = x.dims().to_vec();
+    *out_dims.last_mut().expect("rank >= 1") = n;
+    fn fwd<T: Real>(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, (m, k, n): (usize, usize, usize), dims: Vec<usize>) -> Result<Tensor> {
+        let (xv, wv) = (x.cpu_read::<T>(OP)?, w.cpu_read::<T>(OP)?);
+        let mut y = match bias {
+            Some(b) => cpu_bias_add(&vec![T::zero(); m * n], &b.cpu_read::<T>(OP)?),
+            None => vec![T::zero(); m * n],
+        };
+        cpu::matmul(&mut y, bias.is_some(), &xv, false, &wv, true, (m, k, n), T::one())?;
+        output(y, dims, x.dtype())
+    }
+    let y = with_real(
+        dtype,
+        || fwd::<f32>(x, w, bias, (m, k, n), out_dims.clone()),
+        || fwd::<f64>(x, w, bias, (m, k, n), out_dims.clone()),
+    )?;
+    if let Some(tape) = &tape {
+        let (x, w, bias, yid) = (x.clone(), w.clone(), bias.cloned(), y.id());
+        tape.push(OP, move |g| {
+            let Some(gy) = g.take_output(yid) else { return Ok(()) };
+            fn bwd<T: Real>(x: &Tensor, w: &Tensor, gy: &Tensor, (m, k, n): (usize, usize, usize)) -> Result<(Option<Tensor>, Option<Tensor>)> {
+                let gv = gy.cpu_read::<T>(OP)?;
+                let gx = if x.requires_grad() {
+                    let wv = w.cpu_read::<T>(OP)?;
+                    let mut gx = vec![T::zero(); m * k];
+                    cpu::matmul(&mut gx, false, &gv, false, &wv, false, (m, n, k), T::one())?;
+                    Some(output(gx, x.shape().clone(), x.dtype())?)
+                } else {
+                    None
+                };
+                let gw = if w.requires_grad() {
+                    let xv = x.cpu_read::<T>(OP)?;
+                    let mut gw = vec![T::zero(); n * k];
+                    cpu::matmul(&mut gw, false, &gv, true, &xv, false, (n, m, k), T::one())?;
+                    Some(output(gw, [n, k], w.dtype())?)
+                } else {
+                    None
+                };
+                Ok((gx, gw))
+            }
+            let (gx, gw) = with_real(x.dtype(), || bwd::<f32>(&x, &w, &gy, (m, k, n)), || bwd::<f64>(&x, &w, &gy, (m, k, n)))?;
+            if let Some(b) = &bias {
+                if b.requires_grad() {
+                    g.accumulate(b, bias_grad(&gy, n)?)?;
+                }
+            }
+            if let Some(gx) = gx {
+                g.accumulate(&x, gx)?;
+            }
+            if let Some(gw) = gw {
+                g.accumulate(&w, gw)?;
+            }
+            Ok(())
+        });
+    }
+    Ok(y.with_tape(tape))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{assert_close, check_grads, rand_tensor, rng};
+    use crate::{DType, Device};
+
+    #[test]
+    fn matmul_and_linear_match_naive_products() {
+        let mut r = rng("matmul_naive");
+        let (m, k, n) = (7, 65, 13);
+        let a = rand_tensor(&mut r, [m, k], -1.0, 1.0);
+        let w = rand_tensor(&mut r, [n, k], -1.0, 1.0);
+        let b = rand_tensor(&mut r, [n], -1.0, 1.0);
+        let (av, wv, bv) = (a.to_vec_f64().unwrap(), w.to_vec_f64().unwrap(), b.to_vec_f64().unwrap());
+        let want: Vec<f64> = (0..m * n)
+            .map(|ij| {
+                let (i, j) = (ij / n, ij % n);
+                bv[j] + (0..k).map(|p| av[i * k + p] * wv[j * k + p]).sum::<f64>()
+            })
+            .collect();
+        let y = linear(&a, &w, Some(&b)).unwrap();
+        assert_close("linear", &y.to_vec_f64().unwrap(), &want, 1e-14);
+        // matmul with wᵀ given explicitly is the same product without the bias
+        let wt: Vec<f64> = (0..k * n).map(|pj| wv[(pj % n) * k + pj / n]).collect();
+        let wt = Tensor::from_vec(wt, [k, n], &Device::Cpu).unwrap();
+        let y2 = matmul(&a, &wt).unwrap().to_vec_f64().unwrap();
+        let want2: Vec<f64> = want.iter().enumerate().map(|(ij, v)| v - bv[ij % n]).collect();
+        assert_close("matmul", &y2, &want2, 1e-14);
+    }
+
+    #[test]
+    fn matmul_backward_matches_finite_differences() {
+        let mut r = rng("matmul_fd");
+        let a = rand_tensor(&mut r, [5, 9], -1.0, 1.0);
+        let b = rand_tensor(&mut r, [9, 4], -1.0, 1.0);
+        check_grads("matmul", &[a.clone(), b], |t| matmul(&t[0], &t[1]), 1e-7);
+        let x = rand_tensor(&mut r, [2, 3, 9], -1.0, 1.0);
+        let w = rand_tensor(&mut r, [6, 9], -1.0, 1.0);
+        let bias = rand_tensor(&mut r, [6], -1.0, 1.0);
+        check_grads("linear", &[x, w, bias], |t| linear(&t[0], &t[1], Some(&t[2])), 1e-7);
+    }
+
+    #[test]
+    fn linear_rejects_bad_shapes_and_dtypes() {
+        let d = Device::Cpu;
+        let x = Tensor::zeros([4, 8], DType::F32, &d).unwrap();
+        let w = Tensor::zeros([3, 7], DType::F32, &d).unwrap();
+        assert!(matches!(linear(&x, &w, None), Err(Error::Shape { .. })));
+        let w16 = Tensor::zeros([3, 8], DType::BF16, &d).unwrap();
+        assert!(matches!(linear(&x, &w16, None), Err(Error::DType { .. })));
+        assert!(matches!(matmul(&x, &x), Err(Error::Shape { .. })));
+    }
+}

@@ -1,0 +1,42 @@
+//! Ops with forward and backward. One op, one folder: `mod.rs` holds the public op, its
+//! shape checks, backward recording and tests; `cpu.rs` the CPU reference kernels
+//! (generic over the compute type, f32 or f64); CUDA launchers join them as `cuda.rs`.
+//!
+//! Every op takes tensors, returns a new tensor, and records its backward on the tape of
+//! its tracked inputs (if any). The backward computes a gradient only for the inputs that
+//! are tracked: a frozen weight costs no gradient work.
+
+mod attention;
+mod cross_entropy;
+mod dropout;
+mod elementwise;
+mod embedding;
+mod layer_norm;
+mod lora_linear;
+mod matmul;
+pub mod profile;
+
+pub use attention::causal_attention;
+pub use cross_entropy::{cross_entropy, IGNORE_INDEX};
+pub use dropout::{dropout, dropout_mask_value};
+pub use elementwise::{add, bias_add, cast, gelu, reshape, scale};
+pub use embedding::embedding;
+pub use layer_norm::layer_norm;
+pub use lora_linear::{lora_linear, LoraTerm};
+pub use matmul::{linear, matmul};
+
+use crate::{DType, Real, Result, Tensor};
+
+/// Runs `f` with the compute type of `dtype`: f64 for f64 tensors, f32 otherwise
+/// (bf16/f16 are widened on load and rounded once on store).
+pub(crate) fn with_real<R>(dtype: DType, f32_path: impl FnOnce() -> R, f64_path: impl FnOnce() -> R) -> R {
+    match dtype {
+        DType::F64 => f64_path(),
+        _ => f32_path(),
+    }
+}
+
+/// Builds the op's output tensor from compute-type values, rounded once to `dtype`.
+pub(crate) fn output<T: Real>(v: Vec<T>, shape: impl Into<crate::Shape>, dtype: DType) -> Result<Tensor> {
+    Tensor::from_cpu_values(v, shape, dtype)
+}

@@ -1,0 +1,184 @@
+//! Per-backend storage of a tensor's elements.
+
+use crate::{DType, Device, Element, Error, Result};
+use half::{bf16, f16};
+
+/// Where a tensor's elements live. One variant per backend; the CUDA and simulator
+/// variants arrive with the kernel toolchain.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum Storage {
+    /// Host memory, used by the CPU reference backend.
+    Cpu(CpuStorage),
+}
+
+/// Host storage: one `Vec` per dtype.
+#[derive(Debug, Clone)]
+pub enum CpuStorage {
+    /// f32 elements.
+    F32(Vec<f32>),
+    /// f64 elements.
+    F64(Vec<f64>),
+    /// bf16 elements.
+    BF16(Vec<bf16>),
+    /// f16 elements.
+    F16(Vec<f16>),
+}
+
+impl Storage {
+    /// The device this storage lives on.
+    pub fn device(&self) -> Device {
+        match self {
+            Storage::Cpu(_) => Device::Cpu,
+        }
+    }
+
+    /// The host storage, or an error naming `op` for other backends.
+    pub fn cpu(&self, _op: &'static str) -> Result<&CpuStorage> {
+        match self {
+            Storage::Cpu(c) => Ok(c),
+        }
+    }
+
+    /// The host storage, mutably, or an error naming `op` for other backends.
+    pub fn cpu_mut(&mut self, _op: &'static str) -> Result<&mut CpuStorage> {
+        match self {
+            Storage::Cpu(c) => Ok(c),
+        }
+    }
+}
+
+impl CpuStorage {
+    /// The storage's dtype.
+    pub fn dtype(&self) -> DType {
+        match self {
+            CpuStorage::F32(_) => DType::F32,
+            CpuStorage::F64(_) => DType::F64,
+            CpuStorage::BF16(_) => DType::BF16,
+            CpuStorage::F16(_) => DType::F16,
+        }
+    }
+
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        match self {
+            CpuStorage::F32(v) => v.len(),
+            CpuStorage::F64(v) => v.len(),
+            CpuStorage::BF16(v) => v.len(),
+            CpuStorage::F16(v) => v.len(),
+        }
+    }
+
+    /// True when there are no elements.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Zeros of a dtype.
+    pub fn zeros(dtype: DType, n: usize) -> Self {
+        match dtype {
+            DType::F32 => CpuStorage::F32(vec![0.0; n]),
+            DType::F64 => CpuStorage::F64(vec![0.0; n]),
+            DType::BF16 => CpuStorage::BF16(vec![bf16::ZERO; n]),
+            DType::F16 => CpuStorage::F16(vec![f16::ZERO; n]),
+        }
+    }
+
+    /// Takes a `Vec` of any element type, converting (round to nearest even) to `dtype`.
+    /// No copy when the types already agree.
+    pub fn from_vec_as<T: Element>(v: Vec<T>, dtype: DType) -> Self {
+        if T::DTYPE == dtype {
+            return Self::from_vec(v);
+        }
+        match dtype {
+            DType::F32 => CpuStorage::F32(convert(&v)),
+            DType::F64 => CpuStorage::F64(convert(&v)),
+            DType::BF16 => CpuStorage::BF16(convert(&v)),
+            DType::F16 => CpuStorage::F16(convert(&v)),
+        }
+    }
+
+    /// Wraps a `Vec` without conversion.
+    pub fn from_vec<T: Element>(v: Vec<T>) -> Self {
+        // The casts below are identity casts: T::DTYPE names T exactly.
+        match T::DTYPE {
+            DType::F32 => CpuStorage::F32(bytemuck::allocation::cast_vec(v)),
+            DType::F64 => CpuStorage::F64(bytemuck::allocation::cast_vec(v)),
+            DType::BF16 => CpuStorage::BF16(bytemuck::allocation::cast_vec(v)),
+            DType::F16 => CpuStorage::F16(bytemuck::allocation::cast_vec(v)),
+        }
+    }
+
+    /// The elements as a slice of `T`, when `T` is the storage's own type.
+    pub fn as_slice<T: Element>(&self) -> Option<&[T]> {
+        if T::DTYPE != self.dtype() {
+            return None;
+        }
+        Some(match self {
+            CpuStorage::F32(v) => bytemuck::cast_slice(v),
+            CpuStorage::F64(v) => bytemuck::cast_slice(v),
+            CpuStorage::BF16(v) => bytemuck::cast_slice(v),
+            CpuStorage::F16(v) => bytemuck::cast_slice(v),
+        })
+    }
+
+    /// The elements as a mutable slice of `T`, when `T` is the storage's own type.
+    pub fn as_mut_slice<T: Element>(&mut self) -> Option<&mut [T]> {
+        if T::DTYPE != self.dtype() {
+            return None;
+        }
+        Some(match self {
+            CpuStorage::F32(v) => bytemuck::cast_slice_mut(v),
+            CpuStorage::F64(v) => bytemuck::cast_slice_mut(v),
+            CpuStorage::BF16(v) => bytemuck::cast_slice_mut(v),
+            CpuStorage::F16(v) => bytemuck::cast_slice_mut(v),
+        })
+    }
+
+    /// The elements converted to `T` (widening is exact; narrowing rounds to nearest even).
+    pub fn to_vec<T: Element>(&self) -> Vec<T> {
+        match self {
+            CpuStorage::F32(v) => convert(v),
+            CpuStorage::F64(v) => convert(v),
+            CpuStorage::BF16(v) => convert(v),
+            CpuStorage::F16(v) => convert(v),
+        }
+    }
+
+    /// Overwrites every element from `src`, rounding once to the storage's dtype.
+    pub fn assign_from<T: Element>(&mut self, src: &[T]) -> Result<()> {
+        if src.len() != self.len() {
+            return Err(Error::shape(
+                "assign",
+                format!("{} elements into {}", src.len(), self.len()),
+            ));
+        }
+        fn go<S: Element, D: Element>(dst: &mut [D], src: &[S]) {
+            if S::DTYPE == DType::F64 || D::DTYPE == DType::F64 {
+                dst.iter_mut()
+                    .zip(src)
+                    .for_each(|(d, s)| *d = D::from_f64(s.to_f64()));
+            } else {
+                dst.iter_mut()
+                    .zip(src)
+                    .for_each(|(d, s)| *d = D::from_f32(s.to_f32()));
+            }
+        }
+        match self {
+            CpuStorage::F32(v) => go(v, src),
+            CpuStorage::F64(v) => go(v, src),
+            CpuStorage::BF16(v) => go(v, src),
+            CpuStorage::F16(v) => go(v, src),
+        }
+        Ok(())
+    }
+}
+
+/// Converts element-wise, through f32 unless f64 is involved (exact widening, one rounding).
+pub(crate) fn convert<S: Element, D: Element>(src: &[S]) -> Vec<D> {
+    if S::DTYPE == DType::F64 || D::DTYPE == DType::F64 {
+        src.iter().map(|s| D::from_f64(s.to_f64())).collect()
+    } else {
+        src.iter().map(|s| D::from_f32(s.to_f32())).collect()
+    }
+}

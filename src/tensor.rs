@@ -1,0 +1,386 @@
+//! Tensors: an immutable handle to shaped, typed storage on a device, optionally
+//! recorded on an autograd [`Tape`].
+
+use crate::storage::{CpuStorage, Storage};
+use crate::tape::Tape;
+use crate::{DType, Device, Element, Error, Real, Result, Shape};
+use rand::Rng;
+use std::ops::Deref;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+/// A unique tensor identity: gradients are keyed by it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TensorId(u64);
+
+impl TensorId {
+    fn fresh() -> Self {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        TensorId(NEXT.fetch_add(1, Ordering::Relaxed))
+    }
+}
+
+struct Inner {
+    id: TensorId,
+    shape: Shape,
+    dtype: DType,
+    device: Device,
+    storage: Arc<RwLock<Storage>>,
+}
+
+/// A tensor: contiguous row-major elements of one [`DType`] on one [`Device`].
+///
+/// Cloning is cheap (reference counted). A tensor is *tracked* when it carries a
+/// [`Tape`]: ops on tracked tensors record their backward on that tape; ops on untracked
+/// tensors record nothing, so inference and frozen weights cost no gradient work.
+///
+/// ```
+/// use lorafuse::{Device, Tensor, Tape, ops};
+/// let tape = Tape::new();
+/// let x = Tensor::from_vec(vec![1.0f32, -2.0, 3.0], [3], &Device::Cpu)?.track(&tape);
+/// let y = ops::gelu(&x)?;
+/// let grads = tape.backward_with(&y, Tensor::ones_like(&y)?)?;
+/// assert_eq!(grads.get(&x).unwrap().dims(), &[3]);
+/// # Ok::<(), lorafuse::Error>(())
+/// ```
+#[derive(Clone)]
+pub struct Tensor {
+    inner: Arc<Inner>,
+    tape: Option<Tape>,
+}
+
+impl std::fmt::Debug for Tensor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Tensor({:?}, {}, {}, {}{})",
+            self.inner.id,
+            self.inner.shape,
+            self.inner.dtype,
+            self.inner.device,
+            if self.tape.is_some() { ", tracked" } else { "" }
+        )
+    }
+}
+
+/// Read access to a tensor's host elements as the compute type `T`: borrowed when the
+/// storage already holds `T`, converted once otherwise.
+pub(crate) struct CpuRead<'a, T> {
+    guard: RwLockReadGuard<'a, Storage>,
+    converted: Option<Vec<T>>,
+}
+
+impl<T: Element> Deref for CpuRead<'_, T> {
+    type Target = [T];
+    fn deref(&self) -> &[T] {
+        match &self.converted {
+            Some(v) => v,
+            None => match &*self.guard {
+                Storage::Cpu(c) => c
+                    .as_slice::<T>()
+                    .expect("CpuRead::converted is None only when the dtypes agree"),
+            },
+        }
+    }
+}
+
+impl Tensor {
+    fn new(storage: Storage, shape: Shape, dtype: DType) -> Tensor {
+        let device = storage.device();
+        Tensor {
+            inner: Arc::new(Inner {
+                id: TensorId::fresh(),
+                shape,
+                dtype,
+                device,
+                storage: Arc::new(RwLock::new(storage)),
+            }),
+            tape: None,
+        }
+    }
+
+    pub(crate) fn from_storage(storage: Storage, shape: Shape) -> Result<Tensor> {
+        let (n, dtype) = match &storage {
+            Storage::Cpu(c) => (c.len(), c.dtype()),
+        };
+        if n != shape.elem_count() {
+            return Err(Error::shape(
+                "tensor",
+                format!("{n} elements for shape {shape}"),
+            ));
+        }
+        Ok(Tensor::new(storage, shape, dtype))
+    }
+
+    fn check_device(device: &Device) -> Result<()> {
+        match device {
+            Device::Cpu => Ok(()),
+            d => Err(Error::DeviceUnavailable {
+                device: *d,
+                reason: "this build has only the CPU backend".into(),
+            }),
+        }
+    }
+
+    /// A tensor from a `Vec` of elements; the dtype is the element type's.
+    pub fn from_vec<T: Element>(data: Vec<T>, shape: impl Into<Shape>, device: &Device) -> Result<Tensor> {
+        Self::check_device(device)?;
+        Self::from_storage(Storage::Cpu(CpuStorage::from_vec(data)), shape.into())
+    }
+
+    /// A tensor of `dtype` from elements of any type, rounded once (nearest even).
+    pub fn from_vec_as<T: Element>(
+        data: Vec<T>,
+        shape: impl Into<Shape>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
+        Self::check_device(device)?;
+        Self::from_storage(Storage::Cpu(CpuStorage::from_vec_as(data, dtype)), shape.into())
+    }
+
+    /// A tensor filled with zeros.
+    pub fn zeros(shape: impl Into<Shape>, dtype: DType, device: &Device) -> Result<Tensor> {
+        Self::check_device(device)?;
+        let shape = shape.into();
+        Ok(Tensor::new(
+            Storage::Cpu(CpuStorage::zeros(dtype, shape.elem_count())),
+            shape,
+            dtype,
+        ))
+    }
+
+    /// A tensor filled with one value.
+    pub fn full(value: f64, shape: impl Into<Shape>, dtype: DType, device: &Device) -> Result<Tensor> {
+        let shape = shape.into();
+        Self::from_vec_as(vec![value; shape.elem_count()], shape, dtype, device)
+    }
+
+    /// Ones with the shape, dtype and device of `t` (untracked).
+    pub fn ones_like(t: &Tensor) -> Result<Tensor> {
+        Self::full(1.0, t.shape().clone(), t.dtype(), &t.device())
+    }
+
+    /// Zeros with the shape, dtype and device of `t` (untracked).
+    pub fn zeros_like(t: &Tensor) -> Result<Tensor> {
+        Self::zeros(t.shape().clone(), t.dtype(), &t.device())
+    }
+
+    /// Uniform samples in `[lo, hi)`, drawn in f64 and rounded once to `dtype`.
+    pub fn rand_uniform(
+        lo: f64,
+        hi: f64,
+        shape: impl Into<Shape>,
+        dtype: DType,
+        device: &Device,
+        rng: &mut impl Rng,
+    ) -> Result<Tensor> {
+        if !(lo < hi) || !lo.is_finite() || !hi.is_finite() {
+            return Err(Error::invalid(format!("rand_uniform: bad range [{lo}, {hi})")));
+        }
+        let shape = shape.into();
+        let v: Vec<f64> = (0..shape.elem_count()).map(|_| rng.random_range(lo..hi)).collect();
+        Self::from_vec_as(v, shape, dtype, device)
+    }
+
+    /// Normal samples with mean 0 and standard deviation `std` (Box–Muller in f64).
+    pub fn randn(std: f64, shape: impl Into<Shape>, dtype: DType, device: &Device, rng: &mut impl Rng) -> Result<Tensor> {
+        if !(std >= 0.0) || !std.is_finite() {
+            return Err(Error::invalid(format!("randn: bad std {std}")));
+        }
+        let shape = shape.into();
+        let n = shape.elem_count();
+        let mut v = Vec::with_capacity(n + 1);
+        while v.len() < n {
+            let u1: f64 = rng.random::<f64>().max(f64::MIN_POSITIVE);
+            let u2: f64 = rng.random();
+            let r = (-2.0 * u1.ln()).sqrt() * std;
+            let t = std::f64::consts::TAU * u2;
+            v.push(r * t.cos());
+            v.push(r * t.sin());
+        }
+        v.truncate(n);
+        Self::from_vec_as(v, shape, dtype, device)
+    }
+
+    /// This tensor's identity (gradients are keyed by it).
+    pub fn id(&self) -> TensorId {
+        self.inner.id
+    }
+
+    /// The shape.
+    pub fn shape(&self) -> &Shape {
+        &self.inner.shape
+    }
+
+    /// The dimensions.
+    pub fn dims(&self) -> &[usize] {
+        self.inner.shape.dims()
+    }
+
+    /// Number of elements.
+    pub fn elem_count(&self) -> usize {
+        self.inner.shape.elem_count()
+    }
+
+    /// The element type.
+    pub fn dtype(&self) -> DType {
+        self.inner.dtype
+    }
+
+    /// The device.
+    pub fn device(&self) -> Device {
+        self.inner.device
+    }
+
+    /// True when this tensor is recorded on a tape (it, or something it was computed from,
+    /// needs a gradient).
+    pub fn requires_grad(&self) -> bool {
+        self.tape.is_some()
+    }
+
+    /// The tape this tensor is recorded on, if any.
+    pub fn tape(&self) -> Option<&Tape> {
+        self.tape.as_ref()
+    }
+
+    /// The same tensor (same id and storage) recorded on `tape`: a leaf that gets a gradient.
+    pub fn track(&self, tape: &Tape) -> Tensor {
+        Tensor {
+            inner: self.inner.clone(),
+            tape: Some(tape.clone()),
+        }
+    }
+
+    /// The same tensor (same id and storage) with no tape: no gradient flows through it.
+    pub fn detach(&self) -> Tensor {
+        Tensor {
+            inner: self.inner.clone(),
+            tape: None,
+        }
+    }
+
+    pub(crate) fn with_tape(mut self, tape: Option<Tape>) -> Tensor {
+        self.tape = tape;
+        self
+    }
+
+    /// A new tensor sharing this one's storage under another shape of the same element
+    /// count (a fresh id, untracked; [`crate::ops::reshape`] is the tracked version).
+    pub(crate) fn view_as(&self, shape: Shape) -> Result<Tensor> {
+        if shape.elem_count() != self.elem_count() {
+            return Err(Error::shape(
+                "reshape",
+                format!("{} to {shape}", self.shape()),
+            ));
+        }
+        Ok(Tensor {
+            inner: Arc::new(Inner {
+                id: TensorId::fresh(),
+                shape,
+                dtype: self.inner.dtype,
+                device: self.inner.device,
+                storage: self.inner.storage.clone(),
+            }),
+            tape: None,
+        })
+    }
+
+    /// True when both handles share one storage buffer.
+    pub fn same_storage(&self, other: &Tensor) -> bool {
+        Arc::ptr_eq(&self.inner.storage, &other.inner.storage)
+    }
+
+    /// Read access to the storage.
+    pub fn storage(&self) -> RwLockReadGuard<'_, Storage> {
+        // A poisoned lock only means another thread panicked mid-write; the data is
+        // still a valid buffer of floats, so we keep going rather than propagate a panic.
+        self.inner.storage.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Write access to the storage (in-place updates: optimizer steps, merges).
+    pub fn storage_mut(&self) -> RwLockWriteGuard<'_, Storage> {
+        self.inner.storage.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The host elements as compute type `T` (borrowed if the dtype is `T`).
+    pub(crate) fn cpu_read<T: Element>(&self, op: &'static str) -> Result<CpuRead<'_, T>> {
+        let guard = self.storage();
+        let converted = {
+            let c = guard.cpu(op)?;
+            if c.dtype() == T::DTYPE {
+                None
+            } else {
+                Some(c.to_vec::<T>())
+            }
+        };
+        Ok(CpuRead { guard, converted })
+    }
+
+    /// A CPU tensor of `dtype` built from compute-type values, rounded once.
+    pub(crate) fn from_cpu_values<T: Real>(v: Vec<T>, shape: impl Into<Shape>, dtype: DType) -> Result<Tensor> {
+        Self::from_storage(Storage::Cpu(CpuStorage::from_vec_as(v, dtype)), shape.into())
+    }
+
+    /// Copies the elements out, converted to `T`.
+    pub fn to_vec<T: Element>(&self) -> Result<Vec<T>> {
+        Ok(self.storage().cpu("to_vec")?.to_vec())
+    }
+
+    /// Copies the elements out as f32.
+    pub fn to_vec_f32(&self) -> Result<Vec<f32>> {
+        self.to_vec()
+    }
+
+    /// Copies the elements out as f64 (exact).
+    pub fn to_vec_f64(&self) -> Result<Vec<f64>> {
+        self.to_vec()
+    }
+
+    /// The value of a one-element tensor.
+    pub fn to_scalar(&self) -> Result<f64> {
+        if self.elem_count() != 1 {
+            return Err(Error::shape("to_scalar", format!("{} is not one element", self.shape())));
+        }
+        Ok(self.to_vec_f64()?[0])
+    }
+
+    /// A deep copy with a fresh id and its own storage (untracked).
+    pub fn deep_clone(&self) -> Result<Tensor> {
+        let s = self.storage().clone();
+        Tensor::from_storage(s, self.shape().clone())
+    }
+
+    /// A copy converted to `dtype` (untracked; [`crate::ops::cast`] records a backward).
+    pub fn to_dtype(&self, dtype: DType) -> Result<Tensor> {
+        let v = self.to_vec_f64()?;
+        Tensor::from_vec_as(v, self.shape().clone(), dtype, &self.device())
+    }
+
+    /// Overwrites the elements from `src` (rounded once to this dtype), in place.
+    pub fn assign<T: Element>(&self, src: &[T]) -> Result<()> {
+        self.storage_mut().cpu_mut("assign")?.assign_from(src)
+    }
+}
+
+/// Checks that all tensors share one dtype and returns it.
+pub(crate) fn same_dtype(op: &'static str, ts: &[&Tensor]) -> Result<DType> {
+    let d = ts[0].dtype();
+    for t in &ts[1..] {
+        if t.dtype() != d {
+            return Err(Error::DType { op, lhs: d, rhs: t.dtype() });
+        }
+    }
+    Ok(d)
+}
+
+/// Checks that all tensors share one device and returns it.
+pub(crate) fn same_device(op: &'static str, ts: &[&Tensor]) -> Result<Device> {
+    let d = ts[0].device();
+    for t in &ts[1..] {
+        if t.device() != d {
+            return Err(Error::Device { op, lhs: d, rhs: t.device() });
+        }
+    }
+    Ok(d)
+}

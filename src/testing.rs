@@ -1,0 +1,207 @@
+//! Test helpers shared by the crate's tests, its integration tests and downstream kernel
+//! tests: seeded randomness that prints its seed, one comparison helper
+//! ([`assert_close`]), central finite-difference gradient checks ([`check_grads`]) and
+//! [`test_device!`](crate::test_device), which instantiates one test body per backend.
+
+use crate::{DType, Device, Result, Shape, Tape, Tensor};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+/// A seeded RNG for test `name`. The seed is fresh each run unless `LORAFUSE_SEED` is set;
+/// it is printed so a failure can be replayed.
+pub fn rng(name: &str) -> StdRng {
+    let seed = std::env::var("LORAFUSE_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| rand::rng().random::<u64>());
+    println!("{name}: seed {seed} (replay with LORAFUSE_SEED={seed})");
+    StdRng::seed_from_u64(seed)
+}
+
+/// An untracked f64 CPU tensor of uniform samples in `[lo, hi)`.
+pub fn rand_tensor(rng: &mut impl Rng, shape: impl Into<Shape>, lo: f64, hi: f64) -> Tensor {
+    Tensor::rand_uniform(lo, hi, shape, DType::F64, &Device::Cpu, rng).expect("valid range")
+}
+
+/// How far `got` is from `want`.
+#[derive(Clone, Copy, Debug)]
+pub struct Closeness {
+    /// `‖got − want‖₂ / ‖want‖₂` (absolute L2 when `want` is all zeros).
+    pub rel_l2: f64,
+    /// The largest `|got − want|`.
+    pub max_abs: f64,
+    /// Where the largest error is.
+    pub max_abs_index: usize,
+    /// The first index holding a NaN/inf in `got` where `want` is finite, if any.
+    pub first_non_finite: Option<usize>,
+}
+
+/// Compares two buffers (see [`Closeness`]). Lengths must match.
+pub fn closeness(got: &[f64], want: &[f64]) -> Closeness {
+    assert_eq!(got.len(), want.len(), "closeness: lengths differ");
+    let (mut num, mut den, mut max_abs, mut idx, mut bad) = (0.0, 0.0, 0.0f64, 0, None);
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        if !g.is_finite() && w.is_finite() && bad.is_none() {
+            bad = Some(i);
+        }
+        let e = (g - w).abs();
+        num += e * e;
+        den += w * w;
+        if e > max_abs || e.is_nan() {
+            max_abs = e;
+            idx = i;
+        }
+    }
+    let rel_l2 = if den > 0.0 { (num / den).sqrt() } else { num.sqrt() };
+    Closeness {
+        rel_l2,
+        max_abs,
+        max_abs_index: idx,
+        first_non_finite: bad,
+    }
+}
+
+/// Panics unless `‖got − want‖ / ‖want‖ ≤ tol` and `got` holds no NaN/inf where `want`
+/// is finite. The message names the rel-L2, the max abs error and its index, and the
+/// first non-finite index.
+#[track_caller]
+pub fn assert_close(name: &str, got: &[f64], want: &[f64], tol: f64) {
+    let c = closeness(got, want);
+    if c.first_non_finite.is_some() || !(c.rel_l2 <= tol) {
+        panic!(
+            "{name}: rel-L2 {:.3e} > {tol:.1e}; max abs err {:.3e} at index {} (got {}, want {}); first non-finite: {:?}",
+            c.rel_l2,
+            c.max_abs,
+            c.max_abs_index,
+            got[c.max_abs_index],
+            want[c.max_abs_index],
+            c.first_non_finite
+        );
+    }
+}
+
+/// [`assert_close`] on two tensors (compared in f64).
+#[track_caller]
+pub fn assert_close_t(name: &str, got: &Tensor, want: &Tensor, tol: f64) {
+    assert_eq!(got.dims(), want.dims(), "{name}: shapes differ");
+    assert_close(name, &got.to_vec_f64().unwrap(), &want.to_vec_f64().unwrap(), tol);
+}
+
+/// Checks the backward of `f` against central finite differences, in f64.
+///
+/// `inputs` are untracked f64 tensors. The check projects the output on a fixed random
+/// direction `R` (`L = Σ f(x) ⊙ R`), runs backward seeded with `R`, and compares each
+/// input's gradient with `(L(x + h·e_j) − L(x − h·e_j)) / 2h` at up to 48 positions per
+/// input. The error of each position is `|analytic − numeric| / max(|analytic|,
+/// |numeric|, 1e-2 · scale)`, where `scale` is the input's largest numeric gradient (so a
+/// near-zero gradient is judged against the input's typical size); the largest error is
+/// printed and must be `≤ tol`. With f64 and `h = 1e-5·max(1, |x|)`, truncation (`O(h²)`)
+/// and rounding (`ε·|L|/h`) errors are ~1e-10 relative, so a tolerance of 1e-7 is tight: a
+/// wrong backward is off by O(1), an f32 backward by ~1e-4.
+#[track_caller]
+pub fn check_grads(name: &str, inputs: &[Tensor], f: impl Fn(&[Tensor]) -> Result<Tensor>, tol: f64) {
+    for t in inputs {
+        assert_eq!(t.dtype(), DType::F64, "{name}: check_grads takes f64 inputs");
+    }
+    let tape = Tape::new();
+    let tracked: Vec<Tensor> = inputs.iter().map(|t| t.track(&tape)).collect();
+    let out = f(&tracked).unwrap_or_else(|e| panic!("{name}: forward failed: {e}"));
+    let mut prng = StdRng::seed_from_u64(0x5eed);
+    let r: Vec<f64> = (0..out.elem_count()).map(|_| prng.random_range(-1.0..1.0)).collect();
+    let seed = Tensor::from_vec(r.clone(), out.shape().clone(), &Device::Cpu).unwrap();
+    let grads = tape
+        .backward_with(&out, seed)
+        .unwrap_or_else(|e| panic!("{name}: backward failed: {e}"));
+    let loss = |xs: &[Tensor]| -> f64 {
+        let y = f(xs).unwrap().to_vec_f64().unwrap();
+        y.iter().zip(&r).map(|(a, b)| a * b).sum()
+    };
+    let mut worst = 0.0f64;
+    for (i, x) in inputs.iter().enumerate() {
+        let n = x.elem_count();
+        let analytic = match grads.get(x) {
+            Some(g) => g.to_vec_f64().unwrap(),
+            None => vec![0.0; n],
+        };
+        let positions: Vec<usize> = if n <= 48 {
+            (0..n).collect()
+        } else {
+            (0..48).map(|_| prng.random_range(0..n)).collect()
+        };
+        let base = x.to_vec_f64().unwrap();
+        let mut numeric = Vec::with_capacity(positions.len());
+        for &j in &positions {
+            let h = 1e-5 * base[j].abs().max(1.0);
+            let probe = |delta: f64| {
+                let mut v = base.clone();
+                v[j] += delta;
+                let mut xs: Vec<Tensor> = inputs.to_vec();
+                xs[i] = Tensor::from_vec(v, x.shape().clone(), &Device::Cpu).unwrap();
+                loss(&xs)
+            };
+            numeric.push((probe(h) - probe(-h)) / (2.0 * h));
+        }
+        let scale = numeric.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+        for (k, &j) in positions.iter().enumerate() {
+            let (a, num) = (analytic[j], numeric[k]);
+            let err = (a - num).abs() / a.abs().max(num.abs()).max(1e-2 * scale).max(1e-12);
+            if !(err <= tol) {
+                panic!("{name}: input {i} element {j}: analytic {a:.10e} vs numeric {num:.10e} (rel err {err:.3e} > {tol:.1e})");
+            }
+            worst = worst.max(err);
+        }
+    }
+    println!("{name}: finite-difference check, max rel err {worst:.3e} (tol {tol:.1e})");
+}
+
+/// Whether a test on `device` can run in this build and on this machine. Prints
+/// `skipped` when it cannot, and panics instead when `LORAFUSE_REQUIRE_GPU=1` asks for
+/// a GPU that is missing.
+pub fn device_available(test: &str, device: &Device) -> bool {
+    match device {
+        Device::Cpu => true,
+        Device::Cuda(_) => {
+            let why = "no CUDA backend in this build";
+            if std::env::var("LORAFUSE_REQUIRE_GPU").as_deref() == Ok("1") {
+                panic!("{test} on {device}: LORAFUSE_REQUIRE_GPU=1 but {why}");
+            }
+            println!("{test} on {device}: skipped ({why})");
+            false
+        }
+        Device::Sim => {
+            println!("{test} on {device}: skipped (no simulator backend in this build)");
+            false
+        }
+    }
+}
+
+/// Instantiates one test body per backend: `test_device!(name, body)` makes a module
+/// `name` with tests `cpu`, `sim` and `cuda`, each calling `body(&Device)`. A backend
+/// that is not present prints `skipped` (and a missing GPU fails under
+/// `LORAFUSE_REQUIRE_GPU=1`).
+#[macro_export]
+macro_rules! test_device {
+    ($name:ident, $body:path) => {
+        mod $name {
+            use super::*;
+            #[test]
+            fn cpu() {
+                $body(&$crate::Device::Cpu);
+            }
+            #[test]
+            fn sim() {
+                let d = $crate::Device::Sim;
+                if $crate::testing::device_available(concat!(module_path!(), "::", stringify!($name)), &d) {
+                    $body(&d);
+                }
+            }
+            #[test]
+            fn cuda() {
+                let d = $crate::Device::Cuda(0);
+                if $crate::testing::device_available(concat!(module_path!(), "::", stringify!($name)), &d) {
+                    $body(&d);
+                }
+            }
+        }
+    };
+}
