@@ -72,7 +72,11 @@ impl Tape {
     }
 
     /// Records an op's backward.
-    pub(crate) fn push(&self, op: &'static str, backward: impl FnOnce(&mut Gradients) -> Result<()> + 'static) {
+    pub(crate) fn push(
+        &self,
+        op: &'static str,
+        backward: impl FnOnce(&mut Gradients) -> Result<()> + 'static,
+    ) {
         self.nodes.borrow_mut().push(Node {
             op,
             backward: Box::new(backward),

@@ -123,7 +123,11 @@ impl Tensor {
     }
 
     /// A tensor from a `Vec` of elements; the dtype is the element type's.
-    pub fn from_vec<T: Element>(data: Vec<T>, shape: impl Into<Shape>, device: &Device) -> Result<Tensor> {
+    pub fn from_vec<T: Element>(
+        data: Vec<T>,
+        shape: impl Into<Shape>,
+        device: &Device,
+    ) -> Result<Tensor> {
         Self::check_device(device)?;
         Self::from_storage(Storage::Cpu(CpuStorage::from_vec(data)), shape.into())
     }
@@ -136,7 +140,10 @@ impl Tensor {
         device: &Device,
     ) -> Result<Tensor> {
         Self::check_device(device)?;
-        Self::from_storage(Storage::Cpu(CpuStorage::from_vec_as(data, dtype)), shape.into())
+        Self::from_storage(
+            Storage::Cpu(CpuStorage::from_vec_as(data, dtype)),
+            shape.into(),
+        )
     }
 
     /// A tensor filled with zeros.
@@ -151,7 +158,12 @@ impl Tensor {
     }
 
     /// A tensor filled with one value.
-    pub fn full(value: f64, shape: impl Into<Shape>, dtype: DType, device: &Device) -> Result<Tensor> {
+    pub fn full(
+        value: f64,
+        shape: impl Into<Shape>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
         let shape = shape.into();
         Self::from_vec_as(vec![value; shape.elem_count()], shape, dtype, device)
     }
@@ -176,15 +188,25 @@ impl Tensor {
         rng: &mut impl Rng,
     ) -> Result<Tensor> {
         if !(lo < hi) || !lo.is_finite() || !hi.is_finite() {
-            return Err(Error::invalid(format!("rand_uniform: bad range [{lo}, {hi})")));
+            return Err(Error::invalid(format!(
+                "rand_uniform: bad range [{lo}, {hi})"
+            )));
         }
         let shape = shape.into();
-        let v: Vec<f64> = (0..shape.elem_count()).map(|_| rng.random_range(lo..hi)).collect();
+        let v: Vec<f64> = (0..shape.elem_count())
+            .map(|_| rng.random_range(lo..hi))
+            .collect();
         Self::from_vec_as(v, shape, dtype, device)
     }
 
     /// Normal samples with mean 0 and standard deviation `std` (Box–Muller in f64).
-    pub fn randn(std: f64, shape: impl Into<Shape>, dtype: DType, device: &Device, rng: &mut impl Rng) -> Result<Tensor> {
+    pub fn randn(
+        std: f64,
+        shape: impl Into<Shape>,
+        dtype: DType,
+        device: &Device,
+        rng: &mut impl Rng,
+    ) -> Result<Tensor> {
         if !(std >= 0.0) || !std.is_finite() {
             return Err(Error::invalid(format!("randn: bad std {std}")));
         }
@@ -300,7 +322,10 @@ impl Tensor {
 
     /// Write access to the storage (in-place updates: optimizer steps, merges).
     pub fn storage_mut(&self) -> RwLockWriteGuard<'_, Storage> {
-        self.inner.storage.write().unwrap_or_else(|e| e.into_inner())
+        self.inner
+            .storage
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
     }
 
     /// The host elements as compute type `T` (borrowed if the dtype is `T`).
@@ -318,8 +343,15 @@ impl Tensor {
     }
 
     /// A CPU tensor of `dtype` built from compute-type values, rounded once.
-    pub(crate) fn from_cpu_values<T: Real>(v: Vec<T>, shape: impl Into<Shape>, dtype: DType) -> Result<Tensor> {
-        Self::from_storage(Storage::Cpu(CpuStorage::from_vec_as(v, dtype)), shape.into())
+    pub(crate) fn from_cpu_values<T: Real>(
+        v: Vec<T>,
+        shape: impl Into<Shape>,
+        dtype: DType,
+    ) -> Result<Tensor> {
+        Self::from_storage(
+            Storage::Cpu(CpuStorage::from_vec_as(v, dtype)),
+            shape.into(),
+        )
     }
 
     /// Copies the elements out, converted to `T`.
@@ -340,7 +372,10 @@ impl Tensor {
     /// The value of a one-element tensor.
     pub fn to_scalar(&self) -> Result<f64> {
         if self.elem_count() != 1 {
-            return Err(Error::shape("to_scalar", format!("{} is not one element", self.shape())));
+            return Err(Error::shape(
+                "to_scalar",
+                format!("{} is not one element", self.shape()),
+            ));
         }
         Ok(self.to_vec_f64()?[0])
     }
@@ -368,7 +403,11 @@ pub(crate) fn same_dtype(op: &'static str, ts: &[&Tensor]) -> Result<DType> {
     let d = ts[0].dtype();
     for t in &ts[1..] {
         if t.dtype() != d {
-            return Err(Error::DType { op, lhs: d, rhs: t.dtype() });
+            return Err(Error::DType {
+                op,
+                lhs: d,
+                rhs: t.dtype(),
+            });
         }
     }
     Ok(d)
@@ -379,7 +418,11 @@ pub(crate) fn same_device(op: &'static str, ts: &[&Tensor]) -> Result<Device> {
     let d = ts[0].device();
     for t in &ts[1..] {
         if t.device() != d {
-            return Err(Error::Device { op, lhs: d, rhs: t.device() });
+            return Err(Error::Device {
+                op,
+                lhs: d,
+                rhs: t.device(),
+            });
         }
     }
     Ok(d)

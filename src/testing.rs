@@ -52,7 +52,11 @@ pub fn closeness(got: &[f64], want: &[f64]) -> Closeness {
             idx = i;
         }
     }
-    let rel_l2 = if den > 0.0 { (num / den).sqrt() } else { num.sqrt() };
+    let rel_l2 = if den > 0.0 {
+        (num / den).sqrt()
+    } else {
+        num.sqrt()
+    };
     Closeness {
         rel_l2,
         max_abs,
@@ -84,7 +88,12 @@ pub fn assert_close(name: &str, got: &[f64], want: &[f64], tol: f64) {
 #[track_caller]
 pub fn assert_close_t(name: &str, got: &Tensor, want: &Tensor, tol: f64) {
     assert_eq!(got.dims(), want.dims(), "{name}: shapes differ");
-    assert_close(name, &got.to_vec_f64().unwrap(), &want.to_vec_f64().unwrap(), tol);
+    assert_close(
+        name,
+        &got.to_vec_f64().unwrap(),
+        &want.to_vec_f64().unwrap(),
+        tol,
+    );
 }
 
 /// Checks the backward of `f` against central finite differences, in f64.
@@ -99,15 +108,26 @@ pub fn assert_close_t(name: &str, got: &Tensor, want: &Tensor, tol: f64) {
 /// and rounding (`ε·|L|/h`) errors are ~1e-10 relative, so a tolerance of 1e-7 is tight: a
 /// wrong backward is off by O(1), an f32 backward by ~1e-4.
 #[track_caller]
-pub fn check_grads(name: &str, inputs: &[Tensor], f: impl Fn(&[Tensor]) -> Result<Tensor>, tol: f64) {
+pub fn check_grads(
+    name: &str,
+    inputs: &[Tensor],
+    f: impl Fn(&[Tensor]) -> Result<Tensor>,
+    tol: f64,
+) {
     for t in inputs {
-        assert_eq!(t.dtype(), DType::F64, "{name}: check_grads takes f64 inputs");
+        assert_eq!(
+            t.dtype(),
+            DType::F64,
+            "{name}: check_grads takes f64 inputs"
+        );
     }
     let tape = Tape::new();
     let tracked: Vec<Tensor> = inputs.iter().map(|t| t.track(&tape)).collect();
     let out = f(&tracked).unwrap_or_else(|e| panic!("{name}: forward failed: {e}"));
     let mut prng = StdRng::seed_from_u64(0x5eed);
-    let r: Vec<f64> = (0..out.elem_count()).map(|_| prng.random_range(-1.0..1.0)).collect();
+    let r: Vec<f64> = (0..out.elem_count())
+        .map(|_| prng.random_range(-1.0..1.0))
+        .collect();
     let seed = Tensor::from_vec(r.clone(), out.shape().clone(), &Device::Cpu).unwrap();
     let grads = tape
         .backward_with(&out, seed)
@@ -191,14 +211,20 @@ macro_rules! test_device {
             #[test]
             fn sim() {
                 let d = $crate::Device::Sim;
-                if $crate::testing::device_available(concat!(module_path!(), "::", stringify!($name)), &d) {
+                if $crate::testing::device_available(
+                    concat!(module_path!(), "::", stringify!($name)),
+                    &d,
+                ) {
                     $body(&d);
                 }
             }
             #[test]
             fn cuda() {
                 let d = $crate::Device::Cuda(0);
-                if $crate::testing::device_available(concat!(module_path!(), "::", stringify!($name)), &d) {
+                if $crate::testing::device_available(
+                    concat!(module_path!(), "::", stringify!($name)),
+                    &d,
+                ) {
                     $body(&d);
                 }
             }

@@ -34,12 +34,21 @@ fn max_offset(rows: usize, cols: usize, rs: usize, cs: usize) -> Option<usize> {
         .checked_add((cols - 1).checked_mul(cs)?)
 }
 
-fn check_fits(op: &'static str, len: usize, rows: usize, cols: usize, rs: usize, cs: usize) -> Result<()> {
+fn check_fits(
+    op: &'static str,
+    len: usize,
+    rows: usize,
+    cols: usize,
+    rs: usize,
+    cs: usize,
+) -> Result<()> {
     match max_offset(rows, cols, rs, cs) {
         Some(m) if rows == 0 || cols == 0 || m < len => Ok(()),
         _ => Err(Error::shape(
             op,
-            format!("a {rows}x{cols} view with strides ({rs}, {cs}) does not fit in {len} elements"),
+            format!(
+                "a {rows}x{cols} view with strides ({rs}, {cs}) does not fit in {len} elements"
+            ),
         )),
     }
 }
@@ -53,7 +62,13 @@ impl<'a, T> MatRef<'a, T> {
     /// A view with explicit row and column strides.
     pub fn strided(data: &'a [T], rows: usize, cols: usize, rs: usize, cs: usize) -> Result<Self> {
         check_fits("gemm", data.len(), rows, cols, rs, cs)?;
-        Ok(MatRef { data, rows, cols, rs, cs })
+        Ok(MatRef {
+            data,
+            rows,
+            cols,
+            rs,
+            cs,
+        })
     }
 
     /// The transpose (no copy).
@@ -87,24 +102,45 @@ impl<'a, T> MatMut<'a, T> {
     /// A view with explicit strides. The strides must make every element distinct:
     /// `cs == 1, rs >= cols` (row-major, possibly a column slice of a wider matrix) or
     /// `rs == 1, cs >= rows` (column-major).
-    pub fn strided(data: &'a mut [T], rows: usize, cols: usize, rs: usize, cs: usize) -> Result<Self> {
+    pub fn strided(
+        data: &'a mut [T],
+        rows: usize,
+        cols: usize,
+        rs: usize,
+        cs: usize,
+    ) -> Result<Self> {
         check_fits("gemm", data.len(), rows, cols, rs, cs)?;
-        let distinct = (cs == 1 && (rs >= cols || rows <= 1)) || (rs == 1 && (cs >= rows || cols <= 1));
+        let distinct =
+            (cs == 1 && (rs >= cols || rows <= 1)) || (rs == 1 && (cs >= rows || cols <= 1));
         if !distinct {
             return Err(Error::shape(
                 "gemm",
                 format!("output strides ({rs}, {cs}) alias elements of a {rows}x{cols} view"),
             ));
         }
-        Ok(MatMut { data, rows, cols, rs, cs })
+        Ok(MatMut {
+            data,
+            rows,
+            cols,
+            rs,
+            cs,
+        })
     }
 
     /// The columns `c0..c1` of a row-major `rows × ld` buffer, as a view.
-    pub fn columns(data: &'a mut [T], rows: usize, ld: usize, c0: usize, c1: usize) -> Result<Self> {
+    pub fn columns(
+        data: &'a mut [T],
+        rows: usize,
+        ld: usize,
+        c0: usize,
+        c1: usize,
+    ) -> Result<Self> {
         if c0 > c1 || c1 > ld {
             return Err(Error::shape("gemm", format!("columns {c0}..{c1} of {ld}")));
         }
-        let data = data.get_mut(c0..).ok_or_else(|| Error::shape("gemm", "column offset past the buffer"))?;
+        let data = data
+            .get_mut(c0..)
+            .ok_or_else(|| Error::shape("gemm", "column offset past the buffer"))?;
         Self::strided(data, rows, c1 - c0, ld, 1)
     }
 }
@@ -118,13 +154,22 @@ pub enum Par {
     Auto,
 }
 
-/// Below this many multiply-adds a GEMM runs on one thread: splitting costs more than it saves.
-const PAR_THRESHOLD: usize = 1 << 17;
+/// Below this many multiply-adds a GEMM runs on one thread. Measured on the 2-core build
+/// machines (BENCHMARKS.md): a second thread gains at most ~1.3x on 256³-class products
+/// and halves throughput on 128-class ones.
+const PAR_THRESHOLD: usize = 1 << 24;
 
 /// `dst = (accumulate ? dst : 0) + alpha · a · b`, accumulating in `T`.
 ///
 /// Shapes: `a` is `m × k`, `b` is `k × n`, `dst` is `m × n`; a `k` of 0 leaves `alpha·a·b = 0`.
-pub fn gemm<T: Real>(dst: MatMut<'_, T>, accumulate: bool, a: MatRef<'_, T>, b: MatRef<'_, T>, alpha: T, par: Par) -> Result<()> {
+pub fn gemm<T: Real>(
+    dst: MatMut<'_, T>,
+    accumulate: bool,
+    a: MatRef<'_, T>,
+    b: MatRef<'_, T>,
+    alpha: T,
+    par: Par,
+) -> Result<()> {
     let (m, n, k) = (dst.rows, dst.cols, a.cols);
     if a.rows != m || b.rows != k || b.cols != n {
         return Err(Error::shape(
@@ -148,11 +193,12 @@ pub fn gemm<T: Real>(dst: MatMut<'_, T>, accumulate: bool, a: MatRef<'_, T>, b: 
         }
         return Ok(());
     }
-    let parallelism = if par == Par::Auto && m * n * k >= PAR_THRESHOLD && rayon::current_num_threads() > 1 {
-        gemm::Parallelism::Rayon(0)
-    } else {
-        gemm::Parallelism::None
-    };
+    let parallelism =
+        if par == Par::Auto && m * n * k >= PAR_THRESHOLD && rayon::current_num_threads() > 1 {
+            gemm::Parallelism::Rayon(0)
+        } else {
+            gemm::Parallelism::None
+        };
     // SAFETY: every view was checked at construction to address only elements inside its
     // slice (`check_fits`), the shapes were checked to agree above, `dst` is a unique
     // borrow whose strides address distinct elements (`MatMut::strided`), and `a`/`b` are
@@ -206,16 +252,36 @@ mod tests {
         let want = naive(m, n, k, &a, &b);
         // plain
         let mut c = vec![f64::NAN; m * n];
-        gemm(MatMut::row_major(&mut c, m, n).unwrap(), false, MatRef::row_major(&a, m, k).unwrap(), MatRef::row_major(&b, k, n).unwrap(), 1.0, Par::Auto).unwrap();
+        gemm(
+            MatMut::row_major(&mut c, m, n).unwrap(),
+            false,
+            MatRef::row_major(&a, m, k).unwrap(),
+            MatRef::row_major(&b, k, n).unwrap(),
+            1.0,
+            Par::Auto,
+        )
+        .unwrap();
         assert_eq!(c, want);
         // b given transposed ([n, k] storage), accumulate with alpha 2 into a column slice
         let bt: Vec<f64> = (0..n * k).map(|i| b[(i % k) * n + i / k]).collect();
         let ld = n + 5;
         let mut wide = vec![1.0; m * ld];
-        gemm(MatMut::columns(&mut wide, m, ld, 3, 3 + n).unwrap(), true, MatRef::row_major(&a, m, k).unwrap(), MatRef::row_major(&bt, n, k).unwrap().t(), 2.0, Par::Seq).unwrap();
+        gemm(
+            MatMut::columns(&mut wide, m, ld, 3, 3 + n).unwrap(),
+            true,
+            MatRef::row_major(&a, m, k).unwrap(),
+            MatRef::row_major(&bt, n, k).unwrap().t(),
+            2.0,
+            Par::Seq,
+        )
+        .unwrap();
         for i in 0..m {
             for j in 0..ld {
-                let expect = if (3..3 + n).contains(&j) { 1.0 + 2.0 * want[i * n + j - 3] } else { 1.0 };
+                let expect = if (3..3 + n).contains(&j) {
+                    1.0 + 2.0 * want[i * n + j - 3]
+                } else {
+                    1.0
+                };
                 assert_eq!(wide[i * ld + j], expect, "({i},{j})");
             }
         }
@@ -230,7 +296,14 @@ mod tests {
         assert!(MatRef::row_major(&a, 2, 4).is_err());
         let a = MatRef::row_major(&a, 2, 3).unwrap();
         let mut d = vec![0.0f32; 4];
-        let r = gemm(MatMut::row_major(&mut d, 2, 2).unwrap(), false, a, a, 1.0, Par::Seq);
+        let r = gemm(
+            MatMut::row_major(&mut d, 2, 2).unwrap(),
+            false,
+            a,
+            a,
+            1.0,
+            Par::Seq,
+        );
         assert!(matches!(r, Err(Error::Shape { .. })));
     }
 }

@@ -29,7 +29,11 @@ use crate::{DType, Real, Result, Tensor};
 
 /// Runs `f` with the compute type of `dtype`: f64 for f64 tensors, f32 otherwise
 /// (bf16/f16 are widened on load and rounded once on store).
-pub(crate) fn with_real<R>(dtype: DType, f32_path: impl FnOnce() -> R, f64_path: impl FnOnce() -> R) -> R {
+pub(crate) fn with_real<R>(
+    dtype: DType,
+    f32_path: impl FnOnce() -> R,
+    f64_path: impl FnOnce() -> R,
+) -> R {
     match dtype {
         DType::F64 => f64_path(),
         _ => f32_path(),
@@ -37,6 +41,10 @@ pub(crate) fn with_real<R>(dtype: DType, f32_path: impl FnOnce() -> R, f64_path:
 }
 
 /// Builds the op's output tensor from compute-type values, rounded once to `dtype`.
-pub(crate) fn output<T: Real>(v: Vec<T>, shape: impl Into<crate::Shape>, dtype: DType) -> Result<Tensor> {
+pub(crate) fn output<T: Real>(
+    v: Vec<T>,
+    shape: impl Into<crate::Shape>,
+    dtype: DType,
+) -> Result<Tensor> {
     Tensor::from_cpu_values(v, shape, dtype)
 }

@@ -16,13 +16,19 @@ pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     let tape = Tape::of(OP, &[a, b])?;
     fn fwd<T: Real>(a: &Tensor, b: &Tensor) -> Result<Tensor> {
         let (av, bv) = (a.cpu_read::<T>(OP)?, b.cpu_read::<T>(OP)?);
-        output(cpu::zip_map(&av, &bv, |x, y| x + y), a.shape().clone(), a.dtype())
+        output(
+            cpu::zip_map(&av, &bv, |x, y| x + y),
+            a.shape().clone(),
+            a.dtype(),
+        )
     }
     let y = with_real(dtype, || fwd::<f32>(a, b), || fwd::<f64>(a, b))?;
     if let Some(tape) = &tape {
         let (a, b, yid) = (a.clone(), b.clone(), y.id());
         tape.push(OP, move |g| {
-            let Some(gy) = g.take_output(yid) else { return Ok(()) };
+            let Some(gy) = g.take_output(yid) else {
+                return Ok(());
+            };
             g.accumulate(&a, gy.clone())?;
             g.accumulate(&b, gy)
         });
@@ -35,7 +41,10 @@ pub fn bias_add(x: &Tensor, b: &Tensor) -> Result<Tensor> {
     const OP: &str = "bias_add";
     let (_, n) = x.shape().as_rows(OP)?;
     if b.dims() != [n] {
-        return Err(Error::shape(OP, format!("bias {} for input {}", b.shape(), x.shape())));
+        return Err(Error::shape(
+            OP,
+            format!("bias {} for input {}", b.shape(), x.shape()),
+        ));
     }
     let dtype = same_dtype(OP, &[x, b])?;
     same_device(OP, &[x, b])?;
@@ -48,7 +57,9 @@ pub fn bias_add(x: &Tensor, b: &Tensor) -> Result<Tensor> {
     if let Some(tape) = &tape {
         let (x, b, yid) = (x.clone(), b.clone(), y.id());
         tape.push(OP, move |g| {
-            let Some(gy) = g.take_output(yid) else { return Ok(()) };
+            let Some(gy) = g.take_output(yid) else {
+                return Ok(());
+            };
             if b.requires_grad() {
                 g.accumulate(&b, bias_grad(&gy, n)?)?;
             }
@@ -79,10 +90,16 @@ pub fn gelu(x: &Tensor) -> Result<Tensor> {
     if let Some(tape) = &tape {
         let (x, yid) = (x.clone(), y.id());
         tape.push(OP, move |g| {
-            let Some(gy) = g.take_output(yid) else { return Ok(()) };
+            let Some(gy) = g.take_output(yid) else {
+                return Ok(());
+            };
             fn bwd<T: Real>(x: &Tensor, gy: &Tensor) -> Result<Tensor> {
                 let (xv, gv) = (x.cpu_read::<T>(OP)?, gy.cpu_read::<T>(OP)?);
-                output(cpu::zip_map(&xv, &gv, |x, g| g * cpu::gelu_grad(x)), x.shape().clone(), x.dtype())
+                output(
+                    cpu::zip_map(&xv, &gv, |x, g| g * cpu::gelu_grad(x)),
+                    x.shape().clone(),
+                    x.dtype(),
+                )
             }
             let gx = with_real(x.dtype(), || bwd::<f32>(&x, &gy), || bwd::<f64>(&x, &gy))?;
             g.accumulate(&x, gx)
@@ -104,7 +121,9 @@ pub fn scale(x: &Tensor, c: f64) -> Result<Tensor> {
     if let Some(tape) = &tape {
         let (x, yid) = (x.clone(), y.id());
         tape.push(OP, move |g| {
-            let Some(gy) = g.take_output(yid) else { return Ok(()) };
+            let Some(gy) = g.take_output(yid) else {
+                return Ok(());
+            };
             let gx = with_real(gy.dtype(), || go::<f32>(&gy, c), || go::<f64>(&gy, c))?;
             g.accumulate(&x, gx)
         });
@@ -120,7 +139,9 @@ pub fn cast(x: &Tensor, dtype: DType) -> Result<Tensor> {
     if let Some(tape) = &tape {
         let (x, yid) = (x.clone(), y.id());
         tape.push(OP, move |g| {
-            let Some(gy) = g.take_output(yid) else { return Ok(()) };
+            let Some(gy) = g.take_output(yid) else {
+                return Ok(());
+            };
             g.accumulate(&x, gy.to_dtype(x.dtype())?)
         });
     }
@@ -135,7 +156,9 @@ pub fn reshape(x: &Tensor, shape: impl Into<Shape>) -> Result<Tensor> {
     if let Some(tape) = &tape {
         let (x, yid) = (x.clone(), y.id());
         tape.push(OP, move |g| {
-            let Some(gy) = g.take_output(yid) else { return Ok(()) };
+            let Some(gy) = g.take_output(yid) else {
+                return Ok(());
+            };
             g.accumulate(&x, gy.view_as(x.shape().clone())?)
         });
     }
@@ -153,11 +176,27 @@ mod tests {
         let d = Device::Cpu;
         let x = Tensor::from_vec(vec![-3.0f64, -0.5, 0.0, 0.7, 2.0, 10.0], [2, 3], &d).unwrap();
         let b = Tensor::from_vec(vec![1.0f64, 2.0, 3.0], [3], &d).unwrap();
-        assert_eq!(bias_add(&x, &b).unwrap().to_vec_f64().unwrap(), vec![-2.0, 1.5, 3.0, 1.7, 4.0, 13.0]);
-        assert_eq!(add(&x, &x).unwrap().to_vec_f64().unwrap(), vec![-6.0, -1.0, 0.0, 1.4, 4.0, 20.0]);
-        assert_eq!(scale(&x, -2.0).unwrap().to_vec_f64().unwrap(), vec![6.0, 1.0, -0.0, -1.4, -4.0, -20.0]);
+        assert_eq!(
+            bias_add(&x, &b).unwrap().to_vec_f64().unwrap(),
+            vec![-2.0, 1.5, 3.0, 1.7, 4.0, 13.0]
+        );
+        assert_eq!(
+            add(&x, &x).unwrap().to_vec_f64().unwrap(),
+            vec![-6.0, -1.0, 0.0, 1.4, 4.0, 20.0]
+        );
+        assert_eq!(
+            scale(&x, -2.0).unwrap().to_vec_f64().unwrap(),
+            vec![6.0, 1.0, -0.0, -1.4, -4.0, -20.0]
+        );
         // gelu_new reference values (PyTorch `gelu(x, approximate="tanh")`).
-        let want = [-0.0036373920817729943, -0.15428599017485606, 0.0, 0.5305701347051167, 1.954597694087775, 10.0];
+        let want = [
+            -0.0036373920817729943,
+            -0.15428599017485606,
+            0.0,
+            0.5305701347051167,
+            1.954597694087775,
+            10.0,
+        ];
         for (g, w) in gelu(&x).unwrap().to_vec_f64().unwrap().iter().zip(want) {
             assert!((g - w).abs() < 1e-14, "{g} vs {w}");
         }
@@ -171,7 +210,10 @@ mod tests {
         assert!(matches!(add(&a, &b), Err(Error::Shape { .. })));
         let c = Tensor::zeros([2, 3], DType::BF16, &d).unwrap();
         assert!(matches!(add(&a, &c), Err(Error::DType { .. })));
-        assert!(matches!(bias_add(&a, &Tensor::zeros([2], DType::F32, &d).unwrap()), Err(Error::Shape { .. })));
+        assert!(matches!(
+            bias_add(&a, &Tensor::zeros([2], DType::F32, &d).unwrap()),
+            Err(Error::Shape { .. })
+        ));
         assert!(reshape(&a, [4]).is_err());
     }
 
@@ -182,16 +224,28 @@ mod tests {
         let y = rand_tensor(&mut rng, [5, 7], -2.0, 2.0);
         let b = rand_tensor(&mut rng, [7], -1.0, 1.0);
         check_grads("add", &[x.clone(), y.clone()], |t| add(&t[0], &t[1]), 1e-7);
-        check_grads("bias_add", &[x.clone(), b], |t| bias_add(&t[0], &t[1]), 1e-7);
+        check_grads(
+            "bias_add",
+            &[x.clone(), b],
+            |t| bias_add(&t[0], &t[1]),
+            1e-7,
+        );
         check_grads("gelu", &[x.clone()], |t| gelu(&t[0]), 1e-7);
         check_grads("scale", &[x.clone()], |t| scale(&t[0], 1.7), 1e-7);
-        check_grads("reshape", &[x.clone()], |t| gelu(&reshape(&t[0], [35])?), 1e-7);
+        check_grads(
+            "reshape",
+            &[x.clone()],
+            |t| gelu(&reshape(&t[0], [35])?),
+            1e-7,
+        );
         // cast: the gradient is the seed cast back to the input's dtype.
         let tape = Tape::new();
         let xt = x.track(&tape);
         let y = cast(&xt, DType::BF16).unwrap();
         assert_eq!(y.dtype(), DType::BF16);
-        let seed = rand_tensor(&mut rng, [5, 7], -1.0, 1.0).to_dtype(DType::BF16).unwrap();
+        let seed = rand_tensor(&mut rng, [5, 7], -1.0, 1.0)
+            .to_dtype(DType::BF16)
+            .unwrap();
         let g = tape.backward_with(&y, seed.clone()).unwrap();
         let gx = g.get(&xt).unwrap();
         assert_eq!(gx.dtype(), DType::F64);
@@ -202,10 +256,14 @@ mod tests {
     fn a_value_used_twice_gets_both_gradient_contributions() {
         let d = Device::Cpu;
         let tape = Tape::new();
-        let x = Tensor::from_vec(vec![1.0f64, 2.0], [2], &d).unwrap().track(&tape);
+        let x = Tensor::from_vec(vec![1.0f64, 2.0], [2], &d)
+            .unwrap()
+            .track(&tape);
         // y = x + 3x  =>  dy/dx = 4
         let y = add(&x, &scale(&x, 3.0).unwrap()).unwrap();
-        let g = tape.backward_with(&y, Tensor::ones_like(&y).unwrap()).unwrap();
+        let g = tape
+            .backward_with(&y, Tensor::ones_like(&y).unwrap())
+            .unwrap();
         assert_eq!(g.get(&x).unwrap().to_vec_f64().unwrap(), vec![4.0, 4.0]);
     }
 }

@@ -18,7 +18,22 @@ pub(crate) fn matmul<T: Real>(
     alpha: T,
 ) -> Result<()> {
     count_gemm(m, n, k);
-    let a = if ta { MatRef::row_major(a, k, m)?.t() } else { MatRef::row_major(a, m, k)? };
-    let b = if tb { MatRef::row_major(b, n, k)?.t() } else { MatRef::row_major(b, k, n)? };
-    gemm(MatMut::row_major(c, m, n)?, accumulate, a, b, alpha, Par::Auto)
+    let a = if ta {
+        MatRef::row_major(a, k, m)?.t()
+    } else {
+        MatRef::row_major(a, m, k)?
+    };
+    let b = if tb {
+        MatRef::row_major(b, n, k)?.t()
+    } else {
+        MatRef::row_major(b, k, n)?
+    };
+    gemm(
+        MatMut::row_major(c, m, n)?,
+        accumulate,
+        a,
+        b,
+        alpha,
+        Par::Auto,
+    )
 }

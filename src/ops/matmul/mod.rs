@@ -25,13 +25,28 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
         cpu::matmul(&mut c, false, &av, false, &bv, false, (m, k, n), T::one())?;
         output(c, [m, n], a.dtype())
     }
-    let y = with_real(dtype, || fwd::<f32>(a, b, (m, k, n)), || fwd::<f64>(a, b, (m, k, n)))?;
+    let y = with_real(
+        dtype,
+        || fwd::<f32>(a, b, (m, k, n)),
+        || fwd::<f64>(a, b, (m, k, n)),
+    )?;
     if let Some(tape) = &tape {
         let (a, b, yid) = (a.clone(), b.clone(), y.id());
         tape.push(OP, move |g| {
-            let Some(gy) = g.take_output(yid) else { return Ok(()) };
-            fn bwd<T: Real>(a: &Tensor, b: &Tensor, gy: &Tensor, (m, k, n): (usize, usize, usize)) -> Result<(Option<Tensor>, Option<Tensor>)> {
-                let (av, bv, gv) = (a.cpu_read::<T>(OP)?, b.cpu_read::<T>(OP)?, gy.cpu_read::<T>(OP)?);
+            let Some(gy) = g.take_output(yid) else {
+                return Ok(());
+            };
+            fn bwd<T: Real>(
+                a: &Tensor,
+                b: &Tensor,
+                gy: &Tensor,
+                (m, k, n): (usize, usize, usize),
+            ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+                let (av, bv, gv) = (
+                    a.cpu_read::<T>(OP)?,
+                    b.cpu_read::<T>(OP)?,
+                    gy.cpu_read::<T>(OP)?,
+                );
                 let ga = if a.requires_grad() {
                     // ga = gy·bᵀ  [m, k]
                     let mut ga = vec![T::zero(); m * k];
@@ -50,7 +65,11 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
                 };
                 Ok((ga, gb))
             }
-            let (ga, gb) = with_real(a.dtype(), || bwd::<f32>(&a, &b, &gy, (m, k, n)), || bwd::<f64>(&a, &b, &gy, (m, k, n)))?;
+            let (ga, gb) = with_real(
+                a.dtype(),
+                || bwd::<f32>(&a, &b, &gy, (m, k, n)),
+                || bwd::<f64>(&a, &b, &gy, (m, k, n)),
+            )?;
             if let Some(ga) = ga {
                 g.accumulate(&a, ga)?;
             }
@@ -72,11 +91,17 @@ pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     let (m, k) = x.shape().as_rows(OP)?;
     let (n, k2) = w.shape().dims2(OP)?;
     if k != k2 {
-        return Err(Error::shape(OP, format!("x {} with weight {}", x.shape(), w.shape())));
+        return Err(Error::shape(
+            OP,
+            format!("x {} with weight {}", x.shape(), w.shape()),
+        ));
     }
     if let Some(b) = bias {
         if b.dims() != [n] {
-            return Err(Error::shape(OP, format!("bias {} for weight {}", b.shape(), w.shape())));
+            return Err(Error::shape(
+                OP,
+                format!("bias {} for weight {}", b.shape(), w.shape()),
+            ));
         }
     }
     let mut ins = vec![x, w];
@@ -86,13 +111,28 @@ pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     let tape = Tape::of(OP, &ins)?;
     let mut out_dims = x.dims().to_vec();
     *out_dims.last_mut().expect("rank >= 1") = n;
-    fn fwd<T: Real>(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, (m, k, n): (usize, usize, usize), dims: Vec<usize>) -> Result<Tensor> {
+    fn fwd<T: Real>(
+        x: &Tensor,
+        w: &Tensor,
+        bias: Option<&Tensor>,
+        (m, k, n): (usize, usize, usize),
+        dims: Vec<usize>,
+    ) -> Result<Tensor> {
         let (xv, wv) = (x.cpu_read::<T>(OP)?, w.cpu_read::<T>(OP)?);
         let mut y = match bias {
             Some(b) => cpu_bias_add(&vec![T::zero(); m * n], &b.cpu_read::<T>(OP)?),
             None => vec![T::zero(); m * n],
         };
-        cpu::matmul(&mut y, bias.is_some(), &xv, false, &wv, true, (m, k, n), T::one())?;
+        cpu::matmul(
+            &mut y,
+            bias.is_some(),
+            &xv,
+            false,
+            &wv,
+            true,
+            (m, k, n),
+            T::one(),
+        )?;
         output(y, dims, x.dtype())
     }
     let y = with_real(
@@ -103,8 +143,15 @@ pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     if let Some(tape) = &tape {
         let (x, w, bias, yid) = (x.clone(), w.clone(), bias.cloned(), y.id());
         tape.push(OP, move |g| {
-            let Some(gy) = g.take_output(yid) else { return Ok(()) };
-            fn bwd<T: Real>(x: &Tensor, w: &Tensor, gy: &Tensor, (m, k, n): (usize, usize, usize)) -> Result<(Option<Tensor>, Option<Tensor>)> {
+            let Some(gy) = g.take_output(yid) else {
+                return Ok(());
+            };
+            fn bwd<T: Real>(
+                x: &Tensor,
+                w: &Tensor,
+                gy: &Tensor,
+                (m, k, n): (usize, usize, usize),
+            ) -> Result<(Option<Tensor>, Option<Tensor>)> {
                 let gv = gy.cpu_read::<T>(OP)?;
                 let gx = if x.requires_grad() {
                     let wv = w.cpu_read::<T>(OP)?;
@@ -124,7 +171,11 @@ pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
                 };
                 Ok((gx, gw))
             }
-            let (gx, gw) = with_real(x.dtype(), || bwd::<f32>(&x, &w, &gy, (m, k, n)), || bwd::<f64>(&x, &w, &gy, (m, k, n)))?;
+            let (gx, gw) = with_real(
+                x.dtype(),
+                || bwd::<f32>(&x, &w, &gy, (m, k, n)),
+                || bwd::<f64>(&x, &w, &gy, (m, k, n)),
+            )?;
             if let Some(b) = &bias {
                 if b.requires_grad() {
                     g.accumulate(b, bias_grad(&gy, n)?)?;
@@ -155,7 +206,11 @@ mod tests {
         let a = rand_tensor(&mut r, [m, k], -1.0, 1.0);
         let w = rand_tensor(&mut r, [n, k], -1.0, 1.0);
         let b = rand_tensor(&mut r, [n], -1.0, 1.0);
-        let (av, wv, bv) = (a.to_vec_f64().unwrap(), w.to_vec_f64().unwrap(), b.to_vec_f64().unwrap());
+        let (av, wv, bv) = (
+            a.to_vec_f64().unwrap(),
+            w.to_vec_f64().unwrap(),
+            b.to_vec_f64().unwrap(),
+        );
         let want: Vec<f64> = (0..m * n)
             .map(|ij| {
                 let (i, j) = (ij / n, ij % n);
@@ -168,7 +223,11 @@ mod tests {
         let wt: Vec<f64> = (0..k * n).map(|pj| wv[(pj % n) * k + pj / n]).collect();
         let wt = Tensor::from_vec(wt, [k, n], &Device::Cpu).unwrap();
         let y2 = matmul(&a, &wt).unwrap().to_vec_f64().unwrap();
-        let want2: Vec<f64> = want.iter().enumerate().map(|(ij, v)| v - bv[ij % n]).collect();
+        let want2: Vec<f64> = want
+            .iter()
+            .enumerate()
+            .map(|(ij, v)| v - bv[ij % n])
+            .collect();
         assert_close("matmul", &y2, &want2, 1e-14);
     }
 
@@ -181,7 +240,12 @@ mod tests {
         let x = rand_tensor(&mut r, [2, 3, 9], -1.0, 1.0);
         let w = rand_tensor(&mut r, [6, 9], -1.0, 1.0);
         let bias = rand_tensor(&mut r, [6], -1.0, 1.0);
-        check_grads("linear", &[x, w, bias], |t| linear(&t[0], &t[1], Some(&t[2])), 1e-7);
+        check_grads(
+            "linear",
+            &[x, w, bias],
+            |t| linear(&t[0], &t[1], Some(&t[2])),
+            1e-7,
+        );
     }
 
     #[test]
