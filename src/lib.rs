@@ -47,6 +47,7 @@ pub mod storage;
 mod tape;
 mod tensor;
 pub mod testing;
+pub mod train;
 
 pub use device::Device;
 pub use dtype::{DType, Element, Real};

@@ -7,12 +7,13 @@
 //! `c_attn.k`, `c_attn.v` adapt one third of the fused qkv projection each (loralib's
 //! `MergedLinear`, the paper's q/v setting).
 //!
-//! Merging folds the adapter into the weight: `W ← W + c·s·B·A` (`c = +1` merge, `−1`
-//! unmerge), computed in f32 (f64 for f64 weights) and rounded once to the weight's
-//! dtype. In bf16 a merge→unmerge round trip is not exact: each of the two roundings is at
+//! Merging ([`merge_into`], the op [`crate::ops::lora_merge`]) folds the adapter into the
+//! weight: `W ← W + c·s·B·A` (`c = +1` merge, `−1` unmerge), computed in f32 (f64 for f64
+//! weights) and rounded once to the weight's dtype. In bf16 a merge→unmerge round trip is not exact: each of the two roundings is at
 //! most ½ ulp of the stored value, so the round trip moves an element by at most
 //! `2^-8·(|w| + |w + s·(BA)|)`, measured and bounded in this module's tests.
 
+use crate::ops::LoraTerm;
 use crate::{DType, Device, Error, Result, Tensor};
 use rand::Rng;
 use std::ops::Range;
@@ -220,68 +221,21 @@ impl LoraAdapter {
     }
 }
 
-/// `W ← W + Σ wᵢ·sᵢ·Bᵢ·Aᵢ` in place over each adapter's rows of `W [out, in]`, computed in
-/// f32 (f64 for an f64 weight) and rounded once to `W`'s dtype (nearest even).
-///
-/// Merge is `wᵢ = 1`, unmerge `wᵢ = −1`; several adapters with weights make a weighted
-/// merge in one pass over `W`.
+/// `W ← W + Σ cᵢ·sᵢ·Bᵢ·Aᵢ` in place over each adapter's rows of `W [out, in]`: merge is
+/// `cᵢ = 1`, unmerge `cᵢ = −1`, and several adapters with weights make a weighted merge in
+/// one pass over `W` (see [`crate::ops::lora_merge`] for the arithmetic and rounding).
 pub fn merge_into(w: &Tensor, adapters: &[(&LoraAdapter, f64)]) -> Result<()> {
-    const OP: &str = "lora_merge";
-    let (out, inf) = w.shape().dims2(OP)?;
-    for (ad, c) in adapters {
-        let r = ad.rank();
-        if ad.a.dims() != [r, inf] || ad.b.dims() != [ad.cols.len(), r] || ad.cols.end > out {
-            return Err(Error::shape(
-                OP,
-                format!(
-                    "A {} B {} cols {:?} for W {}",
-                    ad.a.shape(),
-                    ad.b.shape(),
-                    ad.cols,
-                    w.shape()
-                ),
-            ));
-        }
-        if !c.is_finite() {
-            return Err(Error::invalid(format!(
-                "{OP}: non-finite adapter weight {c}"
-            )));
-        }
-    }
-    match w.dtype() {
-        DType::F64 => merge_real::<f64>(w, adapters, (out, inf)),
-        _ => merge_real::<f32>(w, adapters, (out, inf)),
-    }
-}
-
-fn merge_real<T: crate::Real>(
-    w: &Tensor,
-    adapters: &[(&LoraAdapter, f64)],
-    (out, inf): (usize, usize),
-) -> Result<()> {
-    let mut acc: Vec<T> = w.to_vec()?;
-    for (ad, c) in adapters {
-        let (a, b) = (ad.a.to_vec::<T>()?, ad.b.to_vec::<T>()?);
-        let r = ad.rank();
-        let s = T::c(ad.scale * c);
-        for (bi, row) in ad.cols.clone().enumerate() {
-            let dst = &mut acc[row * inf..(row + 1) * inf];
-            for p in 0..r {
-                let coef = s * b[bi * r + p];
-                for (d, &av) in dst.iter_mut().zip(&a[p * inf..(p + 1) * inf]) {
-                    *d += coef * av;
-                }
-            }
-        }
-    }
-    debug_assert_eq!(acc.len(), out * inf);
-    w.assign(&acc)
+    let terms: Vec<LoraTerm<'_>> = adapters
+        .iter()
+        .map(|(ad, c)| LoraTerm { a: &ad.a, b: &ad.b, scale: ad.scale * c, out_range: ad.cols.clone() })
+        .collect();
+    crate::ops::lora_merge(w, &terms)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::{linear, lora_linear, LoraTerm};
+    use crate::ops::{linear, lora_linear};
     use crate::testing::{assert_close, rng};
 
     #[test]

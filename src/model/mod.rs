@@ -1,1 +1,419 @@
-//! (in progress)
+//! GPT-2 (DESIGN §5): token + learned position embeddings, pre-LN blocks (LayerNorm →
+//! causal multi-head attention with a fused qkv projection → residual, LayerNorm → MLP 4×
+//! with tanh-GELU → residual), a final LayerNorm and an LM head tied to the token
+//! embedding. Parameter names and checkpoint layout are GPT-2's (see [`crate::checkpoint`]);
+//! inside the model every linear weight is `[out, in]` (the `nn.Linear` layout the LoRA
+//! kernels take), transposed from GPT-2's Conv1D `[in, out]` at load and save.
+//!
+//! The model never touches device code: it is written in terms of [`crate::ops`] only.
+
+use crate::checkpoint::{self, gpt2_param_specs, Gpt2Config};
+use crate::lora::{merge_into, LoraAdapter, LoraConfig};
+use crate::ops::{self, LoraTerm};
+use crate::{DType, Device, Error, Result, Tape, Tensor};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use std::path::Path;
+
+/// LayerNorm parameters.
+#[derive(Clone, Debug)]
+pub struct LayerNorm {
+    /// `γ [C]`.
+    pub weight: Tensor,
+    /// `β [C]`.
+    pub bias: Tensor,
+}
+
+/// A linear layer `y = x·Wᵀ + b` with optional LoRA adapters.
+#[derive(Clone, Debug)]
+pub struct Linear {
+    /// `W [out, in]`.
+    pub weight: Tensor,
+    /// `b [out]`.
+    pub bias: Tensor,
+    /// Attached adapters (empty without LoRA).
+    pub adapters: Vec<LoraAdapter>,
+    /// True while the adapters are folded into `weight`.
+    pub merged: bool,
+}
+
+/// One transformer block.
+#[derive(Clone, Debug)]
+pub struct Block {
+    /// Pre-attention LayerNorm.
+    pub ln_1: LayerNorm,
+    /// Fused qkv projection `[3C, C]`.
+    pub c_attn: Linear,
+    /// Attention output projection `[C, C]`.
+    pub attn_c_proj: Linear,
+    /// Pre-MLP LayerNorm.
+    pub ln_2: LayerNorm,
+    /// MLP up projection `[4C, C]`.
+    pub c_fc: Linear,
+    /// MLP down projection `[C, 4C]`.
+    pub mlp_c_proj: Linear,
+}
+
+impl Block {
+    fn linears(&self) -> [(&'static str, &Linear); 4] {
+        [
+            ("attn.c_attn", &self.c_attn),
+            ("attn.c_proj", &self.attn_c_proj),
+            ("mlp.c_fc", &self.c_fc),
+            ("mlp.c_proj", &self.mlp_c_proj),
+        ]
+    }
+
+    fn linears_mut(&mut self) -> [(&'static str, &mut Linear); 4] {
+        [
+            ("attn.c_attn", &mut self.c_attn),
+            ("attn.c_proj", &mut self.attn_c_proj),
+            ("mlp.c_fc", &mut self.c_fc),
+            ("mlp.c_proj", &mut self.mlp_c_proj),
+        ]
+    }
+}
+
+/// What a forward pass records and randomises.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ForwardOptions<'a> {
+    /// Record on this tape (training); `None` runs with no tape at all (inference).
+    pub tape: Option<&'a Tape>,
+    /// Seed for LoRA dropout; `None` disables dropout (evaluation).
+    pub dropout_seed: Option<u64>,
+}
+
+/// A GPT-2 model.
+#[derive(Clone, Debug)]
+pub struct Gpt2 {
+    /// Sizes.
+    pub config: Gpt2Config,
+    /// Token embedding `[V, C]`, also the LM head.
+    pub wte: Tensor,
+    /// Position embedding `[P, C]`.
+    pub wpe: Tensor,
+    /// The blocks.
+    pub blocks: Vec<Block>,
+    /// Final LayerNorm.
+    pub ln_f: LayerNorm,
+    lora: Option<LoraConfig>,
+    full_finetune: bool,
+}
+
+impl Gpt2 {
+    /// A freshly initialised model (GPT-2's init: weights `N(0, 0.02)`, residual
+    /// projections `N(0, 0.02/√(2·n_layer))`, biases 0, LayerNorm `γ = 1, β = 0`).
+    /// Every base parameter trains until [`Gpt2::attach_lora`] freezes them.
+    pub fn new_random(config: &Gpt2Config, dtype: DType, device: &Device, seed: u64) -> Result<Self> {
+        config.validate()?;
+        let mut rng = StdRng::seed_from_u64(seed);
+        let resid_std = 0.02 / (2.0 * config.n_layer as f64).sqrt();
+        let params = gpt2_param_specs(config)
+            .into_iter()
+            .map(|spec| {
+                let t = if spec.name.ends_with("ln_1.weight") || spec.name.ends_with("ln_2.weight") || spec.name == "ln_f.weight" {
+                    Tensor::full(1.0, spec.shape.clone(), dtype, device)?
+                } else if spec.name.ends_with(".bias") {
+                    Tensor::zeros(spec.shape.clone(), dtype, device)?
+                } else {
+                    let std = if spec.name.ends_with("c_proj.weight") { resid_std } else { 0.02 };
+                    Tensor::randn(std, spec.shape.clone(), dtype, device, &mut rng)?
+                };
+                Ok((spec.name, t))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Self::from_params(config, params)
+    }
+
+    /// Builds a model from named parameters in internal layout (names and shapes as
+    /// [`checkpoint::gpt2_param_specs`]), e.g. from [`checkpoint::load_gpt2`].
+    pub fn from_params(config: &Gpt2Config, params: Vec<(String, Tensor)>) -> Result<Self> {
+        config.validate()?;
+        let specs = gpt2_param_specs(config);
+        if specs.len() != params.len() {
+            return Err(Error::invalid(format!("expected {} parameters, got {}", specs.len(), params.len())));
+        }
+        let mut map = std::collections::HashMap::new();
+        for (name, t) in params {
+            map.insert(name, t);
+        }
+        let mut take = |name: &str| -> Result<Tensor> {
+            let spec = specs.iter().find(|s| s.name == name).expect("a spec'd name");
+            let t = map.remove(name).ok_or_else(|| Error::invalid(format!("missing parameter {name}")))?;
+            if t.dims() != spec.shape.as_slice() {
+                return Err(Error::shape("gpt2", format!("{name}: expected {:?}, got {}", spec.shape, t.shape())));
+            }
+            Ok(t)
+        };
+        let ln = |take: &mut dyn FnMut(&str) -> Result<Tensor>, p: &str| -> Result<LayerNorm> {
+            Ok(LayerNorm { weight: take(&format!("{p}.weight"))?, bias: take(&format!("{p}.bias"))? })
+        };
+        let lin = |take: &mut dyn FnMut(&str) -> Result<Tensor>, p: &str| -> Result<Linear> {
+            Ok(Linear { weight: take(&format!("{p}.weight"))?, bias: take(&format!("{p}.bias"))?, adapters: vec![], merged: false })
+        };
+        let wte = take("wte.weight")?;
+        let wpe = take("wpe.weight")?;
+        let mut blocks = Vec::with_capacity(config.n_layer);
+        for i in 0..config.n_layer {
+            blocks.push(Block {
+                ln_1: ln(&mut take, &format!("h.{i}.ln_1"))?,
+                c_attn: lin(&mut take, &format!("h.{i}.attn.c_attn"))?,
+                attn_c_proj: lin(&mut take, &format!("h.{i}.attn.c_proj"))?,
+                ln_2: ln(&mut take, &format!("h.{i}.ln_2"))?,
+                c_fc: lin(&mut take, &format!("h.{i}.mlp.c_fc"))?,
+                mlp_c_proj: lin(&mut take, &format!("h.{i}.mlp.c_proj"))?,
+            });
+        }
+        let ln_f = ln(&mut take, "ln_f")?;
+        let dtype = wte.dtype();
+        let device = wte.device();
+        let model = Gpt2 { config: config.clone(), wte, wpe, blocks, ln_f, lora: None, full_finetune: true };
+        for (name, t) in model.named_params() {
+            if t.dtype() != dtype || t.device() != device {
+                return Err(Error::invalid(format!("{name}: {} on {}, the model is {dtype} on {device}", t.dtype(), t.device())));
+            }
+        }
+        Ok(model)
+    }
+
+    /// Loads a GPT-2 checkpoint (`model.safetensors` + `config.json`) in `dtype`.
+    pub fn load(path: &Path, dtype: DType) -> Result<Self> {
+        let (cfg, params) = checkpoint::load_gpt2(path, dtype)?;
+        Self::from_params(&cfg, params)
+    }
+
+    /// Saves the base weights as a GPT-2 checkpoint in `dir` (adapters merged or not, as
+    /// they are now; see [`Gpt2::save_adapters`] for the adapters alone).
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        let params: Vec<(String, Tensor)> = self.named_params();
+        checkpoint::save_gpt2(dir, &self.config, &params, self.dtype())
+    }
+
+    /// The element type of the weights.
+    pub fn dtype(&self) -> DType {
+        self.wte.dtype()
+    }
+
+    /// The device the weights live on.
+    pub fn device(&self) -> Device {
+        self.wte.device()
+    }
+
+    /// The base parameters with GPT-2's names, in checkpoint order.
+    pub fn named_params(&self) -> Vec<(String, Tensor)> {
+        let mut v = vec![("wte.weight".to_string(), self.wte.clone()), ("wpe.weight".to_string(), self.wpe.clone())];
+        for (i, b) in self.blocks.iter().enumerate() {
+            let ln = |v: &mut Vec<(String, Tensor)>, name: &str, l: &LayerNorm| {
+                v.push((format!("h.{i}.{name}.weight"), l.weight.clone()));
+                v.push((format!("h.{i}.{name}.bias"), l.bias.clone()));
+            };
+            ln(&mut v, "ln_1", &b.ln_1);
+            v.push((format!("h.{i}.attn.c_attn.weight"), b.c_attn.weight.clone()));
+            v.push((format!("h.{i}.attn.c_attn.bias"), b.c_attn.bias.clone()));
+            v.push((format!("h.{i}.attn.c_proj.weight"), b.attn_c_proj.weight.clone()));
+            v.push((format!("h.{i}.attn.c_proj.bias"), b.attn_c_proj.bias.clone()));
+            ln(&mut v, "ln_2", &b.ln_2);
+            v.push((format!("h.{i}.mlp.c_fc.weight"), b.c_fc.weight.clone()));
+            v.push((format!("h.{i}.mlp.c_fc.bias"), b.c_fc.bias.clone()));
+            v.push((format!("h.{i}.mlp.c_proj.weight"), b.mlp_c_proj.weight.clone()));
+            v.push((format!("h.{i}.mlp.c_proj.bias"), b.mlp_c_proj.bias.clone()));
+        }
+        v.push(("ln_f.weight".to_string(), self.ln_f.weight.clone()));
+        v.push(("ln_f.bias".to_string(), self.ln_f.bias.clone()));
+        v
+    }
+
+    /// The adapters' tensors with PEFT's names
+    /// (`base_model.model.transformer.h.0.attn.c_attn.lora_A.weight`; a q/k/v third adds
+    /// `_q`/`_k`/`_v` after `lora_A`/`lora_B`).
+    pub fn lora_params(&self) -> Vec<(String, Tensor)> {
+        let mut v = Vec::new();
+        for (i, b) in self.blocks.iter().enumerate() {
+            for (module, lin) in b.linears() {
+                for ad in &lin.adapters {
+                    let p = format!("base_model.model.transformer.h.{i}.{module}");
+                    v.push((format!("{p}.lora_A{}.weight", ad.suffix), ad.a.clone()));
+                    v.push((format!("{p}.lora_B{}.weight", ad.suffix), ad.b.clone()));
+                }
+            }
+        }
+        v
+    }
+
+    /// The LoRA configuration, when adapters are attached.
+    pub fn lora_config(&self) -> Option<&LoraConfig> {
+        self.lora.as_ref()
+    }
+
+    /// Attaches fresh adapters (`B = 0`: the model's function is unchanged) to the
+    /// targeted modules of every block and freezes every base parameter.
+    pub fn attach_lora(&mut self, cfg: &LoraConfig, seed: u64) -> Result<()> {
+        cfg.validate()?;
+        if self.lora.is_some() {
+            return Err(Error::invalid("adapters are already attached"));
+        }
+        let mut rng = StdRng::seed_from_u64(seed);
+        let (dtype, device) = (self.dtype(), self.device());
+        for b in &mut self.blocks {
+            for target in &cfg.targets {
+                let (module, lin) = b
+                    .linears_mut()
+                    .into_iter()
+                    .find(|(m, _)| *m == target.module())
+                    .expect("every target names a block module");
+                let _ = module;
+                let (out, inf) = lin.weight.shape().dims2("attach_lora")?;
+                let (cols, suffix) = target.columns(out);
+                lin.adapters.push(LoraAdapter::init(cfg, inf, cols, suffix, dtype, &device, &mut rng)?);
+            }
+        }
+        self.lora = Some(cfg.clone());
+        self.full_finetune = false;
+        Ok(())
+    }
+
+    /// Makes every base parameter trainable (`true`, full fine-tuning) or frozen (`false`).
+    pub fn set_full_finetune(&mut self, on: bool) {
+        self.full_finetune = on;
+    }
+
+    /// True when the base parameters train.
+    pub fn is_full_finetune(&self) -> bool {
+        self.full_finetune
+    }
+
+    /// Folds every adapter into its weight (`W ← W + s·B·A`, rounded once): the model is
+    /// then a plain GPT-2 with no adapter cost at inference.
+    pub fn merge_lora(&mut self) -> Result<()> {
+        self.set_merged(true)
+    }
+
+    /// Takes the adapters back out of the weights (`W ← W − s·B·A`).
+    pub fn unmerge_lora(&mut self) -> Result<()> {
+        self.set_merged(false)
+    }
+
+    fn set_merged(&mut self, merge: bool) -> Result<()> {
+        if self.lora.is_none() {
+            return Err(Error::invalid("no adapters attached"));
+        }
+        for b in &mut self.blocks {
+            for (_, lin) in b.linears_mut() {
+                if lin.adapters.is_empty() || lin.merged == merge {
+                    continue;
+                }
+                let sign = if merge { 1.0 } else { -1.0 };
+                let terms: Vec<(&LoraAdapter, f64)> = lin.adapters.iter().map(|a| (a, sign)).collect();
+                merge_into(&lin.weight, &terms)?;
+                lin.merged = merge;
+            }
+        }
+        Ok(())
+    }
+
+    /// The parameters that train now, with their names: the adapters (unmerged) under
+    /// LoRA, every base parameter under full fine-tuning.
+    pub fn trainable_params(&self) -> Vec<(String, Tensor)> {
+        let mut v = Vec::new();
+        if self.full_finetune {
+            v.extend(self.named_params());
+        }
+        let merged = self.blocks.iter().any(|b| b.linears().iter().any(|(_, l)| l.merged));
+        if self.lora.is_some() && !merged {
+            v.extend(self.lora_params());
+        }
+        v
+    }
+
+    /// Number of base parameters plus adapter parameters.
+    pub fn param_count(&self) -> usize {
+        self.named_params().iter().chain(self.lora_params().iter()).map(|(_, t)| t.elem_count()).sum()
+    }
+
+    /// Logits `[batch·seq, V]` for `tokens` (`batch·seq` ids, row-major).
+    pub fn forward(&self, tokens: &[u32], batch: usize, seq: usize, opts: ForwardOptions<'_>) -> Result<Tensor> {
+        let cfg = &self.config;
+        let tape = opts.tape;
+        let base = |t: &Tensor| match tape {
+            Some(tape) if self.full_finetune => t.track(tape),
+            _ => t.clone(),
+        };
+        let wte = base(&self.wte);
+        let mut x = ops::embedding(tokens, batch, seq, &wte, &base(&self.wpe))?;
+        let eps = cfg.layer_norm_epsilon;
+        for (i, b) in self.blocks.iter().enumerate() {
+            let h = ops::layer_norm(&x, &base(&b.ln_1.weight), &base(&b.ln_1.bias), eps)?;
+            let qkv = self.apply_linear(&b.c_attn, &h, opts, (i, 0))?;
+            let a = ops::causal_attention(&qkv, cfg.n_head)?;
+            let a = self.apply_linear(&b.attn_c_proj, &a, opts, (i, 1))?;
+            x = ops::add(&x, &a)?;
+            let h = ops::layer_norm(&x, &base(&b.ln_2.weight), &base(&b.ln_2.bias), eps)?;
+            let h = self.apply_linear(&b.c_fc, &h, opts, (i, 2))?;
+            let h = ops::gelu(&h)?;
+            let h = self.apply_linear(&b.mlp_c_proj, &h, opts, (i, 3))?;
+            x = ops::add(&x, &h)?;
+        }
+        let x = ops::layer_norm(&x, &base(&self.ln_f.weight), &base(&self.ln_f.bias), eps)?;
+        let x = ops::reshape(&x, [batch * seq, cfg.n_embd])?;
+        ops::linear(&x, &wte, None)
+    }
+
+    fn apply_linear(&self, lin: &Linear, x: &Tensor, opts: ForwardOptions<'_>, (layer, slot): (usize, u64)) -> Result<Tensor> {
+        let track = |t: &Tensor, on: bool| match opts.tape {
+            Some(tape) if on => t.track(tape),
+            _ => t.clone(),
+        };
+        let (w, b) = (track(&lin.weight, self.full_finetune), track(&lin.bias, self.full_finetune));
+        if lin.adapters.is_empty() || lin.merged {
+            return ops::linear(x, &w, Some(&b));
+        }
+        let ads: Vec<(Tensor, Tensor)> = lin.adapters.iter().map(|a| (track(&a.a, true), track(&a.b, true))).collect();
+        let terms: Vec<LoraTerm<'_>> = lin
+            .adapters
+            .iter()
+            .zip(&ads)
+            .map(|(ad, (a, b))| LoraTerm { a, b, scale: ad.scale, out_range: ad.cols.clone() })
+            .collect();
+        let p = self.lora.as_ref().map_or(0.0, |c| c.dropout);
+        let x_lora = match opts.dropout_seed {
+            Some(seed) if p > 0.0 => Some(ops::dropout(x, p, seed ^ ((layer as u64) << 8 | slot).wrapping_mul(0x9E37_79B9_7F4A_7C15))?),
+            _ => None,
+        };
+        ops::lora_linear(x, x_lora.as_ref(), &w, Some(&b), &terms)
+    }
+
+    /// Mean cross-entropy of the next-token predictions against `targets` (one per
+    /// token; [`ops::IGNORE_INDEX`] skips a position).
+    pub fn loss(&self, tokens: &[u32], targets: &[i32], batch: usize, seq: usize, opts: ForwardOptions<'_>) -> Result<Tensor> {
+        let logits = self.forward(tokens, batch, seq, opts)?;
+        ops::cross_entropy(&logits, targets)
+    }
+
+    /// Greedy decoding: extends each of `batch` prompts (`batch·len` ids) by `n_new`
+    /// tokens, running with no tape. Returns the new tokens, `batch·n_new` ids.
+    pub fn generate_greedy(&self, prompts: &[u32], batch: usize, n_new: usize) -> Result<Vec<u32>> {
+        if batch == 0 || prompts.len() % batch != 0 {
+            return Err(Error::invalid(format!("{} prompt ids for a batch of {batch}", prompts.len())));
+        }
+        let mut len = prompts.len() / batch;
+        if len + n_new > self.config.n_positions + 1 {
+            return Err(Error::invalid(format!("prompt {len} + {n_new} new tokens exceeds the context of {}", self.config.n_positions)));
+        }
+        let mut seqs: Vec<Vec<u32>> = prompts.chunks(len).map(|c| c.to_vec()).collect();
+        let v = self.config.vocab_size;
+        for _ in 0..n_new {
+            let flat: Vec<u32> = seqs.iter().flatten().copied().collect();
+            let logits = self.forward(&flat, batch, len, ForwardOptions::default())?.to_vec_f32()?;
+            for (bi, s) in seqs.iter_mut().enumerate() {
+                let row = &logits[(bi * len + len - 1) * v..(bi * len + len) * v];
+                let best = row.iter().enumerate().fold((0, f32::NEG_INFINITY), |acc, (j, &x)| if x > acc.1 { (j, x) } else { acc });
+                s.push(best.0 as u32);
+            }
+            len += 1;
+        }
+        Ok(seqs.iter().flat_map(|s| s[s.len() - n_new..].to_vec()).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests;

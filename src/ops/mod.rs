@@ -13,6 +13,7 @@ mod elementwise;
 mod embedding;
 mod layer_norm;
 mod lora_linear;
+mod lora_merge;
 mod matmul;
 pub mod profile;
 
@@ -23,6 +24,7 @@ pub use elementwise::{add, bias_add, cast, gelu, reshape, scale};
 pub use embedding::embedding;
 pub use layer_norm::layer_norm;
 pub use lora_linear::{lora_linear, LoraTerm};
+pub use lora_merge::lora_merge;
 pub use matmul::{linear, matmul};
 
 use crate::{DType, Real, Result, Tensor};

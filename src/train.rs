@@ -1,0 +1,102 @@
+//! The training loop: one [`Trainer::step`] is forward, loss, backward, gradient
+//! norm/clipping, loss scaling (f16) and an AdamW update of the trainable parameters.
+
+use crate::model::{ForwardOptions, Gpt2};
+use crate::optim::{AdamW, AdamWConfig, DynamicLossScaler, StepOptions, WarmupCosine};
+use crate::{DType, Result, Tape, Tensor};
+
+/// Hyper-parameters of a training run.
+#[derive(Clone, Debug)]
+pub struct TrainConfig {
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Final learning rate of the cosine schedule.
+    pub min_lr: f64,
+    /// Linear warmup steps.
+    pub warmup_steps: usize,
+    /// Total steps (the schedule's length).
+    pub total_steps: usize,
+    /// AdamW settings.
+    pub adamw: AdamWConfig,
+    /// Global-norm gradient clipping.
+    pub max_grad_norm: Option<f64>,
+    /// Seed of the dropout masks (step `i` uses `seed + i`).
+    pub seed: u64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            lr: 1e-3,
+            min_lr: 1e-4,
+            warmup_steps: 20,
+            total_steps: 1000,
+            adamw: AdamWConfig::default(),
+            max_grad_norm: Some(1.0),
+            seed: 0,
+        }
+    }
+}
+
+/// What one step did.
+#[derive(Clone, Copy, Debug)]
+pub struct StepStats {
+    /// The loss (unscaled).
+    pub loss: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// The learning rate used.
+    pub lr: f64,
+    /// True when the step was skipped (non-finite gradients under loss scaling).
+    pub skipped: bool,
+}
+
+/// Trains a model's trainable parameters (adapters under LoRA, everything under full
+/// fine-tuning).
+pub struct Trainer {
+    /// The model being trained.
+    pub model: Gpt2,
+    opt: AdamW,
+    schedule: WarmupCosine,
+    scaler: Option<DynamicLossScaler>,
+    max_grad_norm: Option<f64>,
+    seed: u64,
+    step: usize,
+}
+
+impl Trainer {
+    /// A trainer over `model.trainable_params()`; f16 models get dynamic loss scaling.
+    pub fn new(model: Gpt2, cfg: &TrainConfig) -> Result<Self> {
+        let params: Vec<Tensor> = model.trainable_params().into_iter().map(|(_, t)| t).collect();
+        let opt = AdamW::new(params, cfg.adamw.clone())?;
+        let schedule = WarmupCosine::new(cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.total_steps)?;
+        let scaler = (model.dtype() == DType::F16).then(DynamicLossScaler::default);
+        Ok(Trainer { model, opt, schedule, scaler, max_grad_norm: cfg.max_grad_norm, seed: cfg.seed, step: 0 })
+    }
+
+    /// The optimizer (its state size is what LoRA saves).
+    pub fn optimizer(&self) -> &AdamW {
+        &self.opt
+    }
+
+    /// Steps taken.
+    pub fn steps(&self) -> usize {
+        self.step
+    }
+
+    /// One step on a batch of `batch·seq` tokens with per-token targets.
+    pub fn step(&mut self, tokens: &[u32], targets: &[i32], batch: usize, seq: usize) -> Result<StepStats> {
+        let tape = Tape::new();
+        let opts = ForwardOptions { tape: Some(&tape), dropout_seed: Some(self.seed.wrapping_add(self.step as u64)) };
+        let loss = self.model.loss(tokens, targets, batch, seq, opts)?;
+        let scale = self.scaler.as_ref().map_or(1.0, |s| s.scale());
+        let grads = tape.backward_scaled(&loss, scale)?;
+        let lr = self.schedule.lr(self.step);
+        let report = self.opt.step(&grads, lr, StepOptions { grad_scale_inv: 1.0 / scale, max_grad_norm: self.max_grad_norm })?;
+        if let Some(s) = &mut self.scaler {
+            s.update(report.skipped);
+        }
+        self.step += 1;
+        Ok(StepStats { loss: loss.to_scalar()?, grad_norm: report.grad_norm, lr, skipped: report.skipped })
+    }
+}
