@@ -175,10 +175,14 @@ impl CpuStorage {
 }
 
 /// Converts element-wise, through f32 unless f64 is involved (exact widening, one rounding).
+/// Large buffers convert in parallel (each element independently: deterministic).
 pub(crate) fn convert<S: Element, D: Element>(src: &[S]) -> Vec<D> {
-    if S::DTYPE == DType::F64 || D::DTYPE == DType::F64 {
-        src.iter().map(|s| D::from_f64(s.to_f64())).collect()
+    use rayon::prelude::*;
+    let wide = S::DTYPE == DType::F64 || D::DTYPE == DType::F64;
+    let one = move |s: &S| if wide { D::from_f64(s.to_f64()) } else { D::from_f32(s.to_f32()) };
+    if src.len() >= 1 << 16 {
+        src.par_iter().map(one).collect()
     } else {
-        src.iter().map(|s| D::from_f32(s.to_f32())).collect()
+        src.iter().map(one).collect()
     }
 }
