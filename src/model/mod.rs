@@ -83,8 +83,9 @@ pub struct ForwardOptions<'a> {
     pub dropout_seed: Option<u64>,
 }
 
-/// A GPT-2 model.
-#[derive(Clone, Debug)]
+/// A GPT-2 model. Not `Clone`: tensors share storage, so a copy would alias the weights;
+/// [`Gpt2::deep_clone`] makes an independent copy.
+#[derive(Debug)]
 pub struct Gpt2 {
     /// Sizes.
     pub config: Gpt2Config,
@@ -187,6 +188,45 @@ impl Gpt2 {
     pub fn save(&self, dir: &Path) -> Result<()> {
         let params: Vec<(String, Tensor)> = self.named_params();
         checkpoint::save_gpt2(dir, &self.config, &params, self.dtype())
+    }
+
+    /// An independent copy: every weight and adapter in its own storage.
+    pub fn deep_clone(&self) -> Result<Self> {
+        let ln = |l: &LayerNorm| -> Result<LayerNorm> { Ok(LayerNorm { weight: l.weight.deep_clone()?, bias: l.bias.deep_clone()? }) };
+        let lin = |l: &Linear| -> Result<Linear> {
+            Ok(Linear {
+                weight: l.weight.deep_clone()?,
+                bias: l.bias.deep_clone()?,
+                adapters: l
+                    .adapters
+                    .iter()
+                    .map(|a| Ok(LoraAdapter { a: a.a.deep_clone()?, b: a.b.deep_clone()?, ..a.clone() }))
+                    .collect::<Result<_>>()?,
+                merged: l.merged,
+            })
+        };
+        Ok(Gpt2 {
+            config: self.config.clone(),
+            wte: self.wte.deep_clone()?,
+            wpe: self.wpe.deep_clone()?,
+            blocks: self
+                .blocks
+                .iter()
+                .map(|b| {
+                    Ok(Block {
+                        ln_1: ln(&b.ln_1)?,
+                        c_attn: lin(&b.c_attn)?,
+                        attn_c_proj: lin(&b.attn_c_proj)?,
+                        ln_2: ln(&b.ln_2)?,
+                        c_fc: lin(&b.c_fc)?,
+                        mlp_c_proj: lin(&b.mlp_c_proj)?,
+                    })
+                })
+                .collect::<Result<_>>()?,
+            ln_f: ln(&self.ln_f)?,
+            lora: self.lora.clone(),
+            full_finetune: self.full_finetune,
+        })
     }
 
     /// The element type of the weights.

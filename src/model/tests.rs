@@ -71,7 +71,7 @@ fn a_lora_step_skips_the_weight_gradient_gemms_of_full_fine_tuning() {
     let (full_counts, full_grads) = step_flops(&full, &toks, &targets);
     assert_eq!(full_grads, full.named_params().len());
 
-    let mut lora = full.clone();
+    let mut lora = full.deep_clone().unwrap();
     let targets_all = ["c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"].iter().map(|t| LoraTarget::parse(t).unwrap()).collect();
     lora.attach_lora(&LoraConfig { r: 2, targets: targets_all, ..Default::default() }, 4).unwrap();
     let (lora_counts, lora_grads) = step_flops(&lora, &toks, &targets);
@@ -99,7 +99,7 @@ fn attached_adapters_start_at_the_base_model_and_merge_exactly_in_f64() {
     let base = Gpt2::new_random(&cfg, DType::F64, &Device::Cpu, g.random()).unwrap();
     let toks = tokens(&mut g, 10, cfg.vocab_size);
     let y0 = base.forward(&toks, 2, 5, ForwardOptions::default()).unwrap();
-    let mut m = base.clone();
+    let mut m = base.deep_clone().unwrap();
     let targets = vec![LoraTarget::CAttnQ, LoraTarget::CAttnV, LoraTarget::MlpCFc];
     m.attach_lora(&LoraConfig { r: 4, alpha: 8.0, targets, ..Default::default() }, 9).unwrap();
     assert_eq!(m.forward(&toks, 2, 5, ForwardOptions::default()).unwrap().to_vec_f64().unwrap(), y0.to_vec_f64().unwrap());
