@@ -1,8 +1,338 @@
-//! Softmax cross-entropy (stub until implemented).
-use crate::{Error, Result, Tensor};
+//! Softmax cross-entropy with an ignore index, mean over the rows that count.
+
+pub(crate) mod cpu;
+
+use super::{output, with_real};
+use crate::tape::Tape;
+use crate::{Error, Real, Result, Shape, Tensor};
+
 /// Targets equal to this are ignored (PyTorch's default).
 pub const IGNORE_INDEX: i32 = -100;
+
+/// The per-row `logsumexp` of the forward, in the compute type, kept for the backward.
+enum Lse {
+    F32(Vec<f32>),
+    F64(Vec<f64>),
+}
+
 /// Mean softmax cross-entropy of `logits [M, V]` against `targets` (M ids, or [`IGNORE_INDEX`]).
-pub fn cross_entropy(_logits: &Tensor, _targets: &[i32]) -> Result<Tensor> {
-    Err(Error::unsupported("cross_entropy", "not implemented yet"))
+///
+/// `logits` may be any `[.., V]`, viewed as `M` rows of `V`. Returns a scalar (shape `[]`,
+/// the dtype of `logits`): the mean over the non-ignored rows of
+/// `logsumexp(row) − row[target]`, computed with max subtraction in f32 (f64 for f64
+/// logits) and summed in row order.
+///
+/// When every row is ignored the loss is 0 and so is its gradient (PyTorch returns NaN
+/// there; a batch made only of padding should not poison a run).
+///
+/// Backward: `g·(softmax(row) − onehot(target)) / n_valid` for each non-ignored row and 0
+/// for the ignored ones, where `g` is the incoming scalar gradient; the softmax comes from
+/// the `logsumexp` saved by the forward.
+///
+/// Errors: a scalar `logits` or `V = 0`, or `targets.len() != M` (shape); a target outside
+/// `0..V` that is not [`IGNORE_INDEX`] (invalid argument, naming its row and value).
+pub fn cross_entropy(logits: &Tensor, targets: &[i32]) -> Result<Tensor> {
+    const OP: &str = "cross_entropy";
+    let (m, v) = logits.shape().as_rows(OP)?;
+    if v == 0 {
+        return Err(Error::shape(
+            OP,
+            format!("empty class dimension in {}", logits.shape()),
+        ));
+    }
+    if targets.len() != m {
+        return Err(Error::shape(
+            OP,
+            format!(
+                "{} targets for logits {} ({m} rows)",
+                targets.len(),
+                logits.shape()
+            ),
+        ));
+    }
+    if let Some((r, &t)) = targets
+        .iter()
+        .enumerate()
+        .find(|&(_, &t)| t != IGNORE_INDEX && !(0..v as i64).contains(&(t as i64)))
+    {
+        return Err(Error::invalid(format!(
+            "{OP}: target {t} at row {r} is outside 0..{v} and is not the ignore index {IGNORE_INDEX}"
+        )));
+    }
+    let tape = Tape::of(OP, &[logits])?;
+    fn fwd<T: Real>(logits: &Tensor, targets: &[i32], v: usize) -> Result<(Tensor, Vec<T>, usize)> {
+        let x = logits.cpu_read::<T>(OP)?;
+        let lse = cpu::row_lse(&x, v);
+        let (sum, n) = cpu::loss_sum(&x, &lse, targets, v);
+        let loss = if n == 0 {
+            T::zero()
+        } else {
+            sum / T::c(n as f64)
+        };
+        Ok((output(vec![loss], Shape::from(()), logits.dtype())?, lse, n))
+    }
+    let (y, lse, n_valid) = with_real(
+        logits.dtype(),
+        || fwd::<f32>(logits, targets, v).map(|(y, l, n)| (y, Lse::F32(l), n)),
+        || fwd::<f64>(logits, targets, v).map(|(y, l, n)| (y, Lse::F64(l), n)),
+    )?;
+    if let Some(tape) = &tape {
+        let (logits, targets, yid) = (logits.clone(), targets.to_vec(), y.id());
+        tape.push(OP, move |g| {
+            let Some(gy) = g.take_output(yid) else {
+                return Ok(());
+            };
+            if !logits.requires_grad() {
+                return Ok(());
+            }
+            // 0 when no row counts: the loss is the constant 0 then.
+            let scale = if n_valid == 0 {
+                0.0
+            } else {
+                gy.to_scalar()? / n_valid as f64
+            };
+            fn bwd<T: Real>(
+                logits: &Tensor,
+                lse: &[T],
+                targets: &[i32],
+                v: usize,
+                scale: f64,
+            ) -> Result<Tensor> {
+                let x = logits.cpu_read::<T>(OP)?;
+                output(
+                    cpu::backward(&x, lse, targets, v, T::c(scale)),
+                    logits.shape().clone(),
+                    logits.dtype(),
+                )
+            }
+            let gx = match &lse {
+                Lse::F32(l) => bwd::<f32>(&logits, l, &targets, v, scale)?,
+                Lse::F64(l) => bwd::<f64>(&logits, l, &targets, v, scale)?,
+            };
+            g.accumulate(&logits, gx)
+        });
+    }
+    Ok(y.with_tape(tape))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{assert_close, check_grads, rand_tensor, rng};
+    use crate::{DType, Device};
+    use rand::Rng;
+
+    /// Textbook cross-entropy in f64 without max subtraction (fine for small logits).
+    fn naive(x: &[f64], targets: &[i32], v: usize) -> f64 {
+        let (mut s, mut n) = (0.0, 0);
+        for (row, &t) in x.chunks(v).zip(targets) {
+            if t == IGNORE_INDEX {
+                continue;
+            }
+            let p = row[t as usize].exp() / row.iter().map(|x| x.exp()).sum::<f64>();
+            s -= p.ln();
+            n += 1;
+        }
+        s / n as f64
+    }
+
+    fn targets(r: &mut impl Rng, m: usize, v: usize, ignore_every: usize) -> Vec<i32> {
+        (0..m)
+            .map(|i| {
+                if i % ignore_every == 1 {
+                    IGNORE_INDEX
+                } else {
+                    r.random_range(0..v as i32)
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn cross_entropy_matches_naive_and_known_values() {
+        let mut r = rng("cross_entropy_naive");
+        let (m, v) = (37, 29);
+        let x = rand_tensor(&mut r, [m, v], -4.0, 4.0);
+        let t = targets(&mut r, m, v, 5);
+        let y = cross_entropy(&x, &t).unwrap();
+        assert_eq!(y.dims(), &[] as &[usize]);
+        assert_eq!(y.dtype(), DType::F64);
+        let want = naive(&x.to_vec_f64().unwrap(), &t, v);
+        assert_close("cross_entropy", &[y.to_scalar().unwrap()], &[want], 1e-14);
+        // [.., V] is viewed as rows.
+        let x3 = crate::ops::reshape(&x, [1, m, v]).unwrap();
+        assert_eq!(
+            cross_entropy(&x3, &t).unwrap().to_scalar().unwrap(),
+            y.to_scalar().unwrap()
+        );
+        // Uniform logits: ln V, whatever the offset; huge logits stay finite.
+        let d = Device::Cpu;
+        for c in [0.0, 1e4, -1e4] {
+            let u = Tensor::full(c, [3, 50], DType::F64, &d).unwrap();
+            let l = cross_entropy(&u, &[0, 49, 7]).unwrap().to_scalar().unwrap();
+            assert!((l - 50f64.ln()).abs() < 1e-11, "{c}: {l}");
+        }
+        let big = Tensor::from_vec(vec![1000.0f32, 0.0, -1000.0, 0.0], [2, 2], &d).unwrap();
+        // Both rows put their target 1000 below the other logit: each loss is 1000 + ln(1 + e^-1000).
+        let l = cross_entropy(&big, &[1, 0]).unwrap().to_scalar().unwrap();
+        assert!((l - 1000.0).abs() < 1e-3, "{l}");
+    }
+
+    #[test]
+    fn cross_entropy_backward_matches_finite_differences() {
+        let mut r = rng("cross_entropy_fd");
+        // The check seeds the scalar loss with a random value: the seed's scale is tested too.
+        let x = rand_tensor(&mut r, [2, 3, 6], -3.0, 3.0);
+        let t = targets(&mut r, 6, 6, 4);
+        check_grads("cross_entropy", &[x], |xs| cross_entropy(&xs[0], &t), 1e-7);
+        // Few rows and classes keep the gradients large against the FD noise (~1e-10·|L|).
+        let x = rand_tensor(&mut r, [4, 6], -3.0, 3.0);
+        let t = targets(&mut r, 4, 6, 3);
+        check_grads(
+            "cross_entropy∘gelu",
+            &[x],
+            |xs| cross_entropy(&crate::ops::gelu(&xs[0])?, &t),
+            1e-7,
+        );
+    }
+
+    #[test]
+    fn cross_entropy_gradient_is_softmax_minus_onehot_over_n() {
+        let mut r = rng("cross_entropy_grad");
+        let (m, v) = (700, 97); // several rayon tasks
+        let x = rand_tensor(&mut r, [m, v], -4.0, 4.0);
+        let t = targets(&mut r, m, v, 7);
+        let tape = Tape::new();
+        let xt = x.track(&tape);
+        let y = cross_entropy(&xt, &t).unwrap();
+        let g = tape.backward_scaled(&y, 3.0).unwrap();
+        let got = g.get(&xt).unwrap().to_vec_f64().unwrap();
+        let xv = x.to_vec_f64().unwrap();
+        let n = t.iter().filter(|&&t| t != IGNORE_INDEX).count() as f64;
+        let mut want = vec![0.0; m * v];
+        for (i, (row, &ti)) in xv.chunks(v).zip(&t).enumerate() {
+            if ti == IGNORE_INDEX {
+                continue;
+            }
+            let z: f64 = row.iter().map(|x| x.exp()).sum();
+            for j in 0..v {
+                let onehot = if j == ti as usize { 1.0 } else { 0.0 };
+                want[i * v + j] = 3.0 * (row[j].exp() / z - onehot) / n;
+            }
+        }
+        assert_close("cross_entropy grad", &got, &want, 1e-13);
+        for (row, &ti) in got.chunks(v).zip(&t) {
+            if ti == IGNORE_INDEX {
+                assert!(row.iter().all(|&g| g == 0.0));
+            }
+        }
+        // Deterministic: a second run is bit-identical.
+        let tape = Tape::new();
+        let x32 = x.to_dtype(DType::F32).unwrap().track(&tape);
+        let y1 = cross_entropy(&x32, &t).unwrap();
+        let g1 = tape
+            .backward(&y1)
+            .unwrap()
+            .get(&x32)
+            .unwrap()
+            .to_vec_f32()
+            .unwrap();
+        let tape = Tape::new();
+        let x32b = x32.track(&tape);
+        let y2 = cross_entropy(&x32b, &t).unwrap();
+        let g2 = tape
+            .backward(&y2)
+            .unwrap()
+            .get(&x32b)
+            .unwrap()
+            .to_vec_f32()
+            .unwrap();
+        assert_eq!(
+            y1.to_scalar().unwrap().to_bits(),
+            y2.to_scalar().unwrap().to_bits()
+        );
+        assert_eq!(g1, g2);
+    }
+
+    #[test]
+    fn cross_entropy_with_every_row_ignored_is_zero_with_zero_gradient() {
+        let mut r = rng("cross_entropy_all_ignored");
+        let tape = Tape::new();
+        let x = rand_tensor(&mut r, [3, 5], -1.0, 1.0).track(&tape);
+        let y = cross_entropy(&x, &[IGNORE_INDEX; 3]).unwrap();
+        assert_eq!(y.to_scalar().unwrap(), 0.0);
+        let g = tape.backward(&y).unwrap();
+        assert!(g
+            .get(&x)
+            .unwrap()
+            .to_vec_f64()
+            .unwrap()
+            .iter()
+            .all(|&g| g == 0.0));
+    }
+
+    #[test]
+    fn cross_entropy_f32_and_bf16_logits_are_close_to_f64() {
+        let mut r = rng("cross_entropy_lowp");
+        let (m, v) = (16, 64);
+        let x = rand_tensor(&mut r, [m, v], -5.0, 5.0);
+        let t = targets(&mut r, m, v, 6);
+        for (dt, tol_y, tol_g) in [(DType::F32, 1e-6, 1e-6), (DType::BF16, 8e-3, 8e-3)] {
+            let xd = x.to_dtype(dt).unwrap();
+            let x64 = xd.to_dtype(DType::F64).unwrap();
+            let run = |x: &Tensor| {
+                let tape = Tape::new();
+                let xt = x.track(&tape);
+                let y = cross_entropy(&xt, &t).unwrap();
+                let g = tape.backward(&y).unwrap().get(&xt).unwrap().clone();
+                (y, g)
+            };
+            let ((y, g), (y64, g64)) = (run(&xd), run(&x64));
+            assert_eq!((y.dtype(), g.dtype()), (dt, dt));
+            assert_close(
+                &format!("cross_entropy {dt}"),
+                &[y.to_scalar().unwrap()],
+                &[y64.to_scalar().unwrap()],
+                tol_y,
+            );
+            assert_close(
+                &format!("cross_entropy grad {dt}"),
+                &g.to_vec_f64().unwrap(),
+                &g64.to_vec_f64().unwrap(),
+                tol_g,
+            );
+        }
+    }
+
+    #[test]
+    fn cross_entropy_rejects_bad_inputs() {
+        let d = Device::Cpu;
+        let x = Tensor::zeros([4, 8], DType::F32, &d).unwrap();
+        assert!(matches!(
+            cross_entropy(&x, &[0, 1, 2]),
+            Err(Error::Shape { .. })
+        ));
+        assert!(matches!(
+            cross_entropy(&x, &[0, 1, 2, 3, 4]),
+            Err(Error::Shape { .. })
+        ));
+        for bad in [8, -1, -101, i32::MAX, i32::MIN] {
+            match cross_entropy(&x, &[0, IGNORE_INDEX, bad, 3]) {
+                Err(Error::InvalidArgument(msg)) => {
+                    assert!(msg.contains(&format!("target {bad} at row 2")), "{msg}")
+                }
+                other => panic!("target {bad}: {other:?}"),
+            }
+        }
+        let scalar = Tensor::zeros((), DType::F32, &d).unwrap();
+        assert!(matches!(
+            cross_entropy(&scalar, &[0]),
+            Err(Error::Shape { .. })
+        ));
+        let empty = Tensor::zeros([2, 0], DType::F32, &d).unwrap();
+        assert!(matches!(
+            cross_entropy(&empty, &[0, 0]),
+            Err(Error::Shape { .. })
+        ));
+    }
 }

@@ -1,0 +1,129 @@
+//! CPU reference kernels for LayerNorm, generic over the compute type.
+//!
+//! Rows are `[.., C]` slices of `C` contiguous elements. Every kernel is deterministic:
+//! each output element is produced by one thread in a fixed order.
+
+use crate::ops::elementwise::cpu::CHUNK;
+use crate::Real;
+use rayon::prelude::*;
+
+/// Rows per rayon task for rows of `c` elements (about [`CHUNK`] elements per task).
+fn rows_per_task(c: usize) -> usize {
+    (CHUNK / c.max(1)).max(1)
+}
+
+/// Columns per rayon task in the parameter-gradient reduction.
+const COL_BLOCK: usize = 64;
+
+/// Forward over rows of `c = gamma.len()` elements: returns `(y, mean, rstd)` where
+/// `mean[r]` and `rstd[r] = 1/√(var[r] + eps)` (biased variance, two passes) are the
+/// row statistics and `y = (x − mean)·rstd·gamma + beta`.
+pub(crate) fn forward<T: Real>(
+    x: &[T],
+    gamma: &[T],
+    beta: &[T],
+    eps: T,
+) -> (Vec<T>, Vec<T>, Vec<T>) {
+    let c = gamma.len();
+    debug_assert!(c > 0 && x.len() % c == 0 && beta.len() == c);
+    let m = x.len() / c;
+    let n = T::c(c as f64);
+    let mut y = vec![T::zero(); x.len()];
+    let mut mean = vec![T::zero(); m];
+    let mut rstd = vec![T::zero(); m];
+    let rpt = rows_per_task(c);
+    y.par_chunks_mut(rpt * c)
+        .zip(x.par_chunks(rpt * c))
+        .zip(mean.par_chunks_mut(rpt).zip(rstd.par_chunks_mut(rpt)))
+        .for_each(|((y, x), (mean, rstd))| {
+            for (((y, x), mu), rs) in y
+                .chunks_exact_mut(c)
+                .zip(x.chunks_exact(c))
+                .zip(mean)
+                .zip(rstd)
+            {
+                let m = x.iter().copied().sum::<T>() / n;
+                let var = x.iter().map(|&v| (v - m) * (v - m)).sum::<T>() / n;
+                let r = T::one() / (var + eps).sqrt();
+                for ((y, &x), (&g, &b)) in y.iter_mut().zip(x).zip(gamma.iter().zip(beta)) {
+                    *y = (x - m) * r * g + b;
+                }
+                *mu = m;
+                *rs = r;
+            }
+        });
+    (y, mean, rstd)
+}
+
+/// The input gradient (llm.c's `layernorm_backward`): with `n = (x − mean)·rstd` and
+/// `d = gamma·gy`, `gx = (d − mean_C(d) − n·mean_C(d·n))·rstd`, row by row.
+pub(crate) fn backward_x<T: Real>(
+    x: &[T],
+    gamma: &[T],
+    gy: &[T],
+    mean: &[T],
+    rstd: &[T],
+) -> Vec<T> {
+    let c = gamma.len();
+    let n = T::c(c as f64);
+    let mut gx = vec![T::zero(); x.len()];
+    let rpt = rows_per_task(c);
+    gx.par_chunks_mut(rpt * c)
+        .zip(x.par_chunks(rpt * c).zip(gy.par_chunks(rpt * c)))
+        .zip(mean.par_chunks(rpt).zip(rstd.par_chunks(rpt)))
+        .for_each(|((gx, (x, gy)), (mean, rstd))| {
+            for ((gx, (x, gy)), (&m, &r)) in gx
+                .chunks_exact_mut(c)
+                .zip(x.chunks_exact(c).zip(gy.chunks_exact(c)))
+                .zip(mean.iter().zip(rstd))
+            {
+                let (mut sum_d, mut sum_dn) = (T::zero(), T::zero());
+                for ((&x, &g), &gm) in x.iter().zip(gy).zip(gamma) {
+                    let d = gm * g;
+                    sum_d += d;
+                    sum_dn += d * ((x - m) * r);
+                }
+                let (mean_d, mean_dn) = (sum_d / n, sum_dn / n);
+                for ((gx, (&x, &g)), &gm) in gx.iter_mut().zip(x.iter().zip(gy)).zip(gamma) {
+                    *gx = (gm * g - mean_d - (x - m) * r * mean_dn) * r;
+                }
+            }
+        });
+    gx
+}
+
+/// The parameter gradients `(ggamma, gbeta)` over rows of `c` elements:
+/// `ggamma[j] = Σ_r gy[r, j]·n[r, j]`, `gbeta[j] = Σ_r gy[r, j]`.
+///
+/// Parallel over blocks of columns: each column is summed over the rows in row order
+/// by one thread, so the result is bit-identical to a serial loop and to any run.
+pub(crate) fn backward_params<T: Real>(
+    x: &[T],
+    gy: &[T],
+    mean: &[T],
+    rstd: &[T],
+    c: usize,
+) -> (Vec<T>, Vec<T>) {
+    let mut ggamma = vec![T::zero(); c];
+    let mut gbeta = vec![T::zero(); c];
+    ggamma
+        .par_chunks_mut(COL_BLOCK)
+        .zip(gbeta.par_chunks_mut(COL_BLOCK))
+        .enumerate()
+        .for_each(|(blk, (gg, gb))| {
+            let j0 = blk * COL_BLOCK;
+            let w = gg.len();
+            for ((x, gy), (&m, &r)) in x
+                .chunks_exact(c)
+                .zip(gy.chunks_exact(c))
+                .zip(mean.iter().zip(rstd))
+            {
+                let (x, gy) = (&x[j0..j0 + w], &gy[j0..j0 + w]);
+                for ((gg, gb), (&x, &g)) in gg.iter_mut().zip(gb.iter_mut()).zip(x.iter().zip(gy)) {
+                    *gg += g * ((x - m) * r);
+                    *gb += g;
+                }
+            }
+        });
+    (ggamma, gbeta)
+}
