@@ -69,8 +69,8 @@ impl Trainer {
     pub fn new(model: Gpt2, cfg: &TrainConfig) -> Result<Self> {
         let params: Vec<Tensor> = model.trainable_params().into_iter().map(|(_, t)| t).collect();
         let opt = AdamW::new(params, cfg.adamw.clone())?;
-        let schedule = WarmupCosine::new(cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.total_steps)?;
-        let scaler = (model.dtype() == DType::F16).then(DynamicLossScaler::default);
+        let schedule = WarmupCosine::new(cfg.lr, cfg.min_lr, cfg.warmup_steps as u64, cfg.total_steps as u64)?;
+        let scaler = (model.dtype() == DType::F16).then(DynamicLossScaler::new);
         Ok(Trainer { model, opt, schedule, scaler, max_grad_norm: cfg.max_grad_norm, seed: cfg.seed, step: 0 })
     }
 
@@ -91,7 +91,7 @@ impl Trainer {
         let loss = self.model.loss(tokens, targets, batch, seq, opts)?;
         let scale = self.scaler.as_ref().map_or(1.0, |s| s.scale());
         let grads = tape.backward_scaled(&loss, scale)?;
-        let lr = self.schedule.lr(self.step);
+        let lr = self.schedule.lr(self.step as u64);
         let report = self.opt.step(&grads, lr, StepOptions { grad_scale_inv: 1.0 / scale, max_grad_norm: self.max_grad_norm })?;
         if let Some(s) = &mut self.scaler {
             s.update(report.skipped);
