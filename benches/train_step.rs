@@ -17,28 +17,55 @@ const BATCH: usize = 8;
 const SEQ: usize = 128;
 
 fn small_gpt() -> Gpt2Config {
-    Gpt2Config { vocab_size: 256, n_positions: 128, n_embd: 256, n_layer: 4, n_head: 4, layer_norm_epsilon: 1e-5 }
+    Gpt2Config {
+        vocab_size: 256,
+        n_positions: 128,
+        n_embd: 256,
+        n_layer: 4,
+        n_head: 4,
+        layer_norm_epsilon: 1e-5,
+    }
 }
 
 fn trainer(lora: bool) -> Trainer {
     let mut model = Gpt2::new_random(&small_gpt(), DType::F32, &Device::Cpu, 0).expect("model");
     if lora {
-        model.attach_lora(&LoraConfig { r: 8, alpha: 16.0, ..Default::default() }, 1).expect("lora");
+        model
+            .attach_lora(
+                &LoraConfig {
+                    r: 8,
+                    alpha: 16.0,
+                    ..Default::default()
+                },
+                1,
+            )
+            .expect("lora");
     }
-    let cfg = TrainConfig { max_grad_norm: None, total_steps: 1_000_000, warmup_steps: 0, ..Default::default() };
+    let cfg = TrainConfig {
+        max_grad_norm: None,
+        total_steps: 1_000_000,
+        warmup_steps: 0,
+        ..Default::default()
+    };
     Trainer::new(model, &cfg).expect("trainer")
 }
 
 fn bench_train_step(c: &mut Criterion) {
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
     let tokens: Vec<u32> = (0..BATCH * SEQ).map(|_| rng.random_range(0..256)).collect();
-    let targets: Vec<i32> = tokens[1..].iter().map(|&t| t as i32).chain([lorafuse::ops::IGNORE_INDEX]).collect();
+    let targets: Vec<i32> = tokens[1..]
+        .iter()
+        .map(|&t| t as i32)
+        .chain([lorafuse::ops::IGNORE_INDEX])
+        .collect();
     let mut group = c.benchmark_group("cpu_train_step");
     group.sample_size(10);
     group.throughput(Throughput::Elements((BATCH * SEQ) as u64));
     for (name, lora) in [("lora_r8_c_attn", true), ("full_finetune", false)] {
         let mut t = trainer(lora);
-        group.bench_function(name, |b| b.iter(|| t.step(&tokens, &targets, BATCH, SEQ).expect("step")));
+        group.bench_function(name, |b| {
+            b.iter(|| t.step(&tokens, &targets, BATCH, SEQ).expect("step"))
+        });
     }
     group.finish();
 }

@@ -579,7 +579,7 @@ pub fn load_tensors_with_metadata(path: &Path) -> Result<(NamedTensors, HashMap<
 // ---------------------------------------------------------------------------------------
 // Helpers.
 
-fn io_err(path: &Path, source: std::io::Error) -> Error {
+pub(crate) fn io_err(path: &Path, source: std::io::Error) -> Error {
     Error::Io {
         path: path.display().to_string(),
         source,
@@ -751,7 +751,7 @@ fn write_safetensors(
 
 /// Writes through `write` into a temporary file beside `path`, syncs it and renames it
 /// over `path`. The temporary file is removed on failure.
-fn write_atomic(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+pub(crate) fn write_atomic(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     use std::sync::atomic::{AtomicU64, Ordering};
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let Some(file_name) = path.file_name() else {

@@ -67,6 +67,19 @@ impl LoraTarget {
         })
     }
 
+    /// The canonical name, as [`LoraTarget::parse`] reads it.
+    pub fn name(self) -> &'static str {
+        match self {
+            LoraTarget::CAttn => "c_attn",
+            LoraTarget::CAttnQ => "c_attn.q",
+            LoraTarget::CAttnK => "c_attn.k",
+            LoraTarget::CAttnV => "c_attn.v",
+            LoraTarget::AttnCProj => "attn.c_proj",
+            LoraTarget::MlpCFc => "mlp.c_fc",
+            LoraTarget::MlpCProj => "mlp.c_proj",
+        }
+    }
+
     /// The module path inside a block (`attn.c_attn`, ...), shared by the q/k/v thirds.
     pub fn module(self) -> &'static str {
         match self {
@@ -227,7 +240,12 @@ impl LoraAdapter {
 pub fn merge_into(w: &Tensor, adapters: &[(&LoraAdapter, f64)]) -> Result<()> {
     let terms: Vec<LoraTerm<'_>> = adapters
         .iter()
-        .map(|(ad, c)| LoraTerm { a: &ad.a, b: &ad.b, scale: ad.scale * c, out_range: ad.cols.clone() })
+        .map(|(ad, c)| LoraTerm {
+            a: &ad.a,
+            b: &ad.b,
+            scale: ad.scale * c,
+            out_range: ad.cols.clone(),
+        })
         .collect();
     crate::ops::lora_merge(w, &terms)
 }

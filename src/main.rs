@@ -15,7 +15,11 @@ use lorafuse::{DType, Device, Result};
 use std::time::Instant;
 
 #[derive(Parser)]
-#[command(name = "lorafuse", version, about = "LoRA fine-tuning engine: demo and tools")]
+#[command(
+    name = "lorafuse",
+    version,
+    about = "LoRA fine-tuning engine: demo and tools"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -76,7 +80,14 @@ fn main() {
 }
 
 fn model_config() -> Gpt2Config {
-    Gpt2Config { vocab_size: MIN_VOCAB, n_positions: 2 * K + 1, n_embd: 128, n_layer: 2, n_head: 4, layer_norm_epsilon: 1e-5 }
+    Gpt2Config {
+        vocab_size: MIN_VOCAB,
+        n_positions: 2 * K + 1,
+        n_embd: 128,
+        n_layer: 2,
+        n_head: 4,
+        layer_norm_epsilon: 1e-5,
+    }
 }
 
 struct Phase {
@@ -87,12 +98,34 @@ struct Phase {
     final_loss: f64,
 }
 
-fn train(name: &str, model: Gpt2, gen: &mut TaskGen, steps: usize, args: &DemoArgs, lr: f64) -> Result<(Gpt2, Phase)> {
-    let trainable = model.trainable_params().iter().map(|(_, t)| t.elem_count()).sum();
-    let cfg = TrainConfig { lr, min_lr: lr / 10.0, warmup_steps: steps / 20, total_steps: steps, seed: args.seed, ..Default::default() };
+fn train(
+    name: &str,
+    model: Gpt2,
+    gen: &mut TaskGen,
+    steps: usize,
+    args: &DemoArgs,
+    lr: f64,
+) -> Result<(Gpt2, Phase)> {
+    let trainable = model
+        .trainable_params()
+        .iter()
+        .map(|(_, t)| t.elem_count())
+        .sum();
+    let cfg = TrainConfig {
+        lr,
+        min_lr: lr / 10.0,
+        warmup_steps: steps / 20,
+        total_steps: steps,
+        seed: args.seed,
+        ..Default::default()
+    };
     let mut trainer = Trainer::new(model, &cfg)?;
     let bar = ProgressBar::new(steps as u64);
-    bar.set_style(ProgressStyle::with_template("{prefix:>22} [{bar:30}] {pos}/{len} {msg}").expect("valid template").progress_chars("=> "));
+    bar.set_style(
+        ProgressStyle::with_template("{prefix:>22} [{bar:30}] {pos}/{len} {msg}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
     bar.set_prefix(name.to_string());
     let (mut tokens, mut loss, start) = (0usize, f64::NAN, Instant::now());
     for i in 0..steps {
@@ -109,24 +142,46 @@ fn train(name: &str, model: Gpt2, gen: &mut TaskGen, steps: usize, args: &DemoAr
     let state_bytes = trainer.optimizer().state_bytes();
     let model = trainer.model;
     let accuracy = accuracy(&model, gen, args)?;
-    Ok((model, Phase { accuracy, tokens_per_s: tokens as f64 / secs, trainable, state_bytes, final_loss: loss }))
+    Ok((
+        model,
+        Phase {
+            accuracy,
+            tokens_per_s: tokens as f64 / secs,
+            trainable,
+            state_bytes,
+            final_loss: loss,
+        },
+    ))
 }
 
 /// Held-out exact-match accuracy with batched greedy decoding.
 fn accuracy(model: &Gpt2, gen: &TaskGen, args: &DemoArgs) -> Result<f64> {
     let held: Batch = gen.heldout(args.heldout, 0xE7A1);
     let (p, k) = (gen.prompt_len(), gen.k());
-    let prompts: Vec<u32> = (0..held.batch).flat_map(|i| held.row(i)[..p].to_vec()).collect();
+    let prompts: Vec<u32> = (0..held.batch)
+        .flat_map(|i| held.row(i)[..p].to_vec())
+        .collect();
     let out = model.generate_greedy(&prompts, held.batch, k)?;
-    let hits = (0..held.batch).filter(|&i| is_exact(&out[i * k..(i + 1) * k], &held.row(i)[gen.answer_span()])).count();
+    let hits = (0..held.batch)
+        .filter(|&i| is_exact(&out[i * k..(i + 1) * k], &held.row(i)[gen.answer_span()]))
+        .count();
     Ok(hits as f64 / held.batch as f64)
 }
 
 fn demo(args: &DemoArgs) -> Result<()> {
     let device = Device::parse(&args.device)?;
     let cfg = model_config();
-    let targets = args.targets.split(',').map(|t| LoraTarget::parse(t.trim())).collect::<Result<Vec<_>>>()?;
-    let lora_cfg = LoraConfig { r: args.rank, alpha: args.alpha, targets, ..Default::default() };
+    let targets = args
+        .targets
+        .split(',')
+        .map(|t| LoraTarget::parse(t.trim()))
+        .collect::<Result<Vec<_>>>()?;
+    let lora_cfg = LoraConfig {
+        r: args.rank,
+        alpha: args.alpha,
+        targets,
+        ..Default::default()
+    };
     lora_cfg.validate()?;
     println!(
         "lorafuse demo on {device}: GPT d_model {} × {} layers × {} heads, vocab {}, context {}; batch {} × {} tokens",
@@ -135,7 +190,14 @@ fn demo(args: &DemoArgs) -> Result<()> {
     let t0 = Instant::now();
     let base = Gpt2::new_random(&cfg, DType::F32, &device, args.seed)?;
     let mut gen_a = TaskGen::new(Task::A, K, args.seed)?;
-    let (pretrained, pre) = train("pretrain on task A", base, &mut gen_a, args.pretrain_steps, args, 3e-3)?;
+    let (pretrained, pre) = train(
+        "pretrain on task A",
+        base,
+        &mut gen_a,
+        args.pretrain_steps,
+        args,
+        3e-3,
+    )?;
 
     let mut gen_b = TaskGen::new(Task::B, K, args.seed + 1)?;
     let base_acc_b = accuracy(&pretrained, &gen_b, args)?;
@@ -143,30 +205,70 @@ fn demo(args: &DemoArgs) -> Result<()> {
     let mut lora_model = pretrained.deep_clone()?;
     lora_model.attach_lora(&lora_cfg, args.seed + 2)?;
     let total = lora_model.param_count();
-    let (mut lora_model, lora) = train("LoRA on task B", lora_model, &mut gen_b, args.finetune_steps, args, 3e-3)?;
+    let (mut lora_model, lora) = train(
+        "LoRA on task B",
+        lora_model,
+        &mut gen_b,
+        args.finetune_steps,
+        args,
+        3e-3,
+    )?;
 
     let mut gen_b_full = TaskGen::new(Task::B, K, args.seed + 1)?;
     let full_model = pretrained.deep_clone()?;
-    let (_, full) = train("full fine-tune on B", full_model, &mut gen_b_full, args.finetune_steps, args, 1e-3)?;
+    let (_, full) = train(
+        "full fine-tune on B",
+        full_model,
+        &mut gen_b_full,
+        args.finetune_steps,
+        args,
+        1e-3,
+    )?;
 
     // Merged equals unmerged: logits on held-out prompts, then the accuracy once merged.
     let held = gen_b.heldout(64, 0x3E26);
     let opts = ForwardOptions::default();
-    let unmerged = lora_model.forward(&held.tokens, held.batch, held.seq, opts)?.to_vec_f64()?;
+    let unmerged = lora_model
+        .forward(&held.tokens, held.batch, held.seq, opts)?
+        .to_vec_f64()?;
     lora_model.merge_lora()?;
-    let merged = lora_model.forward(&held.tokens, held.batch, held.seq, opts)?.to_vec_f64()?;
+    let merged = lora_model
+        .forward(&held.tokens, held.batch, held.seq, opts)?
+        .to_vec_f64()?;
     let merged_acc = accuracy(&lora_model, &gen_b, args)?;
     let c = closeness(&merged, &unmerged);
 
     let pct = |a: usize, b: usize| 100.0 * a as f64 / b as f64;
     println!();
     println!("{:<44} {:>14} {:>14}", "", "LoRA", "full FT");
-    println!("{:<44} {:>14} {:>14}", "trainable parameters", lora.trainable, full.trainable);
-    println!("{:<44} {:>13.2}% {:>13.2}%", "  of all parameters", pct(lora.trainable, total), pct(full.trainable, total));
-    println!("{:<44} {:>14} {:>14}", "optimizer state bytes (AdamW m, v)", lora.state_bytes, full.state_bytes);
-    println!("{:<44} {:>13.1}% {:>13.1}%", "held-out exact match, task B", 100.0 * lora.accuracy, 100.0 * full.accuracy);
-    println!("{:<44} {:>14.4} {:>14.4}", "final training loss, task B", lora.final_loss, full.final_loss);
-    println!("{:<44} {:>14.0} {:>14.0}", "training tokens/s", lora.tokens_per_s, full.tokens_per_s);
+    println!(
+        "{:<44} {:>14} {:>14}",
+        "trainable parameters", lora.trainable, full.trainable
+    );
+    println!(
+        "{:<44} {:>13.2}% {:>13.2}%",
+        "  of all parameters",
+        pct(lora.trainable, total),
+        pct(full.trainable, total)
+    );
+    println!(
+        "{:<44} {:>14} {:>14}",
+        "optimizer state bytes (AdamW m, v)", lora.state_bytes, full.state_bytes
+    );
+    println!(
+        "{:<44} {:>13.1}% {:>13.1}%",
+        "held-out exact match, task B",
+        100.0 * lora.accuracy,
+        100.0 * full.accuracy
+    );
+    println!(
+        "{:<44} {:>14.4} {:>14.4}",
+        "final training loss, task B", lora.final_loss, full.final_loss
+    );
+    println!(
+        "{:<44} {:>14.0} {:>14.0}",
+        "training tokens/s", lora.tokens_per_s, full.tokens_per_s
+    );
     println!();
     println!("base model (pretrained on A): task A {:.1}%, task B {:.1}% held-out exact match; pretraining {:.0} tokens/s", 100.0 * pre.accuracy, 100.0 * base_acc_b, pre.tokens_per_s);
     println!("LoRA reaches {:.1}% of full fine-tuning's accuracy with {:.2}% of its trainable parameters", pct_f(lora.accuracy, full.accuracy), pct(lora.trainable, full.trainable));

@@ -179,7 +179,13 @@ impl CpuStorage {
 pub(crate) fn convert<S: Element, D: Element>(src: &[S]) -> Vec<D> {
     use rayon::prelude::*;
     let wide = S::DTYPE == DType::F64 || D::DTYPE == DType::F64;
-    let one = move |s: &S| if wide { D::from_f64(s.to_f64()) } else { D::from_f32(s.to_f32()) };
+    let one = move |s: &S| {
+        if wide {
+            D::from_f64(s.to_f64())
+        } else {
+            D::from_f32(s.to_f32())
+        }
+    };
     if src.len() >= 1 << 16 {
         src.par_iter().map(one).collect()
     } else {

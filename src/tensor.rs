@@ -187,7 +187,7 @@ impl Tensor {
         device: &Device,
         rng: &mut impl Rng,
     ) -> Result<Tensor> {
-        if !(lo < hi) || !lo.is_finite() || !hi.is_finite() {
+        if !lo.is_finite() || !hi.is_finite() || lo >= hi {
             return Err(Error::invalid(format!(
                 "rand_uniform: bad range [{lo}, {hi})"
             )));
@@ -207,7 +207,7 @@ impl Tensor {
         device: &Device,
         rng: &mut impl Rng,
     ) -> Result<Tensor> {
-        if !(std >= 0.0) || !std.is_finite() {
+        if !std.is_finite() || std < 0.0 {
             return Err(Error::invalid(format!("randn: bad std {std}")));
         }
         let shape = shape.into();

@@ -71,7 +71,7 @@ pub fn closeness(got: &[f64], want: &[f64]) -> Closeness {
 #[track_caller]
 pub fn assert_close(name: &str, got: &[f64], want: &[f64], tol: f64) {
     let c = closeness(got, want);
-    if c.first_non_finite.is_some() || !(c.rel_l2 <= tol) {
+    if c.first_non_finite.is_some() || c.rel_l2.is_nan() || c.rel_l2 > tol {
         panic!(
             "{name}: rel-L2 {:.3e} > {tol:.1e}; max abs err {:.3e} at index {} (got {}, want {}); first non-finite: {:?}",
             c.rel_l2,
@@ -165,7 +165,7 @@ pub fn check_grads(
         for (k, &j) in positions.iter().enumerate() {
             let (a, num) = (analytic[j], numeric[k]);
             let err = (a - num).abs() / a.abs().max(num.abs()).max(1e-2 * scale).max(1e-12);
-            if !(err <= tol) {
+            if err.is_nan() || err > tol {
                 panic!("{name}: input {i} element {j}: analytic {a:.10e} vs numeric {num:.10e} (rel err {err:.3e} > {tol:.1e})");
             }
             worst = worst.max(err);

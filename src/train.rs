@@ -67,11 +67,28 @@ pub struct Trainer {
 impl Trainer {
     /// A trainer over `model.trainable_params()`; f16 models get dynamic loss scaling.
     pub fn new(model: Gpt2, cfg: &TrainConfig) -> Result<Self> {
-        let params: Vec<Tensor> = model.trainable_params().into_iter().map(|(_, t)| t).collect();
-        let opt = AdamW::new(params, cfg.adamw.clone())?;
-        let schedule = WarmupCosine::new(cfg.lr, cfg.min_lr, cfg.warmup_steps as u64, cfg.total_steps as u64)?;
+        let params: Vec<Tensor> = model
+            .trainable_params()
+            .into_iter()
+            .map(|(_, t)| t)
+            .collect();
+        let opt = AdamW::new(params, cfg.adamw)?;
+        let schedule = WarmupCosine::new(
+            cfg.lr,
+            cfg.min_lr,
+            cfg.warmup_steps as u64,
+            cfg.total_steps as u64,
+        )?;
         let scaler = (model.dtype() == DType::F16).then(DynamicLossScaler::new);
-        Ok(Trainer { model, opt, schedule, scaler, max_grad_norm: cfg.max_grad_norm, seed: cfg.seed, step: 0 })
+        Ok(Trainer {
+            model,
+            opt,
+            schedule,
+            scaler,
+            max_grad_norm: cfg.max_grad_norm,
+            seed: cfg.seed,
+            step: 0,
+        })
     }
 
     /// The optimizer (its state size is what LoRA saves).
@@ -85,18 +102,39 @@ impl Trainer {
     }
 
     /// One step on a batch of `batch·seq` tokens with per-token targets.
-    pub fn step(&mut self, tokens: &[u32], targets: &[i32], batch: usize, seq: usize) -> Result<StepStats> {
+    pub fn step(
+        &mut self,
+        tokens: &[u32],
+        targets: &[i32],
+        batch: usize,
+        seq: usize,
+    ) -> Result<StepStats> {
         let tape = Tape::new();
-        let opts = ForwardOptions { tape: Some(&tape), dropout_seed: Some(self.seed.wrapping_add(self.step as u64)) };
+        let opts = ForwardOptions {
+            tape: Some(&tape),
+            dropout_seed: Some(self.seed.wrapping_add(self.step as u64)),
+        };
         let loss = self.model.loss(tokens, targets, batch, seq, opts)?;
         let scale = self.scaler.as_ref().map_or(1.0, |s| s.scale());
         let grads = tape.backward_scaled(&loss, scale)?;
         let lr = self.schedule.lr(self.step as u64);
-        let report = self.opt.step(&grads, lr, StepOptions { grad_scale_inv: 1.0 / scale, max_grad_norm: self.max_grad_norm })?;
+        let report = self.opt.step(
+            &grads,
+            lr,
+            StepOptions {
+                grad_scale_inv: 1.0 / scale,
+                max_grad_norm: self.max_grad_norm,
+            },
+        )?;
         if let Some(s) = &mut self.scaler {
             s.update(report.skipped);
         }
         self.step += 1;
-        Ok(StepStats { loss: loss.to_scalar()?, grad_norm: report.grad_norm, lr, skipped: report.skipped })
+        Ok(StepStats {
+            loss: loss.to_scalar()?,
+            grad_norm: report.grad_norm,
+            lr,
+            skipped: report.skipped,
+        })
     }
 }

@@ -23,7 +23,9 @@ fn src() -> PathBuf {
 
 /// Lines of code, with `//` comments stripped (doc comments may mention anything).
 fn code_lines(text: &str) -> impl Iterator<Item = (usize, &str)> {
-    text.lines().enumerate().map(|(i, l)| (i + 1, l.split("//").next().unwrap_or("")))
+    text.lines()
+        .enumerate()
+        .map(|(i, l)| (i + 1, l.split("//").next().unwrap_or("")))
 }
 
 #[test]
@@ -36,10 +38,16 @@ fn unsafe_lives_only_in_the_device_layer_with_a_safety_comment() {
             if !code.contains("unsafe ") && !code.contains("unsafe{") {
                 continue;
             }
-            assert!(f.starts_with(&device), "{}:{n}: `unsafe` outside src/device/", f.display());
+            assert!(
+                f.starts_with(&device),
+                "{}:{n}: `unsafe` outside src/device/",
+                f.display()
+            );
             let before = &lines[n.saturating_sub(12)..n - 1];
             assert!(
-                before.iter().any(|l| l.trim_start().starts_with("// SAFETY:")),
+                before
+                    .iter()
+                    .any(|l| l.trim_start().starts_with("// SAFETY:")),
                 "{}:{n}: unsafe block without a `// SAFETY:` comment above it",
                 f.display()
             );
@@ -58,7 +66,11 @@ fn the_model_trainer_and_adapters_never_touch_storage_or_device_code() {
         let body = text.split("#[cfg(test)]").next().unwrap();
         for (n, code) in code_lines(body) {
             for banned in ["storage", "cpu_read", "device::cpu", "CpuStorage", "gemm"] {
-                assert!(!code.contains(banned), "{}:{n}: uses `{banned}`; go through ops instead", f.display());
+                assert!(
+                    !code.contains(banned),
+                    "{}:{n}: uses `{banned}`; go through ops instead",
+                    f.display()
+                );
             }
         }
     }
@@ -75,11 +87,20 @@ fn every_op_has_a_cpu_twin_and_every_differentiable_op_a_finite_difference_check
         }
         n_ops += 1;
         let name = dir.file_name().unwrap().to_string_lossy().to_string();
-        assert!(dir.join("mod.rs").exists() && dir.join("cpu.rs").exists(), "ops/{name} needs mod.rs and cpu.rs");
-        let all: String = rust_files(&dir).iter().map(|f| fs::read_to_string(f).unwrap()).collect();
+        assert!(
+            dir.join("mod.rs").exists() && dir.join("cpu.rs").exists(),
+            "ops/{name} needs mod.rs and cpu.rs"
+        );
+        let all: String = rust_files(&dir)
+            .iter()
+            .map(|f| fs::read_to_string(f).unwrap())
+            .collect();
         let has_backward = all.contains("tape.push(");
         if has_backward {
-            assert!(all.contains("check_grads("), "ops/{name} records a backward but has no finite-difference check");
+            assert!(
+                all.contains("check_grads("),
+                "ops/{name} records a backward but has no finite-difference check"
+            );
         }
     }
     assert!(n_ops >= 9, "found only {n_ops} op folders");

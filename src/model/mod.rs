@@ -15,6 +15,11 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 use std::path::Path;
 
+/// The adapter weights file written by [`Gpt2::save_adapters`] (PEFT's name).
+pub const ADAPTER_WEIGHTS_FILE: &str = "adapter_model.safetensors";
+/// The adapter config file written by [`Gpt2::save_adapters`] (PEFT's name).
+pub const ADAPTER_CONFIG_FILE: &str = "adapter_config.json";
+
 /// LayerNorm parameters.
 #[derive(Clone, Debug)]
 pub struct LayerNorm {
@@ -105,19 +110,31 @@ impl Gpt2 {
     /// A freshly initialised model (GPT-2's init: weights `N(0, 0.02)`, residual
     /// projections `N(0, 0.02/√(2·n_layer))`, biases 0, LayerNorm `γ = 1, β = 0`).
     /// Every base parameter trains until [`Gpt2::attach_lora`] freezes them.
-    pub fn new_random(config: &Gpt2Config, dtype: DType, device: &Device, seed: u64) -> Result<Self> {
+    pub fn new_random(
+        config: &Gpt2Config,
+        dtype: DType,
+        device: &Device,
+        seed: u64,
+    ) -> Result<Self> {
         config.validate()?;
         let mut rng = StdRng::seed_from_u64(seed);
         let resid_std = 0.02 / (2.0 * config.n_layer as f64).sqrt();
         let params = gpt2_param_specs(config)
             .into_iter()
             .map(|spec| {
-                let t = if spec.name.ends_with("ln_1.weight") || spec.name.ends_with("ln_2.weight") || spec.name == "ln_f.weight" {
+                let t = if spec.name.ends_with("ln_1.weight")
+                    || spec.name.ends_with("ln_2.weight")
+                    || spec.name == "ln_f.weight"
+                {
                     Tensor::full(1.0, spec.shape.clone(), dtype, device)?
                 } else if spec.name.ends_with(".bias") {
                     Tensor::zeros(spec.shape.clone(), dtype, device)?
                 } else {
-                    let std = if spec.name.ends_with("c_proj.weight") { resid_std } else { 0.02 };
+                    let std = if spec.name.ends_with("c_proj.weight") {
+                        resid_std
+                    } else {
+                        0.02
+                    };
                     Tensor::randn(std, spec.shape.clone(), dtype, device, &mut rng)?
                 };
                 Ok((spec.name, t))
@@ -132,25 +149,45 @@ impl Gpt2 {
         config.validate()?;
         let specs = gpt2_param_specs(config);
         if specs.len() != params.len() {
-            return Err(Error::invalid(format!("expected {} parameters, got {}", specs.len(), params.len())));
+            return Err(Error::invalid(format!(
+                "expected {} parameters, got {}",
+                specs.len(),
+                params.len()
+            )));
         }
         let mut map = std::collections::HashMap::new();
         for (name, t) in params {
             map.insert(name, t);
         }
         let mut take = |name: &str| -> Result<Tensor> {
-            let spec = specs.iter().find(|s| s.name == name).expect("a spec'd name");
-            let t = map.remove(name).ok_or_else(|| Error::invalid(format!("missing parameter {name}")))?;
+            let spec = specs
+                .iter()
+                .find(|s| s.name == name)
+                .expect("a spec'd name");
+            let t = map
+                .remove(name)
+                .ok_or_else(|| Error::invalid(format!("missing parameter {name}")))?;
             if t.dims() != spec.shape.as_slice() {
-                return Err(Error::shape("gpt2", format!("{name}: expected {:?}, got {}", spec.shape, t.shape())));
+                return Err(Error::shape(
+                    "gpt2",
+                    format!("{name}: expected {:?}, got {}", spec.shape, t.shape()),
+                ));
             }
             Ok(t)
         };
         let ln = |take: &mut dyn FnMut(&str) -> Result<Tensor>, p: &str| -> Result<LayerNorm> {
-            Ok(LayerNorm { weight: take(&format!("{p}.weight"))?, bias: take(&format!("{p}.bias"))? })
+            Ok(LayerNorm {
+                weight: take(&format!("{p}.weight"))?,
+                bias: take(&format!("{p}.bias"))?,
+            })
         };
         let lin = |take: &mut dyn FnMut(&str) -> Result<Tensor>, p: &str| -> Result<Linear> {
-            Ok(Linear { weight: take(&format!("{p}.weight"))?, bias: take(&format!("{p}.bias"))?, adapters: vec![], merged: false })
+            Ok(Linear {
+                weight: take(&format!("{p}.weight"))?,
+                bias: take(&format!("{p}.bias"))?,
+                adapters: vec![],
+                merged: false,
+            })
         };
         let wte = take("wte.weight")?;
         let wpe = take("wpe.weight")?;
@@ -168,10 +205,22 @@ impl Gpt2 {
         let ln_f = ln(&mut take, "ln_f")?;
         let dtype = wte.dtype();
         let device = wte.device();
-        let model = Gpt2 { config: config.clone(), wte, wpe, blocks, ln_f, lora: None, full_finetune: true };
+        let model = Gpt2 {
+            config: config.clone(),
+            wte,
+            wpe,
+            blocks,
+            ln_f,
+            lora: None,
+            full_finetune: true,
+        };
         for (name, t) in model.named_params() {
             if t.dtype() != dtype || t.device() != device {
-                return Err(Error::invalid(format!("{name}: {} on {}, the model is {dtype} on {device}", t.dtype(), t.device())));
+                return Err(Error::invalid(format!(
+                    "{name}: {} on {}, the model is {dtype} on {device}",
+                    t.dtype(),
+                    t.device()
+                )));
             }
         }
         Ok(model)
@@ -192,7 +241,12 @@ impl Gpt2 {
 
     /// An independent copy: every weight and adapter in its own storage.
     pub fn deep_clone(&self) -> Result<Self> {
-        let ln = |l: &LayerNorm| -> Result<LayerNorm> { Ok(LayerNorm { weight: l.weight.deep_clone()?, bias: l.bias.deep_clone()? }) };
+        let ln = |l: &LayerNorm| -> Result<LayerNorm> {
+            Ok(LayerNorm {
+                weight: l.weight.deep_clone()?,
+                bias: l.bias.deep_clone()?,
+            })
+        };
         let lin = |l: &Linear| -> Result<Linear> {
             Ok(Linear {
                 weight: l.weight.deep_clone()?,
@@ -200,7 +254,13 @@ impl Gpt2 {
                 adapters: l
                     .adapters
                     .iter()
-                    .map(|a| Ok(LoraAdapter { a: a.a.deep_clone()?, b: a.b.deep_clone()?, ..a.clone() }))
+                    .map(|a| {
+                        Ok(LoraAdapter {
+                            a: a.a.deep_clone()?,
+                            b: a.b.deep_clone()?,
+                            ..a.clone()
+                        })
+                    })
                     .collect::<Result<_>>()?,
                 merged: l.merged,
             })
@@ -229,6 +289,123 @@ impl Gpt2 {
         })
     }
 
+    /// Saves the adapters as PEFT does: `adapter_model.safetensors` (PEFT's key names,
+    /// `lora_A [r, in]`, `lora_B [out, r]`) and `adapter_config.json` (`r`, `lora_alpha`,
+    /// `target_modules`, `use_rslora`, `lora_dropout`, `fan_in_fan_out: true` for GPT-2's
+    /// Conv1D). q/k/v-third targets, which PEFT has no name for, are listed under
+    /// `lorafuse_targets`. Both files are written atomically.
+    pub fn save_adapters(&self, dir: &Path) -> Result<()> {
+        let cfg = self
+            .lora
+            .as_ref()
+            .ok_or_else(|| Error::invalid("no adapters attached"))?;
+        if self
+            .blocks
+            .iter()
+            .any(|b| b.linears().iter().any(|(_, l)| l.merged))
+        {
+            return Err(Error::invalid("unmerge the adapters before saving them"));
+        }
+        std::fs::create_dir_all(dir).map_err(|e| checkpoint::io_err(dir, e))?;
+        let targets: Vec<&str> = cfg.targets.iter().map(|t| t.name()).collect();
+        let json = serde_json::json!({
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "r": cfg.r,
+            "lora_alpha": cfg.alpha,
+            "lora_dropout": cfg.dropout,
+            "use_rslora": cfg.use_rslora,
+            "fan_in_fan_out": true,
+            "bias": "none",
+            "target_modules": targets.iter().map(|t| t.split('.').next().unwrap_or(t)).collect::<std::collections::BTreeSet<_>>(),
+            "lorafuse_targets": targets,
+        });
+        let text = serde_json::to_string_pretty(&json)
+            .map_err(|e| Error::invalid(format!("adapter config: {e}")))?;
+        let path = dir.join(ADAPTER_CONFIG_FILE);
+        checkpoint::write_atomic(&path, |tmp| {
+            std::fs::write(tmp, &text).map_err(|e| checkpoint::io_err(tmp, e))
+        })?;
+        checkpoint::save_tensors(&dir.join(ADAPTER_WEIGHTS_FILE), &self.lora_params(), None)
+    }
+
+    /// Attaches the adapters saved by [`Gpt2::save_adapters`] in `dir` (this model must have
+    /// none yet). Every tensor must be present with its exact shape.
+    pub fn load_adapters(&mut self, dir: &Path) -> Result<()> {
+        let cfg_path = dir.join(ADAPTER_CONFIG_FILE);
+        let text =
+            std::fs::read_to_string(&cfg_path).map_err(|e| checkpoint::io_err(&cfg_path, e))?;
+        let bad = |msg: String| Error::format(cfg_path.display().to_string(), msg);
+        let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        let r = v["r"]
+            .as_u64()
+            .ok_or_else(|| bad("missing integer `r`".into()))? as usize;
+        let alpha = v["lora_alpha"]
+            .as_f64()
+            .ok_or_else(|| bad("missing number `lora_alpha`".into()))?;
+        let names: Vec<String> = match v
+            .get("lorafuse_targets")
+            .or_else(|| v.get("target_modules"))
+        {
+            Some(serde_json::Value::Array(a)) => a
+                .iter()
+                .map(|x| {
+                    x.as_str()
+                        .map(str::to_string)
+                        .ok_or_else(|| bad("a target is not a string".into()))
+                })
+                .collect::<Result<_>>()?,
+            _ => return Err(bad("missing `target_modules`".into())),
+        };
+        let targets = names
+            .iter()
+            .map(|n| crate::lora::LoraTarget::parse(n))
+            .collect::<Result<Vec<_>>>()?;
+        let cfg = LoraConfig {
+            r,
+            alpha,
+            use_rslora: v["use_rslora"].as_bool().unwrap_or(false),
+            dropout: v["lora_dropout"].as_f64().unwrap_or(0.0),
+            targets,
+            ..Default::default()
+        };
+        let weights_path = dir.join(ADAPTER_WEIGHTS_FILE);
+        let loaded = checkpoint::load_tensors(&weights_path)?;
+        let mut staged = self.deep_clone()?;
+        staged.attach_lora(&cfg, 0)?;
+        let want = staged.lora_params();
+        let wpath = weights_path.display().to_string();
+        if loaded.len() != want.len() {
+            return Err(Error::format(
+                wpath,
+                format!("{} tensors, expected {}", loaded.len(), want.len()),
+            ));
+        }
+        for (name, t) in &want {
+            let (_, src) = loaded
+                .iter()
+                .find(|(n, _)| n == name)
+                .ok_or_else(|| Error::format(wpath.clone(), format!("missing {name}")))?;
+            if src.dims() != t.dims() {
+                return Err(Error::format(
+                    wpath.clone(),
+                    format!("{name}: expected {}, found {}", t.shape(), src.shape()),
+                ));
+            }
+            t.assign(&src.to_vec_f64()?)?;
+        }
+        // Only now, with every tensor checked, take the adapters over.
+        for (mine, theirs) in self.blocks.iter_mut().zip(staged.blocks) {
+            mine.c_attn.adapters = theirs.c_attn.adapters;
+            mine.attn_c_proj.adapters = theirs.attn_c_proj.adapters;
+            mine.c_fc.adapters = theirs.c_fc.adapters;
+            mine.mlp_c_proj.adapters = theirs.mlp_c_proj.adapters;
+        }
+        self.lora = Some(cfg);
+        self.full_finetune = false;
+        Ok(())
+    }
+
     /// The element type of the weights.
     pub fn dtype(&self) -> DType {
         self.wte.dtype()
@@ -241,7 +418,10 @@ impl Gpt2 {
 
     /// The base parameters with GPT-2's names, in checkpoint order.
     pub fn named_params(&self) -> Vec<(String, Tensor)> {
-        let mut v = vec![("wte.weight".to_string(), self.wte.clone()), ("wpe.weight".to_string(), self.wpe.clone())];
+        let mut v = vec![
+            ("wte.weight".to_string(), self.wte.clone()),
+            ("wpe.weight".to_string(), self.wpe.clone()),
+        ];
         for (i, b) in self.blocks.iter().enumerate() {
             let ln = |v: &mut Vec<(String, Tensor)>, name: &str, l: &LayerNorm| {
                 v.push((format!("h.{i}.{name}.weight"), l.weight.clone()));
@@ -250,12 +430,21 @@ impl Gpt2 {
             ln(&mut v, "ln_1", &b.ln_1);
             v.push((format!("h.{i}.attn.c_attn.weight"), b.c_attn.weight.clone()));
             v.push((format!("h.{i}.attn.c_attn.bias"), b.c_attn.bias.clone()));
-            v.push((format!("h.{i}.attn.c_proj.weight"), b.attn_c_proj.weight.clone()));
-            v.push((format!("h.{i}.attn.c_proj.bias"), b.attn_c_proj.bias.clone()));
+            v.push((
+                format!("h.{i}.attn.c_proj.weight"),
+                b.attn_c_proj.weight.clone(),
+            ));
+            v.push((
+                format!("h.{i}.attn.c_proj.bias"),
+                b.attn_c_proj.bias.clone(),
+            ));
             ln(&mut v, "ln_2", &b.ln_2);
             v.push((format!("h.{i}.mlp.c_fc.weight"), b.c_fc.weight.clone()));
             v.push((format!("h.{i}.mlp.c_fc.bias"), b.c_fc.bias.clone()));
-            v.push((format!("h.{i}.mlp.c_proj.weight"), b.mlp_c_proj.weight.clone()));
+            v.push((
+                format!("h.{i}.mlp.c_proj.weight"),
+                b.mlp_c_proj.weight.clone(),
+            ));
             v.push((format!("h.{i}.mlp.c_proj.bias"), b.mlp_c_proj.bias.clone()));
         }
         v.push(("ln_f.weight".to_string(), self.ln_f.weight.clone()));
@@ -304,7 +493,9 @@ impl Gpt2 {
                 let _ = module;
                 let (out, inf) = lin.weight.shape().dims2("attach_lora")?;
                 let (cols, suffix) = target.columns(out);
-                lin.adapters.push(LoraAdapter::init(cfg, inf, cols, suffix, dtype, &device, &mut rng)?);
+                lin.adapters.push(LoraAdapter::init(
+                    cfg, inf, cols, suffix, dtype, &device, &mut rng,
+                )?);
             }
         }
         self.lora = Some(cfg.clone());
@@ -343,7 +534,8 @@ impl Gpt2 {
                     continue;
                 }
                 let sign = if merge { 1.0 } else { -1.0 };
-                let terms: Vec<(&LoraAdapter, f64)> = lin.adapters.iter().map(|a| (a, sign)).collect();
+                let terms: Vec<(&LoraAdapter, f64)> =
+                    lin.adapters.iter().map(|a| (a, sign)).collect();
                 merge_into(&lin.weight, &terms)?;
                 lin.merged = merge;
             }
@@ -358,7 +550,10 @@ impl Gpt2 {
         if self.full_finetune {
             v.extend(self.named_params());
         }
-        let merged = self.blocks.iter().any(|b| b.linears().iter().any(|(_, l)| l.merged));
+        let merged = self
+            .blocks
+            .iter()
+            .any(|b| b.linears().iter().any(|(_, l)| l.merged));
         if self.lora.is_some() && !merged {
             v.extend(self.lora_params());
         }
@@ -367,11 +562,21 @@ impl Gpt2 {
 
     /// Number of base parameters plus adapter parameters.
     pub fn param_count(&self) -> usize {
-        self.named_params().iter().chain(self.lora_params().iter()).map(|(_, t)| t.elem_count()).sum()
+        self.named_params()
+            .iter()
+            .chain(self.lora_params().iter())
+            .map(|(_, t)| t.elem_count())
+            .sum()
     }
 
     /// Logits `[batch·seq, V]` for `tokens` (`batch·seq` ids, row-major).
-    pub fn forward(&self, tokens: &[u32], batch: usize, seq: usize, opts: ForwardOptions<'_>) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        tokens: &[u32],
+        batch: usize,
+        seq: usize,
+        opts: ForwardOptions<'_>,
+    ) -> Result<Tensor> {
         let cfg = &self.config;
         let tape = opts.tape;
         let base = |t: &Tensor| match tape {
@@ -398,25 +603,47 @@ impl Gpt2 {
         ops::linear(&x, &wte, None)
     }
 
-    fn apply_linear(&self, lin: &Linear, x: &Tensor, opts: ForwardOptions<'_>, (layer, slot): (usize, u64)) -> Result<Tensor> {
+    fn apply_linear(
+        &self,
+        lin: &Linear,
+        x: &Tensor,
+        opts: ForwardOptions<'_>,
+        (layer, slot): (usize, u64),
+    ) -> Result<Tensor> {
         let track = |t: &Tensor, on: bool| match opts.tape {
             Some(tape) if on => t.track(tape),
             _ => t.clone(),
         };
-        let (w, b) = (track(&lin.weight, self.full_finetune), track(&lin.bias, self.full_finetune));
+        let (w, b) = (
+            track(&lin.weight, self.full_finetune),
+            track(&lin.bias, self.full_finetune),
+        );
         if lin.adapters.is_empty() || lin.merged {
             return ops::linear(x, &w, Some(&b));
         }
-        let ads: Vec<(Tensor, Tensor)> = lin.adapters.iter().map(|a| (track(&a.a, true), track(&a.b, true))).collect();
+        let ads: Vec<(Tensor, Tensor)> = lin
+            .adapters
+            .iter()
+            .map(|a| (track(&a.a, true), track(&a.b, true)))
+            .collect();
         let terms: Vec<LoraTerm<'_>> = lin
             .adapters
             .iter()
             .zip(&ads)
-            .map(|(ad, (a, b))| LoraTerm { a, b, scale: ad.scale, out_range: ad.cols.clone() })
+            .map(|(ad, (a, b))| LoraTerm {
+                a,
+                b,
+                scale: ad.scale,
+                out_range: ad.cols.clone(),
+            })
             .collect();
         let p = self.lora.as_ref().map_or(0.0, |c| c.dropout);
         let x_lora = match opts.dropout_seed {
-            Some(seed) if p > 0.0 => Some(ops::dropout(x, p, seed ^ ((layer as u64) << 8 | slot).wrapping_mul(0x9E37_79B9_7F4A_7C15))?),
+            Some(seed) if p > 0.0 => Some(ops::dropout(
+                x,
+                p,
+                seed ^ ((layer as u64) << 8 | slot).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+            )?),
             _ => None,
         };
         ops::lora_linear(x, x_lora.as_ref(), &w, Some(&b), &terms)
@@ -424,7 +651,14 @@ impl Gpt2 {
 
     /// Mean cross-entropy of the next-token predictions against `targets` (one per
     /// token; [`ops::IGNORE_INDEX`] skips a position).
-    pub fn loss(&self, tokens: &[u32], targets: &[i32], batch: usize, seq: usize, opts: ForwardOptions<'_>) -> Result<Tensor> {
+    pub fn loss(
+        &self,
+        tokens: &[u32],
+        targets: &[i32],
+        batch: usize,
+        seq: usize,
+        opts: ForwardOptions<'_>,
+    ) -> Result<Tensor> {
         let logits = self.forward(tokens, batch, seq, opts)?;
         ops::cross_entropy(&logits, targets)
     }
@@ -432,26 +666,42 @@ impl Gpt2 {
     /// Greedy decoding: extends each of `batch` prompts (`batch·len` ids) by `n_new`
     /// tokens, running with no tape. Returns the new tokens, `batch·n_new` ids.
     pub fn generate_greedy(&self, prompts: &[u32], batch: usize, n_new: usize) -> Result<Vec<u32>> {
-        if batch == 0 || prompts.len() % batch != 0 {
-            return Err(Error::invalid(format!("{} prompt ids for a batch of {batch}", prompts.len())));
+        if batch == 0 || prompts.is_empty() || prompts.len() % batch != 0 {
+            return Err(Error::invalid(format!(
+                "{} prompt ids for a batch of {batch}",
+                prompts.len()
+            )));
         }
-        let mut len = prompts.len() / batch;
-        if len + n_new > self.config.n_positions + 1 {
-            return Err(Error::invalid(format!("prompt {len} + {n_new} new tokens exceeds the context of {}", self.config.n_positions)));
+        let prompt_len = prompts.len() / batch;
+        if prompt_len + n_new > self.config.n_positions + 1 {
+            return Err(Error::invalid(format!(
+                "prompt {prompt_len} + {n_new} new tokens exceeds the context of {}",
+                self.config.n_positions
+            )));
         }
-        let mut seqs: Vec<Vec<u32>> = prompts.chunks(len).map(|c| c.to_vec()).collect();
+        let mut seqs: Vec<Vec<u32>> = prompts.chunks(prompt_len).map(|c| c.to_vec()).collect();
         let v = self.config.vocab_size;
-        for _ in 0..n_new {
+        for len in prompt_len..prompt_len + n_new {
             let flat: Vec<u32> = seqs.iter().flatten().copied().collect();
-            let logits = self.forward(&flat, batch, len, ForwardOptions::default())?.to_vec_f32()?;
+            let logits = self
+                .forward(&flat, batch, len, ForwardOptions::default())?
+                .to_vec_f32()?;
             for (bi, s) in seqs.iter_mut().enumerate() {
                 let row = &logits[(bi * len + len - 1) * v..(bi * len + len) * v];
-                let best = row.iter().enumerate().fold((0, f32::NEG_INFINITY), |acc, (j, &x)| if x > acc.1 { (j, x) } else { acc });
+                let best = row
+                    .iter()
+                    .enumerate()
+                    .fold(
+                        (0, f32::NEG_INFINITY),
+                        |acc, (j, &x)| if x > acc.1 { (j, x) } else { acc },
+                    );
                 s.push(best.0 as u32);
             }
-            len += 1;
         }
-        Ok(seqs.iter().flat_map(|s| s[s.len() - n_new..].to_vec()).collect())
+        Ok(seqs
+            .iter()
+            .flat_map(|s| s[s.len() - n_new..].to_vec())
+            .collect())
     }
 }
 

@@ -230,11 +230,16 @@ mod tests {
             |t| bias_add(&t[0], &t[1]),
             1e-7,
         );
-        check_grads("gelu", &[x.clone()], |t| gelu(&t[0]), 1e-7);
-        check_grads("scale", &[x.clone()], |t| scale(&t[0], 1.7), 1e-7);
+        check_grads("gelu", std::slice::from_ref(&x), |t| gelu(&t[0]), 1e-7);
+        check_grads(
+            "scale",
+            std::slice::from_ref(&x),
+            |t| scale(&t[0], 1.7),
+            1e-7,
+        );
         check_grads(
             "reshape",
-            &[x.clone()],
+            std::slice::from_ref(&x),
             |t| gelu(&reshape(&t[0], [35])?),
             1e-7,
         );

@@ -22,11 +22,20 @@ pub fn lora_merge(w: &Tensor, terms: &[LoraTerm<'_>]) -> Result<()> {
         if ka != k || rb != r || nb != t.out_range.len() || t.out_range.end > n {
             return Err(Error::shape(
                 OP,
-                format!("adapter {i}: A {} and B {} over rows {:?} of W {}", t.a.shape(), t.b.shape(), t.out_range, w.shape()),
+                format!(
+                    "adapter {i}: A {} and B {} over rows {:?} of W {}",
+                    t.a.shape(),
+                    t.b.shape(),
+                    t.out_range,
+                    w.shape()
+                ),
             ));
         }
         if !t.scale.is_finite() {
-            return Err(Error::invalid(format!("{OP}: adapter {i} has a non-finite scale {}", t.scale)));
+            return Err(Error::invalid(format!(
+                "{OP}: adapter {i} has a non-finite scale {}",
+                t.scale
+            )));
         }
         ins.push(t.a);
         ins.push(t.b);
@@ -35,11 +44,20 @@ pub fn lora_merge(w: &Tensor, terms: &[LoraTerm<'_>]) -> Result<()> {
     same_device(OP, &ins)?;
     fn go<T: Real>(w: &Tensor, terms: &[LoraTerm<'_>], k: usize) -> Result<()> {
         let mut acc: Vec<T> = w.to_vec()?;
-        let reads: Vec<_> = terms.iter().map(|t| Ok((t.a.cpu_read::<T>(OP)?, t.b.cpu_read::<T>(OP)?))).collect::<Result<_>>()?;
+        let reads: Vec<_> = terms
+            .iter()
+            .map(|t| Ok((t.a.cpu_read::<T>(OP)?, t.b.cpu_read::<T>(OP)?)))
+            .collect::<Result<_>>()?;
         let cterms: Vec<cpu::Term<'_, T>> = terms
             .iter()
             .zip(&reads)
-            .map(|(t, (a, b))| cpu::Term { a, b, r: t.a.dims()[0], scale: T::c(t.scale), rows: t.out_range.clone() })
+            .map(|(t, (a, b))| cpu::Term {
+                a,
+                b,
+                r: t.a.dims()[0],
+                scale: T::c(t.scale),
+                rows: t.out_range.clone(),
+            })
             .collect();
         cpu::merge(&mut acc, k, &cterms);
         drop(reads);
