@@ -170,6 +170,28 @@ pub trait Real:
     fn c(v: f64) -> Self {
         <Self as Element>::from_f64(v)
     }
+    /// `e^x` for hot loops: vectorisable, relative error < 3e-7 for f32, libm's for f64.
+    fn exp_fast(self) -> Self;
+    /// `tanh(x)` for hot loops: vectorisable within 3e-7 absolute for f32, libm's for f64.
+    fn tanh_fast(self) -> Self;
 }
-impl Real for f32 {}
-impl Real for f64 {}
+impl Real for f32 {
+    #[inline(always)]
+    fn exp_fast(self) -> Self {
+        crate::math::exp_f32(self)
+    }
+    #[inline(always)]
+    fn tanh_fast(self) -> Self {
+        crate::math::tanh_f32(self)
+    }
+}
+impl Real for f64 {
+    #[inline(always)]
+    fn exp_fast(self) -> Self {
+        self.exp()
+    }
+    #[inline(always)]
+    fn tanh_fast(self) -> Self {
+        self.tanh()
+    }
+}

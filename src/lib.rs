@@ -39,6 +39,7 @@ pub mod device;
 mod dtype;
 mod error;
 pub mod lora;
+mod math;
 pub mod model;
 pub mod ops;
 pub mod optim;

@@ -174,7 +174,7 @@ fn head_forward<T: Real>(
             let m = live.iter().fold(T::neg_infinity(), |m, &s| m.max(s));
             let mut sum = T::zero();
             for s in live.iter_mut() {
-                *s = (*s - m).exp();
+                *s = (*s - m).exp_fast();
                 sum += *s;
             }
             let inv = T::one() / sum;

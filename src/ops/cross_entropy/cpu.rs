@@ -27,7 +27,7 @@ pub(crate) fn row_lse<T: Real>(logits: &[T], v: usize) -> Vec<T> {
         .for_each(|(lse, x)| {
             for (l, row) in lse.iter_mut().zip(x.chunks_exact(v)) {
                 let mx = row.iter().copied().fold(T::neg_infinity(), T::max);
-                let s = row.iter().map(|&x| (x - mx).exp()).sum::<T>();
+                let s = row.iter().map(|&x| (x - mx).exp_fast()).sum::<T>();
                 *l = mx + s.ln();
             }
         });
@@ -69,9 +69,9 @@ pub(crate) fn backward<T: Real>(
             {
                 let Some(t) = class(t) else { continue };
                 for (g, &x) in g.iter_mut().zip(x) {
-                    *g = (x - l).exp() * scale;
+                    *g = (x - l).exp_fast() * scale;
                 }
-                g[t] = ((x[t] - l).exp() - T::one()) * scale;
+                g[t] = ((x[t] - l).exp_fast() - T::one()) * scale;
             }
         });
     g

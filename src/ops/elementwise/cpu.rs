@@ -61,14 +61,14 @@ const GELU_COEF: f64 = 0.044_715;
 /// tanh-GELU: `0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))` (GPT-2's `gelu_new`).
 pub(crate) fn gelu<T: Real>(x: T) -> T {
     let inner = T::c(SQRT_2_OVER_PI) * (x + T::c(GELU_COEF) * x * x * x);
-    T::c(0.5) * x * (T::one() + inner.tanh())
+    T::c(0.5) * x * (T::one() + inner.tanh_fast())
 }
 
 /// d gelu / dx.
 pub(crate) fn gelu_grad<T: Real>(x: T) -> T {
     let x2 = x * x;
     let inner = T::c(SQRT_2_OVER_PI) * (x + T::c(GELU_COEF) * x2 * x);
-    let t = inner.tanh();
+    let t = inner.tanh_fast();
     let dinner = T::c(SQRT_2_OVER_PI) * (T::one() + T::c(3.0 * GELU_COEF) * x2);
     T::c(0.5) * (T::one() + t) + T::c(0.5) * x * (T::one() - t * t) * dinner
 }
