@@ -145,6 +145,14 @@ impl<'a, T> MatMut<'a, T> {
     }
 }
 
+/// Runs `f` compiled for the best instruction set this CPU has (AVX-512, AVX2+FMA, or the
+/// x86-64 baseline), so the plain loops inside it vectorise at the machine's full width.
+/// `f` must be simple straight-line loops; it is inlined into each specialised copy.
+#[inline(always)]
+pub fn vectorized<R>(f: impl FnOnce() -> R) -> R {
+    pulp::Arch::new().dispatch(f)
+}
+
 /// How many threads a GEMM may use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Par {

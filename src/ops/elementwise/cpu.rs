@@ -1,5 +1,6 @@
 //! CPU reference kernels for the elementwise ops, generic over the compute type.
 
+use crate::device::cpu::vectorized;
 use crate::Real;
 use rayon::prelude::*;
 
@@ -12,9 +13,14 @@ pub(crate) fn zip_map<T: Real>(a: &[T], b: &[T], f: impl Fn(T, T) -> T + Sync) -
     out.par_chunks_mut(CHUNK)
         .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
         .for_each(|(o, (a, b))| {
-            for ((o, &a), &b) in o.iter_mut().zip(a).zip(b) {
-                *o = f(a, b);
-            }
+            vectorized(
+                #[inline(always)]
+                || {
+                    for ((o, &a), &b) in o.iter_mut().zip(a).zip(b) {
+                        *o = f(a, b);
+                    }
+                },
+            )
         });
     out
 }
@@ -24,7 +30,12 @@ pub(crate) fn map<T: Real>(a: &[T], f: impl Fn(T) -> T + Sync) -> Vec<T> {
     let mut out = vec![T::zero(); a.len()];
     out.par_chunks_mut(CHUNK)
         .zip(a.par_chunks(CHUNK))
-        .for_each(|(o, a)| o.iter_mut().zip(a).for_each(|(o, &a)| *o = f(a)));
+        .for_each(|(o, a)| {
+            vectorized(
+                #[inline(always)]
+                || o.iter_mut().zip(a).for_each(|(o, &a)| *o = f(a)),
+            )
+        });
     out
 }
 

@@ -84,7 +84,11 @@ pub fn gelu(x: &Tensor) -> Result<Tensor> {
     let tape = Tape::of(OP, &[x])?;
     fn fwd<T: Real>(x: &Tensor) -> Result<Tensor> {
         let xv = x.cpu_read::<T>(OP)?;
-        output(cpu::map(&xv, cpu::gelu), x.shape().clone(), x.dtype())
+        output(
+            cpu::map(&xv, |v| cpu::gelu(v)),
+            x.shape().clone(),
+            x.dtype(),
+        )
     }
     let y = with_real(x.dtype(), || fwd::<f32>(x), || fwd::<f64>(x))?;
     if let Some(tape) = &tape {
