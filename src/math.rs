@@ -21,22 +21,25 @@ const MAX_ARG: f32 = 88.37;
 /// saturates at `e^88.37` (finite) above 88.37; NaN in, NaN out.
 #[inline(always)]
 pub(crate) fn exp_f32(x: f32) -> f32 {
+    // Every step is lane-wise arithmetic or a select, so the loops around it vectorise:
+    // no float→int `as` cast (its saturation rules scalarise), no branches. NaN flows
+    // through the arithmetic (clamp keeps it).
     let xc = x.clamp(MIN_ARG, MAX_ARG);
-    // Round to nearest by the 1.5·2^23 trick: `f32::round` is a libm call on baseline
-    // x86-64 (no SSE4.1), which stops the loop from vectorising. |xc·log2e| < 2^22.
+    // Round to nearest by adding 1.5·2^23: the sum holds n in its low mantissa bits
+    // (|xc·log2e| < 2^22). `f32::round` would be a libm call on baseline x86-64.
     const MAGIC: f32 = 12_582_912.0;
-    let n = (xc * LOG2E + MAGIC) - MAGIC;
+    let shifted = xc * LOG2E + MAGIC;
+    let n = shifted - MAGIC;
+    let n_bits = shifted.to_bits().wrapping_sub(MAGIC.to_bits());
     let r = (xc - n * LN2_HI) - n * LN2_LO;
     // Taylor coefficients 1/k! up to r^6: truncation error < 2^-25 on |r| ≤ ln2/2.
     let p = 1.0
         + r * (1.0
             + r * (0.5
                 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
-    let scale = f32::from_bits((((n as i32) + 127) as u32) << 23);
+    let scale = f32::from_bits(n_bits.wrapping_add(127) << 23);
     let y = p * scale;
-    if x.is_nan() {
-        x
-    } else if x < MIN_ARG {
+    if x < MIN_ARG {
         0.0
     } else {
         y

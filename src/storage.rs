@@ -77,10 +77,10 @@ impl CpuStorage {
     /// Zeros of a dtype.
     pub fn zeros(dtype: DType, n: usize) -> Self {
         match dtype {
-            DType::F32 => CpuStorage::F32(vec![0.0; n]),
-            DType::F64 => CpuStorage::F64(vec![0.0; n]),
-            DType::BF16 => CpuStorage::BF16(vec![bf16::ZERO; n]),
-            DType::F16 => CpuStorage::F16(vec![f16::ZERO; n]),
+            DType::F32 => CpuStorage::F32(pool::zeroed(n)),
+            DType::F64 => CpuStorage::F64(pool::zeroed(n)),
+            DType::BF16 => CpuStorage::BF16(pool::zeroed(n)),
+            DType::F16 => CpuStorage::F16(pool::zeroed(n)),
         }
     }
 
@@ -190,5 +190,131 @@ pub(crate) fn convert<S: Element, D: Element>(src: &[S]) -> Vec<D> {
         src.par_iter().map(one).collect()
     } else {
         src.iter().map(one).collect()
+    }
+}
+
+impl CpuStorage {
+    /// The `Vec` inside, when `T` is the storage's own type.
+    fn into_vec<T: Element>(self) -> Option<Vec<T>> {
+        if T::DTYPE != self.dtype() {
+            return None;
+        }
+        // Identity casts: T::DTYPE names T exactly.
+        Some(match self {
+            CpuStorage::F32(v) => bytemuck::allocation::cast_vec(v),
+            CpuStorage::F64(v) => bytemuck::allocation::cast_vec(v),
+            CpuStorage::BF16(v) => bytemuck::allocation::cast_vec(v),
+            CpuStorage::F16(v) => bytemuck::allocation::cast_vec(v),
+        })
+    }
+}
+
+/// A pool of host buffers, so a training step reuses the previous step's memory instead
+/// of asking the allocator (and the kernel, for large buffers: page faults and zeroing)
+/// for it again. Tensors return their buffer when their last handle drops; ops take
+/// buffers with [`pool::zeroed`]. The pool holds at most `LORAFUSE_POOL_BYTES` bytes
+/// (default 1 GiB); buffers below 1024 elements are not pooled.
+pub mod pool {
+    use super::CpuStorage;
+    use crate::{DType, Element};
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+
+    const MIN_POOLED: usize = 1024;
+
+    #[derive(Default)]
+    struct Pool {
+        free: HashMap<(DType, usize), Vec<CpuStorage>>,
+        bytes: usize,
+        stats: PoolStats,
+    }
+
+    /// Counters of the pool since the last [`reset_stats`].
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct PoolStats {
+        /// Buffers served from the pool.
+        pub hits: u64,
+        /// Pooled-size buffers that had to be allocated.
+        pub misses: u64,
+        /// Bytes held by the pool now.
+        pub bytes_held: usize,
+    }
+
+    fn pool() -> &'static Mutex<Pool> {
+        static POOL: OnceLock<Mutex<Pool>> = OnceLock::new();
+        POOL.get_or_init(Default::default)
+    }
+
+    fn cap() -> usize {
+        static CAP: OnceLock<usize> = OnceLock::new();
+        *CAP.get_or_init(|| {
+            std::env::var("LORAFUSE_POOL_BYTES")
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(1 << 30)
+        })
+    }
+
+    fn lock() -> std::sync::MutexGuard<'static, Pool> {
+        // The pool holds only plain buffers: a panic elsewhere cannot leave it inconsistent.
+        pool().lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A buffer of `n` zeros, reused from the pool when one of that size is free.
+    pub(crate) fn zeroed<T: Element>(n: usize) -> Vec<T> {
+        if n >= MIN_POOLED {
+            let reused = {
+                let mut p = lock();
+                let hit = p.free.get_mut(&(T::DTYPE, n)).and_then(Vec::pop);
+                match &hit {
+                    Some(_) => {
+                        p.bytes -= n * T::DTYPE.size_in_bytes();
+                        p.stats.hits += 1;
+                    }
+                    None => p.stats.misses += 1,
+                }
+                hit
+            };
+            if let Some(v) = reused.and_then(CpuStorage::into_vec::<T>) {
+                let mut v = v;
+                v.fill(T::zeroed());
+                return v;
+            }
+        }
+        vec![T::zeroed(); n]
+    }
+
+    /// Returns a scratch buffer that never became a tensor's storage.
+    pub(crate) fn recycle<T: Element>(v: Vec<T>) {
+        give(CpuStorage::from_vec(v));
+    }
+
+    /// Returns a buffer to the pool (dropped instead when the pool is full or it is small).
+    pub(crate) fn give(s: CpuStorage) {
+        let n = s.len();
+        let bytes = n * s.dtype().size_in_bytes();
+        if n < MIN_POOLED {
+            return;
+        }
+        let mut p = lock();
+        if p.bytes + bytes > cap() {
+            return;
+        }
+        p.bytes += bytes;
+        p.free.entry((s.dtype(), n)).or_default().push(s);
+    }
+
+    /// The pool's counters.
+    pub fn stats() -> PoolStats {
+        let p = lock();
+        PoolStats {
+            bytes_held: p.bytes,
+            ..p.stats
+        }
+    }
+
+    /// Resets the hit/miss counters.
+    pub fn reset_stats() {
+        lock().stats = PoolStats::default();
     }
 }

@@ -28,6 +28,21 @@ struct Inner {
     storage: Arc<RwLock<Storage>>,
 }
 
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // The last handle to a host buffer gives it back to the pool for the next step.
+        if let Some(lock) = Arc::get_mut(&mut self.storage) {
+            let storage = std::mem::replace(
+                lock.get_mut().unwrap_or_else(|e| e.into_inner()),
+                Storage::Cpu(CpuStorage::F32(Vec::new())),
+            );
+            match storage {
+                Storage::Cpu(c) => crate::storage::pool::give(c),
+            }
+        }
+    }
+}
+
 /// A tensor: contiguous row-major elements of one [`DType`] on one [`Device`].
 ///
 /// Cloning is cheap (reference counted). A tensor is *tracked* when it carries a
@@ -164,8 +179,14 @@ impl Tensor {
         dtype: DType,
         device: &Device,
     ) -> Result<Tensor> {
-        let shape = shape.into();
-        Self::from_vec_as(vec![value; shape.elem_count()], shape, dtype, device)
+        let t = Self::zeros(shape, dtype, device)?;
+        match t.storage_mut().cpu_mut("full")? {
+            CpuStorage::F32(v) => v.fill(value as f32),
+            CpuStorage::F64(v) => v.fill(value),
+            CpuStorage::BF16(v) => v.fill(half::bf16::from_f64(value)),
+            CpuStorage::F16(v) => v.fill(half::f16::from_f64(value)),
+        }
+        Ok(t)
     }
 
     /// Ones with the shape, dtype and device of `t` (untracked).

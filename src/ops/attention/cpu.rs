@@ -122,13 +122,13 @@ pub(crate) fn forward<T: Real>(qkv: &[T], d: Dims, block: usize) -> Result<(Vec<
         return Ok((Vec::new(), Vec::new()));
     }
     count_forward(d, block);
-    let mut p = vec![T::zero(); d.b * d.h * t * t];
-    let mut yh = vec![T::zero(); d.b * d.h * t * hd];
+    let mut p = crate::storage::pool::zeroed::<T>(d.b * d.h * t * t);
+    let mut yh = crate::storage::pool::zeroed::<T>(d.b * d.h * t * hd);
     p.par_chunks_mut(t * t)
         .zip(yh.par_chunks_mut(t * hd))
         .enumerate()
         .try_for_each(|(bh, (p, yh))| head_forward(qkv, d, bh, p, yh, block))?;
-    let mut y = vec![T::zero(); d.b * t * d.c];
+    let mut y = crate::storage::pool::zeroed::<T>(d.b * t * d.c);
     y.par_chunks_mut(d.c)
         .enumerate()
         .with_min_len(16)
@@ -139,6 +139,7 @@ pub(crate) fn forward<T: Real>(qkv: &[T], d: Dims, block: usize) -> Result<(Vec<
                 dst.copy_from_slice(&yh[src..src + hd]);
             }
         });
+    crate::storage::pool::recycle(yh);
     Ok((y, p))
 }
 
@@ -209,16 +210,18 @@ pub(crate) fn backward<T: Real>(
     }
     count_backward(d, block);
     // Per (b, h): [dq | dk | dv], each [T, hd] row-major.
-    let mut gh = vec![T::zero(); d.b * d.h * 3 * t * hd];
+    let mut gh = crate::storage::pool::zeroed::<T>(d.b * d.h * 3 * t * hd);
+    // One [T, T] scratch per (b, h), from the pool (not per rayon split), so a
+    // steady-state step allocates nothing.
+    let mut ds_all = crate::storage::pool::zeroed::<T>(d.b * d.h * t * t);
     gh.par_chunks_mut(3 * t * hd)
         .zip(p.par_chunks(t * t))
+        .zip(ds_all.par_chunks_mut(t * t))
         .enumerate()
-        .try_for_each_init(
-            || vec![T::zero(); t * t],
-            |ds, (bh, (g, p))| head_backward(qkv, p, gy, d, bh, g, ds, block),
-        )?;
+        .try_for_each(|(bh, ((g, p), ds))| head_backward(qkv, p, gy, d, bh, g, ds, block))?;
+    crate::storage::pool::recycle(ds_all);
     let ld = 3 * d.c;
-    let mut gqkv = vec![T::zero(); d.b * t * ld];
+    let mut gqkv = crate::storage::pool::zeroed::<T>(d.b * t * ld);
     gqkv.par_chunks_mut(ld)
         .enumerate()
         .with_min_len(16)
@@ -230,6 +233,7 @@ pub(crate) fn backward<T: Real>(
                 dst.copy_from_slice(&gh[src..src + hd]);
             }
         });
+    crate::storage::pool::recycle(gh);
     Ok(gqkv)
 }
 

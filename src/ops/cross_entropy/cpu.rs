@@ -20,7 +20,7 @@ fn class(t: i32) -> Option<usize> {
 /// `logsumexp` of each row of `v` logits, with max subtraction:
 /// `lse = max + ln Σ exp(x − max)`. Ignored rows get one too (it is not used).
 pub(crate) fn row_lse<T: Real>(logits: &[T], v: usize) -> Vec<T> {
-    let mut lse = vec![T::zero(); logits.len() / v];
+    let mut lse = crate::storage::pool::zeroed::<T>(logits.len() / v);
     let rpt = rows_per_task(v);
     lse.par_chunks_mut(rpt)
         .zip(logits.par_chunks(rpt * v))
@@ -56,7 +56,7 @@ pub(crate) fn backward<T: Real>(
     v: usize,
     scale: T,
 ) -> Vec<T> {
-    let mut g = vec![T::zero(); logits.len()];
+    let mut g = crate::storage::pool::zeroed::<T>(logits.len());
     let rpt = rows_per_task(v);
     g.par_chunks_mut(rpt * v)
         .zip(logits.par_chunks(rpt * v))

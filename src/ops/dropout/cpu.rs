@@ -35,7 +35,7 @@ pub(crate) fn threshold(p: f64) -> u32 {
 /// `scale = 1/(1 − p)` computed in f64 and rounded to the compute type. The same kernel is
 /// the backward (applied to the output gradient). `p` must be in `[0, 1)`.
 pub(crate) fn apply<T: Real>(x: &[T], p: f64, seed: u64) -> Vec<T> {
-    let mut out = vec![T::zero(); x.len()];
+    let mut out = crate::storage::pool::zeroed::<T>(x.len());
     if p == 0.0 {
         // Every element is kept (bits24 ≥ 0) and the scale is exactly 1: skip the hash.
         out.copy_from_slice(x);

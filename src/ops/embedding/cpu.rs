@@ -20,7 +20,7 @@ pub(crate) fn forward<T: Real>(
     wpe: &[T],
     c: usize,
 ) -> Vec<T> {
-    let mut out = vec![T::zero(); tokens.len() * c];
+    let mut out = crate::storage::pool::zeroed::<T>(tokens.len() * c);
     let rpt = rows_per_task(c);
     out.par_chunks_mut(rpt * c)
         .enumerate()
@@ -46,7 +46,7 @@ pub(crate) fn forward<T: Real>(
 pub(crate) fn grad_wte<T: Real>(tokens: &[u32], gy: &[T], v: usize, c: usize) -> Vec<T> {
     let mut order: Vec<usize> = (0..tokens.len()).collect();
     order.sort_by_key(|&i| tokens[i]); // stable: equal tokens stay in token order
-    let mut g = vec![T::zero(); v * c];
+    let mut g = crate::storage::pool::zeroed::<T>(v * c);
     let rpt = rows_per_task(c);
     g.par_chunks_mut(rpt * c).enumerate().for_each(|(k, g)| {
         let v0 = k * rpt;
@@ -69,7 +69,7 @@ pub(crate) fn grad_wte<T: Real>(tokens: &[u32], gy: &[T], v: usize, c: usize) ->
 /// The position-table gradient `gwpe [p, c]`: `gwpe[t] = Σ_b gy[b, t]` for `t < seq`
 /// (summed over the batch in order), zero for the positions past `seq`.
 pub(crate) fn grad_wpe<T: Real>(gy: &[T], batch: usize, seq: usize, p: usize, c: usize) -> Vec<T> {
-    let mut g = vec![T::zero(); p * c];
+    let mut g = crate::storage::pool::zeroed::<T>(p * c);
     let rpt = rows_per_task(c);
     g[..seq * c]
         .par_chunks_mut(rpt * c)

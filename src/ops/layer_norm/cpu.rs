@@ -28,9 +28,9 @@ pub(crate) fn forward<T: Real>(
     debug_assert!(c > 0 && x.len() % c == 0 && beta.len() == c);
     let m = x.len() / c;
     let n = T::c(c as f64);
-    let mut y = vec![T::zero(); x.len()];
-    let mut mean = vec![T::zero(); m];
-    let mut rstd = vec![T::zero(); m];
+    let mut y = crate::storage::pool::zeroed::<T>(x.len());
+    let mut mean = crate::storage::pool::zeroed::<T>(m);
+    let mut rstd = crate::storage::pool::zeroed::<T>(m);
     let rpt = rows_per_task(c);
     y.par_chunks_mut(rpt * c)
         .zip(x.par_chunks(rpt * c))
@@ -66,7 +66,7 @@ pub(crate) fn backward_x<T: Real>(
 ) -> Vec<T> {
     let c = gamma.len();
     let n = T::c(c as f64);
-    let mut gx = vec![T::zero(); x.len()];
+    let mut gx = crate::storage::pool::zeroed::<T>(x.len());
     let rpt = rows_per_task(c);
     gx.par_chunks_mut(rpt * c)
         .zip(x.par_chunks(rpt * c).zip(gy.par_chunks(rpt * c)))
@@ -104,8 +104,8 @@ pub(crate) fn backward_params<T: Real>(
     rstd: &[T],
     c: usize,
 ) -> (Vec<T>, Vec<T>) {
-    let mut ggamma = vec![T::zero(); c];
-    let mut gbeta = vec![T::zero(); c];
+    let mut ggamma = crate::storage::pool::zeroed::<T>(c);
+    let mut gbeta = crate::storage::pool::zeroed::<T>(c);
     ggamma
         .par_chunks_mut(COL_BLOCK)
         .zip(gbeta.par_chunks_mut(COL_BLOCK))

@@ -38,7 +38,7 @@ pub(crate) fn forward<T: Real>(
             }
             y
         }
-        None => vec![T::zero(); m * n],
+        None => crate::storage::pool::zeroed::<T>(m * n),
     };
     count_gemm(m, n, k);
     gemm(
@@ -52,7 +52,7 @@ pub(crate) fn forward<T: Real>(
     let mut us = Vec::with_capacity(terms.len());
     for t in terms {
         // u = x_lora·Aᵀ  [m, r]
-        let mut u = vec![T::zero(); m * t.r];
+        let mut u = crate::storage::pool::zeroed::<T>(m * t.r);
         count_gemm(m, t.r, k);
         gemm(
             MatMut::row_major(&mut u, m, t.r)?,
@@ -113,7 +113,7 @@ pub(crate) fn backward<T: Real>(
 ) -> Result<Grads<T>> {
     let gyv = MatRef::row_major(gy, m, n)?;
     let mut gx = if want.gx {
-        let mut gx = vec![T::zero(); m * k];
+        let mut gx = crate::storage::pool::zeroed::<T>(m * k);
         count_gemm(m, k, n);
         gemm(
             MatMut::row_major(&mut gx, m, k)?,
@@ -128,7 +128,7 @@ pub(crate) fn backward<T: Real>(
         None
     };
     let mut gx_lora = if want.gx_lora && !shared_input {
-        Some(vec![T::zero(); m * k])
+        Some(crate::storage::pool::zeroed::<T>(m * k))
     } else {
         None
     };
@@ -149,7 +149,7 @@ pub(crate) fn backward<T: Real>(
         let need_v = want.ga[i] || lora_input_grad.is_some();
         let v = if need_v {
             // v = gy[:, cols]·B  [m, r]
-            let mut v = vec![T::zero(); m * t.r];
+            let mut v = crate::storage::pool::zeroed::<T>(m * t.r);
             count_gemm(m, t.r, t.cols.len());
             gemm(
                 MatMut::row_major(&mut v, m, t.r)?,
@@ -177,7 +177,7 @@ pub(crate) fn backward<T: Real>(
         }
         out.gb.push(if want.gb[i] {
             // gB = s·gy[:, cols]ᵀ·u  [n_i, r]
-            let mut gb = vec![T::zero(); t.cols.len() * t.r];
+            let mut gb = crate::storage::pool::zeroed::<T>(t.cols.len() * t.r);
             count_gemm(t.cols.len(), t.r, m);
             gemm(
                 MatMut::row_major(&mut gb, t.cols.len(), t.r)?,
@@ -194,7 +194,7 @@ pub(crate) fn backward<T: Real>(
         out.ga.push(match (&v, want.ga[i]) {
             (Some(v), true) => {
                 // gA = s·vᵀ·x_lora  [r, k]
-                let mut ga = vec![T::zero(); t.r * k];
+                let mut ga = crate::storage::pool::zeroed::<T>(t.r * k);
                 count_gemm(t.r, k, m);
                 gemm(
                     MatMut::row_major(&mut ga, t.r, k)?,
@@ -208,10 +208,13 @@ pub(crate) fn backward<T: Real>(
             }
             _ => None,
         });
+        if let Some(v) = v {
+            crate::storage::pool::recycle(v);
+        }
     }
     if want.gw0 {
         // Only for a trainable W0 (full fine-tuning with an adapter attached).
-        let mut gw0 = vec![T::zero(); n * k];
+        let mut gw0 = crate::storage::pool::zeroed::<T>(n * k);
         count_gemm(n, k, m);
         gemm(
             MatMut::row_major(&mut gw0, n, k)?,

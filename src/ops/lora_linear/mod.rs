@@ -149,6 +149,7 @@ pub fn lora_linear(
                 || backward::<f32>(&gy, &x, x_lora.as_ref(), &w0, &saved, &us, (m, k, n)),
                 || backward::<f64>(&gy, &x, x_lora.as_ref(), &w0, &saved, &us, (m, k, n)),
             )?;
+            us.recycle();
             if let Some(b) = &bias {
                 if b.requires_grad() {
                     g.accumulate(b, bias_grad(&gy, n)?)?;
@@ -188,6 +189,16 @@ pub fn lora_linear(
 enum Saved {
     F32(Vec<Vec<f32>>),
     F64(Vec<Vec<f64>>),
+}
+
+impl Saved {
+    /// Gives the buffers back to the pool once the backward is done with them.
+    fn recycle(self) {
+        match self {
+            Saved::F32(us) => us.into_iter().for_each(crate::storage::pool::recycle),
+            Saved::F64(us) => us.into_iter().for_each(crate::storage::pool::recycle),
+        }
+    }
 }
 
 /// Gradients as tensors.

@@ -2,7 +2,7 @@
 
 pub(crate) mod cpu;
 
-use super::elementwise::{bias_grad, cpu::bias_add as cpu_bias_add};
+use super::elementwise::bias_grad;
 use super::{output, with_real};
 use crate::tape::Tape;
 use crate::tensor::{same_device, same_dtype};
@@ -21,7 +21,7 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     let tape = Tape::of(OP, &[a, b])?;
     fn fwd<T: Real>(a: &Tensor, b: &Tensor, (m, k, n): (usize, usize, usize)) -> Result<Tensor> {
         let (av, bv) = (a.cpu_read::<T>(OP)?, b.cpu_read::<T>(OP)?);
-        let mut c = vec![T::zero(); m * n];
+        let mut c = crate::storage::pool::zeroed::<T>(m * n);
         cpu::matmul(&mut c, false, &av, false, &bv, false, (m, k, n), T::one())?;
         output(c, [m, n], a.dtype())
     }
@@ -49,7 +49,7 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
                 );
                 let ga = if a.requires_grad() {
                     // ga = gy·bᵀ  [m, k]
-                    let mut ga = vec![T::zero(); m * k];
+                    let mut ga = crate::storage::pool::zeroed::<T>(m * k);
                     cpu::matmul(&mut ga, false, &gv, false, &bv, true, (m, n, k), T::one())?;
                     Some(output(ga, [m, k], a.dtype())?)
                 } else {
@@ -57,7 +57,7 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
                 };
                 let gb = if b.requires_grad() {
                     // gb = aᵀ·gy  [k, n]
-                    let mut gb = vec![T::zero(); k * n];
+                    let mut gb = crate::storage::pool::zeroed::<T>(k * n);
                     cpu::matmul(&mut gb, false, &av, true, &gv, false, (k, m, n), T::one())?;
                     Some(output(gb, [k, n], b.dtype())?)
                 } else {
@@ -120,8 +120,14 @@ pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     ) -> Result<Tensor> {
         let (xv, wv) = (x.cpu_read::<T>(OP)?, w.cpu_read::<T>(OP)?);
         let mut y = match bias {
-            Some(b) => cpu_bias_add(&vec![T::zero(); m * n], &b.cpu_read::<T>(OP)?),
-            None => vec![T::zero(); m * n],
+            Some(b) => {
+                let mut y = crate::storage::pool::zeroed::<T>(m * n);
+                let bv = b.cpu_read::<T>(OP)?;
+                y.chunks_exact_mut(n)
+                    .for_each(|row| row.copy_from_slice(&bv));
+                y
+            }
+            None => crate::storage::pool::zeroed::<T>(m * n),
         };
         cpu::matmul(
             &mut y,
@@ -155,7 +161,7 @@ pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
                 let gv = gy.cpu_read::<T>(OP)?;
                 let gx = if x.requires_grad() {
                     let wv = w.cpu_read::<T>(OP)?;
-                    let mut gx = vec![T::zero(); m * k];
+                    let mut gx = crate::storage::pool::zeroed::<T>(m * k);
                     cpu::matmul(&mut gx, false, &gv, false, &wv, false, (m, n, k), T::one())?;
                     Some(output(gx, x.shape().clone(), x.dtype())?)
                 } else {
@@ -163,7 +169,7 @@ pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
                 };
                 let gw = if w.requires_grad() {
                     let xv = x.cpu_read::<T>(OP)?;
-                    let mut gw = vec![T::zero(); n * k];
+                    let mut gw = crate::storage::pool::zeroed::<T>(n * k);
                     cpu::matmul(&mut gw, false, &gv, true, &xv, false, (n, m, k), T::one())?;
                     Some(output(gw, [n, k], w.dtype())?)
                 } else {
