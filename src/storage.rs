@@ -262,6 +262,15 @@ pub mod pool {
 
     /// A buffer of `n` zeros, reused from the pool when one of that size is free.
     pub(crate) fn zeroed<T: Element>(n: usize) -> Vec<T> {
+        let mut v = scratch::<T>(n);
+        v.fill(T::zeroed());
+        v
+    }
+
+    /// A buffer of `n` elements whose contents are unspecified (zeros or a previous
+    /// step's values — always initialised memory), for outputs the caller overwrites
+    /// completely: it skips the zero fill of [`zeroed`].
+    pub(crate) fn scratch<T: Element>(n: usize) -> Vec<T> {
         if n >= MIN_POOLED {
             let reused = {
                 let mut p = lock();
@@ -276,12 +285,20 @@ pub mod pool {
                 hit
             };
             if let Some(v) = reused.and_then(CpuStorage::into_vec::<T>) {
-                let mut v = v;
-                v.fill(T::zeroed());
-                return v;
+                return poisoned(v);
             }
         }
-        vec![T::zeroed(); n]
+        poisoned(vec![T::zeroed(); n])
+    }
+
+    /// In debug builds (tests included) scratch buffers are filled with NaN (all bits
+    /// set), so an output element a kernel forgets to write fails every comparison
+    /// (DESIGN §6's poisoned outputs).
+    fn poisoned<T: Element>(mut v: Vec<T>) -> Vec<T> {
+        if cfg!(debug_assertions) {
+            bytemuck::cast_slice_mut::<T, u8>(&mut v).fill(0xFF);
+        }
+        v
     }
 
     /// Returns a scratch buffer that never became a tensor's storage.

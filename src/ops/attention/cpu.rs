@@ -128,7 +128,7 @@ pub(crate) fn forward<T: Real>(qkv: &[T], d: Dims, block: usize) -> Result<(Vec<
         .zip(yh.par_chunks_mut(t * hd))
         .enumerate()
         .try_for_each(|(bh, (p, yh))| head_forward(qkv, d, bh, p, yh, block))?;
-    let mut y = crate::storage::pool::zeroed::<T>(d.b * t * d.c);
+    let mut y = crate::storage::pool::scratch::<T>(d.b * t * d.c);
     y.par_chunks_mut(d.c)
         .enumerate()
         .with_min_len(16)
@@ -221,7 +221,7 @@ pub(crate) fn backward<T: Real>(
         .try_for_each(|(bh, ((g, p), ds))| head_backward(qkv, p, gy, d, bh, g, ds, block))?;
     crate::storage::pool::recycle(ds_all);
     let ld = 3 * d.c;
-    let mut gqkv = crate::storage::pool::zeroed::<T>(d.b * t * ld);
+    let mut gqkv = crate::storage::pool::scratch::<T>(d.b * t * ld);
     gqkv.par_chunks_mut(ld)
         .enumerate()
         .with_min_len(16)

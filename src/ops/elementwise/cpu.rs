@@ -9,7 +9,7 @@ pub(crate) const CHUNK: usize = 1 << 15;
 
 /// `out[i] = f(a[i], b[i])`.
 pub(crate) fn zip_map<T: Real>(a: &[T], b: &[T], f: impl Fn(T, T) -> T + Sync) -> Vec<T> {
-    let mut out = crate::storage::pool::zeroed::<T>(a.len());
+    let mut out = crate::storage::pool::scratch::<T>(a.len());
     out.par_chunks_mut(CHUNK)
         .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
         .for_each(|(o, (a, b))| {
@@ -27,7 +27,7 @@ pub(crate) fn zip_map<T: Real>(a: &[T], b: &[T], f: impl Fn(T, T) -> T + Sync) -
 
 /// `out[i] = f(a[i])`.
 pub(crate) fn map<T: Real>(a: &[T], f: impl Fn(T) -> T + Sync) -> Vec<T> {
-    let mut out = crate::storage::pool::zeroed::<T>(a.len());
+    let mut out = crate::storage::pool::scratch::<T>(a.len());
     out.par_chunks_mut(CHUNK)
         .zip(a.par_chunks(CHUNK))
         .for_each(|(o, a)| {
@@ -42,7 +42,7 @@ pub(crate) fn map<T: Real>(a: &[T], f: impl Fn(T) -> T + Sync) -> Vec<T> {
 /// `y[r, c] = x[r, c] + b[c]`.
 pub(crate) fn bias_add<T: Real>(x: &[T], b: &[T]) -> Vec<T> {
     let n = b.len();
-    let mut out = crate::storage::pool::zeroed::<T>(x.len());
+    let mut out = crate::storage::pool::scratch::<T>(x.len());
     out.par_chunks_mut(n * (CHUNK / n).max(1))
         .zip(x.par_chunks(n * (CHUNK / n).max(1)))
         .for_each(|(o, x)| {

@@ -28,7 +28,7 @@ pub(crate) fn forward<T: Real>(
     debug_assert!(c > 0 && x.len() % c == 0 && beta.len() == c);
     let m = x.len() / c;
     let n = T::c(c as f64);
-    let mut y = crate::storage::pool::zeroed::<T>(x.len());
+    let mut y = crate::storage::pool::scratch::<T>(x.len());
     let mut mean = crate::storage::pool::zeroed::<T>(m);
     let mut rstd = crate::storage::pool::zeroed::<T>(m);
     let rpt = rows_per_task(c);
@@ -66,7 +66,7 @@ pub(crate) fn backward_x<T: Real>(
 ) -> Vec<T> {
     let c = gamma.len();
     let n = T::c(c as f64);
-    let mut gx = crate::storage::pool::zeroed::<T>(x.len());
+    let mut gx = crate::storage::pool::scratch::<T>(x.len());
     let rpt = rows_per_task(c);
     gx.par_chunks_mut(rpt * c)
         .zip(x.par_chunks(rpt * c).zip(gy.par_chunks(rpt * c)))

@@ -30,16 +30,10 @@ pub(crate) fn forward<T: Real>(
     terms: &[Term<'_, T>],
     (m, k, n): (usize, usize, usize),
 ) -> Result<(Vec<T>, Vec<Vec<T>>)> {
-    let mut y = match bias {
-        Some(b) => {
-            let mut y = Vec::with_capacity(m * n);
-            for _ in 0..m {
-                y.extend_from_slice(b);
-            }
-            y
-        }
-        None => crate::storage::pool::zeroed::<T>(m * n),
-    };
+    let mut y = crate::storage::pool::zeroed::<T>(m * n);
+    if let Some(b) = bias {
+        y.chunks_exact_mut(n).for_each(|row| row.copy_from_slice(b));
+    }
     count_gemm(m, n, k);
     gemm(
         MatMut::row_major(&mut y, m, n)?,
@@ -52,7 +46,7 @@ pub(crate) fn forward<T: Real>(
     let mut us = Vec::with_capacity(terms.len());
     for t in terms {
         // u = x_lora·Aᵀ  [m, r]
-        let mut u = crate::storage::pool::zeroed::<T>(m * t.r);
+        let mut u = crate::storage::pool::scratch::<T>(m * t.r);
         count_gemm(m, t.r, k);
         gemm(
             MatMut::row_major(&mut u, m, t.r)?,
@@ -113,7 +107,7 @@ pub(crate) fn backward<T: Real>(
 ) -> Result<Grads<T>> {
     let gyv = MatRef::row_major(gy, m, n)?;
     let mut gx = if want.gx {
-        let mut gx = crate::storage::pool::zeroed::<T>(m * k);
+        let mut gx = crate::storage::pool::scratch::<T>(m * k);
         count_gemm(m, k, n);
         gemm(
             MatMut::row_major(&mut gx, m, k)?,
@@ -149,7 +143,7 @@ pub(crate) fn backward<T: Real>(
         let need_v = want.ga[i] || lora_input_grad.is_some();
         let v = if need_v {
             // v = gy[:, cols]·B  [m, r]
-            let mut v = crate::storage::pool::zeroed::<T>(m * t.r);
+            let mut v = crate::storage::pool::scratch::<T>(m * t.r);
             count_gemm(m, t.r, t.cols.len());
             gemm(
                 MatMut::row_major(&mut v, m, t.r)?,
@@ -177,7 +171,7 @@ pub(crate) fn backward<T: Real>(
         }
         out.gb.push(if want.gb[i] {
             // gB = s·gy[:, cols]ᵀ·u  [n_i, r]
-            let mut gb = crate::storage::pool::zeroed::<T>(t.cols.len() * t.r);
+            let mut gb = crate::storage::pool::scratch::<T>(t.cols.len() * t.r);
             count_gemm(t.cols.len(), t.r, m);
             gemm(
                 MatMut::row_major(&mut gb, t.cols.len(), t.r)?,
@@ -194,7 +188,7 @@ pub(crate) fn backward<T: Real>(
         out.ga.push(match (&v, want.ga[i]) {
             (Some(v), true) => {
                 // gA = s·vᵀ·x_lora  [r, k]
-                let mut ga = crate::storage::pool::zeroed::<T>(t.r * k);
+                let mut ga = crate::storage::pool::scratch::<T>(t.r * k);
                 count_gemm(t.r, k, m);
                 gemm(
                     MatMut::row_major(&mut ga, t.r, k)?,
@@ -214,7 +208,7 @@ pub(crate) fn backward<T: Real>(
     }
     if want.gw0 {
         // Only for a trainable W0 (full fine-tuning with an adapter attached).
-        let mut gw0 = crate::storage::pool::zeroed::<T>(n * k);
+        let mut gw0 = crate::storage::pool::scratch::<T>(n * k);
         count_gemm(n, k, m);
         gemm(
             MatMut::row_major(&mut gw0, n, k)?,

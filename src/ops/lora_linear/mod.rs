@@ -132,7 +132,11 @@ pub fn lora_linear(
         || forward::<f32>(x, x_lora, w0, bias, &saved, (m, k, n), &out_dims),
         || forward::<f64>(x, x_lora, w0, bias, &saved, (m, k, n), &out_dims),
     )?;
-    if let Some(tape) = &tape {
+    let Some(tape) = tape else {
+        us.recycle();
+        return Ok(y);
+    };
+    {
         let (x, x_lora, w0, bias, yid) = (
             x.clone(),
             x_lora.cloned(),
@@ -182,7 +186,7 @@ pub fn lora_linear(
             Ok(())
         });
     }
-    Ok(y.with_tape(tape))
+    Ok(y.with_tape(Some(tape)))
 }
 
 /// The saved `u` of each adapter, in the compute type of the op.

@@ -21,7 +21,7 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     let tape = Tape::of(OP, &[a, b])?;
     fn fwd<T: Real>(a: &Tensor, b: &Tensor, (m, k, n): (usize, usize, usize)) -> Result<Tensor> {
         let (av, bv) = (a.cpu_read::<T>(OP)?, b.cpu_read::<T>(OP)?);
-        let mut c = crate::storage::pool::zeroed::<T>(m * n);
+        let mut c = crate::storage::pool::scratch::<T>(m * n);
         cpu::matmul(&mut c, false, &av, false, &bv, false, (m, k, n), T::one())?;
         output(c, [m, n], a.dtype())
     }
@@ -49,7 +49,7 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
                 );
                 let ga = if a.requires_grad() {
                     // ga = gy·bᵀ  [m, k]
-                    let mut ga = crate::storage::pool::zeroed::<T>(m * k);
+                    let mut ga = crate::storage::pool::scratch::<T>(m * k);
                     cpu::matmul(&mut ga, false, &gv, false, &bv, true, (m, n, k), T::one())?;
                     Some(output(ga, [m, k], a.dtype())?)
                 } else {
@@ -57,7 +57,7 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
                 };
                 let gb = if b.requires_grad() {
                     // gb = aᵀ·gy  [k, n]
-                    let mut gb = crate::storage::pool::zeroed::<T>(k * n);
+                    let mut gb = crate::storage::pool::scratch::<T>(k * n);
                     cpu::matmul(&mut gb, false, &av, true, &gv, false, (k, m, n), T::one())?;
                     Some(output(gb, [k, n], b.dtype())?)
                 } else {
@@ -121,13 +121,13 @@ pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
         let (xv, wv) = (x.cpu_read::<T>(OP)?, w.cpu_read::<T>(OP)?);
         let mut y = match bias {
             Some(b) => {
-                let mut y = crate::storage::pool::zeroed::<T>(m * n);
+                let mut y = crate::storage::pool::scratch::<T>(m * n);
                 let bv = b.cpu_read::<T>(OP)?;
                 y.chunks_exact_mut(n)
                     .for_each(|row| row.copy_from_slice(&bv));
                 y
             }
-            None => crate::storage::pool::zeroed::<T>(m * n),
+            None => crate::storage::pool::scratch::<T>(m * n),
         };
         cpu::matmul(
             &mut y,
@@ -161,7 +161,7 @@ pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
                 let gv = gy.cpu_read::<T>(OP)?;
                 let gx = if x.requires_grad() {
                     let wv = w.cpu_read::<T>(OP)?;
-                    let mut gx = crate::storage::pool::zeroed::<T>(m * k);
+                    let mut gx = crate::storage::pool::scratch::<T>(m * k);
                     cpu::matmul(&mut gx, false, &gv, false, &wv, false, (m, n, k), T::one())?;
                     Some(output(gx, x.shape().clone(), x.dtype())?)
                 } else {
@@ -169,7 +169,7 @@ pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
                 };
                 let gw = if w.requires_grad() {
                     let xv = x.cpu_read::<T>(OP)?;
-                    let mut gw = crate::storage::pool::zeroed::<T>(n * k);
+                    let mut gw = crate::storage::pool::scratch::<T>(n * k);
                     cpu::matmul(&mut gw, false, &gv, true, &xv, false, (n, m, k), T::one())?;
                     Some(output(gw, [n, k], w.dtype())?)
                 } else {
