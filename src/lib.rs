@@ -50,6 +50,11 @@ mod tensor;
 pub mod testing;
 pub mod train;
 
+/// The README's examples run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
+
 pub use device::Device;
 pub use dtype::{DType, Element, Real};
 pub use error::{Error, Result};
