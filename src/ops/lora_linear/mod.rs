@@ -20,7 +20,7 @@ pub(crate) mod cpu;
 use super::elementwise::bias_grad;
 use super::{output, with_real};
 use crate::tape::Tape;
-use crate::tensor::{same_device, same_dtype};
+use crate::tensor::{same_device, same_dtype, CpuRead};
 use crate::{Error, Real, Result, Tensor};
 use std::ops::Range;
 
@@ -255,21 +255,8 @@ fn forward<T: SavedOf>(
     let xl = x_lora.map(|t| t.cpu_read::<T>(OP)).transpose()?;
     let wv = w0.cpu_read::<T>(OP)?;
     let bv = bias.map(|t| t.cpu_read::<T>(OP)).transpose()?;
-    let reads: Vec<_> = terms
-        .iter()
-        .map(|t| Ok((t.a.cpu_read::<T>(OP)?, t.b.cpu_read::<T>(OP)?)))
-        .collect::<Result<_>>()?;
-    let cterms: Vec<cpu::Term<'_, T>> = terms
-        .iter()
-        .zip(&reads)
-        .map(|(t, (a, b))| cpu::Term {
-            a,
-            b,
-            r: t.r,
-            scale: T::c(t.scale),
-            cols: t.cols.clone(),
-        })
-        .collect();
+    let reads = read_terms::<T>(terms)?;
+    let cterms = cpu_terms(terms, &reads);
     let (y, us) = cpu::forward(
         &xv,
         xl.as_deref().unwrap_or(&xv),
@@ -279,6 +266,24 @@ fn forward<T: SavedOf>(
         dims,
     )?;
     Ok((output(y, out_dims.to_vec(), x.dtype())?, T::wrap(us)))
+}
+
+/// Host reads of every adapter's `A` and `B` (held while the kernels run).
+#[allow(clippy::type_complexity)]
+fn read_terms<T: Real>(terms: &[SavedTerm]) -> Result<Vec<(CpuRead<'_, T>, CpuRead<'_, T>)>> {
+    terms
+        .iter()
+        .map(|t| Ok((t.a.cpu_read::<T>(OP)?, t.b.cpu_read::<T>(OP)?)))
+        .collect()
+}
+
+/// The CPU kernels' view of the adapters.
+fn cpu_terms<'a, T: Real>(terms: &[SavedTerm], reads: &'a [(CpuRead<'_, T>, CpuRead<'_, T>)]) -> Vec<cpu::Term<'a, T>> {
+    terms
+        .iter()
+        .zip(reads)
+        .map(|(t, (a, b))| cpu::Term { a, b, r: t.r, scale: T::c(t.scale), cols: t.cols.clone() })
+        .collect()
 }
 
 fn backward<T: SavedOf>(
@@ -295,21 +300,8 @@ fn backward<T: SavedOf>(
     let xv = x.cpu_read::<T>(OP)?;
     let xl = x_lora.map(|t| t.cpu_read::<T>(OP)).transpose()?;
     let wv = w0.cpu_read::<T>(OP)?;
-    let reads: Vec<_> = terms
-        .iter()
-        .map(|t| Ok((t.a.cpu_read::<T>(OP)?, t.b.cpu_read::<T>(OP)?)))
-        .collect::<Result<_>>()?;
-    let cterms: Vec<cpu::Term<'_, T>> = terms
-        .iter()
-        .zip(&reads)
-        .map(|(t, (a, b))| cpu::Term {
-            a,
-            b,
-            r: t.r,
-            scale: T::c(t.scale),
-            cols: t.cols.clone(),
-        })
-        .collect();
+    let reads = read_terms::<T>(terms)?;
+    let cterms = cpu_terms(terms, &reads);
     let want = cpu::Wants {
         gx: x.requires_grad(),
         gx_lora: x_lora.is_some_and(|t| t.requires_grad()),
