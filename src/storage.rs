@@ -212,7 +212,7 @@ impl CpuStorage {
 /// A pool of host buffers, so a training step reuses the previous step's memory instead
 /// of asking the allocator (and the kernel, for large buffers: page faults and zeroing)
 /// for it again. Tensors return their buffer when their last handle drops; ops take
-/// buffers with [`pool::zeroed`]. The pool holds at most `LORAFUSE_POOL_BYTES` bytes
+/// buffers with `pool::zeroed`/`pool::scratch`. The pool holds at most `LORAFUSE_POOL_BYTES` bytes
 /// (default 1 GiB); buffers below 1024 elements are not pooled.
 pub mod pool {
     use super::CpuStorage;
