@@ -278,11 +278,20 @@ fn read_terms<T: Real>(terms: &[SavedTerm]) -> Result<Vec<(CpuRead<'_, T>, CpuRe
 }
 
 /// The CPU kernels' view of the adapters.
-fn cpu_terms<'a, T: Real>(terms: &[SavedTerm], reads: &'a [(CpuRead<'_, T>, CpuRead<'_, T>)]) -> Vec<cpu::Term<'a, T>> {
+fn cpu_terms<'a, T: Real>(
+    terms: &[SavedTerm],
+    reads: &'a [(CpuRead<'_, T>, CpuRead<'_, T>)],
+) -> Vec<cpu::Term<'a, T>> {
     terms
         .iter()
         .zip(reads)
-        .map(|(t, (a, b))| cpu::Term { a, b, r: t.r, scale: T::c(t.scale), cols: t.cols.clone() })
+        .map(|(t, (a, b))| cpu::Term {
+            a,
+            b,
+            r: t.r,
+            scale: T::c(t.scale),
+            cols: t.cols.clone(),
+        })
         .collect()
 }
 
