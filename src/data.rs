@@ -153,7 +153,7 @@ pub fn is_heldout(symbols: &[u32]) -> bool {
     for &s in symbols {
         h = mix(h ^ s as u64);
     }
-    h % HELDOUT_ONE_IN == 0
+    h.is_multiple_of(HELDOUT_ONE_IN)
 }
 
 /// True when a predicted answer equals the target answer exactly (same length, every

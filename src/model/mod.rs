@@ -666,7 +666,7 @@ impl Gpt2 {
     /// Greedy decoding: extends each of `batch` prompts (`batch·len` ids) by `n_new`
     /// tokens, running with no tape. Returns the new tokens, `batch·n_new` ids.
     pub fn generate_greedy(&self, prompts: &[u32], batch: usize, n_new: usize) -> Result<Vec<u32>> {
-        if batch == 0 || prompts.is_empty() || prompts.len() % batch != 0 {
+        if batch == 0 || prompts.is_empty() || !prompts.len().is_multiple_of(batch) {
             return Err(Error::invalid(format!(
                 "{} prompt ids for a batch of {batch}",
                 prompts.len()

@@ -25,7 +25,7 @@ pub(crate) fn forward<T: Real>(
     eps: T,
 ) -> (Vec<T>, Vec<T>, Vec<T>) {
     let c = gamma.len();
-    debug_assert!(c > 0 && x.len() % c == 0 && beta.len() == c);
+    debug_assert!(c > 0 && x.len().is_multiple_of(c) && beta.len() == c);
     let m = x.len() / c;
     let n = T::c(c as f64);
     let mut y = crate::storage::pool::scratch::<T>(x.len());
