@@ -108,3 +108,88 @@ mod tests {
         assert!(tanh_f32(f32::NAN).is_nan());
     }
 }
+
+/// Lanes of the partial sums in [`sum`] and [`max`]: 16 f32 fill one AVX-512 register.
+const LANES: usize = 16;
+
+/// `Σ x` with 16 partial sums combined in a fixed order: the loop vectorises, and the
+/// result depends only on `x` (not on threads or the instruction set) — deterministic.
+#[inline(always)]
+pub(crate) fn sum<T: crate::Real>(x: &[T]) -> T {
+    let mut acc = [T::zero(); LANES];
+    let chunks = x.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a += v;
+        }
+    }
+    let mut s = T::zero();
+    for a in acc {
+        s += a;
+    }
+    for &v in tail {
+        s += v;
+    }
+    s
+}
+
+/// `Σ aᵢ·bᵢ` over the shorter length, with the fixed 16-partial order of [`sum`].
+#[inline(always)]
+pub(crate) fn dot<T: crate::Real>(a: &[T], b: &[T]) -> T {
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let mut acc = [T::zero(); LANES];
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let (ta, tb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for ((s, &x), &y) in acc.iter_mut().zip(x).zip(y) {
+            *s += x * y;
+        }
+    }
+    let mut s = T::zero();
+    for v in acc {
+        s += v;
+    }
+    for (&x, &y) in ta.iter().zip(tb) {
+        s += x * y;
+    }
+    s
+}
+
+/// `max x` (`-inf` for an empty slice; NaN-ignoring like `f32::max`), vectorisable.
+#[inline(always)]
+pub(crate) fn max<T: crate::Real>(x: &[T]) -> T {
+    let mut acc = [T::neg_infinity(); LANES];
+    let chunks = x.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a = if v > *a { v } else { *a };
+        }
+    }
+    let mut m = T::neg_infinity();
+    for a in acc.into_iter().chain(tail.iter().copied()) {
+        m = m.max(a);
+    }
+    m
+}
+
+#[cfg(test)]
+mod reduce_tests {
+    use super::*;
+
+    #[test]
+    fn lane_sum_and_max_match_plain_loops() {
+        for n in [0usize, 1, 15, 16, 17, 100, 257] {
+            let x: Vec<f64> = (0..n).map(|i| ((i * 37 % 11) as f64) - 5.25).collect();
+            let want: f64 = x.iter().sum();
+            assert!((sum(&x) - want).abs() < 1e-12, "sum n={n}");
+            let want_max = x.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            assert_eq!(max(&x), want_max, "max n={n}");
+            let y: Vec<f64> = x.iter().map(|v| v * 0.5 + 1.0).collect();
+            let want_dot: f64 = x.iter().zip(&y).map(|(a, b)| a * b).sum();
+            assert!((dot(&x, &y) - want_dot).abs() < 1e-10, "dot n={n}");
+        }
+    }
+}

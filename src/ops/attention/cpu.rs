@@ -12,7 +12,7 @@
 //! lower block-triangle (≈ `(nb+1)/2nb` of the full products for `nb` blocks) and the
 //! exponentials run only on the unmasked entries `j ≤ i`.
 
-use crate::device::cpu::{gemm, MatMut, MatRef, Par};
+use crate::device::cpu::{gemm, vectorized, MatMut, MatRef, Par};
 use crate::ops::profile::count_gemm;
 use crate::{Error, Real, Result};
 use rayon::prelude::*;
@@ -127,7 +127,12 @@ pub(crate) fn forward<T: Real>(qkv: &[T], d: Dims, block: usize) -> Result<(Vec<
     p.par_chunks_mut(t * t)
         .zip(yh.par_chunks_mut(t * hd))
         .enumerate()
-        .try_for_each(|(bh, (p, yh))| head_forward(qkv, d, bh, p, yh, block))?;
+        .try_for_each(|(bh, (p, yh))| {
+            vectorized(
+                #[inline(always)]
+                || head_forward(qkv, d, bh, p, yh, block),
+            )
+        })?;
     let mut y = crate::storage::pool::scratch::<T>(d.b * t * d.c);
     y.par_chunks_mut(d.c)
         .enumerate()
@@ -144,6 +149,7 @@ pub(crate) fn forward<T: Real>(qkv: &[T], d: Dims, block: usize) -> Result<(Vec<
 }
 
 /// One (batch, head) pair: `P = softmax_causal(q·kᵀ/√hd)` into `p [T, T]`, `P·v` into `yh [T, hd]`.
+#[inline(always)]
 fn head_forward<T: Real>(
     qkv: &[T],
     d: Dims,
@@ -172,13 +178,11 @@ fn head_forward<T: Real>(
             let row = &mut p[i * t..i * t + r1];
             let (live, masked) = row.split_at_mut(i + 1);
             masked.fill(T::zero());
-            let m = live.iter().fold(T::neg_infinity(), |m, &s| m.max(s));
-            let mut sum = T::zero();
-            for s in live.iter_mut() {
-                *s = (*s - m).exp_fast();
-                sum += *s;
-            }
-            let inv = T::one() / sum;
+            // Max, exp, sum and scale as separate passes: each one vectorises (the sum
+            // and max keep 16 fixed partials, so the order, and the result, is fixed).
+            let m = crate::math::max(live);
+            live.iter_mut().for_each(|s| *s = (*s - m).exp_fast());
+            let inv = T::one() / crate::math::sum(live);
             live.iter_mut().for_each(|s| *s *= inv);
         }
         // y[r0..r1] = P[r0..r1, 0..r1] · v[0..r1]
@@ -218,7 +222,12 @@ pub(crate) fn backward<T: Real>(
         .zip(p.par_chunks(t * t))
         .zip(ds_all.par_chunks_mut(t * t))
         .enumerate()
-        .try_for_each(|(bh, ((g, p), ds))| head_backward(qkv, p, gy, d, bh, g, ds, block))?;
+        .try_for_each(|(bh, ((g, p), ds))| {
+            vectorized(
+                #[inline(always)]
+                || head_backward(qkv, p, gy, d, bh, g, ds, block),
+            )
+        })?;
     crate::storage::pool::recycle(ds_all);
     let ld = 3 * d.c;
     let mut gqkv = crate::storage::pool::scratch::<T>(d.b * t * ld);
@@ -240,6 +249,7 @@ pub(crate) fn backward<T: Real>(
 /// One (batch, head) pair. `g` receives `[dq | dk | dv]`; `ds` is a `[T, T]` scratch that
 /// holds dP, then dS (only its lower block-triangle is written and read).
 #[allow(clippy::too_many_arguments)]
+#[inline(always)]
 fn head_backward<T: Real>(
     qkv: &[T],
     p: &[T],
@@ -274,10 +284,7 @@ fn head_backward<T: Real>(
             let prow = &p[i * t..i * t + i + 1];
             let (live, masked) = row.split_at_mut(i + 1);
             masked.fill(T::zero());
-            let dot = live
-                .iter()
-                .zip(prow)
-                .fold(T::zero(), |acc, (&dp, &pp)| acc + dp * pp);
+            let dot = crate::math::dot(live, prow);
             for (s, &pp) in live.iter_mut().zip(prow) {
                 *s = scale * pp * (*s - dot);
             }
