@@ -16,19 +16,9 @@ use rand::{Rng, SeedableRng};
 const BATCH: usize = 8;
 const SEQ: usize = 128;
 
-fn small_gpt() -> Gpt2Config {
-    Gpt2Config {
-        vocab_size: 256,
-        n_positions: 128,
-        n_embd: 256,
-        n_layer: 4,
-        n_head: 4,
-        layer_norm_epsilon: 1e-5,
-    }
-}
-
 fn trainer(lora: bool) -> Trainer {
-    let mut model = Gpt2::new_random(&small_gpt(), DType::F32, &Device::Cpu, 0).expect("model");
+    let mut model =
+        Gpt2::new_random(&Gpt2Config::small_bench(), DType::F32, &Device::Cpu, 0).expect("model");
     if lora {
         model
             .attach_lora(

@@ -116,6 +116,18 @@ impl Gpt2Config {
         }
     }
 
+    /// The small GPT of DESIGN §10's CPU benchmark: V 256, P 128, C 256, 4 layers, 4 heads.
+    pub fn small_bench() -> Self {
+        Gpt2Config {
+            vocab_size: 256,
+            n_positions: 128,
+            n_embd: 256,
+            n_layer: 4,
+            n_head: 4,
+            layer_norm_epsilon: 1e-5,
+        }
+    }
+
     /// Checks that every size is positive, `n_head` divides `n_embd` and the epsilon is
     /// finite and positive ([`Error::InvalidArgument`] otherwise).
     pub fn validate(&self) -> Result<()> {

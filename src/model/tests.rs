@@ -240,14 +240,7 @@ fn attached_adapters_start_at_the_base_model_and_merge_exactly_in_f64() {
 
 #[test]
 fn trainable_fraction_is_small_under_lora() {
-    let cfg = Gpt2Config {
-        vocab_size: 256,
-        n_positions: 128,
-        n_embd: 256,
-        n_layer: 4,
-        n_head: 4,
-        layer_norm_epsilon: 1e-5,
-    };
+    let cfg = Gpt2Config::small_bench();
     let mut m = Gpt2::new_random(&cfg, DType::F32, &Device::Cpu, 0).unwrap();
     let total_base: usize = m.named_params().iter().map(|(_, t)| t.elem_count()).sum();
     m.attach_lora(&LoraConfig::default(), 0).unwrap();
