@@ -211,20 +211,14 @@ macro_rules! test_device {
             #[test]
             fn sim() {
                 let d = $crate::Device::Sim;
-                if $crate::testing::device_available(
-                    concat!(module_path!(), "::", stringify!($name)),
-                    &d,
-                ) {
+                if $crate::testing::device_available(module_path!(), &d) {
                     $body(&d);
                 }
             }
             #[test]
             fn cuda() {
                 let d = $crate::Device::Cuda(0);
-                if $crate::testing::device_available(
-                    concat!(module_path!(), "::", stringify!($name)),
-                    &d,
-                ) {
+                if $crate::testing::device_available(module_path!(), &d) {
                     $body(&d);
                 }
             }

@@ -214,8 +214,8 @@ fn a_frozen_base_weight_costs_no_weight_gradient_gemm() {
     println!("full: {full_counts:?}, lora: {lora_counts:?}");
 }
 
-#[test]
-fn low_precision_dtypes_track_the_f64_result() {
+/// f32, bf16 and f16 on `device` against the f64 CPU reference (DESIGN §6 tolerances).
+fn dtypes_track_the_f64_reference(device: &Device) {
     let mut g = rng("lora_linear_dtypes");
     let (m, k, n, r) = (33, 40, 24, 8);
     let ts: Vec<Tensor> = vec![
@@ -224,29 +224,33 @@ fn low_precision_dtypes_track_the_f64_result() {
         rand_tensor(&mut g, [r, k], -1.0, 1.0),
         rand_tensor(&mut g, [n, r], -1.0, 1.0),
     ];
-    let run = |dt: DType| {
-        let t: Vec<Tensor> = ts.iter().map(|t| t.to_dtype(dt).unwrap()).collect();
-        let y = lora_linear(
-            &t[0],
-            None,
-            &t[1],
-            None,
-            &[LoraTerm {
-                a: &t[2],
-                b: &t[3],
-                scale: 0.5,
-                out_range: 0..n,
-            }],
-        )
-        .unwrap();
-        assert_eq!(y.dtype(), dt);
+    let run = |dt: DType, dev: &Device| {
+        let t: Vec<Tensor> = ts
+            .iter()
+            .map(|t| {
+                Tensor::from_vec_as(t.to_vec_f64().unwrap(), t.shape().clone(), dt, dev).unwrap()
+            })
+            .collect();
+        let term = LoraTerm {
+            a: &t[2],
+            b: &t[3],
+            scale: 0.5,
+            out_range: 0..n,
+        };
+        let y = lora_linear(&t[0], None, &t[1], None, &[term]).unwrap();
+        assert_eq!((y.dtype(), y.device()), (dt, *dev));
         y.to_vec_f64().unwrap()
     };
-    let want = run(DType::F64);
-    assert_close("f32", &run(DType::F32), &want, 1e-6);
-    assert_close("bf16", &run(DType::BF16), &want, 1e-2);
-    assert_close("f16", &run(DType::F16), &want, 2e-3);
+    let want = run(DType::F64, &Device::Cpu);
+    assert_close("f32", &run(DType::F32, device), &want, 1e-6);
+    assert_close("bf16", &run(DType::BF16, device), &want, 1e-2);
+    assert_close("f16", &run(DType::F16, device), &want, 2e-3);
 }
+
+crate::test_device!(
+    low_precision_dtypes_track_the_f64_result,
+    dtypes_track_the_f64_reference
+);
 
 #[test]
 fn bad_adapters_are_errors() {
