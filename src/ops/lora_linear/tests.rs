@@ -265,63 +265,39 @@ fn bad_adapters_are_errors() {
         out_range: 0..6,
     };
     assert!(lora_linear(&x, None, &w, None, std::slice::from_ref(&ok)).is_ok());
+    let run = |t: LoraTerm<'_>| lora_linear(&x, None, &w, None, &[t]);
     let bad_a = z(&[2, 7]);
     assert!(matches!(
-        lora_linear(
-            &x,
-            None,
-            &w,
-            None,
-            &[LoraTerm {
-                a: &bad_a,
-                ..ok.clone()
-            }]
-        ),
+        run(LoraTerm {
+            a: &bad_a,
+            ..ok.clone()
+        }),
         Err(Error::Shape { .. })
     ));
     assert!(matches!(
-        lora_linear(
-            &x,
-            None,
-            &w,
-            None,
-            &[LoraTerm {
-                out_range: 1..7,
-                ..ok.clone()
-            }]
-        ),
+        run(LoraTerm {
+            out_range: 1..7,
+            ..ok.clone()
+        }),
         Err(Error::Shape { .. })
     ));
-    let r0a = z(&[0, 8]);
-    let r0b = z(&[6, 0]);
-    assert!(lora_linear(
-        &x,
-        None,
-        &w,
-        None,
-        &[LoraTerm {
-            a: &r0a,
-            b: &r0b,
-            ..ok.clone()
-        }]
-    )
+    let (r0a, r0b) = (z(&[0, 8]), z(&[6, 0]));
+    assert!(run(LoraTerm {
+        a: &r0a,
+        b: &r0b,
+        ..ok.clone()
+    })
     .is_err());
     assert!(matches!(
-        lora_linear(
-            &x,
-            None,
-            &w,
-            None,
-            &[LoraTerm {
-                scale: f64::NAN,
-                ..ok.clone()
-            }]
-        ),
+        run(LoraTerm {
+            scale: f64::NAN,
+            ..ok.clone()
+        }),
         Err(Error::InvalidArgument(_))
     ));
     let bf = Tensor::zeros([6, 2], DType::BF16, &d).unwrap();
     assert!(matches!(
-        lora_linear(&x, None, &w, None, &[LoraTerm { b: &bf, ..ok }]),
+        run(LoraTerm { b: &bf, ..ok }),
         Err(Error::DType { .. })
     ));
 }
