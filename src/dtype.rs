@@ -120,13 +120,34 @@ impl Element for f64 {
     }
 }
 
+/// `v` rounded to f32 toward zero, with the last bit set when that was inexact ("round to
+/// odd"). Rounding this to a format with at least two fewer mantissa bits than f32, to
+/// nearest even, gives exactly the nearest-even rounding of `v` itself: one rounding from
+/// f64 to bf16/f16, without double-rounding errors.
+fn f64_to_f32_round_to_odd(v: f64) -> f32 {
+    if !v.is_finite() {
+        return v as f32;
+    }
+    let mut t = v as f32;
+    if (t as f64).abs() > v.abs() {
+        // Rounded away from zero (or overflowed to ±inf): step back one ulp toward zero.
+        t = f32::from_bits(t.to_bits() - 1);
+    }
+    if t as f64 != v {
+        t = f32::from_bits(t.to_bits() | 1);
+    }
+    t
+}
+
 impl Element for bf16 {
     const DTYPE: DType = DType::BF16;
     fn to_f64(self) -> f64 {
         bf16::to_f64(self)
     }
     fn from_f64(v: f64) -> Self {
-        bf16::from_f64(v)
+        // Not `bf16::from_f64`: half 2.x rounds some values just above a tie down
+        // (0x3f1c8001 as f64 → 0x3f1c, nearest even is 0x3f1d).
+        bf16::from_f32(f64_to_f32_round_to_odd(v))
     }
     fn to_f32(self) -> f32 {
         bf16::to_f32(self)
@@ -142,7 +163,7 @@ impl Element for f16 {
         f16::to_f64(self)
     }
     fn from_f64(v: f64) -> Self {
-        f16::from_f64(v)
+        f16::from_f32(f64_to_f32_round_to_odd(v))
     }
     fn to_f32(self) -> f32 {
         f16::to_f32(self)
@@ -193,5 +214,56 @@ impl Real for f64 {
     #[inline(always)]
     fn tanh_fast(self) -> Self {
         self.tanh()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn xorshift(s: &mut u64) -> u64 {
+        *s ^= *s << 13;
+        *s ^= *s >> 7;
+        *s ^= *s << 17;
+        *s
+    }
+
+    #[test]
+    fn from_f64_of_an_f32_value_equals_from_f32() {
+        let mut s = 0x9e37_79b9_7f4a_7c15;
+        for _ in 0..1_000_000 {
+            let x = f32::from_bits(xorshift(&mut s) as u32);
+            if x.is_nan() {
+                continue;
+            }
+            let (b, h) = (
+                <bf16 as Element>::from_f64(x as f64),
+                <f16 as Element>::from_f64(x as f64),
+            );
+            assert_eq!(b.to_bits(), bf16::from_f32(x).to_bits(), "bf16 of {x:e}");
+            assert_eq!(h.to_bits(), f16::from_f32(x).to_bits(), "f16 of {x:e}");
+        }
+    }
+
+    /// Just above, just below and exactly at the midpoint of two neighbours (values that no
+    /// f32 holds), from_f64 picks the nearer one, and the even one on a tie.
+    #[test]
+    fn from_f64_rounds_near_ties_once() {
+        fn check<T: Element>(lo: T, hi: T, lo_bits: u16) {
+            let (l, h) = (lo.to_f64(), hi.to_f64());
+            let m = (l + h) / 2.0;
+            let eps = (h - l) * 2f64.powi(-30);
+            let even = if lo_bits.is_multiple_of(2) { l } else { h };
+            assert_eq!(T::from_f64(m + eps).to_f64(), h, "{m:e} + eps");
+            assert_eq!(T::from_f64(m - eps).to_f64(), l, "{m:e} - eps");
+            assert_eq!(T::from_f64(m).to_f64(), even, "{m:e}");
+        }
+        let mut s = 0x1234_5678_9abc_def1;
+        for _ in 0..100_000 {
+            let bits = (xorshift(&mut s) as u16) & 0x7f7e; // finite, below the largest value
+            check(bf16::from_bits(bits), bf16::from_bits(bits + 1), bits);
+            let bits = (xorshift(&mut s) as u16) & 0x7bfe;
+            check(f16::from_bits(bits), f16::from_bits(bits + 1), bits);
+        }
     }
 }

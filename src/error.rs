@@ -67,6 +67,22 @@ pub enum Error {
         /// What is wrong with it.
         msg: String,
     },
+    /// A CUDA driver, NVRTC or cuBLAS call failed.
+    #[error("CUDA: {call} failed: {msg}")]
+    Cuda {
+        /// The call (or step) that failed, e.g. `cuMemAlloc` or `load module elementwise`.
+        call: &'static str,
+        /// The driver's error, with any log.
+        msg: String,
+    },
+    /// A kernel could not be launched or failed while running (on a GPU or the simulator).
+    #[error("kernel {kernel}: {msg}")]
+    Kernel {
+        /// The kernel's symbol.
+        kernel: String,
+        /// What went wrong.
+        msg: String,
+    },
     /// An I/O error, with the path it concerns.
     #[error("i/o error on {path}: {source}")]
     Io {

@@ -1,15 +1,115 @@
 //! Per-backend storage of a tensor's elements.
 
+use crate::device::{Backend, DeviceBuffer};
 use crate::{DType, Device, Element, Error, Result};
 use half::{bf16, f16};
 
-/// Where a tensor's elements live. One variant per backend; the CUDA and simulator
-/// variants arrive with the kernel toolchain.
-#[derive(Debug, Clone)]
+/// Where a tensor's elements live. One variant per kind of memory.
+#[derive(Debug)]
 #[non_exhaustive]
 pub enum Storage {
     /// Host memory, used by the CPU reference backend.
     Cpu(CpuStorage),
+    /// Memory of a kernel device: a CUDA GPU or the simulator.
+    Device(DeviceStorage),
+}
+
+/// Elements in the memory of a kernel device (`Device::Cuda` or `Device::Sim`), in one of
+/// the dtypes kernels store: f32, bf16 or f16.
+pub struct DeviceStorage {
+    buf: DeviceBuffer,
+    backend: Backend,
+    device: Device,
+    dtype: DType,
+    len: usize,
+}
+
+impl std::fmt::Debug for DeviceStorage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "DeviceStorage({}, {}, {} elements)",
+            self.device, self.dtype, self.len
+        )
+    }
+}
+
+impl Storage {
+    /// The device this storage lives on.
+    pub fn device(&self) -> Device {
+        match self {
+            Storage::Cpu(_) => Device::Cpu,
+            Storage::Device(d) => d.device,
+        }
+    }
+
+    /// The elements' dtype.
+    pub fn dtype(&self) -> DType {
+        match self {
+            Storage::Cpu(c) => c.dtype(),
+            Storage::Device(d) => d.dtype,
+        }
+    }
+
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        match self {
+            Storage::Cpu(c) => c.len(),
+            Storage::Device(d) => d.len,
+        }
+    }
+
+    /// True when there are no elements.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The host storage, or an error naming `op` for other backends.
+    pub fn cpu(&self, op: &'static str) -> Result<&CpuStorage> {
+        match self {
+            Storage::Cpu(c) => Ok(c),
+            Storage::Device(d) => Err(no_kernel(op, d.device)),
+        }
+    }
+
+    /// The host storage, mutably, or an error naming `op` for other backends.
+    pub fn cpu_mut(&mut self, op: &'static str) -> Result<&mut CpuStorage> {
+        match self {
+            Storage::Cpu(c) => Ok(c),
+            Storage::Device(d) => Err(no_kernel(op, d.device)),
+        }
+    }
+
+    /// A copy in new memory on the same device.
+    pub fn try_clone(&self) -> Result<Storage> {
+        Ok(match self {
+            Storage::Cpu(c) => Storage::Cpu(c.clone()),
+            Storage::Device(d) => Storage::Device(DeviceStorage {
+                buf: d.backend.duplicate(&d.buf)?,
+                backend: d.backend.clone(),
+                ..*d
+            }),
+        })
+    }
+
+    /// The elements in host memory (a download for device storage).
+    pub fn to_host(&self) -> Result<CpuStorage> {
+        match self {
+            Storage::Cpu(c) => Ok(c.clone()),
+            Storage::Device(d) => d.to_host(),
+        }
+    }
+
+    /// A copy on `device`.
+    pub fn to_device(&self, device: Device) -> Result<Storage> {
+        match device {
+            Device::Cpu => Ok(Storage::Cpu(self.to_host()?)),
+            _ => Ok(Storage::Device(DeviceStorage::upload(
+                &self.to_host()?,
+                device,
+            )?)),
+        }
+    }
 }
 
 /// Host storage: one `Vec` per dtype.
@@ -25,26 +125,104 @@ pub enum CpuStorage {
     F16(Vec<f16>),
 }
 
-impl Storage {
-    /// The device this storage lives on.
+/// The error for an op that has no kernel on `device` yet.
+pub(crate) fn no_kernel(op: &'static str, device: Device) -> Error {
+    Error::Unsupported {
+        op,
+        msg: format!(
+            "no {device} kernel for this op yet; move the tensor with `to_device(&Device::Cpu)`"
+        ),
+    }
+}
+
+impl DeviceStorage {
+    fn check_dtype(dtype: DType, device: Device) -> Result<()> {
+        if dtype == DType::F64 {
+            return Err(Error::Unsupported {
+                op: "device storage",
+                msg: format!("f64 tensors live on the CPU only, not on {device}"),
+            });
+        }
+        Ok(())
+    }
+
+    /// Uninitialised storage (NaN-poisoned on the simulator and in debug builds).
+    pub(crate) fn alloc(dtype: DType, len: usize, device: Device) -> Result<DeviceStorage> {
+        Self::check_dtype(dtype, device)?;
+        let backend = Backend::of(device)?;
+        let bytes = len
+            .checked_mul(dtype.size_in_bytes())
+            .ok_or_else(|| Error::invalid(format!("{len} elements of {dtype} overflow")))?;
+        Ok(DeviceStorage {
+            buf: backend.alloc(bytes)?,
+            backend,
+            device,
+            dtype,
+            len,
+        })
+    }
+
+    /// Zeros.
+    pub(crate) fn zeros(dtype: DType, len: usize, device: Device) -> Result<DeviceStorage> {
+        let mut s = Self::alloc(dtype, len, device)?;
+        s.backend.memset(&mut s.buf, 0)?;
+        Ok(s)
+    }
+
+    /// A copy of host elements on `device`.
+    pub(crate) fn upload(src: &CpuStorage, device: Device) -> Result<DeviceStorage> {
+        let mut s = Self::alloc(src.dtype(), src.len(), device)?;
+        s.backend.write(src.as_bytes(), &mut s.buf)?;
+        Ok(s)
+    }
+
+    /// Overwrites the elements from host elements of the same dtype and length.
+    pub(crate) fn write(&mut self, src: &CpuStorage) -> Result<()> {
+        if src.dtype() != self.dtype {
+            return Err(Error::DType {
+                op: "upload",
+                lhs: self.dtype,
+                rhs: src.dtype(),
+            });
+        }
+        self.backend.write(src.as_bytes(), &mut self.buf)
+    }
+
+    /// The elements in host memory.
+    pub(crate) fn to_host(&self) -> Result<CpuStorage> {
+        let mut c = CpuStorage::zeros(self.dtype, self.len);
+        self.backend.read(&self.buf, c.as_bytes_mut())?;
+        Ok(c)
+    }
+
+    /// The device.
     pub fn device(&self) -> Device {
-        match self {
-            Storage::Cpu(_) => Device::Cpu,
-        }
+        self.device
     }
 
-    /// The host storage, or an error naming `op` for other backends.
-    pub fn cpu(&self, _op: &'static str) -> Result<&CpuStorage> {
-        match self {
-            Storage::Cpu(c) => Ok(c),
-        }
+    /// The dtype.
+    pub fn dtype(&self) -> DType {
+        self.dtype
     }
 
-    /// The host storage, mutably, or an error naming `op` for other backends.
-    pub fn cpu_mut(&mut self, _op: &'static str) -> Result<&mut CpuStorage> {
-        match self {
-            Storage::Cpu(c) => Ok(c),
-        }
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True when there are no elements.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The backend that owns the memory.
+    pub(crate) fn backend(&self) -> &Backend {
+        &self.backend
+    }
+
+    /// The address kernels see.
+    pub(crate) fn device_ptr(&self) -> u64 {
+        self.buf.device_ptr()
     }
 }
 
@@ -120,6 +298,26 @@ impl CpuStorage {
             CpuStorage::BF16(v) => bytemuck::cast_slice(v),
             CpuStorage::F16(v) => bytemuck::cast_slice(v),
         })
+    }
+
+    /// The elements' bytes (native endianness).
+    pub fn as_bytes(&self) -> &[u8] {
+        match self {
+            CpuStorage::F32(v) => bytemuck::cast_slice(v),
+            CpuStorage::F64(v) => bytemuck::cast_slice(v),
+            CpuStorage::BF16(v) => bytemuck::cast_slice(v),
+            CpuStorage::F16(v) => bytemuck::cast_slice(v),
+        }
+    }
+
+    /// The elements' bytes, mutably.
+    pub(crate) fn as_bytes_mut(&mut self) -> &mut [u8] {
+        match self {
+            CpuStorage::F32(v) => bytemuck::cast_slice_mut(v),
+            CpuStorage::F64(v) => bytemuck::cast_slice_mut(v),
+            CpuStorage::BF16(v) => bytemuck::cast_slice_mut(v),
+            CpuStorage::F16(v) => bytemuck::cast_slice_mut(v),
+        }
     }
 
     /// The elements as a mutable slice of `T`, when `T` is the storage's own type.

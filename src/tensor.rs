@@ -1,7 +1,7 @@
 //! Tensors: an immutable handle to shaped, typed storage on a device, optionally
 //! recorded on an autograd [`Tape`].
 
-use crate::storage::{CpuStorage, Storage};
+use crate::storage::{CpuStorage, DeviceStorage, Storage};
 use crate::tape::Tape;
 use crate::{DType, Device, Element, Error, Real, Result, Shape};
 use rand::Rng;
@@ -36,8 +36,8 @@ impl Drop for Inner {
                 lock.get_mut().unwrap_or_else(|e| e.into_inner()),
                 Storage::Cpu(CpuStorage::F32(Vec::new())),
             );
-            match storage {
-                Storage::Cpu(c) => crate::storage::pool::give(c),
+            if let Storage::Cpu(c) = storage {
+                crate::storage::pool::give(c);
             }
         }
     }
@@ -94,6 +94,7 @@ impl<T: Element> Deref for CpuRead<'_, T> {
                 Storage::Cpu(c) => c
                     .as_slice::<T>()
                     .expect("CpuRead::converted is None only when the dtypes agree"),
+                Storage::Device(_) => unreachable!("cpu_read refuses device storage"),
             },
         }
     }
@@ -115,9 +116,7 @@ impl Tensor {
     }
 
     pub(crate) fn from_storage(storage: Storage, shape: Shape) -> Result<Tensor> {
-        let (n, dtype) = match &storage {
-            Storage::Cpu(c) => (c.len(), c.dtype()),
-        };
+        let (n, dtype) = (storage.len(), storage.dtype());
         if n != shape.elem_count() {
             return Err(Error::shape(
                 "tensor",
@@ -127,14 +126,12 @@ impl Tensor {
         Ok(Tensor::new(storage, shape, dtype))
     }
 
-    fn check_device(device: &Device) -> Result<()> {
-        match device {
-            Device::Cpu => Ok(()),
-            d => Err(Error::DeviceUnavailable {
-                device: *d,
-                reason: "this build has only the CPU backend".into(),
-            }),
-        }
+    /// Host elements placed on `device` (uploaded for a kernel device).
+    fn place(c: CpuStorage, device: &Device) -> Result<Storage> {
+        Ok(match device {
+            Device::Cpu => Storage::Cpu(c),
+            d => Storage::Device(DeviceStorage::upload(&c, *d)?),
+        })
     }
 
     /// A tensor from a `Vec` of elements; the dtype is the element type's.
@@ -143,8 +140,10 @@ impl Tensor {
         shape: impl Into<Shape>,
         device: &Device,
     ) -> Result<Tensor> {
-        Self::check_device(device)?;
-        Self::from_storage(Storage::Cpu(CpuStorage::from_vec(data)), shape.into())
+        Self::from_storage(
+            Self::place(CpuStorage::from_vec(data), device)?,
+            shape.into(),
+        )
     }
 
     /// A tensor of `dtype` from elements of any type, rounded once (nearest even).
@@ -154,22 +153,21 @@ impl Tensor {
         dtype: DType,
         device: &Device,
     ) -> Result<Tensor> {
-        Self::check_device(device)?;
         Self::from_storage(
-            Storage::Cpu(CpuStorage::from_vec_as(data, dtype)),
+            Self::place(CpuStorage::from_vec_as(data, dtype), device)?,
             shape.into(),
         )
     }
 
     /// A tensor filled with zeros.
     pub fn zeros(shape: impl Into<Shape>, dtype: DType, device: &Device) -> Result<Tensor> {
-        Self::check_device(device)?;
         let shape = shape.into();
-        Ok(Tensor::new(
-            Storage::Cpu(CpuStorage::zeros(dtype, shape.elem_count())),
-            shape,
-            dtype,
-        ))
+        let n = shape.elem_count();
+        let storage = match device {
+            Device::Cpu => Storage::Cpu(CpuStorage::zeros(dtype, n)),
+            d => Storage::Device(DeviceStorage::zeros(dtype, n, *d)?),
+        };
+        Ok(Tensor::new(storage, shape, dtype))
     }
 
     /// A tensor filled with one value.
@@ -179,14 +177,14 @@ impl Tensor {
         dtype: DType,
         device: &Device,
     ) -> Result<Tensor> {
-        let t = Self::zeros(shape, dtype, device)?;
+        let t = Self::zeros(shape, dtype, &Device::Cpu)?;
         match t.storage_mut().cpu_mut("full")? {
             CpuStorage::F32(v) => v.fill(value as f32),
             CpuStorage::F64(v) => v.fill(value),
             CpuStorage::BF16(v) => v.fill(half::bf16::from_f64(value)),
             CpuStorage::F16(v) => v.fill(half::f16::from_f64(value)),
         }
-        Ok(t)
+        t.to_device(device)
     }
 
     /// Ones with the shape, dtype and device of `t` (untracked).
@@ -375,9 +373,29 @@ impl Tensor {
         )
     }
 
-    /// Copies the elements out, converted to `T`.
+    /// Copies the elements out, converted to `T` (a download for a kernel device).
     pub fn to_vec<T: Element>(&self) -> Result<Vec<T>> {
-        Ok(self.storage().cpu("to_vec")?.to_vec())
+        match &*self.storage() {
+            Storage::Cpu(c) => Ok(c.to_vec()),
+            s => Ok(s.to_host()?.to_vec()),
+        }
+    }
+
+    /// A copy on `device` (untracked); the same handle when it is already there.
+    ///
+    /// ```
+    /// use lorafuse::{Device, Tensor};
+    /// let x = Tensor::from_vec(vec![1.0f32, 2.0, 3.0], [3], &Device::Cpu)?;
+    /// let on_sim = x.to_device(&Device::Sim)?; // the CUDA-kernel simulator
+    /// assert_eq!(on_sim.to_vec::<f32>()?, vec![1.0, 2.0, 3.0]);
+    /// # Ok::<(), lorafuse::Error>(())
+    /// ```
+    pub fn to_device(&self, device: &Device) -> Result<Tensor> {
+        if self.device() == *device {
+            return Ok(self.detach());
+        }
+        let s = self.storage().to_device(*device)?;
+        Tensor::from_storage(s, self.shape().clone())
     }
 
     /// Copies the elements out as f32.
@@ -403,19 +421,29 @@ impl Tensor {
 
     /// A deep copy with a fresh id and its own storage (untracked).
     pub fn deep_clone(&self) -> Result<Tensor> {
-        let s = self.storage().clone();
+        let s = self.storage().try_clone()?;
         Tensor::from_storage(s, self.shape().clone())
     }
 
     /// A copy converted to `dtype` (untracked; [`crate::ops::cast`] records a backward).
     pub fn to_dtype(&self, dtype: DType) -> Result<Tensor> {
+        if self.device() != Device::Cpu {
+            return crate::ops::elementwise::cuda::cast(self, dtype);
+        }
         let v = self.to_vec_f64()?;
         Tensor::from_vec_as(v, self.shape().clone(), dtype, &self.device())
     }
 
     /// Overwrites the elements from `src` (rounded once to this dtype), in place.
     pub fn assign<T: Element>(&self, src: &[T]) -> Result<()> {
-        self.storage_mut().cpu_mut("assign")?.assign_from(src)
+        match &mut *self.storage_mut() {
+            Storage::Cpu(c) => c.assign_from(src),
+            Storage::Device(d) => {
+                let mut c = CpuStorage::zeros(d.dtype(), d.len());
+                c.assign_from(src)?;
+                d.write(&c)
+            }
+        }
     }
 }
 

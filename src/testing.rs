@@ -178,18 +178,15 @@ pub fn check_grads(
 /// `skipped` when it cannot, and panics instead when `LORAFUSE_REQUIRE_GPU=1` asks for
 /// a GPU that is missing.
 pub fn device_available(test: &str, device: &Device) -> bool {
-    match device {
-        Device::Cpu => true,
-        Device::Cuda(_) => {
-            let why = "no CUDA backend in this build";
-            if std::env::var("LORAFUSE_REQUIRE_GPU").as_deref() == Ok("1") {
+    match device.unavailable_reason() {
+        None => true,
+        Some(why) => {
+            if matches!(device, Device::Cuda(_))
+                && std::env::var("LORAFUSE_REQUIRE_GPU").as_deref() == Ok("1")
+            {
                 panic!("{test} on {device}: LORAFUSE_REQUIRE_GPU=1 but {why}");
             }
             println!("{test} on {device}: skipped ({why})");
-            false
-        }
-        Device::Sim => {
-            println!("{test} on {device}: skipped (no simulator backend in this build)");
             false
         }
     }

@@ -105,3 +105,43 @@ fn every_op_has_a_cpu_twin_and_every_differentiable_op_a_finite_difference_check
     }
     assert!(n_ops >= 9, "found only {n_ops} op folders");
 }
+
+#[test]
+fn every_kernel_file_has_an_op_folder_with_a_launcher_a_cpu_twin_and_tests() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let launched = fs::read_to_string(src().join("device/kernels.rs")).unwrap();
+    let mut n = 0;
+    for e in fs::read_dir(root.join("kernels")).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_none_or(|x| x != "cu") {
+            continue;
+        }
+        let op = p.file_stem().unwrap().to_string_lossy().to_string();
+        let dir = src().join("ops").join(&op);
+        for f in ["mod.rs", "cpu.rs", "cuda.rs"] {
+            assert!(
+                dir.join(f).exists(),
+                "kernels/{op}.cu: ops/{op}/{f} is missing"
+            );
+        }
+        let cuda = fs::read_to_string(dir.join("cuda.rs")).unwrap();
+        assert!(
+            cuda.contains("pub(crate) const KERNELS: &[&str]"),
+            "ops/{op}/cuda.rs must list its kernels in `KERNELS`"
+        );
+        assert!(
+            launched.contains(&format!("crate::ops::{op}::cuda::KERNELS")),
+            "device::kernels::launched() must include ops::{op}::cuda::KERNELS"
+        );
+        let tests: String = rust_files(&dir)
+            .iter()
+            .map(|f| fs::read_to_string(f).unwrap())
+            .collect();
+        assert!(
+            tests.contains("test_device!("),
+            "ops/{op} must test its kernels on every backend (test_device!)"
+        );
+        n += 1;
+    }
+    assert!(n >= 1, "no kernels/*.cu found");
+}

@@ -5,9 +5,10 @@ use std::fmt;
 /// A compute device.
 ///
 /// `Cpu` is the reference backend, always present. `Cuda` runs the hand-written kernels
-/// on an NVIDIA GPU and `Sim` runs the same `kernels/*.cu` on the CPU through the
-/// simulator; both arrive with the kernel toolchain and, until then, creating a tensor
-/// on them returns [`crate::Error::DeviceUnavailable`].
+/// on an NVIDIA GPU (creating a tensor there returns [`crate::Error::DeviceUnavailable`]
+/// when there is no driver or no such GPU) and `Sim` runs the same `kernels/*.cu` on the
+/// CPU through the simulator, always present. Ops without a kernel yet return
+/// [`crate::Error::Unsupported`] on `Cuda` and `Sim`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub enum Device {
     /// The CPU reference backend.
@@ -50,3 +51,225 @@ impl fmt::Display for Device {
 }
 
 pub mod cpu;
+pub(crate) mod cuda;
+pub mod kernels;
+pub(crate) mod sim;
+#[cfg(test)]
+mod sim_tests;
+#[cfg(test)]
+mod tidy;
+
+use std::sync::Arc;
+
+use crate::{Error, Result};
+use cuda::{CudaBackend, CudaBuffer};
+use sim::SimBuffer;
+
+impl Device {
+    /// Whether tensors can be created on this device in this process (for `Cuda`: a
+    /// driver and that GPU are present).
+    pub fn is_available(&self) -> bool {
+        self.unavailable_reason().is_none()
+    }
+
+    /// Why this device cannot be used here, or `None` when it can. Never panics, also
+    /// on machines with no CUDA driver at all.
+    pub fn unavailable_reason(&self) -> Option<String> {
+        match self {
+            Device::Cpu | Device::Sim => None,
+            Device::Cuda(n) => CudaBackend::unavailable_reason(*n),
+        }
+    }
+}
+
+/// A kernel launch's geometry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct LaunchConfig {
+    /// Blocks in x, y, z.
+    pub grid: [u32; 3],
+    /// Threads per block in x, y, z.
+    pub block: [u32; 3],
+    /// Dynamic shared memory per block, in bytes.
+    pub shared_bytes: u32,
+}
+
+impl LaunchConfig {
+    /// A 1-D grid-stride launch over `n` items: `threads` per block, at most `max_blocks`.
+    pub(crate) fn grid_stride(n: usize, threads: u32, max_blocks: u32) -> LaunchConfig {
+        let blocks = n.div_ceil(threads as usize).clamp(1, max_blocks as usize) as u32;
+        LaunchConfig {
+            grid: [blocks, 1, 1],
+            block: [threads, 1, 1],
+            shared_bytes: 0,
+        }
+    }
+}
+
+/// A device allocation on one of the kernel backends.
+#[derive(Debug)]
+pub(crate) enum DeviceBuffer {
+    /// Simulated device memory (host memory with red zones).
+    Sim(SimBuffer),
+    /// CUDA device memory.
+    Cuda(CudaBuffer),
+}
+
+impl DeviceBuffer {
+    /// The address kernels see.
+    pub(crate) fn device_ptr(&self) -> u64 {
+        match self {
+            DeviceBuffer::Sim(b) => b.device_ptr(),
+            DeviceBuffer::Cuda(b) => b.device_ptr(),
+        }
+    }
+
+    /// Bytes.
+    pub(crate) fn len(&self) -> usize {
+        match self {
+            DeviceBuffer::Sim(b) => b.len(),
+            DeviceBuffer::Cuda(b) => b.len(),
+        }
+    }
+}
+
+/// The kernel backend behind a `Sim` or `Cuda` device: allocation, copies and launches,
+/// with one code path for both wherever the hardware allows.
+#[derive(Clone)]
+pub(crate) enum Backend {
+    /// The simulator.
+    Sim,
+    /// A CUDA GPU.
+    Cuda(Arc<CudaBackend>),
+}
+
+/// Whether fresh device buffers are filled with NaN (0xFF bytes). Always on the
+/// simulator; on a GPU in debug builds (tests) or with `LORAFUSE_POISON=1`, since it
+/// costs a memset per allocation.
+fn poison_cuda() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| {
+        cfg!(debug_assertions) || std::env::var("LORAFUSE_POISON").is_ok_and(|v| v == "1")
+    })
+}
+
+impl Backend {
+    /// The backend of a kernel device; `Cpu` has none.
+    pub(crate) fn of(device: Device) -> Result<Backend> {
+        match device {
+            Device::Sim => Ok(Backend::Sim),
+            Device::Cuda(n) => Ok(Backend::Cuda(CudaBackend::get(n)?)),
+            Device::Cpu => Err(Error::invalid(
+                "the CPU reference backend runs no kernels".to_string(),
+            )),
+        }
+    }
+
+    /// The grid cap for 1-D grid-stride kernels: enough blocks to fill a GPU; few on the
+    /// simulator, whose blocks run one after another (the loops make the result the same).
+    pub(crate) fn max_blocks(&self) -> u32 {
+        match self {
+            Backend::Sim => 8,
+            Backend::Cuda(_) => 4096,
+        }
+    }
+
+    /// An uninitialised allocation of `bytes` (poisoned with NaN, see `poison_cuda`).
+    pub(crate) fn alloc(&self, bytes: usize) -> Result<DeviceBuffer> {
+        match self {
+            Backend::Sim => Ok(DeviceBuffer::Sim(SimBuffer::new(bytes)?)),
+            Backend::Cuda(c) => {
+                let mut b = DeviceBuffer::Cuda(c.alloc(bytes)?);
+                if poison_cuda() {
+                    self.memset(&mut b, sim::POISON_BYTE)?;
+                }
+                Ok(b)
+            }
+        }
+    }
+
+    /// Copies `src` into `dst` (equal lengths).
+    pub(crate) fn write(&self, src: &[u8], dst: &mut DeviceBuffer) -> Result<()> {
+        check_len("upload", src.len(), dst.len())?;
+        match (self, dst) {
+            (Backend::Sim, DeviceBuffer::Sim(d)) => {
+                d.bytes_mut().copy_from_slice(src);
+                Ok(())
+            }
+            (Backend::Cuda(c), DeviceBuffer::Cuda(d)) => c.htod(src, d),
+            _ => Err(mixed("upload")),
+        }
+    }
+
+    /// Copies `src` into host memory `dst` (equal lengths); waits for queued work.
+    pub(crate) fn read(&self, src: &DeviceBuffer, dst: &mut [u8]) -> Result<()> {
+        check_len("download", src.len(), dst.len())?;
+        match (self, src) {
+            (Backend::Sim, DeviceBuffer::Sim(s)) => {
+                dst.copy_from_slice(s.bytes());
+                Ok(())
+            }
+            (Backend::Cuda(c), DeviceBuffer::Cuda(s)) => c.dtoh(s, dst),
+            _ => Err(mixed("download")),
+        }
+    }
+
+    /// A new allocation holding a copy of `src`.
+    pub(crate) fn duplicate(&self, src: &DeviceBuffer) -> Result<DeviceBuffer> {
+        let mut dst = self.alloc(src.len())?;
+        match (self, src, &mut dst) {
+            (Backend::Sim, DeviceBuffer::Sim(s), DeviceBuffer::Sim(d)) => {
+                d.bytes_mut().copy_from_slice(s.bytes())
+            }
+            (Backend::Cuda(c), DeviceBuffer::Cuda(s), DeviceBuffer::Cuda(d)) => c.dtod(s, d)?,
+            _ => return Err(mixed("copy")),
+        }
+        Ok(dst)
+    }
+
+    /// Sets every byte of `dst`.
+    pub(crate) fn memset(&self, dst: &mut DeviceBuffer, byte: u8) -> Result<()> {
+        match (self, dst) {
+            (Backend::Sim, DeviceBuffer::Sim(d)) => {
+                d.bytes_mut().fill(byte);
+                Ok(())
+            }
+            (Backend::Cuda(c), DeviceBuffer::Cuda(d)) => c.memset(d, byte),
+            _ => Err(mixed("memset")),
+        }
+    }
+
+    /// Launches `kernel` with one by-value `#[repr(C)]` parameter struct.
+    pub(crate) fn launch<P: bytemuck::Pod>(
+        &self,
+        kernel: &str,
+        cfg: &LaunchConfig,
+        params: &P,
+    ) -> Result<()> {
+        // A launch the tidy test cannot see would escape its checks (the simulator's own
+        // test kernels, `sim_*`, are exempt).
+        if cfg!(debug_assertions)
+            && !kernel.starts_with("sim_")
+            && !kernels::launched().any(|k| k == kernel)
+        {
+            return Err(Error::Kernel {
+                kernel: kernel.to_string(),
+                msg: "not in any op's KERNELS list".into(),
+            });
+        }
+        match self {
+            Backend::Sim => sim::launch(kernel, cfg, params),
+            Backend::Cuda(c) => c.launch(kernel, cfg, params),
+        }
+    }
+}
+
+fn check_len(op: &'static str, src: usize, dst: usize) -> Result<()> {
+    if src != dst {
+        return Err(Error::shape(op, format!("{src} bytes into {dst}")));
+    }
+    Ok(())
+}
+
+fn mixed(op: &str) -> Error {
+    Error::invalid(format!("{op}: buffer belongs to another backend"))
+}

@@ -9,7 +9,7 @@
 mod attention;
 mod cross_entropy;
 mod dropout;
-mod elementwise;
+pub(crate) mod elementwise;
 mod embedding;
 mod layer_norm;
 mod lora_linear;

@@ -1,11 +1,14 @@
 //! Elementwise ops: residual add, bias add, tanh-GELU, scaling, casts and reshapes.
 
 pub(crate) mod cpu;
+pub(crate) mod cuda;
+#[cfg(test)]
+mod kernel_tests;
 
 use super::{output, with_real};
 use crate::tape::Tape;
 use crate::tensor::{same_device, same_dtype};
-use crate::{DType, Error, Real, Result, Shape, Tensor};
+use crate::{DType, Device, Error, Real, Result, Shape, Tensor};
 
 /// `a + b`, same shape and dtype (the residual add).
 pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
@@ -22,7 +25,11 @@ pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
             a.dtype(),
         )
     }
-    let y = with_real(dtype, || fwd::<f32>(a, b), || fwd::<f64>(a, b))?;
+    let y = if a.device() == Device::Cpu {
+        with_real(dtype, || fwd::<f32>(a, b), || fwd::<f64>(a, b))?
+    } else {
+        cuda::add(a, b)?
+    };
     if let Some(tape) = &tape {
         let (a, b, yid) = (a.clone(), b.clone(), y.id());
         tape.push(OP, move |g| {
@@ -53,7 +60,11 @@ pub fn bias_add(x: &Tensor, b: &Tensor) -> Result<Tensor> {
         let (xv, bv) = (x.cpu_read::<T>(OP)?, b.cpu_read::<T>(OP)?);
         output(cpu::bias_add(&xv, &bv), x.shape().clone(), x.dtype())
     }
-    let y = with_real(dtype, || fwd::<f32>(x, b), || fwd::<f64>(x, b))?;
+    let y = if x.device() == Device::Cpu {
+        with_real(dtype, || fwd::<f32>(x, b), || fwd::<f64>(x, b))?
+    } else {
+        cuda::bias_add(x, b)?
+    };
     if let Some(tape) = &tape {
         let (x, b, yid) = (x.clone(), b.clone(), y.id());
         tape.push(OP, move |g| {
@@ -71,6 +82,9 @@ pub fn bias_add(x: &Tensor, b: &Tensor) -> Result<Tensor> {
 
 /// The gradient of a bias: the column sums of `gy [rows, n]`, accumulated in the compute type.
 pub(crate) fn bias_grad(gy: &Tensor, n: usize) -> Result<Tensor> {
+    if gy.device() != Device::Cpu {
+        return cuda::bias_grad(gy, n);
+    }
     fn go<T: Real>(gy: &Tensor, n: usize) -> Result<Tensor> {
         let v = gy.cpu_read::<T>("bias_grad")?;
         output(cpu::column_sums(&v, n), [n], gy.dtype())
@@ -90,7 +104,11 @@ pub fn gelu(x: &Tensor) -> Result<Tensor> {
             x.dtype(),
         )
     }
-    let y = with_real(x.dtype(), || fwd::<f32>(x), || fwd::<f64>(x))?;
+    let y = if x.device() == Device::Cpu {
+        with_real(x.dtype(), || fwd::<f32>(x), || fwd::<f64>(x))?
+    } else {
+        cuda::gelu(x)?
+    };
     if let Some(tape) = &tape {
         let (x, yid) = (x.clone(), y.id());
         tape.push(OP, move |g| {
@@ -105,7 +123,11 @@ pub fn gelu(x: &Tensor) -> Result<Tensor> {
                     x.dtype(),
                 )
             }
-            let gx = with_real(x.dtype(), || bwd::<f32>(&x, &gy), || bwd::<f64>(&x, &gy))?;
+            let gx = if x.device() == Device::Cpu {
+                with_real(x.dtype(), || bwd::<f32>(&x, &gy), || bwd::<f64>(&x, &gy))?
+            } else {
+                cuda::gelu_bwd(&x, &gy)?
+            };
             g.accumulate(&x, gx)
         });
     }
@@ -116,19 +138,26 @@ pub fn gelu(x: &Tensor) -> Result<Tensor> {
 pub fn scale(x: &Tensor, c: f64) -> Result<Tensor> {
     const OP: &str = "scale";
     let tape = Tape::of(OP, &[x])?;
-    fn go<T: Real>(x: &Tensor, c: f64) -> Result<Tensor> {
-        let xv = x.cpu_read::<T>(OP)?;
-        let c = T::c(c);
-        output(cpu::map(&xv, |v| v * c), x.shape().clone(), x.dtype())
+    fn go(x: &Tensor, c: f64) -> Result<Tensor> {
+        fn host<T: Real>(x: &Tensor, c: f64) -> Result<Tensor> {
+            let xv = x.cpu_read::<T>(OP)?;
+            let c = T::c(c);
+            output(cpu::map(&xv, |v| v * c), x.shape().clone(), x.dtype())
+        }
+        if x.device() == Device::Cpu {
+            with_real(x.dtype(), || host::<f32>(x, c), || host::<f64>(x, c))
+        } else {
+            cuda::scale(x, c)
+        }
     }
-    let y = with_real(x.dtype(), || go::<f32>(x, c), || go::<f64>(x, c))?;
+    let y = go(x, c)?;
     if let Some(tape) = &tape {
         let (x, yid) = (x.clone(), y.id());
         tape.push(OP, move |g| {
             let Some(gy) = g.take_output(yid) else {
                 return Ok(());
             };
-            let gx = with_real(gy.dtype(), || go::<f32>(&gy, c), || go::<f64>(&gy, c))?;
+            let gx = go(&gy, c)?;
             g.accumulate(&x, gx)
         });
     }

@@ -216,6 +216,15 @@ fn a_frozen_base_weight_costs_no_weight_gradient_gemm() {
 
 /// f32, bf16 and f16 on `device` against the f64 CPU reference (DESIGN §6 tolerances).
 fn dtypes_track_the_f64_reference(device: &Device) {
+    if *device != Device::Cpu {
+        // The fused LoRA kernels arrive with issue 4; until then this op refuses device tensors.
+        let x = Tensor::zeros([2, 3], DType::F32, device).unwrap();
+        let w = Tensor::zeros([4, 3], DType::F32, device).unwrap();
+        let e = lora_linear(&x, None, &w, None, &[]).unwrap_err();
+        assert!(matches!(e, Error::Unsupported { .. }), "{e}");
+        println!("lora_linear on {device}: skipped (no kernel yet: {e})");
+        return;
+    }
     let mut g = rng("lora_linear_dtypes");
     let (m, k, n, r) = (33, 40, 24, 8);
     let ts: Vec<Tensor> = vec![

@@ -1,0 +1,21 @@
+// planted_bugs.sim.cpp — an example of the translation unit build.rs generates for each kernel
+// module: the module's source, then one registry entry per `extern "C" __global__` kernel.
+// (build.rs writes the absolute path of the .cu; selftest.sh compiles this example.)
+#include "../planted_bugs.cu"
+LF_SIM_ENTRY(sim_planted_oob_write_f32)
+LF_SIM_ENTRY(sim_planted_missing_barrier_f32)
+LF_SIM_ENTRY(sim_planted_smem_oob_f32)
+LF_SIM_ENTRY(sim_planted_trap)
+LF_SIM_ENTRY(sim_planted_assert)
+LF_SIM_ENTRY(sim_planted_exited_lane_shfl)
+LF_SIM_ENTRY(sim_planted_full_mask_sum_f32)
+LF_SIM_ENTRY(sim_planted_shfl_vs_syncthreads)
+LF_SIM_ENTRY(sim_planted_cpp_exception)
+LF_SIM_ENTRY(sim_selftest_shfl_f32)
+LF_SIM_ENTRY(sim_selftest_vote)
+LF_SIM_ENTRY(sim_selftest_activemask)
+LF_SIM_ENTRY(sim_selftest_atomics)
+LF_SIM_ENTRY(sim_selftest_dynamic_smem_f32)
+LF_SIM_ENTRY(sim_selftest_block_reduce_f32)
+LF_SIM_ENTRY(sim_selftest_geometry)
+LF_SIM_ENTRY(sim_selftest_convert)

@@ -1,0 +1,316 @@
+// planted_bugs.cu — the simulator's own test kernels (DESIGN §7): kernels with planted bugs
+// that the simulator's checks must catch, and self-test kernels that exercise each part of
+// the shim. Compiled only into the simulator (build.rs, selftest.sh), but valid CUDA.
+//
+// Every kernel takes SimTestParams (planted_bugs.h); each documents what it reads and the
+// geometry it expects. "g" is the global 1-D thread id, "tid" the thread's linear id in its
+// block, "lane" tid % 32.
+//
+// Planted bugs (the checks that catch them):
+//   sim_planted_oob_write_f32        out[i] = i for i < n, and out[n] too when oob = 1
+//                                    (AddressSanitizer: heap-buffer-overflow); oob = 0 is
+//                                    the clean control.
+//   sim_planted_missing_barrier_f32  block-wide reversal through shared memory, with the
+//                                    __syncthreads() only when barrier = 1 (ThreadSanitizer:
+//                                    data race); barrier = 1 is the clean control.
+//   sim_planted_smem_oob_f32         writes shared memory one element past the end: the static
+//                                    array when oob = 1 (ASan: global-buffer-overflow), the
+//                                    dynamic one when oob = 2 (heap-buffer-overflow); oob = 0
+//                                    is the clean control.
+//   sim_planted_trap                 thread g == n calls __trap() (launch error; the others
+//                                    wait in __syncthreads() and must be released).
+//   sim_planted_assert               a failing device assert when in is null (launch error).
+//   sim_planted_exited_lane_shfl     lanes 16..31 return, then a full-mask shuffle (launch error).
+//   sim_planted_full_mask_sum_f32    a full-mask warp sum: correct when blockDim.x is a
+//                                    multiple of 32, an error for a partial warp.
+//   sim_planted_shfl_vs_syncthreads  even lanes in __syncthreads(), odd lanes in a shuffle
+//                                    that needs them: a deadlock on a GPU, an error here.
+//   sim_planted_cpp_exception        thread g == n throws a C++ exception (simulator only:
+//                                    device code cannot throw; launch error).
+#include <cassert>
+#if defined(LORAFUSE_SIM)
+#include <stdexcept>
+#endif
+
+#include "../common.cuh"
+#include "planted_bugs.h"
+
+namespace {
+
+constexpr unsigned kFull = 0xffffffffu;
+
+__device__ __forceinline__ unsigned linear_tid() {
+    return (threadIdx.z * blockDim.y + threadIdx.y) * blockDim.x + threadIdx.x;
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(kFull, v, offset);
+    return v;
+}
+
+// The block's sum of x, by a tree in shared memory, for every thread. Power-of-two blocks.
+template <typename T>
+__device__ T block_sum(T x) {
+    __shared__ T partial[1024];
+    unsigned tid = threadIdx.x;
+    partial[tid] = x;
+    __syncthreads();
+    for (unsigned half = blockDim.x / 2; half > 0; half /= 2) {
+        if (tid < half) partial[tid] += partial[tid + half];
+        __syncthreads();
+    }
+    return partial[0];
+}
+
+}  // namespace
+
+// ---- Planted bugs ------------------------------------------------------------------------
+
+// out: f32[n]. Any 1-D geometry.
+extern "C" __global__ void sim_planted_oob_write_f32(const SimTestParams p) {
+    float* out = static_cast<float*>(p.out);
+    lf::u64 end = p.n + (p.oob ? 1 : 0);
+    for (lf::u64 i = lf::global_thread(); i < end; i += lf::grid_stride()) out[i] = float(i);
+}
+
+// in, out: f32[n]; out[g] = in of the thread at the mirrored position in g's block.
+// 1-D blocks of up to 1024 threads; threads with g >= n read 0 and write nothing.
+extern "C" __global__ void sim_planted_missing_barrier_f32(const SimTestParams p) {
+    __shared__ float s[1024];
+    const float* in = static_cast<const float*>(p.in);
+    float* out = static_cast<float*>(p.out);
+    lf::u64 g = lf::global_thread();
+    unsigned tid = threadIdx.x;
+    s[tid] = g < p.n ? in[g] : 0.0f;
+    if (p.barrier) __syncthreads();
+    if (g < p.n) out[g] = s[blockDim.x - 1 - tid];
+}
+
+// in, out: f32[grid threads]; out[g] = in[g] + 1 through both kinds of shared memory.
+// 1-D blocks of 256 threads (so that the last thread's tid + 1 is one past both arrays),
+// blockDim.x·4 bytes of dynamic shared memory.
+extern "C" __global__ void sim_planted_smem_oob_f32(const SimTestParams p) {
+    __shared__ float s[256];
+    LF_DYNAMIC_SMEM(float, d);
+    lf::u64 g = lf::global_thread();
+    unsigned tid = threadIdx.x;
+    bool last = tid == blockDim.x - 1;
+    s[tid + (p.oob == 1 && last ? 1 : 0)] = static_cast<const float*>(p.in)[g];
+    d[tid + (p.oob == 2 && last ? 1 : 0)] = 1.0f;
+    __syncthreads();
+    static_cast<float*>(p.out)[g] = s[tid] + d[tid];
+}
+
+// out: f32[grid threads], 1 per thread that got past the barrier. Thread g == n traps.
+extern "C" __global__ void sim_planted_trap(const SimTestParams p) {
+    lf::u64 g = lf::global_thread();
+    if (g == p.n) __trap();
+    __syncthreads();
+    static_cast<float*>(p.out)[g] = 1.0f;
+}
+
+// out: f32[grid threads]. Fails its assert unless in is non-null.
+extern "C" __global__ void sim_planted_assert(const SimTestParams p) {
+    assert(p.in != nullptr);
+    static_cast<float*>(p.out)[lf::global_thread()] = 1.0f;
+}
+
+// out: f32[grid threads]. 1-D blocks, a multiple of 32 threads.
+extern "C" __global__ void sim_planted_exited_lane_shfl(const SimTestParams p) {
+    if (threadIdx.x % 32 >= 16) return;
+    static_cast<float*>(p.out)[lf::global_thread()] = __shfl_xor_sync(kFull, 1.0f, 1);
+}
+
+// in, out: f32[grid threads]; out[g] = the sum of in over g's warp.
+extern "C" __global__ void sim_planted_full_mask_sum_f32(const SimTestParams p) {
+    lf::u64 g = lf::global_thread();
+    static_cast<float*>(p.out)[g] = warp_sum(static_cast<const float*>(p.in)[g]);
+}
+
+// out: f32[grid threads]. 1-D blocks, a multiple of 32 threads.
+extern "C" __global__ void sim_planted_shfl_vs_syncthreads(const SimTestParams p) {
+    float v = 1.0f;
+    if (threadIdx.x % 2 == 0) {
+        __syncthreads();
+    } else {
+        v = __shfl_xor_sync(kFull, v, 1);
+    }
+    static_cast<float*>(p.out)[lf::global_thread()] = v;
+}
+
+// out: unused. Thread g == n throws, the others wait in __syncthreads().
+extern "C" __global__ void sim_planted_cpp_exception(const SimTestParams p) {
+#if defined(LORAFUSE_SIM)
+    if (lf::global_thread() == p.n) throw std::runtime_error("planted exception");
+#endif
+    __syncthreads();
+}
+
+// ---- Self-tests ----------------------------------------------------------------------------
+
+// in: f32[n], out: f32[8n], n = grid threads; 1-D blocks, a multiple of 32 threads.
+// out[8g + k], over g's warp:
+//   k=0  the sum of in (xor butterfly)         k=1  inclusive prefix sum of in (shfl_up scan)
+//   k=2  in[lane+3], own value past lane 28    k=3  in[lane & ~7 | 3] (shfl width 8)
+//   k=4  xor 16 with width 16: own value for lanes < 16, in[lane-16] above
+//   k=5  2·in[(lane+1) % 32] shuffled as a double
+//   k=6  bf16(in[lane+1]) within 16-lane segments (own value at lanes 15, 31)
+//   k=7  shfl_up by 33: the delta is taken mod 32, so in[lane-1], own value at lane 0
+extern "C" __global__ void sim_selftest_shfl_f32(const SimTestParams p) {
+    const float* in = static_cast<const float*>(p.in);
+    float* out = static_cast<float*>(p.out) + 8 * lf::global_thread();
+    unsigned lane = threadIdx.x % 32;
+    float x = in[lf::global_thread()];
+    out[0] = warp_sum(x);
+    float scan = x;
+    for (unsigned d = 1; d < 32; d *= 2) {
+        float up = __shfl_up_sync(kFull, scan, d);
+        if (lane >= d) scan += up;
+    }
+    out[1] = scan;
+    out[2] = __shfl_down_sync(kFull, x, 3);
+    out[3] = __shfl_sync(kFull, x, 3, 8);
+    out[4] = __shfl_xor_sync(kFull, x, 16, 16);
+    out[5] = float(__shfl_sync(kFull, 2.0 * x, int(lane + 1) % 32));
+    out[6] = __bfloat162float(__shfl_down_sync(kFull, __float2bfloat16_rn(x), 1, 16));
+    out[7] = __shfl_up_sync(kFull, x, 33);
+}
+
+// in: f32[n], out: u32[4n], n = grid threads; 1-D blocks, a multiple of 32 threads.
+// out[4g + k]: k=0 __ballot_sync(in > 0), k=1 __any_sync(in > 0), k=2 __all_sync(in > 0),
+// k=3 __activemask() after a __syncwarp().
+extern "C" __global__ void sim_selftest_vote(const SimTestParams p) {
+    lf::u64 g = lf::global_thread();
+    unsigned* out = static_cast<unsigned*>(p.out) + 4 * g;
+    int positive = static_cast<const float*>(p.in)[g] > 0.0f;
+    out[0] = __ballot_sync(kFull, positive);
+    out[1] = unsigned(__any_sync(kFull, positive));
+    out[2] = unsigned(__all_sync(kFull, positive));
+    __syncwarp();
+    out[3] = __activemask();
+}
+
+// out: u32[2 · grid threads]. Lanes >= n return at once; the others write
+// out[2g] = __activemask() and out[2g + 1] = lane 0's g, shuffled within that mask.
+// 1-D blocks of any size (a partial last warp is fine).
+extern "C" __global__ void sim_selftest_activemask(const SimTestParams p) {
+    unsigned lane = threadIdx.x % 32;
+    if (lane >= p.n) return;
+    lf::u64 g = lf::global_thread();
+    unsigned* out = static_cast<unsigned*>(p.out) + 2 * g;
+    unsigned mask = __activemask();
+    out[0] = mask;
+    out[1] = __shfl_sync(mask, unsigned(g), 0);
+}
+
+// aux: SimAtomicsOut (see planted_bugs.h), n = grid threads; 1-D geometry.
+extern "C" __global__ void sim_selftest_atomics(const SimTestParams p) {
+    __shared__ unsigned block_count;
+    SimAtomicsOut* o = static_cast<SimAtomicsOut*>(p.aux);
+    unsigned g = unsigned(lf::global_thread());
+    atomicAdd(&o->count, 1ull);
+    atomicMax(&o->max_id, int(g));
+    atomicMin(&o->min_id, g + 5);
+    int old = atomicAdd(&o->cas_sum, 0);
+    int assumed;
+    do {
+        assumed = old;
+        old = atomicCAS(&o->cas_sum, assumed, assumed + 2);
+    } while (old != assumed);
+    atomicOr(&o->or_bits, 1u << (g % 32));
+    atomicSub(&o->sub, 1);
+    atomicAdd(&o->half_sum, 0.5);
+    atomicAdd(&o->fsum, 1.0f);
+    atomicExch(&o->exch, float(g));
+    if (threadIdx.x == 0) block_count = 0;
+    __syncthreads();
+    atomicAdd(&block_count, 1u);
+    __syncthreads();
+    if (threadIdx.x == 0) atomicAdd(&o->block_sum, block_count);
+}
+
+// in, out: f32[n], n = grid threads; 1-D geometry, 2·blockDim.x·4 bytes of dynamic shared
+// memory. out[g] = in[mirror of g in its block] + 2·in[next thread in its block, cyclic].
+// Traps if the dynamic shared memory is not 16-byte aligned.
+extern "C" __global__ void sim_selftest_dynamic_smem_f32(const SimTestParams p) {
+    LF_DYNAMIC_SMEM(float, s);
+    if (reinterpret_cast<unsigned long long>(s) % 16 != 0) __trap();
+    lf::u64 g = lf::global_thread();
+    unsigned tid = threadIdx.x, bd = blockDim.x;
+    float x = static_cast<const float*>(p.in)[g];
+    s[tid] = x;
+    s[bd + tid] = 2.0f * x;
+    __syncthreads();
+    static_cast<float*>(p.out)[g] = s[bd - 1 - tid] + s[bd + (tid + 1) % bd];
+}
+
+// in: f32[n]; out: f32[gridDim.x], each block's sum of in (elements past n count 0);
+// aux: u32[3·gridDim.x], per block __syncthreads_count / _and / _or of (in > 0) over its
+// threads (threads past n pass 0). 1-D blocks of a power-of-two size up to 1024. The
+// shared array lives in a helper template, as in real kernels, and every block reuses it.
+extern "C" __global__ void sim_selftest_block_reduce_f32(const SimTestParams p) {
+    lf::u64 g = lf::global_thread();
+    float x = g < p.n ? static_cast<const float*>(p.in)[g] : 0.0f;
+    int count = __syncthreads_count(x > 0.0f);
+    int all = __syncthreads_and(x > 0.0f);
+    int any = __syncthreads_or(x > 0.0f);
+    float sum = block_sum<float>(x);
+    if (threadIdx.x == 0) {
+        static_cast<float*>(p.out)[blockIdx.x] = sum;
+        unsigned* aux = static_cast<unsigned*>(p.aux) + 3 * blockIdx.x;
+        aux[0] = unsigned(count);
+        aux[1] = unsigned(all);
+        aux[2] = unsigned(any);
+    }
+}
+
+// out: u32[8 · grid threads], at 8 · (linear block id · threads per block + linear tid):
+// threadIdx.xyz, blockIdx.xyz, the linear tid of lane 0 of this thread's warp, and
+// __syncthreads_count(1). aux: u32[6], blockDim.xyz and gridDim.xyz. Any 3-D geometry whose
+// block size is a multiple of 32.
+extern "C" __global__ void sim_selftest_geometry(const SimTestParams p) {
+    unsigned tid = linear_tid();
+    unsigned threads = blockDim.x * blockDim.y * blockDim.z;
+    lf::u64 block = (lf::u64(blockIdx.z) * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x;
+    unsigned* out = static_cast<unsigned*>(p.out) + 8 * (block * threads + tid);
+    out[0] = threadIdx.x;
+    out[1] = threadIdx.y;
+    out[2] = threadIdx.z;
+    out[3] = blockIdx.x;
+    out[4] = blockIdx.y;
+    out[5] = blockIdx.z;
+    out[6] = __shfl_sync(kFull, tid, 0);
+    out[7] = unsigned(__syncthreads_count(1));
+    if (block == 0 && tid == 0) {
+        unsigned* aux = static_cast<unsigned*>(p.aux);
+        aux[0] = blockDim.x;
+        aux[1] = blockDim.y;
+        aux[2] = blockDim.z;
+        aux[3] = gridDim.x;
+        aux[4] = gridDim.y;
+        aux[5] = gridDim.z;
+    }
+}
+
+// in: f32[n]; out: u16[4n], the bits of bf16 (nearest even), bf16 (toward zero), f16
+// (nearest even), f16 (toward zero) of in[i]; aux: f32[4n]: bf16 and f16 (nearest even)
+// back to f32, then the high half of __floats2bfloat162_rn(0, in[i]) and of
+// __floats2half2_rn(0, in[i]) through __bfloat1622float2 / __half22float2. Grid-stride.
+extern "C" __global__ void sim_selftest_convert(const SimTestParams p) {
+    const float* in = static_cast<const float*>(p.in);
+    unsigned short* bits = static_cast<unsigned short*>(p.out);
+    float* back = static_cast<float*>(p.aux);
+    for (lf::u64 i = lf::global_thread(); i < p.n; i += lf::grid_stride()) {
+        float x = in[i];
+        bf16 b = __float2bfloat16_rn(x);
+        f16 h = __float2half_rn(x);
+        bits[4 * i + 0] = __bfloat16_as_ushort(b);
+        bits[4 * i + 1] = __bfloat16_as_ushort(__float2bfloat16_rz(x));
+        bits[4 * i + 2] = __half_as_ushort(h);
+        bits[4 * i + 3] = __half_as_ushort(__float2half_rz(x));
+        back[4 * i + 0] = __bfloat162float(__ushort_as_bfloat16(bits[4 * i + 0]));
+        back[4 * i + 1] = __half2float(__ushort_as_half(bits[4 * i + 2]));
+        back[4 * i + 2] = __bfloat1622float2(__floats2bfloat162_rn(0.0f, x)).y;
+        back[4 * i + 3] = __half22float2(__floats2half2_rn(0.0f, x)).y;
+    }
+}

@@ -1,0 +1,116 @@
+#!/usr/bin/env bash
+# The GPU-runner path (DESIGN §9): GPU machines have no Rust toolchain and no network, so
+#
+#   scripts/gpu-runner.sh bundle [DIR]   # on a build machine: build the test and bench
+#                                        # binaries (kernels compiled by nvcc) into DIR
+#   DIR/gpu-runner.sh run [--bench]      # on the GPU machine: run them and print a table
+#
+# `bundle` installs the pinned nvcc like CI does, builds with LORAFUSE_REQUIRE_NVCC=1 (so
+# every binary embeds PTX and cubins), strips debug info and checks the folder is under
+# 64 MiB. `run` runs every test binary with LORAFUSE_REQUIRE_GPU=1 (a missing GPU fails),
+# then compute-sanitizer memcheck and racecheck over the kernel tests (those with `cuda`
+# in their name), optionally the criterion benches, and prints one summary table. Logs go
+# to DIR/logs/. Tests that read the source tree (tests/architecture.rs, the tidy header
+# check) are left to CI.
+set -uo pipefail
+
+here="$(cd "$(dirname "$0")" && pwd)"
+cmd="${1:-}"
+
+bundle() {
+    local repo out
+    repo="$(cd "$here/.." && pwd)"
+    out="$(mkdir -p "${1:-$repo/target/gpu-bundle}" && cd "${1:-$repo/target/gpu-bundle}" && pwd)"
+    set -e
+    cd "$repo"
+    # shellcheck source=../.ci/cuda-env.sh
+    source .ci/cuda-env.sh
+    export LORAFUSE_REQUIRE_NVCC=1
+    rm -rf "$out/bin" && mkdir -p "$out/bin"
+    local list
+    list="$(mktemp)"
+    # Test binaries (test profile) and bench binaries (bench profile), by target name.
+    for build in "cargo test --no-run" "cargo bench --no-run"; do
+        $build --message-format=json 2>/dev/null | python3 -c '
+import json, sys
+for line in sys.stdin:
+    try: m = json.loads(line)
+    except ValueError: continue
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["profile"]["test"]:
+        kind = m["target"]["kind"][0]
+        name = m["target"]["name"]
+        prefix = {"bench": "bench-", "bin": "test-bin-"}.get(kind, "test-")
+        print(prefix + name, m["executable"])
+' >> "$list"
+    done
+    while read -r name exe; do
+        cp "$exe" "$out/bin/$name"
+        strip --strip-debug "$out/bin/$name"
+    done < "$list"
+    rm -f "$list"
+    cp "$here/gpu-runner.sh" "$out/gpu-runner.sh"
+    git rev-parse HEAD > "$out/COMMIT" 2>/dev/null || true
+    local bytes
+    bytes=$(du -sb "$out" | cut -f1)
+    echo "bundle: $out ($((bytes / 1024 / 1024)) MiB)"
+    ls -la "$out/bin"
+    if (( bytes >= 64 * 1024 * 1024 )); then
+        echo "bundle: over 64 MiB" >&2
+        exit 1
+    fi
+}
+
+run() {
+    local bench=0
+    [[ "${1:-}" == "--bench" ]] && bench=1
+    cd "$here"
+    mkdir -p logs
+    export LORAFUSE_REQUIRE_GPU=1
+    local rows=() failed=0
+    step() { # name, command...
+        local name="$1" log="logs/$1.log" start rc secs summary
+        shift
+        start=$(date +%s)
+        "$@" > "$log" 2>&1
+        rc=$?
+        secs=$(( $(date +%s) - start ))
+        summary="$(grep -E '^test result:|ERROR SUMMARY|RACECHECK SUMMARY' "$log" | tail -1)"
+        [[ $rc -ne 0 ]] && failed=1
+        rows+=("$(printf '%-34s %-5s %5ss  %s' "$name" "$([[ $rc -eq 0 ]] && echo ok || echo FAIL)" "$secs" "$summary")")
+        echo "${rows[-1]}"
+    }
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > logs/gpu.txt 2>&1
+    echo "GPU: $(cat logs/gpu.txt)   commit: $(cat COMMIT 2>/dev/null)"
+    for t in bin/test-*; do
+        local name="${t#bin/}" skip=()
+        [[ "$name" == test-architecture ]] && continue
+        [[ "$name" == test-lorafuse ]] && skip=(--skip tidy::every_kernel_file_opens_with_its_header)
+        step "$name" "$t" "${skip[@]}"
+    done
+    local cs
+    cs="$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)"
+    if [[ -x "$cs" ]]; then
+        for tool in memcheck racecheck; do
+            step "sanitizer-$tool" "$cs" --tool "$tool" --error-exitcode 1 \
+                bin/test-lorafuse cuda --test-threads=1
+        done
+    else
+        rows+=("compute-sanitizer                  FAIL  not found")
+        failed=1
+    fi
+    if (( bench )); then
+        for b in bin/bench-*; do
+            step "${b#bin/}" "$b" --bench --warm-up-time 1 --measurement-time 3
+        done
+    fi
+    echo
+    printf '%-34s %-5s %6s  %s\n' step result time summary
+    printf '%s\n' "${rows[@]}"
+    exit $failed
+}
+
+case "$cmd" in
+    bundle) shift; bundle "$@" ;;
+    run) shift; run "$@" ;;
+    *) echo "usage: $0 bundle [DIR] | run [--bench]" >&2; exit 2 ;;
+esac
