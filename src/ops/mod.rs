@@ -1,6 +1,7 @@
 //! Ops with forward and backward. One op, one folder: `mod.rs` holds the public op, its
 //! shape checks, backward recording and tests; `cpu.rs` the CPU reference kernels
-//! (generic over the compute type, f32 or f64); CUDA launchers join them as `cuda.rs`.
+//! (generic over the compute type, f32 or f64); `cuda.rs` the launchers of the op's
+//! `kernels/<op>.cu`, shared by the CUDA backend and the simulator.
 //!
 //! Every op takes tensors, returns a new tensor, and records its backward on the tape of
 //! its tracked inputs (if any). The backward computes a gradient only for the inputs that
