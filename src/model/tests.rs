@@ -81,7 +81,9 @@ fn whole_model_backward_matches_finite_differences() {
             let model = Gpt2::from_params(&cfg, ps)?;
             model.loss(&toks, &targets, 2, 5, ForwardOptions::default())
         },
-        1e-6,
+        // Whole-model central differences carry O(h²) truncation error from the deep
+        // composition (seen up to 2.1e-6 over 15 seeds); a wrong backward is off by O(1).
+        1e-5,
     );
 }
 
