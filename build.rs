@@ -388,10 +388,8 @@ fn build_simulator(root: &Path, out: &Path, modules: &[Module]) {
     // reported to those tests (they fail with it) rather than failing the whole build.
     let compiler = build.get_compiler();
     let victim_main = sim_dir.join("victim_main.cpp");
-    for (name, flag) in [
-        ("asan", "-fsanitize=address"),
-        ("tsan", "-fsanitize=thread"),
-    ] {
+    // The two builds are independent: run them side by side.
+    let build_victim = |name: &str, flag: &str| -> String {
         let exe = gen.join(format!("victim_{name}"));
         let status = Command::new(compiler.path())
             .args([
@@ -412,7 +410,7 @@ fn build_simulator(root: &Path, out: &Path, modules: &[Module]) {
             .arg("-o")
             .arg(&exe)
             .output();
-        let env_value = match status {
+        match status {
             Ok(o) if o.status.success() => exe.display().to_string(),
             Ok(o) => format!(
                 "error: {}",
@@ -423,10 +421,13 @@ fn build_simulator(root: &Path, out: &Path, modules: &[Module]) {
                     .join(" | ")
             ),
             Err(e) => format!("error: running {}: {e}", compiler.path().display()),
-        };
-        println!(
-            "cargo:rustc-env=LORAFUSE_SIM_VICTIM_{}={env_value}",
-            name.to_uppercase()
-        );
-    }
+        }
+    };
+    let (asan, tsan) = std::thread::scope(|s| {
+        let asan = s.spawn(|| build_victim("asan", "-fsanitize=address"));
+        let tsan = build_victim("tsan", "-fsanitize=thread");
+        (asan.join().expect("ASan build thread"), tsan)
+    });
+    println!("cargo:rustc-env=LORAFUSE_SIM_VICTIM_ASAN={asan}");
+    println!("cargo:rustc-env=LORAFUSE_SIM_VICTIM_TSAN={tsan}");
 }
