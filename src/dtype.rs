@@ -221,18 +221,13 @@ impl Real for f64 {
 mod tests {
     use super::*;
 
-    fn xorshift(s: &mut u64) -> u64 {
-        *s ^= *s << 13;
-        *s ^= *s >> 7;
-        *s ^= *s << 17;
-        *s
-    }
+    use rand::Rng;
 
     #[test]
     fn from_f64_of_an_f32_value_equals_from_f32() {
-        let mut s = 0x9e37_79b9_7f4a_7c15;
+        let mut g = crate::testing::rng("from_f64_of_f32");
         for _ in 0..1_000_000 {
-            let x = f32::from_bits(xorshift(&mut s) as u32);
+            let x = f32::from_bits(g.random());
             if x.is_nan() {
                 continue;
             }
@@ -258,11 +253,11 @@ mod tests {
             assert_eq!(T::from_f64(m - eps).to_f64(), l, "{m:e} - eps");
             assert_eq!(T::from_f64(m).to_f64(), even, "{m:e}");
         }
-        let mut s = 0x1234_5678_9abc_def1;
+        let mut g = crate::testing::rng("from_f64_near_ties");
         for _ in 0..100_000 {
-            let bits = (xorshift(&mut s) as u16) & 0x7f7e; // finite, below the largest value
+            let bits = g.random::<u16>() & 0x7f7e; // finite, below the largest value
             check(bf16::from_bits(bits), bf16::from_bits(bits + 1), bits);
-            let bits = (xorshift(&mut s) as u16) & 0x7bfe;
+            let bits = g.random::<u16>() & 0x7bfe;
             check(f16::from_bits(bits), f16::from_bits(bits + 1), bits);
         }
     }

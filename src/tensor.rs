@@ -181,8 +181,8 @@ impl Tensor {
         match t.storage_mut().cpu_mut("full")? {
             CpuStorage::F32(v) => v.fill(value as f32),
             CpuStorage::F64(v) => v.fill(value),
-            CpuStorage::BF16(v) => v.fill(half::bf16::from_f64(value)),
-            CpuStorage::F16(v) => v.fill(half::f16::from_f64(value)),
+            CpuStorage::BF16(v) => v.fill(Element::from_f64(value)),
+            CpuStorage::F16(v) => v.fill(Element::from_f64(value)),
         }
         t.to_device(device)
     }
@@ -475,4 +475,29 @@ pub(crate) fn same_device(op: &'static str, ts: &[&Tensor]) -> Result<Device> {
         }
     }
     Ok(d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `full` rounds its f64 value once, like every other constructor: 0x3f1c8001 lies just
+    /// above a bf16 tie, so nearest even is 0x3f1d (half 2.x's `bf16::from_f64` gives 0x3f1c).
+    #[test]
+    fn full_rounds_once_to_nearest_even() {
+        let v = f32::from_bits(0x3f1c_8001) as f64;
+        for device in [Device::Cpu, Device::Sim] {
+            let t = Tensor::full(v, [3], DType::BF16, &device).unwrap();
+            let want = Tensor::from_vec_as(vec![v; 3], [3], DType::BF16, &device).unwrap();
+            assert_eq!(
+                t.to_vec::<half::bf16>().unwrap(),
+                want.to_vec::<half::bf16>().unwrap()
+            );
+            assert_eq!(
+                t.to_vec::<half::bf16>().unwrap()[0].to_bits(),
+                0x3f1d,
+                "on {device}"
+            );
+        }
+    }
 }
