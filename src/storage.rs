@@ -220,6 +220,18 @@ impl DeviceStorage {
         &self.backend
     }
 
+    /// Copies these elements into `dst` on the device (same dtype and length).
+    pub(crate) fn copy_to(&self, dst: &mut DeviceStorage) -> Result<()> {
+        if self.dtype != dst.dtype {
+            return Err(Error::DType {
+                op: "copy",
+                lhs: self.dtype,
+                rhs: dst.dtype,
+            });
+        }
+        self.backend.copy(&self.buf, &mut dst.buf)
+    }
+
     /// The address kernels see.
     pub(crate) fn device_ptr(&self) -> u64 {
         self.buf.device_ptr()

@@ -434,6 +434,37 @@ impl Tensor {
         Tensor::from_vec_as(v, self.shape().clone(), dtype, &self.device())
     }
 
+    /// Copies `src`'s values into this tensor's storage, in place (same shape, dtype and
+    /// device; a device-to-device copy on a GPU, queued on its stream). Every handle of
+    /// this tensor sees the new values. The memory-bound kernels' benchmarks use it as the
+    /// copy-bandwidth baseline.
+    ///
+    /// ```
+    /// use lorafuse::{Device, Tensor};
+    /// let a = Tensor::from_vec(vec![1.0f32, 2.0], [2], &Device::Cpu)?;
+    /// let b = Tensor::zeros([2], a.dtype(), &Device::Cpu)?;
+    /// b.copy_from(&a)?;
+    /// assert_eq!(b.to_vec::<f32>()?, [1.0, 2.0]);
+    /// # Ok::<(), lorafuse::Error>(())
+    /// ```
+    pub fn copy_from(&self, src: &Tensor) -> Result<()> {
+        const OP: &str = "copy_from";
+        Error::check_same_shape(OP, self.shape(), src.shape())?;
+        same_dtype(OP, &[self, src])?;
+        same_device(OP, &[self, src])?;
+        if self.same_storage(src) {
+            return Ok(());
+        }
+        let from = src.storage();
+        let mut to = self.storage_mut();
+        match (&*from, &mut *to) {
+            (Storage::Cpu(s), Storage::Cpu(d)) => d.as_bytes_mut().copy_from_slice(s.as_bytes()),
+            (Storage::Device(s), Storage::Device(d)) => s.copy_to(d)?,
+            _ => return Err(Error::invalid(format!("{OP}: a CPU and a device tensor"))),
+        }
+        Ok(())
+    }
+
     /// Overwrites the elements from `src` (rounded once to this dtype), in place.
     pub fn assign<T: Element>(&self, src: &[T]) -> Result<()> {
         match &mut *self.storage_mut() {
@@ -480,6 +511,24 @@ pub(crate) fn same_device(op: &'static str, ts: &[&Tensor]) -> Result<Device> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn copy_from_copies_in_place_and_checks_its_operands() {
+        for device in [Device::Cpu, Device::Sim] {
+            let a = Tensor::from_vec(vec![1.5f32, -2.0, 3.25], [3], &device).unwrap();
+            let b = Tensor::zeros([3], DType::F32, &device).unwrap();
+            let alias = b.clone();
+            b.copy_from(&a).unwrap();
+            assert_eq!(alias.to_vec::<f32>().unwrap(), [1.5, -2.0, 3.25]);
+            let wrong_shape = Tensor::zeros([2], DType::F32, &device).unwrap();
+            assert!(wrong_shape.copy_from(&a).is_err());
+            let wrong_dtype = Tensor::zeros([3], DType::BF16, &device).unwrap();
+            assert!(wrong_dtype.copy_from(&a).is_err());
+        }
+        let cpu = Tensor::zeros([3], DType::F32, &Device::Cpu).unwrap();
+        let sim = Tensor::zeros([3], DType::F32, &Device::Sim).unwrap();
+        assert!(cpu.copy_from(&sim).is_err());
+    }
 
     /// `full` rounds its f64 value once, like every other constructor: 0x3f1c8001 lies just
     /// above a bf16 tie, so nearest even is 0x3f1d (half 2.x's `bf16::from_f64` gives 0x3f1c).

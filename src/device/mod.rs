@@ -80,6 +80,21 @@ impl Device {
             Device::Cuda(n) => CudaBackend::unavailable_reason(*n),
         }
     }
+
+    /// Waits until every kernel and copy queued on this device has finished, and reports
+    /// any error a kernel raised. A no-op on the CPU and the simulator (their launches
+    /// complete before they return). Benchmarks call it inside the timed region.
+    ///
+    /// ```
+    /// lorafuse::Device::Cpu.synchronize()?;
+    /// # Ok::<(), lorafuse::Error>(())
+    /// ```
+    pub fn synchronize(&self) -> Result<()> {
+        match self {
+            Device::Cpu | Device::Sim => Ok(()),
+            Device::Cuda(_) => Backend::of(*self)?.synchronize(),
+        }
+    }
 }
 
 /// A kernel launch's geometry.
@@ -224,6 +239,28 @@ impl Backend {
             _ => return Err(mixed("copy")),
         }
         Ok(dst)
+    }
+
+    /// Copies `src` into `dst` on the device (equal lengths), e.g. the copy-bandwidth
+    /// baseline of the memory-bound kernels' benches.
+    pub(crate) fn copy(&self, src: &DeviceBuffer, dst: &mut DeviceBuffer) -> Result<()> {
+        check_len("copy", src.len(), dst.len())?;
+        match (self, src, dst) {
+            (Backend::Sim, DeviceBuffer::Sim(s), DeviceBuffer::Sim(d)) => {
+                d.bytes_mut().copy_from_slice(s.bytes());
+                Ok(())
+            }
+            (Backend::Cuda(c), DeviceBuffer::Cuda(s), DeviceBuffer::Cuda(d)) => c.dtod(s, d),
+            _ => Err(mixed("copy")),
+        }
+    }
+
+    /// Waits for every queued kernel and copy (a no-op on the simulator).
+    pub(crate) fn synchronize(&self) -> Result<()> {
+        match self {
+            Backend::Sim => Ok(()),
+            Backend::Cuda(c) => c.synchronize(),
+        }
     }
 
     /// Sets every byte of `dst`.
