@@ -110,4 +110,124 @@ template <> __device__ __forceinline__ f16 round_to<f16>(float x, bool stochasti
     return stochastic ? round_f16_stochastic(x, r) : __float2half_rn(x);
 }
 
+// ---- Tensor cores: one wrapper, two implementations --------------------------------------
+// mma_m16n8k16<T>(d, a, b, c): d = a·b + c for one 16×8×16 tile held by a whole warp, with
+// T = bf16 or f16 operands packed two per 32-bit register and f32 accumulators, in the
+// fragment layout of the PTX ISA ("Matrix Fragments for mma.m16n8k16 with floating point
+// type"). With g = lane >> 2 and t = lane & 3 (lane = threadIdx.x & 31, 1-D blocks):
+//   A 16×16 row-major, 4 regs: a[0] = A[g][2t..2t+1]     a[1] = A[g+8][2t..2t+1]
+//                              a[2] = A[g][2t+8..2t+9]   a[3] = A[g+8][2t+8..2t+9]
+//   B 16×8 "col", 2 regs:      b[0] = B[2t..2t+1][g]     b[1] = B[2t+8..2t+9][g]
+//   C/D 16×8 f32, 4 values:    c[0..1] = C[g][2t..2t+1]  c[2..3] = C[g+8][2t..2t+1]
+// The lower-indexed element of a pair sits in the low 16 bits. Every lane of the warp must
+// call it together (it is .sync.aligned).
+//   * sm_80+: one `mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}.{bf16,f16}.f32`.
+//   * the simulator: the same product in f32 from the same fragments, gathered with warp
+//     shuffles — so a kernel's fragment indexing is checked on the CPU. (The hardware
+//     accumulates in its own order; the tests' tolerances cover that.)
+
+// Two storage values packed into one register, `lo` in the low half.
+__device__ __forceinline__ unsigned pack2(bf16 lo, bf16 hi) {
+    return (unsigned)__bfloat16_as_ushort(lo) | ((unsigned)__bfloat16_as_ushort(hi) << 16);
+}
+__device__ __forceinline__ unsigned pack2(f16 lo, f16 hi) {
+    return (unsigned)__half_as_ushort(lo) | ((unsigned)__half_as_ushort(hi) << 16);
+}
+
+// The two halves of a packed register, as f32.
+template <typename T> __device__ __forceinline__ float unpack_lo(unsigned r);
+template <typename T> __device__ __forceinline__ float unpack_hi(unsigned r);
+template <> __device__ __forceinline__ float unpack_lo<bf16>(unsigned r) {
+    return __bfloat162float(__ushort_as_bfloat16((unsigned short)(r & 0xFFFFu)));
+}
+template <> __device__ __forceinline__ float unpack_hi<bf16>(unsigned r) {
+    return __bfloat162float(__ushort_as_bfloat16((unsigned short)(r >> 16)));
+}
+template <> __device__ __forceinline__ float unpack_lo<f16>(unsigned r) {
+    return __half2float(__ushort_as_half((unsigned short)(r & 0xFFFFu)));
+}
+template <> __device__ __forceinline__ float unpack_hi<f16>(unsigned r) {
+    return __half2float(__ushort_as_half((unsigned short)(r >> 16)));
+}
+
+// The portable product: each lane gathers the rows g, g+8 of A and the columns 2t, 2t+1 of
+// B it needs from the lanes that hold them (16 shuffles of 64 bits), then sums in f32.
+template <typename T>
+__device__ __forceinline__ void mma_m16n8k16_portable(float d[4], const unsigned a[4],
+                                                      const unsigned b[2], const float c[4]) {
+    const int lane = (int)(threadIdx.x & 31u);
+    const int g = lane >> 2, t = lane & 3;
+    const unsigned long long a01 = (unsigned long long)a[0] | ((unsigned long long)a[1] << 32);
+    const unsigned long long a23 = (unsigned long long)a[2] | ((unsigned long long)a[3] << 32);
+    const unsigned long long b01 = (unsigned long long)b[0] | ((unsigned long long)b[1] << 32);
+    float acc[4] = {c[0], c[1], c[2], c[3]};
+    for (int s = 0; s < 4; ++s) {
+        // Lane g*4+s holds A[g][2s..2s+1], A[g+8][2s..], A[g][2s+8..], A[g+8][2s+8..];
+        // lane n*4+s holds B[2s..2s+1][n] and B[2s+8..2s+9][n].
+        const unsigned long long x01 = __shfl_sync(0xffffffffu, a01, g * 4 + s);
+        const unsigned long long x23 = __shfl_sync(0xffffffffu, a23, g * 4 + s);
+        const unsigned long long y0 = __shfl_sync(0xffffffffu, b01, (2 * t) * 4 + s);
+        const unsigned long long y1 = __shfl_sync(0xffffffffu, b01, (2 * t + 1) * 4 + s);
+        const unsigned ar[4] = {(unsigned)x01, (unsigned)(x01 >> 32), (unsigned)x23,
+                                (unsigned)(x23 >> 32)};
+        const unsigned b_n0[2] = {(unsigned)y0, (unsigned)(y0 >> 32)};
+        const unsigned b_n1[2] = {(unsigned)y1, (unsigned)(y1 >> 32)};
+        for (int half = 0; half < 2; ++half) {  // k = 2s, 2s+1, then 2s+8, 2s+9
+            const unsigned lo_row = ar[2 * half], hi_row = ar[2 * half + 1];
+            const float a_g[2] = {unpack_lo<T>(lo_row), unpack_hi<T>(lo_row)};
+            const float a_g8[2] = {unpack_lo<T>(hi_row), unpack_hi<T>(hi_row)};
+            const float bn0[2] = {unpack_lo<T>(b_n0[half]), unpack_hi<T>(b_n0[half])};
+            const float bn1[2] = {unpack_lo<T>(b_n1[half]), unpack_hi<T>(b_n1[half])};
+            for (int j = 0; j < 2; ++j) {
+                acc[0] += a_g[j] * bn0[j];
+                acc[1] += a_g[j] * bn1[j];
+                acc[2] += a_g8[j] * bn0[j];
+                acc[3] += a_g8[j] * bn1[j];
+            }
+        }
+    }
+    d[0] = acc[0];
+    d[1] = acc[1];
+    d[2] = acc[2];
+    d[3] = acc[3];
+}
+
+template <typename T>
+__device__ __forceinline__ void mma_m16n8k16(float d[4], const unsigned a[4], const unsigned b[2],
+                                             const float c[4]);
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800 && !defined(LORAFUSE_SIM)
+template <>
+__device__ __forceinline__ void mma_m16n8k16<bf16>(float d[4], const unsigned a[4],
+                                                   const unsigned b[2], const float c[4]) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%10,%11,%12,%13};\n"
+        : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]), "f"(c[1]),
+          "f"(c[2]), "f"(c[3]));
+}
+template <>
+__device__ __forceinline__ void mma_m16n8k16<f16>(float d[4], const unsigned a[4],
+                                                  const unsigned b[2], const float c[4]) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%10,%11,%12,%13};\n"
+        : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]), "f"(c[1]),
+          "f"(c[2]), "f"(c[3]));
+}
+#else
+template <>
+__device__ __forceinline__ void mma_m16n8k16<bf16>(float d[4], const unsigned a[4],
+                                                   const unsigned b[2], const float c[4]) {
+    mma_m16n8k16_portable<bf16>(d, a, b, c);
+}
+template <>
+__device__ __forceinline__ void mma_m16n8k16<f16>(float d[4], const unsigned a[4],
+                                                  const unsigned b[2], const float c[4]) {
+    mma_m16n8k16_portable<f16>(d, a, b, c);
+}
+#endif
+
 }  // namespace lf

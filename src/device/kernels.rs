@@ -34,8 +34,11 @@ pub fn module_of(kernel: &str) -> Option<&'static KernelModule> {
 
 /// Every kernel symbol the crate's ops may launch, op by op.
 pub fn launched() -> impl Iterator<Item = &'static str> {
-    [crate::ops::elementwise::cuda::KERNELS]
-        .into_iter()
-        .flatten()
-        .copied()
+    [
+        crate::ops::elementwise::cuda::KERNELS,
+        crate::ops::lora_matmul::cuda::KERNELS,
+    ]
+    .into_iter()
+    .flatten()
+    .copied()
 }

@@ -14,6 +14,7 @@ pub(crate) mod elementwise;
 mod embedding;
 mod layer_norm;
 mod lora_linear;
+pub(crate) mod lora_matmul;
 mod lora_merge;
 mod matmul;
 pub mod profile;

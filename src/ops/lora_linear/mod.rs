@@ -16,12 +16,13 @@
 //! a q-block and a v-block adapter for loralib's q/v-only `MergedLinear`.
 
 pub(crate) mod cpu;
+mod cuda;
 
 use super::elementwise::bias_grad;
 use super::{output, with_real};
 use crate::tape::Tape;
 use crate::tensor::{same_device, same_dtype, CpuRead};
-use crate::{Error, Real, Result, Tensor};
+use crate::{Device, Error, Real, Result, Tensor};
 use std::ops::Range;
 
 const OP: &str = "lora_linear";
@@ -127,11 +128,25 @@ pub fn lora_linear(
     let mut out_dims = x.dims().to_vec();
     *out_dims.last_mut().expect("rank >= 1") = n;
 
-    let (y, us) = with_real(
-        dtype,
-        || forward::<f32>(x, x_lora, w0, bias, &saved, (m, k, n), &out_dims),
-        || forward::<f64>(x, x_lora, w0, bias, &saved, (m, k, n), &out_dims),
-    )?;
+    let device = x.device();
+    let (y, us) = if device == Device::Cpu {
+        with_real(
+            dtype,
+            || forward::<f32>(x, x_lora, w0, bias, &saved, (m, k, n), &out_dims),
+            || forward::<f64>(x, x_lora, w0, bias, &saved, (m, k, n), &out_dims),
+        )?
+    } else {
+        let (y, sus) = cuda::forward(
+            x,
+            x_lora.unwrap_or(x),
+            w0,
+            bias,
+            &saved,
+            (m, k, n),
+            &out_dims,
+        )?;
+        (y, Saved::Device(sus))
+    };
     let Some(tape) = tape else {
         us.recycle();
         return Ok(y);
@@ -148,11 +163,23 @@ pub fn lora_linear(
             let Some(gy) = g.take_output(yid) else {
                 return Ok(());
             };
-            let grads = with_real(
-                x.dtype(),
-                || backward::<f32>(&gy, &x, x_lora.as_ref(), &w0, &saved, &us, (m, k, n)),
-                || backward::<f64>(&gy, &x, x_lora.as_ref(), &w0, &saved, &us, (m, k, n)),
-            )?;
+            let grads = match &us {
+                Saved::Device(sus) => {
+                    let d = cuda::backward(&gy, &x, x_lora.as_ref(), &w0, &saved, sus, (m, k, n))?;
+                    Grads2 {
+                        gx: d.gx,
+                        gx_lora: d.gx_lora,
+                        gw0: d.gw0,
+                        ga: d.ga,
+                        gb: d.gb,
+                    }
+                }
+                _ => with_real(
+                    x.dtype(),
+                    || backward::<f32>(&gy, &x, x_lora.as_ref(), &w0, &saved, &us, (m, k, n)),
+                    || backward::<f64>(&gy, &x, x_lora.as_ref(), &w0, &saved, &us, (m, k, n)),
+                )?,
+            };
             us.recycle();
             if let Some(b) = &bias {
                 if b.requires_grad() {
@@ -189,10 +216,12 @@ pub fn lora_linear(
     Ok(y.with_tape(Some(tape)))
 }
 
-/// The saved `u` of each adapter, in the compute type of the op.
+/// The saved `u` of each adapter: in the compute type of the op on the CPU, as `s·u`
+/// tensors on a device.
 enum Saved {
     F32(Vec<Vec<f32>>),
     F64(Vec<Vec<f64>>),
+    Device(Vec<Tensor>),
 }
 
 impl Saved {
@@ -201,6 +230,7 @@ impl Saved {
         match self {
             Saved::F32(us) => us.into_iter().for_each(crate::storage::pool::recycle),
             Saved::F64(us) => us.into_iter().for_each(crate::storage::pool::recycle),
+            Saved::Device(_) => {}
         }
     }
 }
@@ -225,7 +255,7 @@ impl SavedOf for f32 {
     fn unwrap(s: &Saved) -> &[Vec<f32>] {
         match s {
             Saved::F32(v) => v,
-            Saved::F64(_) => unreachable!("the compute type is fixed by the dtype"),
+            _ => unreachable!("the compute type is fixed by the dtype and device"),
         }
     }
 }
@@ -236,7 +266,7 @@ impl SavedOf for f64 {
     fn unwrap(s: &Saved) -> &[Vec<f64>] {
         match s {
             Saved::F64(v) => v,
-            Saved::F32(_) => unreachable!("the compute type is fixed by the dtype"),
+            _ => unreachable!("the compute type is fixed by the dtype and device"),
         }
     }
 }

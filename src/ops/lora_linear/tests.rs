@@ -214,51 +214,211 @@ fn a_frozen_base_weight_costs_no_weight_gradient_gemm() {
     println!("full: {full_counts:?}, lora: {lora_counts:?}");
 }
 
-/// f32, bf16 and f16 on `device` against the f64 CPU reference (DESIGN §6 tolerances).
-fn dtypes_track_the_f64_reference(device: &Device) {
-    if *device != Device::Cpu {
-        // The fused LoRA kernels arrive with issue 4; until then this op refuses device tensors.
-        let x = Tensor::zeros([2, 3], DType::F32, device).unwrap();
-        let w = Tensor::zeros([4, 3], DType::F32, device).unwrap();
-        let e = lora_linear(&x, None, &w, None, &[]).unwrap_err();
-        assert!(matches!(e, Error::Unsupported { .. }), "{e}");
-        println!("lora_linear on {device}: skipped (no kernel yet: {e})");
-        return;
+/// DESIGN §6's rel-L2 tolerance for `dtype` results against the f64 reference.
+fn tol(dtype: DType) -> f64 {
+    match dtype {
+        DType::F32 => 1e-5,
+        DType::BF16 => 1e-2,
+        DType::F16 => 2e-3,
+        DType::F64 => 1e-12,
     }
-    let mut g = rng("lora_linear_dtypes");
-    let (m, k, n, r) = (33, 40, 24, 8);
-    let ts: Vec<Tensor> = vec![
-        rand_tensor(&mut g, [m, k], -1.0, 1.0),
-        rand_tensor(&mut g, [n, k], -1.0, 1.0),
-        rand_tensor(&mut g, [r, k], -1.0, 1.0),
-        rand_tensor(&mut g, [n, r], -1.0, 1.0),
-    ];
-    let run = |dt: DType, dev: &Device| {
-        let t: Vec<Tensor> = ts
-            .iter()
-            .map(|t| {
-                Tensor::from_vec_as(t.to_vec_f64().unwrap(), t.shape().clone(), dt, dev).unwrap()
-            })
-            .collect();
-        let term = LoraTerm {
-            a: &t[2],
-            b: &t[3],
-            scale: 0.5,
-            out_range: 0..n,
+}
+
+/// One configuration of the op: shape, adapters (rank, scale, output columns), a separate
+/// LoRA input (PEFT's dropout path), a bias, a tracked `W0`.
+struct Config {
+    m: usize,
+    k: usize,
+    n: usize,
+    adapters: Vec<(usize, f64, Range<usize>)>,
+    own_input: bool,
+    bias: bool,
+    train_w0: bool,
+}
+
+/// Ranks 1–64 of DESIGN §6, odd shapes (not multiples of the kernels' 64-wide tiles),
+/// one full-width adapter (PEFT's `c_attn`), q/v blocks (loralib's `MergedLinear`), a
+/// separate LoRA input and a trainable `W0`.
+fn configs() -> Vec<Config> {
+    let full = |r, n| vec![(r, 2.0, 0..n)];
+    vec![
+        Config {
+            m: 1,
+            k: 7,
+            n: 9,
+            adapters: full(1, 9),
+            own_input: false,
+            bias: true,
+            train_w0: false,
+        },
+        Config {
+            m: 7,
+            k: 63,
+            n: 66,
+            adapters: vec![(2, 0.5, 0..22), (2, 1.5, 44..66)],
+            own_input: false,
+            bias: false,
+            train_w0: false,
+        },
+        Config {
+            m: 65,
+            k: 33,
+            n: 63,
+            adapters: full(4, 63),
+            own_input: true,
+            bias: true,
+            train_w0: false,
+        },
+        Config {
+            m: 63,
+            k: 65,
+            n: 24,
+            adapters: full(8, 24),
+            own_input: false,
+            bias: true,
+            train_w0: true,
+        },
+        Config {
+            m: 17,
+            k: 40,
+            n: 48,
+            adapters: vec![(16, 1.0, 0..16), (16, 1.0, 32..48)],
+            own_input: true,
+            bias: false,
+            train_w0: false,
+        },
+        Config {
+            m: 5,
+            k: 70,
+            n: 65,
+            adapters: full(64, 65),
+            own_input: false,
+            bias: false,
+            train_w0: false,
+        },
+        Config {
+            m: 4,
+            k: 16,
+            n: 8,
+            adapters: vec![],
+            own_input: false,
+            bias: true,
+            train_w0: false,
+        },
+    ]
+}
+
+/// Forward and backward of the op on `device` in f32, bf16 and f16 against the f64 CPU
+/// reference from the same (rounded) inputs, every output and gradient compared.
+fn forward_and_backward_track_the_f64_reference(device: &Device) {
+    let mut g = rng("lora_linear_device");
+    for c in configs() {
+        let mut host = vec![
+            rand_tensor(&mut g, [c.m, c.k], -1.0, 1.0),
+            rand_tensor(&mut g, [c.n, c.k], -1.0, 1.0),
+            rand_tensor(&mut g, [c.n], -1.0, 1.0),
+            rand_tensor(&mut g, [c.m, c.k], -1.0, 1.0),
+            rand_tensor(&mut g, [c.m, c.n], -1.0, 1.0),
+        ];
+        for (r, _, cols) in &c.adapters {
+            host.push(rand_tensor(&mut g, [*r, c.k], -1.0, 1.0));
+            host.push(rand_tensor(&mut g, [cols.len(), *r], -1.0, 1.0));
+        }
+        // Runs the op and its backward; returns y and every gradient, as f64.
+        let run = |dt: DType, dev: &Device, inputs: &[Tensor]| -> Vec<(String, Vec<f64>)> {
+            let t: Vec<Tensor> = inputs
+                .iter()
+                .map(|t| {
+                    Tensor::from_vec_as(t.to_vec_f64().unwrap(), t.shape().clone(), dt, dev)
+                        .unwrap()
+                })
+                .collect();
+            let tape = Tape::new();
+            let x = t[0].track(&tape);
+            let w0 = if c.train_w0 {
+                t[1].track(&tape)
+            } else {
+                t[1].clone()
+            };
+            let xl = c.own_input.then(|| t[3].track(&tape));
+            let ab: Vec<Tensor> = t[5..].iter().map(|t| t.track(&tape)).collect();
+            let terms: Vec<LoraTerm<'_>> = c
+                .adapters
+                .iter()
+                .enumerate()
+                .map(|(i, (_, s, cols))| LoraTerm {
+                    a: &ab[2 * i],
+                    b: &ab[2 * i + 1],
+                    scale: *s,
+                    out_range: cols.clone(),
+                })
+                .collect();
+            let bias = c.bias.then(|| t[2].track(&tape));
+            let y = lora_linear(&x, xl.as_ref(), &w0, bias.as_ref(), &terms).unwrap();
+            assert_eq!((y.dtype(), y.device()), (dt, *dev));
+            let grads = tape.backward_with(&y, t[4].clone()).unwrap();
+            let mut out = vec![("y".to_string(), y.to_vec_f64().unwrap())];
+            let mut grad = |name: &str, of: &Tensor| {
+                let g = grads
+                    .get(of)
+                    .unwrap_or_else(|| panic!("no gradient for {name}"));
+                out.push((format!("g{name}"), g.to_vec_f64().unwrap()));
+            };
+            grad("x", &x);
+            if let Some(xl) = &xl {
+                grad("x_lora", xl);
+            }
+            if c.train_w0 {
+                grad("W0", &w0);
+            }
+            if let Some(b) = &bias {
+                grad("bias", b);
+            }
+            for (i, t) in ab.iter().enumerate() {
+                grad(
+                    &format!("{}{}", if i % 2 == 0 { "A" } else { "B" }, i / 2),
+                    t,
+                );
+            }
+            out
         };
-        let y = lora_linear(&t[0], None, &t[1], None, &[term]).unwrap();
-        assert_eq!((y.dtype(), y.device()), (dt, *dev));
-        y.to_vec_f64().unwrap()
-    };
-    let want = run(DType::F64, &Device::Cpu);
-    assert_close("f32", &run(DType::F32, device), &want, 1e-6);
-    assert_close("bf16", &run(DType::BF16, device), &want, 1e-2);
-    assert_close("f16", &run(DType::F16, device), &want, 2e-3);
+        for dt in [DType::F32, DType::BF16, DType::F16] {
+            // The reference sees exactly the inputs the device sees (rounded to dt).
+            let rounded: Vec<Tensor> = host
+                .iter()
+                .map(|t| {
+                    let r = Tensor::from_vec_as(
+                        t.to_vec_f64().unwrap(),
+                        t.shape().clone(),
+                        dt,
+                        &Device::Cpu,
+                    )
+                    .unwrap();
+                    Tensor::from_vec(r.to_vec_f64().unwrap(), t.shape().clone(), &Device::Cpu)
+                        .unwrap()
+                })
+                .collect();
+            let want = run(DType::F64, &Device::Cpu, &rounded);
+            let got = run(dt, device, &rounded);
+            for ((name, gv), (_, wv)) in got.iter().zip(&want) {
+                let ranks: Vec<usize> = c.adapters.iter().map(|a| a.0).collect();
+                assert_close(
+                    &format!(
+                        "{device} {dt} m{} k{} n{} ranks {ranks:?}: {name}",
+                        c.m, c.k, c.n
+                    ),
+                    gv,
+                    wv,
+                    tol(dt),
+                );
+            }
+        }
+    }
 }
 
 crate::test_device!(
-    low_precision_dtypes_track_the_f64_result,
-    dtypes_track_the_f64_reference
+    forward_and_backward_on_every_backend,
+    forward_and_backward_track_the_f64_reference
 );
 
 #[test]
