@@ -447,7 +447,7 @@ impl CudaBackend {
 
     /// Makes the context current on this thread (and reports any error cudarc recorded in a
     /// drop since the last call).
-    fn bind(&self) -> Result<()> {
+    pub(crate) fn bind(&self) -> Result<()> {
         self.ctx
             .bind_to_thread()
             .map_err(cuda_err("cuCtxSetCurrent"))

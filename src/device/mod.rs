@@ -51,6 +51,7 @@ impl fmt::Display for Device {
 }
 
 pub mod cpu;
+mod cublas;
 pub(crate) mod cuda;
 pub mod kernels;
 pub(crate) mod sim;
@@ -59,6 +60,7 @@ mod sim_tests;
 #[cfg(test)]
 mod tidy;
 
+pub use cublas::cublas_linear;
 use std::sync::Arc;
 
 use crate::{Error, Result};
