@@ -1,0 +1,192 @@
+//! The fused LoRA linear (DESIGN §2, §10) against its unfused composition and against the
+//! dense GEMM of the base shape — ours and cuBLAS's.
+//!
+//! - `fused_fwd`: `lora_linear` — one GEMM over `K + r` plus the skinny `s·x·Aᵀ`.
+//! - `unfused_fwd`: `linear(x, W0)` + `linear(x, A)` + `linear(u, B)` + `scale` + `add` —
+//!   our GEMM, two skinny GEMMs and two elementwise passes (PEFT's structure).
+//! - `dense_ours`, `dense_cublas`: `x·W0ᵀ` alone by our kernel and by `cublasGemmEx`.
+//! - `fused_fwd_bwd`, `unfused_fwd_bwd`: forward + backward with `A`, `B` trained and
+//!   `W0` frozen (no `gW0`).
+//!
+//! Throughput is reported as `Elements` = FLOPs (criterion's "elem/s" is FLOP/s): the base
+//! `2·M·N·K` plus the LoRA products. Every timed iteration ends with
+//! `Device::synchronize()`, so GPU times are complete. On a GPU: the headline shape
+//! (bf16, M = 8192, K = N = 4096, r = 16). Without one, the `cuda` group prints `skipped`
+//! and a small f32 CPU group runs instead.
+//!
+//! `cargo bench --bench lora_matmul`; BENCHMARKS.md records the numbers.
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use lorafuse::ops::{add, linear, lora_linear, scale, LoraTerm};
+use lorafuse::{DType, Device, Tape, Tensor};
+use rand::SeedableRng;
+use std::time::Duration;
+
+struct Shape {
+    m: usize,
+    k: usize,
+    n: usize,
+    r: usize,
+    dtype: DType,
+}
+
+impl Shape {
+    fn id(&self) -> String {
+        format!(
+            "M{}_K{}_N{}_r{}_{}",
+            self.m, self.k, self.n, self.r, self.dtype
+        )
+    }
+    fn base_flops(&self) -> u64 {
+        2 * (self.m * self.n * self.k) as u64
+    }
+    /// `s·x·Aᵀ` and the rank-r extension of the base GEMM.
+    fn lora_fwd_flops(&self) -> u64 {
+        2 * (self.m * self.r * (self.k + self.n)) as u64
+    }
+    /// Backward: `gx` (base + extension), `s·gy·B`, `gA`, `gB`.
+    fn fwd_bwd_flops(&self) -> u64 {
+        2 * self.base_flops()
+            + 2 * self.lora_fwd_flops()
+            + 2 * (self.m * self.r * (self.k + self.n)) as u64
+    }
+}
+
+struct Operands {
+    x: Tensor,
+    w0: Tensor,
+    a: Tensor,
+    b: Tensor,
+    gy: Tensor,
+}
+
+fn operands(s: &Shape, device: &Device) -> Operands {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let mut t = |dims: [usize; 2], bound: f64| {
+        Tensor::rand_uniform(-bound, bound, dims, s.dtype, device, &mut rng).expect("tensor")
+    };
+    Operands {
+        x: t([s.m, s.k], 1.0),
+        w0: t([s.n, s.k], (1.0 / s.k as f64).sqrt()),
+        a: t([s.r, s.k], (1.0 / s.k as f64).sqrt()),
+        // Non-zero B so the LoRA path carries real values (after init it is 0).
+        b: t([s.n, s.r], 0.1),
+        gy: t([s.m, s.n], 1.0),
+    }
+}
+
+const SCALE: f64 = 2.0;
+
+fn fused(o: &Operands, tape: Option<&Tape>) -> Tensor {
+    let (a, b) = match tape {
+        Some(t) => (o.a.track(t), o.b.track(t)),
+        None => (o.a.clone(), o.b.clone()),
+    };
+    let term = LoraTerm {
+        a: &a,
+        b: &b,
+        scale: SCALE,
+        out_range: 0..o.w0.dims()[0],
+    };
+    lora_linear(&o.x, None, &o.w0, None, &[term]).expect("fused")
+}
+
+fn unfused(o: &Operands, tape: Option<&Tape>) -> Tensor {
+    let (a, b) = match tape {
+        Some(t) => (o.a.track(t), o.b.track(t)),
+        None => (o.a.clone(), o.b.clone()),
+    };
+    let y0 = linear(&o.x, &o.w0, None).expect("base");
+    let u = linear(&o.x, &a, None).expect("u");
+    let z = linear(&u, &b, None).expect("z");
+    add(&y0, &scale(&z, SCALE).expect("scale")).expect("add")
+}
+
+fn run_group(c: &mut Criterion, name: &str, device: Device, s: &Shape, cublas: bool) {
+    let o = operands(s, &device);
+    let sync = || device.synchronize().expect("synchronize");
+    let mut g = c.benchmark_group(name);
+    g.sample_size(10)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3));
+    let id = s.id();
+    g.throughput(Throughput::Elements(s.base_flops()));
+    g.bench_function(BenchmarkId::new("dense_ours", &id), |bch| {
+        bch.iter(|| {
+            let y = linear(&o.x, &o.w0, None).expect("linear");
+            sync();
+            y
+        })
+    });
+    if cublas {
+        g.bench_function(BenchmarkId::new("dense_cublas", &id), |bch| {
+            bch.iter(|| {
+                let y = lorafuse::device::cublas_linear(&o.x, &o.w0).expect("cublas");
+                sync();
+                y
+            })
+        });
+    }
+    g.throughput(Throughput::Elements(s.base_flops() + s.lora_fwd_flops()));
+    g.bench_function(BenchmarkId::new("fused_fwd", &id), |bch| {
+        bch.iter(|| {
+            let y = fused(&o, None);
+            sync();
+            y
+        })
+    });
+    g.bench_function(BenchmarkId::new("unfused_fwd", &id), |bch| {
+        bch.iter(|| {
+            let y = unfused(&o, None);
+            sync();
+            y
+        })
+    });
+    g.throughput(Throughput::Elements(s.fwd_bwd_flops()));
+    for (label, f) in [
+        (
+            "fused_fwd_bwd",
+            fused as fn(&Operands, Option<&Tape>) -> Tensor,
+        ),
+        ("unfused_fwd_bwd", unfused),
+    ] {
+        g.bench_function(BenchmarkId::new(label, &id), |bch| {
+            bch.iter(|| {
+                let tape = Tape::new();
+                let y = f(&o, Some(&tape));
+                let grads = tape.backward_with(&y, o.gy.clone()).expect("backward");
+                sync();
+                grads
+            })
+        });
+    }
+    g.finish();
+}
+
+fn benches(c: &mut Criterion) {
+    let gpu = Device::Cuda(0);
+    match gpu.unavailable_reason() {
+        None => {
+            let headline = Shape {
+                m: 8192,
+                k: 4096,
+                n: 4096,
+                r: 16,
+                dtype: DType::BF16,
+            };
+            run_group(c, "lora_matmul/cuda", gpu, &headline, true);
+        }
+        Some(reason) => println!("lora_matmul/cuda: skipped ({reason})"),
+    }
+    let small = Shape {
+        m: 512,
+        k: 256,
+        n: 256,
+        r: 16,
+        dtype: DType::F32,
+    };
+    run_group(c, "lora_matmul/cpu", Device::Cpu, &small, false);
+}
+
+criterion_group!(lora_matmul, benches);
+criterion_main!(lora_matmul);
