@@ -5,8 +5,8 @@
 //! - `unfused_fwd`: `linear(x, W0)` + `linear(x, A)` + `linear(u, B)` + `scale` + `add` —
 //!   our GEMM, two skinny GEMMs and two elementwise passes (PEFT's structure).
 //! - `dense_ours`, `dense_cublas`: `x·W0ᵀ` alone by our kernel and by `cublasGemmEx`.
-//! - `fused_fwd_bwd`, `unfused_fwd_bwd`: forward + backward with `A`, `B` trained and
-//!   `W0` frozen (no `gW0`).
+//! - `fused_fwd_bwd`, `unfused_fwd_bwd`: forward + backward with `A`, `B` trained, `W0`
+//!   frozen (no `gW0`) and the input gradient `gx` computed (as inside a network).
 //!
 //! Throughput is reported as `Elements` = FLOPs (criterion's "elem/s" is FLOP/s): the base
 //! `2·M·N·K` plus the LoRA products. Every timed iteration ends with
@@ -77,27 +77,29 @@ fn operands(s: &Shape, device: &Device) -> Operands {
 
 const SCALE: f64 = 2.0;
 
+/// `x`, `A`, `B` tracked on `tape` (x: the input gradient a real layer needs), `W0` frozen.
+fn inputs(o: &Operands, tape: Option<&Tape>) -> (Tensor, Tensor, Tensor) {
+    match tape {
+        Some(t) => (o.x.track(t), o.a.track(t), o.b.track(t)),
+        None => (o.x.clone(), o.a.clone(), o.b.clone()),
+    }
+}
+
 fn fused(o: &Operands, tape: Option<&Tape>) -> Tensor {
-    let (a, b) = match tape {
-        Some(t) => (o.a.track(t), o.b.track(t)),
-        None => (o.a.clone(), o.b.clone()),
-    };
+    let (x, a, b) = inputs(o, tape);
     let term = LoraTerm {
         a: &a,
         b: &b,
         scale: SCALE,
         out_range: 0..o.w0.dims()[0],
     };
-    lora_linear(&o.x, None, &o.w0, None, &[term]).expect("fused")
+    lora_linear(&x, None, &o.w0, None, &[term]).expect("fused")
 }
 
 fn unfused(o: &Operands, tape: Option<&Tape>) -> Tensor {
-    let (a, b) = match tape {
-        Some(t) => (o.a.track(t), o.b.track(t)),
-        None => (o.a.clone(), o.b.clone()),
-    };
-    let y0 = linear(&o.x, &o.w0, None).expect("base");
-    let u = linear(&o.x, &a, None).expect("u");
+    let (x, a, b) = inputs(o, tape);
+    let y0 = linear(&x, &o.w0, None).expect("base");
+    let u = linear(&x, &a, None).expect("u");
     let z = linear(&u, &b, None).expect("z");
     add(&y0, &scale(&z, SCALE).expect("scale")).expect("add")
 }
