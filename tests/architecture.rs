@@ -107,7 +107,7 @@ fn every_op_has_a_cpu_twin_and_every_differentiable_op_a_finite_difference_check
 }
 
 #[test]
-fn every_kernel_file_has_an_op_folder_with_a_launcher_a_cpu_twin_and_tests() {
+fn every_kernel_file_has_an_op_or_optimizer_folder_with_a_launcher_a_cpu_twin_and_tests() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let launched = fs::read_to_string(src().join("device/kernels.rs")).unwrap();
     let mut n = 0;
@@ -117,21 +117,26 @@ fn every_kernel_file_has_an_op_folder_with_a_launcher_a_cpu_twin_and_tests() {
             continue;
         }
         let op = p.file_stem().unwrap().to_string_lossy().to_string();
-        let dir = src().join("ops").join(&op);
+        // An op's kernels live in ops/<op>/, the optimizer's (adamw) in optim/<op>/.
+        let (area, dir) = ["ops", "optim"]
+            .into_iter()
+            .map(|area| (area, src().join(area).join(&op)))
+            .find(|(_, d)| d.is_dir())
+            .unwrap_or_else(|| panic!("kernels/{op}.cu: neither ops/{op}/ nor optim/{op}/"));
         for f in ["mod.rs", "cpu.rs", "cuda.rs"] {
             assert!(
                 dir.join(f).exists(),
-                "kernels/{op}.cu: ops/{op}/{f} is missing"
+                "kernels/{op}.cu: {area}/{op}/{f} is missing"
             );
         }
         let cuda = fs::read_to_string(dir.join("cuda.rs")).unwrap();
         assert!(
             cuda.contains("pub(crate) const KERNELS: &[&str]"),
-            "ops/{op}/cuda.rs must list its kernels in `KERNELS`"
+            "{area}/{op}/cuda.rs must list its kernels in `KERNELS`"
         );
         assert!(
-            launched.contains(&format!("crate::ops::{op}::cuda::KERNELS")),
-            "device::kernels::launched() must include ops::{op}::cuda::KERNELS"
+            launched.contains(&format!("crate::{area}::{op}::cuda::KERNELS")),
+            "device::kernels::launched() must include {area}::{op}::cuda::KERNELS"
         );
         let tests: String = rust_files(&dir)
             .iter()
@@ -139,7 +144,7 @@ fn every_kernel_file_has_an_op_folder_with_a_launcher_a_cpu_twin_and_tests() {
             .collect();
         assert!(
             tests.contains("test_device!("),
-            "ops/{op} must test its kernels on every backend (test_device!)"
+            "{area}/{op} must test its kernels on every backend (test_device!)"
         );
         n += 1;
     }

@@ -32,11 +32,12 @@ pub fn module_of(kernel: &str) -> Option<&'static KernelModule> {
     MODULES.iter().find(|m| m.kernels.contains(&kernel))
 }
 
-/// Every kernel symbol the crate's ops may launch, op by op.
+/// Every kernel symbol the crate's ops (and the optimizer) may launch, op by op.
 pub fn launched() -> impl Iterator<Item = &'static str> {
     [
         crate::ops::elementwise::cuda::KERNELS,
         crate::ops::lora_matmul::cuda::KERNELS,
+        crate::optim::adamw::cuda::KERNELS,
     ]
     .into_iter()
     .flatten()

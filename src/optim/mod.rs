@@ -40,13 +40,14 @@
 //! # Ok::<(), lorafuse::Error>(())
 //! ```
 
-mod adamw;
+pub(crate) mod adamw;
 mod loss_scale;
 pub mod rounding;
 mod schedule;
 
 pub use adamw::{
-    adamw_element, AdamW, AdamWConfig, ParamStateRef, StepConstants, StepOptions, StepReport,
+    adamw_element, pow_by_squaring, AdamW, AdamWConfig, ParamStateOwned, ParamStateRef,
+    PendingStepReport, StepConstants, StepOptions, StepReport,
 };
 pub use loss_scale::{scaled_backward_step, DynamicLossScaler};
 pub use rounding::Rounding;

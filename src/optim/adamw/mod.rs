@@ -1,17 +1,27 @@
 //! AdamW with decoupled weight decay, fp32 master weights for bf16/f16 parameters,
 //! global gradient-norm clipping and skipping of non-finite steps.
 
-use super::rounding::{stream_bits, stream_key, HalfFloat, Rounding};
+//!
+//! The CPU reference lives in `cpu.rs`; on a `Sim` or `Cuda` device the state lives on the
+//! device and a step runs the kernels of `kernels/adamw.cu` (`cuda.rs`).
+
+use std::sync::OnceLock;
+
+use super::rounding::{stream_key, Rounding};
 use crate::storage::CpuStorage;
-use crate::{DType, Element, Error, Gradients, Real, Result, Tensor};
-use rayon::prelude::*;
+#[cfg(test)]
+use crate::Element;
+use crate::{DType, Device, Error, Gradients, Real, Result, Tensor};
+#[cfg(test)]
+use cpu::CHUNK;
+use cpu::{sum_squares, update_half, update_plain};
+
+pub(crate) mod cpu;
+pub(crate) mod cuda;
+#[cfg(test)]
+mod kernel_tests;
 
 const OP: &str = "adamw";
-
-/// Elements per rayon task (the same granularity as the elementwise ops). It also fixes
-/// the summation order of the gradient norm, so the norm does not depend on the number
-/// of threads.
-const CHUNK: usize = 1 << 15;
 
 /// The hyper-parameters of [`AdamW`] (the defaults of `torch.optim.AdamW`).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -141,9 +151,12 @@ pub struct StepConstants<T> {
 impl<T: Real> StepConstants<T> {
     /// The constants of step `t` (1-based) at learning rate `lr`, with the gradients
     /// multiplied by `grad_mul`.
+    ///
+    /// `β₁ᵗ` and `β₂ᵗ` are [`pow_by_squaring`], so that the device, which keeps the step
+    /// count and computes these constants itself, gets the same bits.
     pub fn new(cfg: &AdamWConfig, lr: f64, t: u64, grad_mul: f64) -> Self {
-        let bias1 = 1.0 - cfg.beta1.powf(t as f64);
-        let bias2 = 1.0 - cfg.beta2.powf(t as f64);
+        let bias1 = 1.0 - pow_by_squaring(cfg.beta1, t);
+        let bias2 = 1.0 - pow_by_squaring(cfg.beta2, t);
         StepConstants {
             grad_mul: T::c(grad_mul),
             decay: T::c(1.0 - lr * cfg.weight_decay),
@@ -156,6 +169,38 @@ impl<T: Real> StepConstants<T> {
             eps: T::c(cfg.eps),
         }
     }
+}
+
+/// `base^exp` by binary exponentiation in f64, the bias corrections' `βᵗ`:
+///
+/// ```text
+/// acc = 1; b = base
+/// while exp > 0 { if exp & 1 { acc = acc·b }; b = b·b; exp >>= 1 }
+/// ```
+///
+/// Each product is one correctly rounded IEEE f64 multiplication, in this order, so the
+/// AdamW kernel (`kernels/adamw.cu`, which computes the step constants on the device
+/// because the step count lives there) reproduces it bit for bit; `f64::powf` is libm's
+/// and has no such twin. Within a few ulps of the exact power (⌊log₂ exp⌋ + popcount
+/// roundings of relative size 2⁻⁵³ each).
+///
+/// ```
+/// use lorafuse::optim::pow_by_squaring;
+/// assert_eq!(pow_by_squaring(0.5, 10), 1.0 / 1024.0);
+/// assert_eq!(pow_by_squaring(0.9, 0), 1.0);
+/// let (a, b) = (pow_by_squaring(0.999, 1000), 0.999f64.powf(1000.0));
+/// assert!(((a - b) / b).abs() < 1e-14, "{a} vs {b}");
+/// ```
+pub fn pow_by_squaring(base: f64, exp: u64) -> f64 {
+    let (mut acc, mut b, mut e) = (1.0f64, base, exp);
+    while e > 0 {
+        if e & 1 == 1 {
+            acc *= b;
+        }
+        b *= b;
+        e >>= 1;
+    }
+    acc
 }
 
 /// One AdamW update of one element: returns the new parameter (or master) value and
@@ -219,6 +264,89 @@ pub enum ParamStateRef<'a> {
     },
 }
 
+/// An owned copy of the state of one parameter (see [`AdamW::state_to_host`]), for state
+/// that lives on a device.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ParamStateOwned {
+    /// The state of an f32, bf16 or f16 parameter.
+    F32 {
+        /// First moment.
+        m: Vec<f32>,
+        /// Second moment.
+        v: Vec<f32>,
+        /// The fp32 master weights of a bf16/f16 parameter (`None` for f32).
+        master: Option<Vec<f32>>,
+    },
+    /// The state of an f64 parameter (CPU only).
+    F64 {
+        /// First moment.
+        m: Vec<f64>,
+        /// Second moment.
+        v: Vec<f64>,
+    },
+}
+
+impl ParamStateOwned {
+    /// Borrowed access, as [`AdamW::state`] gives it.
+    pub fn as_ref(&self) -> ParamStateRef<'_> {
+        match self {
+            ParamStateOwned::F32 { m, v, master } => ParamStateRef::F32 {
+                m,
+                v,
+                master: master.as_deref(),
+            },
+            ParamStateOwned::F64 { m, v } => ParamStateRef::F64 { m, v },
+        }
+    }
+}
+
+/// The report of a step queued by [`AdamW::step_deferred`]: [`wait`](Self::wait) blocks
+/// until the step ran on the device and reads its [`StepReport`].
+///
+/// On a device, the step state (norm, skip flag, clip coefficient) is copied into a small
+/// buffer of its own, queued right after the step's kernels, so later steps do not
+/// overwrite it: reports can be waited for in any order, or dropped. On the CPU the
+/// report is ready at once.
+pub struct PendingStepReport {
+    inner: Pending,
+}
+
+enum Pending {
+    Ready(StepReport),
+    Device(cuda::PendingDevice),
+}
+
+impl std::fmt::Debug for PendingStepReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.inner {
+            Pending::Ready(r) => write!(f, "PendingStepReport(ready: {r:?})"),
+            Pending::Device(_) => f.write_str("PendingStepReport(on the device)"),
+        }
+    }
+}
+
+impl PendingStepReport {
+    /// Waits for the step (a device synchronisation) and returns its report.
+    pub fn wait(self) -> Result<StepReport> {
+        match self.inner {
+            Pending::Ready(r) => Ok(r),
+            Pending::Device(d) => d.wait(),
+        }
+    }
+}
+
+/// Where the state lives.
+enum Backing {
+    /// Host vectors, updated by the CPU reference (`cpu.rs`).
+    Cpu { states: Vec<ParamState>, step: u64 },
+    /// Device buffers, updated by `kernels/adamw.cu` (`cuda.rs`); host copies of the
+    /// state are made on demand by [`AdamW::state`] and cached until the next step.
+    Device {
+        state: Box<cuda::DeviceState>,
+        cache: Vec<OnceLock<ParamStateOwned>>,
+    },
+}
+
 /// AdamW (Loshchilov & Hutter, decoupled weight decay) with the semantics of
 /// `torch.optim.AdamW`, bias correction included; see [`adamw_element`] for the exact
 /// per-element arithmetic.
@@ -234,6 +362,15 @@ pub enum ParamStateRef<'a> {
 ///   `min(1, max_norm/(norm + 1e-6))` and every parameter with a gradient is updated in
 ///   place. A parameter without a gradient in this step is left alone (no weight decay
 ///   either, like PyTorch), but the step count, and so the bias correction, is global.
+///
+/// - **Devices**: with the parameters on `Device::Sim` or `Device::Cuda`, the state is
+///   allocated on that device and a step runs the multi-tensor kernels of
+///   `kernels/adamw.cu` (norm → finish → apply: three launches for the whole list),
+///   bit-identical to the CPU reference (the gradient norm is summed in another order, so
+///   a clipped step agrees to rounding). The step count and the skip decision live on the
+///   device: no host round trip decides a skip. [`AdamW::step`] reads the report back
+///   (one synchronisation); [`AdamW::step_deferred`] does not. All parameters must be on
+///   one device.
 ///
 /// Parameters are updated through their storage, so every handle of a parameter
 /// (including the tracked copies on later tapes) sees the new values. The master copy is
@@ -257,99 +394,22 @@ pub enum ParamStateRef<'a> {
 /// ```
 pub struct AdamW {
     params: Vec<Tensor>,
-    states: Vec<ParamState>,
+    backing: Backing,
     cfg: AdamWConfig,
-    step: u64,
 }
 
 impl std::fmt::Debug for AdamW {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "AdamW({} params, step {}, {} state bytes, {:?})",
+            "AdamW({} params on {}, step {}, {} state bytes, {:?})",
             self.params.len(),
-            self.step,
+            self.device(),
+            self.step_count(),
             self.state_bytes(),
             self.cfg
         )
     }
-}
-
-/// Widens a gradient element to the compute type. Exact for the accepted pairs (a
-/// 16-bit or f32 gradient into f32, an f64 gradient into f64).
-#[inline]
-fn widen<G: Element, T: Real>(g: G) -> T {
-    T::c(g.to_f64())
-}
-
-/// Sum of squares of `g · scale_inv` in f64, in [`CHUNK`]s summed left to right and
-/// added in chunk order, and whether every element of `g` is finite.
-fn sum_squares<G: Element>(g: &[G], scale_inv: f64) -> (f64, bool) {
-    let parts: Vec<(f64, bool)> = g
-        .par_chunks(CHUNK)
-        .map(|c| {
-            let (mut s, mut finite) = (0.0f64, true);
-            for &x in c {
-                let x = x.to_f64();
-                finite &= x.is_finite();
-                let y = x * scale_inv;
-                s += y * y;
-            }
-            (s, finite)
-        })
-        .collect();
-    parts
-        .iter()
-        .fold((0.0, true), |(s, f), &(ps, pf)| (s + ps, f && pf))
-}
-
-/// f32/f64 parameters: the update is written straight into the parameter.
-fn update_plain<T: Real, G: Element>(
-    p: &mut [T],
-    m: &mut [T],
-    v: &mut [T],
-    g: &[G],
-    k: &StepConstants<T>,
-) {
-    p.par_chunks_mut(CHUNK)
-        .zip(m.par_chunks_mut(CHUNK))
-        .zip(v.par_chunks_mut(CHUNK))
-        .zip(g.par_chunks(CHUNK))
-        .for_each(|(((p, m), v), g)| {
-            for (((p, m), v), &g) in p.iter_mut().zip(m).zip(v).zip(g) {
-                *p = adamw_element(*p, m, v, widen(g), k);
-            }
-        });
-}
-
-/// bf16/f16 parameters: the update goes into the f32 master, which is then rounded into
-/// the parameter (stochastically with the stream `key` when given).
-fn update_half<H: HalfFloat, G: Element>(
-    p: &mut [H],
-    master: &mut [f32],
-    m: &mut [f32],
-    v: &mut [f32],
-    g: &[G],
-    k: &StepConstants<f32>,
-    key: Option<u64>,
-) {
-    p.par_chunks_mut(CHUNK)
-        .zip(master.par_chunks_mut(CHUNK))
-        .zip(m.par_chunks_mut(CHUNK))
-        .zip(v.par_chunks_mut(CHUNK))
-        .zip(g.par_chunks(CHUNK))
-        .enumerate()
-        .for_each(|(c, ((((p, w), m), v), g))| {
-            let base = c * CHUNK;
-            for (j, ((((p, w), m), v), &g)) in p.iter_mut().zip(w).zip(m).zip(v).zip(g).enumerate()
-            {
-                *w = adamw_element(*w, m, v, widen(g), k);
-                *p = match key {
-                    None => H::round_ne(*w),
-                    Some(key) => H::round_sr(*w, stream_bits(key, (base + j) as u64)),
-                };
-            }
-        });
 }
 
 /// Whether a gradient of `grad` dtype is accepted for a parameter of `param` dtype: the
@@ -364,8 +424,11 @@ impl AdamW {
     /// [`Tensor::id`]). Moments start at zero; bf16/f16 parameters get an f32 master
     /// copy of their current values.
     ///
+    /// Parameters on `Device::Sim` or `Device::Cuda` get their state on that device (see
+    /// the type's documentation); f64 parameters live on the CPU only.
+    ///
     /// Errors: an invalid config, no parameters, a parameter given twice (same id or the
-    /// same storage), or a parameter off the CPU.
+    /// same storage), or parameters on different devices.
     pub fn new(params: Vec<Tensor>, cfg: AdamWConfig) -> Result<AdamW> {
         cfg.validate()?;
         if params.is_empty() {
@@ -381,6 +444,26 @@ impl AdamW {
                     p.id()
                 )));
             }
+        }
+        let device = params[0].device();
+        if let Some(p) = params.iter().find(|p| p.device() != device) {
+            return Err(Error::Device {
+                op: OP,
+                lhs: device,
+                rhs: p.device(),
+            });
+        }
+        let params: Vec<Tensor> = params.iter().map(Tensor::detach).collect();
+        if device != Device::Cpu {
+            let state = Box::new(cuda::DeviceState::new(&params, device)?);
+            return Ok(AdamW {
+                backing: Backing::Device {
+                    state,
+                    cache: (0..params.len()).map(|_| OnceLock::new()).collect(),
+                },
+                params,
+                cfg,
+            });
         }
         let mut states = Vec::with_capacity(params.len());
         for p in &params {
@@ -400,11 +483,18 @@ impl AdamW {
             });
         }
         Ok(AdamW {
-            params: params.iter().map(Tensor::detach).collect(),
-            states,
+            params,
+            backing: Backing::Cpu { states, step: 0 },
             cfg,
-            step: 0,
         })
+    }
+
+    /// The device the parameters and the state live on.
+    pub fn device(&self) -> Device {
+        match &self.backing {
+            Backing::Cpu { .. } => Device::Cpu,
+            Backing::Device { state, .. } => state.device(),
+        }
     }
 
     /// The parameters, in the order given to [`AdamW::new`] (untracked handles sharing
@@ -420,15 +510,37 @@ impl AdamW {
 
     /// The number of steps taken (skipped steps do not count). The next step is
     /// `step_count() + 1`, the `t` of its bias correction.
+    ///
+    /// On a device the count lives in device memory (a skip is decided there): after
+    /// [`AdamW::step_deferred`] this reads it back, which waits for the queued steps.
+    /// Should that read fail (a device error, which the next step or
+    /// [`AdamW::try_step_count`] also reports), the last count read is returned.
     pub fn step_count(&self) -> u64 {
-        self.step
+        match &self.backing {
+            Backing::Cpu { step, .. } => *step,
+            Backing::Device { state, .. } => state
+                .step_count()
+                .unwrap_or_else(|_| state.last_known_step()),
+        }
+    }
+
+    /// [`AdamW::step_count`], with the error of a failed device read.
+    pub fn try_step_count(&self) -> Result<u64> {
+        match &self.backing {
+            Backing::Cpu { step, .. } => Ok(*step),
+            Backing::Device { state, .. } => state.step_count(),
+        }
     }
 
     /// Bytes of optimizer state: the moments `m` and `v` of every parameter plus the f32
     /// master copies of the bf16/f16 ones (8 bytes per element for f32 parameters, 12 for
     /// bf16/f16, 16 for f64). Compare LoRA (adapters only) with full fine-tuning.
     pub fn state_bytes(&self) -> usize {
-        self.states
+        let states = match &self.backing {
+            Backing::Cpu { states, .. } => states,
+            Backing::Device { state, .. } => return state.state_bytes(),
+        };
+        states
             .iter()
             .map(|s| match s {
                 ParamState::F32 { m, v, master } => {
@@ -440,8 +552,24 @@ impl AdamW {
     }
 
     /// The state of parameter `index` (in [`AdamW::params`] order), or `None` past the end.
+    ///
+    /// For state on a device this is a host copy, downloaded on the first call after a
+    /// step (a synchronisation) and kept until the next step; `None` also when that
+    /// download fails — [`AdamW::state_to_host`] returns the error.
     pub fn state(&self, index: usize) -> Option<ParamStateRef<'_>> {
-        self.states.get(index).map(|s| match s {
+        let states = match &self.backing {
+            Backing::Cpu { states, .. } => states,
+            Backing::Device { cache, .. } => {
+                let slot = cache.get(index)?;
+                if slot.get().is_none() {
+                    if let Ok(Some(s)) = self.state_to_host(index) {
+                        let _ = slot.set(s);
+                    }
+                }
+                return slot.get().map(ParamStateOwned::as_ref);
+            }
+        };
+        states.get(index).map(|s| match s {
             ParamState::F32 { m, v, master } => ParamStateRef::F32 {
                 m,
                 v,
@@ -449,6 +577,31 @@ impl AdamW {
             },
             ParamState::F64 { m, v } => ParamStateRef::F64 { m, v },
         })
+    }
+
+    /// An owned copy of the state of parameter `index` (downloaded from the device where it
+    /// lives there), or `None` past the end.
+    pub fn state_to_host(&self, index: usize) -> Result<Option<ParamStateOwned>> {
+        if index >= self.params.len() {
+            return Ok(None);
+        }
+        match &self.backing {
+            Backing::Cpu { states, .. } => Ok(Some(match &states[index] {
+                ParamState::F32 { m, v, master } => ParamStateOwned::F32 {
+                    m: m.clone(),
+                    v: v.clone(),
+                    master: master.clone(),
+                },
+                ParamState::F64 { m, v } => ParamStateOwned::F64 {
+                    m: m.clone(),
+                    v: v.clone(),
+                },
+            })),
+            Backing::Device { state, .. } => {
+                let (m, v, master) = state.to_host(index)?;
+                Ok(Some(ParamStateOwned::F32 { m, v, master }))
+            }
+        }
     }
 
     /// One optimizer step at learning rate `lr` with the gradients in `grads` (keyed by
@@ -471,6 +624,66 @@ impl AdamW {
     /// bf16/f16 parameters). Errors (a bad `lr` or option, a mismatched gradient) are
     /// reported before anything is modified.
     pub fn step(&mut self, grads: &Gradients, lr: f64, opts: StepOptions) -> Result<StepReport> {
+        let work = self.prepare(grads, lr, opts)?;
+        match &mut self.backing {
+            Backing::Cpu { .. } => self.step_cpu(&work, lr, opts),
+            Backing::Device { state, cache } => {
+                state.queue_step(&self.params, &work, lr, opts, &self.cfg)?;
+                cache.iter_mut().for_each(|c| *c = OnceLock::new());
+                // The one synchronisation: everything is queued, then the step state is
+                // read back (this waits for the three launches).
+                state.read_report()
+            }
+        }
+    }
+
+    /// [`AdamW::step`] without waiting: on a device, the step's kernels are queued and the
+    /// report comes later from [`PendingStepReport::wait`], so the host can go on to the
+    /// next forward pass while the GPU updates (the skip decision and the step count stay
+    /// on the device). On the CPU the step runs at once and the report is ready.
+    ///
+    /// The same checks and errors as [`AdamW::step`]. Calling [`AdamW::step_count`] or
+    /// [`AdamW::state`] afterwards reads the device, which waits for the queued steps.
+    ///
+    /// ```
+    /// use lorafuse::optim::{AdamW, AdamWConfig, StepOptions};
+    /// use lorafuse::{Device, Gradients, Tensor};
+    /// let d = Device::Sim;
+    /// let p = Tensor::from_vec(vec![1.0f32, -2.0], [2], &d)?;
+    /// let mut opt = AdamW::new(vec![p.clone()], AdamWConfig::default())?;
+    /// let mut grads = Gradients::default();
+    /// grads.insert(&p, Tensor::from_vec(vec![0.5f32, f32::INFINITY], [2], &d)?)?;
+    /// let pending = opt.step_deferred(&grads, 1e-3, StepOptions::default())?;
+    /// assert!(pending.wait()?.skipped); // decided on the device
+    /// assert_eq!(opt.step_count(), 0);
+    /// # Ok::<(), lorafuse::Error>(())
+    /// ```
+    pub fn step_deferred(
+        &mut self,
+        grads: &Gradients,
+        lr: f64,
+        opts: StepOptions,
+    ) -> Result<PendingStepReport> {
+        let work = self.prepare(grads, lr, opts)?;
+        let inner = match &mut self.backing {
+            Backing::Cpu { .. } => Pending::Ready(self.step_cpu(&work, lr, opts)?),
+            Backing::Device { state, cache } => {
+                state.queue_step(&self.params, &work, lr, opts, &self.cfg)?;
+                cache.iter_mut().for_each(|c| *c = OnceLock::new());
+                Pending::Device(state.snapshot()?)
+            }
+        };
+        Ok(PendingStepReport { inner })
+    }
+
+    /// Checks the options and the gradients, and returns the (parameter index, gradient)
+    /// pairs of the step (a gradient that shares storage with a parameter is copied).
+    fn prepare(
+        &self,
+        grads: &Gradients,
+        lr: f64,
+        opts: StepOptions,
+    ) -> Result<Vec<(usize, Tensor)>> {
         if !(lr >= 0.0 && lr.is_finite()) {
             return Err(Error::invalid(format!(
                 "adamw: learning rate {lr} must be finite and >= 0"
@@ -490,9 +703,7 @@ impl AdamW {
             }
         }
 
-        // (a) Validate, and one pass for the norm and the non-finite check.
         let mut work: Vec<(usize, Tensor)> = Vec::new();
-        let (mut sumsq, mut finite) = (0.0f64, true);
         for (i, p) in self.params.iter().enumerate() {
             let Some(g) = grads.get(p) else { continue };
             Error::check_same_shape(OP, p.shape(), g.shape())?;
@@ -503,6 +714,13 @@ impl AdamW {
                     rhs: g.dtype(),
                 });
             }
+            if g.device() != p.device() {
+                return Err(Error::Device {
+                    op: OP,
+                    lhs: p.device(),
+                    rhs: g.device(),
+                });
+            }
             // A gradient sharing storage with a parameter would be read while that
             // parameter is written (and under its write lock): update from a copy.
             let g = if self.params.iter().any(|q| q.same_storage(g)) {
@@ -510,6 +728,24 @@ impl AdamW {
             } else {
                 g.clone()
             };
+            work.push((i, g));
+        }
+        Ok(work)
+    }
+
+    /// The CPU reference step.
+    fn step_cpu(
+        &mut self,
+        work: &[(usize, Tensor)],
+        lr: f64,
+        opts: StepOptions,
+    ) -> Result<StepReport> {
+        let Backing::Cpu { states, step } = &mut self.backing else {
+            return Err(Error::invalid("adamw: the CPU step on device state"));
+        };
+        // (a) One pass for the norm and the non-finite check.
+        let (mut sumsq, mut finite) = (0.0f64, true);
+        for (_, g) in work {
             let (s, f) = {
                 let guard = g.storage();
                 match guard.cpu(OP)? {
@@ -521,7 +757,6 @@ impl AdamW {
             };
             sumsq += s;
             finite &= f;
-            work.push((i, g));
         }
         let grad_norm = sumsq.sqrt();
 
@@ -541,12 +776,12 @@ impl AdamW {
         };
 
         // (d) Update.
-        self.step += 1;
-        let t = self.step;
+        *step += 1;
+        let t = *step;
         let grad_mul = opts.grad_scale_inv * clip_coef;
         let k32 = StepConstants::<f32>::new(&self.cfg, lr, t, grad_mul);
         let k64 = StepConstants::<f64>::new(&self.cfg, lr, t, grad_mul);
-        for (i, g) in &work {
+        for (i, g) in work {
             let key = match self.cfg.rounding {
                 Rounding::NearestEven => None,
                 Rounding::Stochastic { seed } => Some(stream_key(seed, t, *i as u64)),
@@ -554,7 +789,7 @@ impl AdamW {
             let mut pguard = self.params[*i].storage_mut();
             let gguard = g.storage();
             let (ps, gs) = (pguard.cpu_mut(OP)?, gguard.cpu(OP)?);
-            match (&mut self.states[*i], ps, gs) {
+            match (&mut states[*i], ps, gs) {
                 (
                     ParamState::F32 { m, v, master: None },
                     CpuStorage::F32(p),
@@ -619,6 +854,7 @@ impl AdamW {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::optim::rounding::stream_bits;
     use crate::optim::DynamicLossScaler;
     use crate::testing::rng;
     use crate::Device;
@@ -649,8 +885,8 @@ mod tests {
         cfg: &AdamWConfig,
     ) {
         let c = |x: f64| T::c(x);
-        let bias1 = 1.0 - cfg.beta1.powf(t as f64);
-        let bias2 = 1.0 - cfg.beta2.powf(t as f64);
+        let bias1 = 1.0 - pow_by_squaring(cfg.beta1, t);
+        let bias2 = 1.0 - pow_by_squaring(cfg.beta2, t);
         let (gm, decay, b1, omb1, b2, omb2) = (
             c(grad_mul),
             c(1.0 - lr * cfg.weight_decay),
