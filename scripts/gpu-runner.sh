@@ -9,7 +9,8 @@
 # every binary embeds PTX and cubins), strips debug info and checks the folder is under
 # 64 MiB. `run` runs every test binary with LORAFUSE_REQUIRE_GPU=1 (a missing GPU fails),
 # then compute-sanitizer memcheck and racecheck over the kernel tests (those with `cuda`
-# in their name), optionally the criterion benches, and prints one summary table. Logs go
+# in their name), optionally the criterion benches (GPU groups) followed by the PyTorch +
+# PEFT side by side (bench/pytorch/lora_kernels_gpu.py), and prints one summary table. Logs go
 # to DIR/logs/. Tests that read the source tree (tests/architecture.rs, the tidy header
 # check) or run the simulator's sanitizer builds (which stay on the build machine) are left
 # to CI.
@@ -50,6 +51,7 @@ for line in sys.stdin:
     done < "$list"
     rm -f "$list"
     cp "$here/gpu-runner.sh" "$out/gpu-runner.sh"
+    cp "$repo/bench/pytorch/lora_kernels_gpu.py" "$out/lora_kernels_gpu.py"
     git rev-parse HEAD > "$out/COMMIT" 2>/dev/null || true
     local bytes
     bytes=$(du -sb "$out" | cut -f1)
@@ -102,13 +104,26 @@ run() {
         failed=1
     fi
     if (( bench )); then
+        # Criterion's results go under logs/criterion, where the side-by-side script reads
+        # them; only the GPU groups run here (the CPU groups are the build machine's).
+        export CRITERION_HOME="$here/logs/criterion"
         for b in bin/bench-*; do
-            step "${b#bin/}" "$b" --bench --warm-up-time 1 --measurement-time 3
+            step "${b#bin/}" "$b" --bench cuda --warm-up-time 1 --measurement-time 3
         done
+        if python3 -c "import torch, peft" > /dev/null 2>&1; then
+            step side-by-side python3 lora_kernels_gpu.py --criterion "$CRITERION_HOME"
+        else
+            rows+=("side-by-side                       FAIL  python3 with torch and peft not found")
+            failed=1
+        fi
     fi
     echo
     printf '%-34s %-5s %6s  %s\n' step result time summary
     printf '%s\n' "${rows[@]}"
+    if [[ -f logs/side-by-side.log ]]; then
+        echo
+        grep -v '^RESULT ' logs/side-by-side.log
+    fi
     exit $failed
 }
 
