@@ -110,6 +110,21 @@ template <> __device__ __forceinline__ f16 round_to<f16>(float x, bool stochasti
     return stochastic ? round_f16_stochastic(x, r) : __float2half_rn(x);
 }
 
+// Copies 16 bytes between 16-byte-aligned addresses: one vector load/store on a GPU; a
+// memcpy in the simulator (no type punning for the host compiler to misread).
+__device__ __forceinline__ void copy16(void* dst, const void* src) {
+#if defined(LORAFUSE_SIM)
+    memcpy(dst, src, 16);
+#else
+    *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+#endif
+}
+
+// Whether `p` is 16-byte aligned.
+__device__ __forceinline__ bool aligned16(const void* p) {
+    return (reinterpret_cast<unsigned long long>(p) & 15ull) == 0;
+}
+
 // ---- Tensor cores: one wrapper, two implementations --------------------------------------
 // mma_m16n8k16<T>(d, a, b, c): d = a·b + c for one 16×8×16 tile held by a whole warp, with
 // T = bf16 or f16 operands packed two per 32-bit register and f32 accumulators, in the

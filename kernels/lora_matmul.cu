@@ -132,28 +132,78 @@ constexpr int kTcThreads = 128;
 constexpr int kTcK = 32;
 constexpr int kTcPad = 8;  // row padding: fragment reads of 8 rows hit different banks
 
+// 16-byte vector loads of a tile: 8 storage values at once where the operand allows it
+// (a k-tile wholly inside the base reduction, the contiguous dimension aligned to 8
+// elements and the pointer to 16 bytes). Everything else goes element by element.
+constexpr int kVec = 8;  // bf16/f16 values per 16 bytes
+
 template <typename T>
-__device__ void gemm_tc(const LoraMatmulParams& p) {
-    __shared__ T as[kTile][kTcK + kTcPad];  // as[i][kk]: A tile, k contiguous
-    __shared__ T bs[kTile][kTcK + kTcPad];  // bs[j][kk]: B tile transposed, k contiguous
-    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-    const int g = lane >> 2, t = lane & 3;
-    const int wm = (warp / 2) * 32, wn = (warp % 2) * 32;
-    const long long i0 = (long long)blockIdx.y * kTile, j0 = (long long)blockIdx.x * kTile;
-    const long long ktot = p.k + p.k2;
-    const bool a_k_fast = p.a_cs == 1, b_j_fast = p.b_cs == 1;
-    float acc[2][4][4] = {};
-    for (long long k0 = 0; k0 < ktot; k0 += kTcK) {
+__device__ __forceinline__ void load_tiles_tc(const LoraMatmulParams& p, long long i0, long long j0,
+                                              long long k0, T (*as)[kTcK + kTcPad],
+                                              T (*bs)[kTcK + kTcPad], bool a_vec, bool b_vec_k,
+                                              bool b_vec_j) {
+    const int tid = threadIdx.x;
+    const bool in_base = k0 + kTcK <= p.k;
+    if (in_base && a_vec) {
+        // A(i, k0..k0+32) is contiguous: 4 vectors per row, 256 per tile.
+        for (int e = tid; e < kTile * (kTcK / kVec); e += kTcThreads) {
+            const int r = e / (kTcK / kVec), kk = (e % (kTcK / kVec)) * kVec;
+            if (i0 + r < p.m)
+                lf::copy16(&as[r][kk], static_cast<const T*>(p.a) + (i0 + r) * p.a_rs + k0 + kk);
+            else
+                for (int v = 0; v < kVec; ++v) as[r][kk + v] = lf::from_f32<T>(0.0f);
+        }
+    } else {
+        const bool a_k_fast = p.a_cs == 1;
         for (int e = tid; e < kTcK * kTile; e += kTcThreads) {
             const int r = a_k_fast ? e / kTcK : e % kTile;
             const int kk = a_k_fast ? e % kTcK : e / kTile;
             as[r][kk] = lf::from_f32<T>(load_a<T>(p, i0 + r, k0 + kk));
         }
+    }
+    if (in_base && b_vec_k) {
+        // B(k0..k0+32, j) is contiguous (B = W0ᵀ of the forward): copied as is.
+        for (int e = tid; e < kTile * (kTcK / kVec); e += kTcThreads) {
+            const int c = e / (kTcK / kVec), kk = (e % (kTcK / kVec)) * kVec;
+            if (j0 + c < p.n)
+                lf::copy16(&bs[c][kk], static_cast<const T*>(p.b) + (j0 + c) * p.b_cs + k0 + kk);
+            else
+                for (int v = 0; v < kVec; ++v) bs[c][kk + v] = lf::from_f32<T>(0.0f);
+        }
+    } else if (in_base && b_vec_j && j0 + kTile <= p.n) {
+        // B(k, j0..j0+64) is contiguous (W0 in gx = gy·W0): vector loads, transposed into
+        // the k-contiguous tile.
+        for (int e = tid; e < kTcK * (kTile / kVec); e += kTcThreads) {
+            const int kk = e / (kTile / kVec), c = (e % (kTile / kVec)) * kVec;
+            T v[kVec];
+            lf::copy16(v, static_cast<const T*>(p.b) + (k0 + kk) * p.b_rs + j0 + c);
+            for (int u = 0; u < kVec; ++u) bs[c + u][kk] = v[u];
+        }
+    } else {
+        const bool b_j_fast = p.b_cs == 1;
         for (int e = tid; e < kTcK * kTile; e += kTcThreads) {
             const int cidx = b_j_fast ? e % kTile : e / kTcK;
             const int kk = b_j_fast ? e / kTile : e % kTcK;
             bs[cidx][kk] = lf::from_f32<T>(load_b<T>(p, k0 + kk, j0 + cidx));
         }
+    }
+}
+
+template <typename T>
+__device__ void gemm_tc(const LoraMatmulParams& p) {
+    __shared__ __align__(16) T as[kTile][kTcK + kTcPad];  // as[i][kk]: A tile, k contiguous
+    __shared__ __align__(16) T bs[kTile][kTcK + kTcPad];  // bs[j][kk]: B tile, k contiguous
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    const int g = lane >> 2, t = lane & 3;
+    const int wm = (warp / 2) * 32, wn = (warp % 2) * 32;
+    const long long i0 = (long long)blockIdx.y * kTile, j0 = (long long)blockIdx.x * kTile;
+    const long long ktot = p.k + p.k2;
+    const bool a_vec = p.a_cs == 1 && p.a_rs % kVec == 0 && lf::aligned16(p.a);
+    const bool b_vec_k = p.b_rs == 1 && p.b_cs % kVec == 0 && lf::aligned16(p.b);
+    const bool b_vec_j = p.b_cs == 1 && p.b_rs % kVec == 0 && lf::aligned16(p.b);
+    float acc[2][4][4] = {};
+    for (long long k0 = 0; k0 < ktot; k0 += kTcK) {
+        load_tiles_tc<T>(p, i0, j0, k0, as, bs, a_vec, b_vec_k, b_vec_j);
         __syncthreads();
         for (int ks = 0; ks < kTcK; ks += 16) {
             unsigned af[2][4], bf[4][2];
