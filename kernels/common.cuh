@@ -207,6 +207,46 @@ __device__ __forceinline__ void mma_m16n8k16_portable(float d[4], const unsigned
     d[3] = acc[3];
 }
 
+// The two adjacent storage values at `p` (4-byte aligned) as one packed register.
+template <typename T>
+__device__ __forceinline__ unsigned load_pair(const T* p) {
+#if defined(LORAFUSE_SIM)
+    unsigned r;
+    memcpy(&r, p, 4);
+    return r;
+#else
+    return *reinterpret_cast<const unsigned*>(p);
+#endif
+}
+
+// ldmatrix_x4(r, row): four 8×8 matrices of 16-bit values from shared memory, the warp's
+// fragments for mma_m16n8k16 (`ldmatrix.sync.aligned.m8n8.x4.shared.b16`). Lane l passes
+// the address of row l % 8 of matrix l / 8 (16-byte aligned); it receives in r[j] the
+// values (row l / 4, columns 2·(l % 4) and 2·(l % 4) + 1) of matrix j, lower column in the
+// low half — the A/B fragment layout above. The simulator (and any pre-sm_80 build) gathers
+// the row addresses with shuffles and reads the pairs itself.
+template <typename T>
+__device__ __forceinline__ void ldmatrix_x4_portable(unsigned r[4], const T* row) {
+    const int lane = (int)(threadIdx.x & 31u);
+    for (int j = 0; j < 4; ++j) {
+        const unsigned long long src =
+            __shfl_sync(0xffffffffu, (unsigned long long)row, j * 8 + lane / 4);
+        r[j] = load_pair(reinterpret_cast<const T*>(src) + 2 * (lane % 4));
+    }
+}
+
+template <typename T>
+__device__ __forceinline__ void ldmatrix_x4(unsigned r[4], const T* row) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800 && !defined(LORAFUSE_SIM)
+    const unsigned addr = (unsigned)__cvta_generic_to_shared(row);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+#else
+    ldmatrix_x4_portable(r, row);
+#endif
+}
+
 template <typename T>
 __device__ __forceinline__ void mma_m16n8k16(float d[4], const unsigned a[4], const unsigned b[2],
                                              const float c[4]);

@@ -19,8 +19,9 @@
 // Dtypes: storage f32, bf16 or f16 (suffix), the same for every operand and C; accumulate
 // in f32; C rounded once (nearest even). Two variants:
 //   lora_matmul_fwd_<T>     SIMT: f32 FMAs on CUDA cores (the f32 path; any dtype).
-//   lora_matmul_tc_fwd_<T>  tensor cores, bf16/f16: lf::mma_m16n8k16 (mma.sync on sm_80+,
-//                           the simulator's shuffle implementation on the CPU).
+//   lora_matmul_tc_fwd_<T>  tensor cores, bf16/f16: fragments by lf::ldmatrix_x4, products
+//                           by lf::mma_m16n8k16 (ldmatrix / mma.sync on sm_80+; the
+//                           simulator's shuffle implementations on the CPU).
 // FLOPs per call: 2·M·N·(K + K2). Bytes (s per element, no reuse beyond a tile):
 //   s·(M·(K+K2) + N·(K+K2) + M·N) ideal; the 64×64 tiles re-read A N/64 times and B M/64
 //   times from L2. Headline (bf16, M = 8192, K = N = 4096, r = 16): 552 GFLOP → at ~800
@@ -29,9 +30,13 @@
 //   gA, gB: M = r or N = r) are bandwidth-bound: 2·s·M·K bytes, e.g. x of 64 MiB → ~22 µs.
 // Launch geometry: grid (ceil(N/64), ceil(M/64)), one 64×64 tile of C per block; SIMT 256
 //   threads (16×16, 4×4 outputs each, k-tile 16), tensor cores 128 threads (4 warps in
-//   2×2, 32×32 each = 2×4 mma tiles, k-tile 32). Tiles are loaded element by element with
-//   bounds checks (zero fill), so any M, N, K, K2, stride and alignment is accepted; the
-//   load order follows the operand's contiguous dimension. No atomics: deterministic.
+//   2×2, 32×32 each = 2×4 mma tiles, k-tile 32, 4 ldmatrix.x4 per 8 mma). Tiles come in by
+//   16-byte vector loads where the operand allows (a k-tile inside the base reduction, the
+//   contiguous dimension a multiple of 8 elements, a 16-byte-aligned pointer), else element
+//   by element with bounds checks (zero fill), so any M, N, K, K2, stride and alignment is
+//   accepted. No atomics: deterministic. Not yet measured on a GPU; known gaps against
+//   cuBLAS: no cp.async pipelining of the next k-tile, 64×64 tiles, no split-K for the
+//   reductions over M (gA, gB).
 #include "common.cuh"
 
 // Rust twin: `LoraMatmulParams` in src/ops/lora_matmul/cuda.rs (a test checks the size).
@@ -206,20 +211,18 @@ __device__ void gemm_tc(const LoraMatmulParams& p) {
         load_tiles_tc<T>(p, i0, j0, k0, as, bs, a_vec, b_vec_k, b_vec_j);
         __syncthreads();
         for (int ks = 0; ks < kTcK; ks += 16) {
+            // Fragments by ldmatrix: lane l addresses row l % 8 of matrix l / 8.
+            const int q = lane / 8, row8 = lane % 8;
             unsigned af[2][4], bf[4][2];
-            for (int mi = 0; mi < 2; ++mi) {
-                const int r = wm + mi * 16 + g;
-                const int c = ks + 2 * t;
-                af[mi][0] = lf::pack2(as[r][c], as[r][c + 1]);
-                af[mi][1] = lf::pack2(as[r + 8][c], as[r + 8][c + 1]);
-                af[mi][2] = lf::pack2(as[r][c + 8], as[r][c + 9]);
-                af[mi][3] = lf::pack2(as[r + 8][c + 8], as[r + 8][c + 9]);
-            }
-            for (int ni = 0; ni < 4; ++ni) {
-                const int col = wn + ni * 8 + g;
-                const int c = ks + 2 * t;
-                bf[ni][0] = lf::pack2(bs[col][c], bs[col][c + 1]);
-                bf[ni][1] = lf::pack2(bs[col][c + 8], bs[col][c + 9]);
+            for (int mi = 0; mi < 2; ++mi)  // matrices: (rows +0, k +0), (+8, +0), (+0, +8), (+8, +8)
+                lf::ldmatrix_x4(af[mi], &as[wm + mi * 16 + row8 + (q & 1) * 8][ks + (q >> 1) * 8]);
+            for (int np = 0; np < 2; ++np) {  // columns +0..15: (n +0, k +0), (+0, +8), (+8, +0), (+8, +8)
+                unsigned r[4];
+                lf::ldmatrix_x4(r, &bs[wn + np * 16 + row8 + (q >> 1) * 8][ks + (q & 1) * 8]);
+                bf[2 * np][0] = r[0];
+                bf[2 * np][1] = r[1];
+                bf[2 * np + 1][0] = r[2];
+                bf[2 * np + 1][1] = r[3];
             }
             for (int mi = 0; mi < 2; ++mi)
                 for (int ni = 0; ni < 4; ++ni)
