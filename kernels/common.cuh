@@ -33,6 +33,14 @@
 typedef __nv_bfloat16 bf16;
 typedef __half f16;
 
+// Unrolls a loop with a constant trip count completely, so register arrays indexed by
+// its variable stay in registers; the host compiler of the simulator has no such pragma.
+#if defined(LORAFUSE_SIM)
+#define LF_UNROLL
+#else
+#define LF_UNROLL _Pragma("unroll")
+#endif
+
 namespace lf {
 
 // Index arithmetic in 64 bits: tensors may exceed 2^31 elements.

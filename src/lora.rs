@@ -14,6 +14,7 @@
 //! `2^-8·(|w| + |w + s·(BA)|)`, measured and bounded in this module's tests.
 
 use crate::ops::LoraTerm;
+use crate::optim::Rounding;
 use crate::{DType, Device, Error, Result, Tensor};
 use rand::Rng;
 use std::ops::Range;
@@ -238,6 +239,16 @@ impl LoraAdapter {
 /// `cᵢ = 1`, unmerge `cᵢ = −1`, and several adapters with weights make a weighted merge in
 /// one pass over `W` (see [`crate::ops::lora_merge`] for the arithmetic and rounding).
 pub fn merge_into(w: &Tensor, adapters: &[(&LoraAdapter, f64)]) -> Result<()> {
+    merge_into_with(w, adapters, Rounding::NearestEven)
+}
+
+/// [`merge_into`] with a choice of rounding for bf16/f16 weights (stochastic rounding keeps
+/// updates smaller than half an ulp on average; see [`crate::ops::lora_merge_with`]).
+pub fn merge_into_with(
+    w: &Tensor,
+    adapters: &[(&LoraAdapter, f64)],
+    rounding: Rounding,
+) -> Result<()> {
     let terms: Vec<LoraTerm<'_>> = adapters
         .iter()
         .map(|(ad, c)| LoraTerm {
@@ -247,7 +258,7 @@ pub fn merge_into(w: &Tensor, adapters: &[(&LoraAdapter, f64)]) -> Result<()> {
             out_range: ad.cols.clone(),
         })
         .collect();
-    crate::ops::lora_merge(w, &terms)
+    crate::ops::lora_merge_with(w, &terms, rounding)
 }
 
 #[cfg(test)]

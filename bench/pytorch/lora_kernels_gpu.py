@@ -86,7 +86,8 @@ def torch_side(device, warmup, iters, small):
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     # small: the CPU group of benches/lora_matmul.rs (f32, 512 x 256 x 256, r 16)
     m, k, n, r = (512, 256, 256, R) if small else (M, K, N, R)
-    mn, mk, mr = (128, 128, MERGE_R) if small else (MERGE_N, MERGE_K, MERGE_R)
+    # small: the CPU group of benches/merge.rs (f32, 512 x 512, r 16)
+    mn, mk, mr = (512, 512, MERGE_R) if small else (MERGE_N, MERGE_K, MERGE_R)
     g = torch.Generator(device="cpu").manual_seed(0)
     rand = lambda *s, scale=1.0: (torch.rand(*s, generator=g) * 2 - 1).mul_(scale).to(device, dtype)
     time_ms = timer(device)

@@ -37,6 +37,7 @@ pub fn launched() -> impl Iterator<Item = &'static str> {
     [
         crate::ops::elementwise::cuda::KERNELS,
         crate::ops::lora_matmul::cuda::KERNELS,
+        crate::ops::lora_merge::cuda::KERNELS,
         crate::optim::adamw::cuda::KERNELS,
     ]
     .into_iter()

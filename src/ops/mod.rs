@@ -15,7 +15,7 @@ mod embedding;
 mod layer_norm;
 mod lora_linear;
 pub(crate) mod lora_matmul;
-mod lora_merge;
+pub(crate) mod lora_merge;
 mod matmul;
 pub mod profile;
 
@@ -26,7 +26,7 @@ pub use elementwise::{add, bias_add, cast, gelu, reshape, scale};
 pub use embedding::embedding;
 pub use layer_norm::layer_norm;
 pub use lora_linear::{lora_linear, LoraTerm};
-pub use lora_merge::lora_merge;
+pub use lora_merge::{lora_merge, lora_merge_with};
 pub use matmul::{linear, matmul};
 
 use crate::{DType, Real, Result, Tensor};
