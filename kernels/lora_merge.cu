@@ -7,7 +7,7 @@
 //   acc = f32(W[i, j])
 //   for t in order, when row0_t ≤ i < row1_t:
 //     for p in 0 .. r_t:  acc = acc + (s_t · B_t[i − row0_t, p]) · A_t[p, j]
-//   W[i, j] = round(acc)                                                         (W =)
+//   W[i, j] = round(acc)                                          (out =), in place
 // Each product and sum is rounded once in f32 (__fmul_rn / __fadd_rn, no FMA), in the
 // reference's order, so the result equals the CPU reference bit for bit. The rounding into
 // bf16/f16 is nearest even, or stochastic with the bits stream_bits(key, i·K + j) (the key
