@@ -55,7 +55,7 @@ pub mod train;
 #[doc = include_str!("../README.md")]
 struct ReadmeDoctests;
 
-pub use device::Device;
+pub use device::{Device, MemoryStats};
 pub use dtype::{DType, Element, Real};
 pub use error::{Error, Result};
 pub use shape::Shape;

@@ -35,8 +35,9 @@ enum Command {
 
 #[derive(Args, Clone)]
 struct DemoArgs {
-    /// Device: cpu (the CPU reference; cuda and sim arrive with the kernel backends).
-    #[arg(long, default_value = "cpu")]
+    /// Device: auto (the first GPU when one is present, else the CPU), cpu, cuda, cuda:N,
+    /// or sim (the CUDA kernels run on the CPU by the simulator: slow, for checking).
+    #[arg(long, default_value = "auto")]
     device: String,
     /// Seed of the model init, the data and the adapters.
     #[arg(long, default_value_t = 0)]
@@ -168,8 +169,25 @@ fn accuracy(model: &Gpt2, gen: &TaskGen, args: &DemoArgs) -> Result<f64> {
     Ok(hits as f64 / held.batch as f64)
 }
 
+/// The device to run on and why: `auto` takes the first GPU when the driver and a GPU are
+/// present and the CPU otherwise; a named device must be usable.
+fn pick_device(name: &str) -> Result<(Device, String)> {
+    if name == "auto" {
+        let gpu = Device::Cuda(0);
+        return Ok(match gpu.unavailable_reason() {
+            None => (gpu, "auto: a GPU is present".into()),
+            Some(why) => (Device::Cpu, format!("auto: no GPU, {why}")),
+        });
+    }
+    let device = Device::parse(name)?;
+    if let Some(reason) = device.unavailable_reason() {
+        return Err(lorafuse::Error::DeviceUnavailable { device, reason });
+    }
+    Ok((device, "--device".into()))
+}
+
 fn demo(args: &DemoArgs) -> Result<()> {
-    let device = Device::parse(&args.device)?;
+    let (device, why) = pick_device(&args.device)?;
     let cfg = model_config();
     let targets = args
         .targets
@@ -184,7 +202,7 @@ fn demo(args: &DemoArgs) -> Result<()> {
     };
     lora_cfg.validate()?;
     println!(
-        "lorafuse demo on {device}: GPT d_model {} × {} layers × {} heads, vocab {}, context {}; batch {} × {} tokens",
+        "lorafuse demo on {device} ({why}): GPT d_model {} × {} layers × {} heads, vocab {}, context {}; batch {} × {} tokens",
         cfg.n_embd, cfg.n_layer, cfg.n_head, cfg.vocab_size, cfg.n_positions, args.batch, cfg.n_positions
     );
     let t0 = Instant::now();

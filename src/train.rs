@@ -2,7 +2,9 @@
 //! norm/clipping, loss scaling (f16) and an AdamW update of the trainable parameters.
 
 use crate::model::{ForwardOptions, Gpt2};
-use crate::optim::{AdamW, AdamWConfig, DynamicLossScaler, StepOptions, WarmupCosine};
+use crate::optim::{
+    AdamW, AdamWConfig, DynamicLossScaler, PendingStepReport, StepOptions, StepReport, WarmupCosine,
+};
 use crate::{DType, Result, Tape, Tensor};
 
 /// Hyper-parameters of a training run.
@@ -101,7 +103,9 @@ impl Trainer {
         self.step
     }
 
-    /// One step on a batch of `batch·seq` tokens with per-token targets.
+    /// One step on a batch of `batch·seq` tokens with per-token targets, waiting for it
+    /// and reading back the loss and the optimizer's report ([`Trainer::step_deferred`]
+    /// then [`PendingStep::wait`]).
     pub fn step(
         &mut self,
         tokens: &[u32],
@@ -109,6 +113,22 @@ impl Trainer {
         batch: usize,
         seq: usize,
     ) -> Result<StepStats> {
+        self.step_deferred(tokens, targets, batch, seq)?.wait()
+    }
+
+    /// One step, queued: forward, loss, backward, gradient norm and clipping, and the AdamW
+    /// update are issued to the model's device and nothing is read back (the tokens and
+    /// targets are uploaded). The loss stays a device scalar until [`PendingStep::wait`]
+    /// (or [`PendingStep::loss`]) asks for it. The one exception is f16 with dynamic loss
+    /// scaling: the next step's scale depends on whether this one was skipped, so the
+    /// optimizer's report is read back here.
+    pub fn step_deferred(
+        &mut self,
+        tokens: &[u32],
+        targets: &[i32],
+        batch: usize,
+        seq: usize,
+    ) -> Result<PendingStep> {
         let tape = Tape::new();
         let opts = ForwardOptions {
             tape: Some(&tape),
@@ -117,8 +137,9 @@ impl Trainer {
         let loss = self.model.loss(tokens, targets, batch, seq, opts)?;
         let scale = self.scaler.as_ref().map_or(1.0, |s| s.scale());
         let grads = tape.backward_scaled(&loss, scale)?;
+        drop(tape);
         let lr = self.schedule.lr(self.step as u64);
-        let report = self.opt.step(
+        let pending = self.opt.step_deferred(
             &grads,
             lr,
             StepOptions {
@@ -126,14 +147,50 @@ impl Trainer {
                 max_grad_norm: self.max_grad_norm,
             },
         )?;
-        if let Some(s) = &mut self.scaler {
-            s.update(report.skipped);
-        }
+        drop(grads);
+        let report = match &mut self.scaler {
+            Some(s) => {
+                let r = pending.wait()?;
+                s.update(r.skipped);
+                Report::Done(r)
+            }
+            None => Report::Pending(pending),
+        };
         self.step += 1;
+        Ok(PendingStep { loss, report, lr })
+    }
+}
+
+/// A step issued by [`Trainer::step_deferred`] whose results have not been read back.
+#[derive(Debug)]
+pub struct PendingStep {
+    loss: Tensor,
+    report: Report,
+    lr: f64,
+}
+
+#[derive(Debug)]
+enum Report {
+    Pending(PendingStepReport),
+    Done(StepReport),
+}
+
+impl PendingStep {
+    /// The loss, a scalar tensor on the model's device (unscaled).
+    pub fn loss(&self) -> &Tensor {
+        &self.loss
+    }
+
+    /// Waits for the step and reads back the loss and the optimizer's report.
+    pub fn wait(self) -> Result<StepStats> {
+        let report = match self.report {
+            Report::Pending(p) => p.wait()?,
+            Report::Done(r) => r,
+        };
         Ok(StepStats {
-            loss: loss.to_scalar()?,
+            loss: self.loss.to_scalar()?,
             grad_norm: report.grad_norm,
-            lr,
+            lr: self.lr,
             skipped: report.skipped,
         })
     }

@@ -205,6 +205,9 @@ impl Drop for CudaBuffer {
     /// and poisons the context's next call with the recorded error) on a thread where the
     /// context was never current.
     fn drop(&mut self) {
+        if self.slice.is_some() {
+            super::memory::freed(crate::Device::Cuda(self.ordinal), self.len);
+        }
         if let Some(s) = &self.slice {
             s.context().record_err(s.context().bind_to_thread());
         }
@@ -253,6 +256,32 @@ fn cuda_err(call: &'static str) -> impl FnOnce(DriverError) -> Error {
     move |e| Error::Cuda {
         call,
         msg: describe(e),
+    }
+}
+
+/// Tells the device's default stream-ordered memory pool (the one `cuMemAllocAsync` draws
+/// from) to keep freed memory rather than release it to the driver at every
+/// synchronisation (its default release threshold is 0), so each training step reuses the
+/// memory of the last instead of mapping it again. This changes our process's pool, not
+/// the card. Best effort: without the symbols, or on an error, the pool keeps its default.
+fn keep_pool_memory(device: sys::CUdevice) {
+    if missing_driver_symbol(&["cuDeviceGetDefaultMemPool", "cuMemPoolSetAttribute"]).is_some() {
+        return;
+    }
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    // SAFETY: both symbols exist in the loaded driver (checked above); `pool` is a valid
+    // out-pointer, and the threshold is passed as a pointer to a live u64 as the attribute
+    // requires (cuuint64_t).
+    unsafe {
+        if sys::cuDeviceGetDefaultMemPool(&mut pool, device) != sys::CUresult::CUDA_SUCCESS {
+            return;
+        }
+        let mut threshold: u64 = u64::MAX;
+        let _ = sys::cuMemPoolSetAttribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            (&mut threshold as *mut u64).cast(),
+        );
     }
 }
 
@@ -397,6 +426,7 @@ impl CudaBackend {
         // before any slice exists, so no slice was created with events either.
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.default_stream();
+        keep_pool_memory(ctx.cu_device());
         Ok(CudaBackend {
             ctx,
             stream,
@@ -482,6 +512,7 @@ impl CudaBackend {
         })?;
         let (ptr, record) = slice.device_ptr(&self.stream);
         drop(record);
+        super::memory::allocated(crate::Device::Cuda(self.ordinal), bytes);
         Ok(CudaBuffer {
             slice: Some(slice),
             ptr,

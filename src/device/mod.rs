@@ -54,6 +54,7 @@ pub mod cpu;
 mod cublas;
 pub(crate) mod cuda;
 pub mod kernels;
+mod memory;
 pub(crate) mod sim;
 #[cfg(test)]
 mod sim_tests;
@@ -61,6 +62,7 @@ mod sim_tests;
 mod tidy;
 
 pub use cublas::cublas_linear;
+pub use memory::MemoryStats;
 use std::sync::Arc;
 
 use crate::{Error, Result};

@@ -119,6 +119,7 @@ impl SimBuffer {
                 len,
             },
         );
+        super::memory::allocated(crate::Device::Sim, len);
         Ok(b)
     }
 
@@ -147,6 +148,7 @@ impl SimBuffer {
 
 impl Drop for SimBuffer {
     fn drop(&mut self) {
+        super::memory::freed(crate::Device::Sim, self.len);
         let mut live = live();
         live.remove(&(self.device_ptr() as usize));
         let layout = layout(self.len).expect("the layout was valid at allocation");

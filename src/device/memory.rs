@@ -1,0 +1,121 @@
+//! Device-memory accounting: bytes in use and the peak, per device, counted by every
+//! device allocation of the crate (tensors, optimizer state, kernel scratch).
+//!
+//! On a GPU the allocations come from the driver's stream-ordered pool
+//! (`cuMemAllocAsync`), which the CUDA backend tells to keep freed memory
+//! (`CU_MEMPOOL_ATTR_RELEASE_THRESHOLD` = max) instead of returning it at each
+//! synchronisation, so a training step reuses the previous step's memory — the caching
+//! allocator is the driver's. These counters report what the crate holds, not what the
+//! pool has reserved.
+
+use crate::Device;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// What one device's allocations amount to (see [`Device::memory_stats`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MemoryStats {
+    /// Bytes held by live allocations now.
+    pub in_use_bytes: u64,
+    /// The largest `in_use_bytes` since the process started or the last
+    /// [`Device::reset_peak_memory`].
+    pub peak_bytes: u64,
+    /// Allocations made so far (a step that reuses memory still allocates: the count
+    /// shows how many buffers a step asks for).
+    pub allocations: u64,
+}
+
+struct Counters {
+    in_use: AtomicU64,
+    peak: AtomicU64,
+    allocations: AtomicU64,
+}
+
+impl Counters {
+    const fn new() -> Counters {
+        Counters {
+            in_use: AtomicU64::new(0),
+            peak: AtomicU64::new(0),
+            allocations: AtomicU64::new(0),
+        }
+    }
+}
+
+/// GPUs past this ordinal share the last slot (no machine we target has that many).
+const MAX_GPUS: usize = 64;
+static SIM: Counters = Counters::new();
+static CUDA: [Counters; MAX_GPUS] = [const { Counters::new() }; MAX_GPUS];
+static CPU: Counters = Counters::new();
+
+fn counters(device: Device) -> &'static Counters {
+    match device {
+        Device::Sim => &SIM,
+        Device::Cuda(n) => &CUDA[n.min(MAX_GPUS - 1)],
+        Device::Cpu => &CPU,
+    }
+}
+
+/// Counts an allocation of `bytes` on `device`.
+pub(crate) fn allocated(device: Device, bytes: usize) {
+    let c = counters(device);
+    let now = c.in_use.fetch_add(bytes as u64, Ordering::Relaxed) + bytes as u64;
+    c.peak.fetch_max(now, Ordering::Relaxed);
+    c.allocations.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Counts the release of an allocation of `bytes` on `device`.
+pub(crate) fn freed(device: Device, bytes: usize) {
+    counters(device)
+        .in_use
+        .fetch_sub(bytes as u64, Ordering::Relaxed);
+}
+
+impl Device {
+    /// The bytes this process's tensors and buffers hold on this device, and the peak.
+    /// All zeros on the CPU (host memory is not counted here).
+    ///
+    /// ```
+    /// use lorafuse::{DType, Device, Tensor};
+    /// let before = Device::Sim.memory_stats();
+    /// let t = Tensor::zeros([1024], DType::F32, &Device::Sim)?;
+    /// assert!(Device::Sim.memory_stats().peak_bytes >= before.in_use_bytes + 4096);
+    /// # drop(t);
+    /// # Ok::<(), lorafuse::Error>(())
+    /// ```
+    pub fn memory_stats(&self) -> MemoryStats {
+        let c = counters(*self);
+        MemoryStats {
+            in_use_bytes: c.in_use.load(Ordering::Relaxed),
+            peak_bytes: c.peak.load(Ordering::Relaxed),
+            allocations: c.allocations.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Restarts the peak from the bytes in use now (e.g. before the step to measure).
+    pub fn reset_peak_memory(&self) {
+        let c = counters(*self);
+        c.peak
+            .store(c.in_use.load(Ordering::Relaxed), Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::{DType, Device, Tensor};
+
+    #[test]
+    fn allocations_are_counted() {
+        // Other tests allocate on the simulator concurrently, so only what this test's
+        // own buffer guarantees is asserted.
+        let d = Device::Sim;
+        let bytes = 3 << 20;
+        let t = Tensor::zeros([bytes / 4], DType::F32, &d).unwrap();
+        let with = d.memory_stats();
+        assert!(with.in_use_bytes >= bytes as u64, "{with:?}");
+        assert!(with.peak_bytes >= with.in_use_bytes, "{with:?}");
+        assert!(with.allocations >= 1);
+        d.reset_peak_memory();
+        assert!(d.memory_stats().peak_bytes >= bytes as u64);
+        drop(t);
+        assert_eq!(Device::Cpu.memory_stats(), Default::default());
+    }
+}
