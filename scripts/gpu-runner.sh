@@ -12,7 +12,7 @@
 # 64 MiB. `run` unpacks bin.tar.xz (tar, or Python's tarfile where tar lacks xz), runs
 # every test binary with LORAFUSE_REQUIRE_GPU=1 (a missing GPU fails), then compute-sanitizer memcheck and racecheck over the kernel tests (those with `cuda`
 # in their name), optionally the criterion benches (GPU groups) followed by the PyTorch +
-# PEFT side by side (bench/pytorch/lora_kernels_gpu.py), and prints one summary table. Logs go
+# PEFT side by side (bench/pytorch/lora_kernels_gpu.py, train_step_gpu.py), and prints one summary table. Logs go
 # to DIR/logs/. Tests that read the source tree (tests/architecture.rs, the tidy header
 # check) or run the simulator's sanitizer builds (which stay on the build machine) are left
 # to CI.
@@ -57,6 +57,7 @@ for line in sys.stdin:
     rm -rf "$out/bin"
     cp "$here/gpu-runner.sh" "$out/gpu-runner.sh"
     cp "$repo/bench/pytorch/lora_kernels_gpu.py" "$out/lora_kernels_gpu.py"
+    cp "$repo/bench/pytorch/train_step_gpu.py" "$out/train_step_gpu.py"
     git rev-parse HEAD > "$out/COMMIT" 2>/dev/null || true
     local bytes
     bytes=$(du -sb "$out" | cut -f1)
@@ -124,6 +125,8 @@ run() {
         done
         if python3 -c "import torch, peft" > /dev/null 2>&1; then
             step side-by-side python3 lora_kernels_gpu.py --criterion "$CRITERION_HOME"
+            step side-by-side-train python3 train_step_gpu.py --criterion "$CRITERION_HOME" \
+                --ours-log logs/bench-train_step.log
         else
             rows+=("side-by-side                       FAIL  python3 with torch and peft not found")
             failed=1
@@ -132,10 +135,12 @@ run() {
     echo
     printf '%-34s %-5s %6s  %s\n' step result time summary
     printf '%s\n' "${rows[@]}"
-    if [[ -f logs/side-by-side.log ]]; then
-        echo
-        grep -v '^RESULT ' logs/side-by-side.log
-    fi
+    for f in logs/side-by-side.log logs/side-by-side-train.log; do
+        if [[ -f "$f" ]]; then
+            echo
+            grep -v '^RESULT ' "$f"
+        fi
+    done
     exit $failed
 }
 
