@@ -39,7 +39,6 @@ fn bits(t: &Tensor) -> Vec<u64> {
 /// y and the gradients of the tracked tables.
 type Run = (Vec<u64>, Option<Vec<u64>>, Option<Vec<u64>>);
 
-#[allow(clippy::too_many_arguments)]
 fn run(
     toks: &[u32],
     (b, t): (usize, usize),

@@ -107,9 +107,11 @@ pub(crate) fn forward(
     Ok((y, mean, rstd))
 }
 
+/// `gx`, and `(ggamma, gbeta)`, each when wanted.
+pub(crate) type Grads = (Option<Tensor>, Option<(Tensor, Tensor)>);
+
 /// The backward: `gx` when `want_x`, `(ggamma, gbeta)` when `want_params`, from the saved
 /// f32 row statistics.
-#[allow(clippy::too_many_arguments)]
 pub(crate) fn backward(
     x: &Tensor,
     gamma: &Tensor,
@@ -118,7 +120,7 @@ pub(crate) fn backward(
     rstd: &Tensor,
     want_x: bool,
     want_params: bool,
-) -> Result<(Option<Tensor>, Option<(Tensor, Tensor)>)> {
+) -> Result<Grads> {
     let c = gamma.elem_count();
     let rows = x.elem_count() / c;
     let dtype = x.dtype();
