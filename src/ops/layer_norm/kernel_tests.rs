@@ -124,6 +124,43 @@ fn close_to_f64(device: &Device) {
 }
 crate::test_device!(layer_norm_kernel_f64, close_to_f64);
 
+/// A GPT-2 input block on the device: `layer_norm(embedding(tokens))`, backward through the
+/// tape into both tables and the LayerNorm parameters; every gradient stays on the device
+/// and is close to the CPU engine's (f32).
+fn embedding_then_layer_norm(device: &Device) {
+    use rand::Rng;
+    let mut r = rng("layer_norm_kernel_chain");
+    let (b, t, v, p, c) = (3, 11, 40, 16, 65);
+    let toks: Vec<u32> = (0..b * t).map(|_| r.random_range(0..v as u32)).collect();
+    let ins = [
+        rand_tensor(&mut r, [v, c], -1.0, 1.0),
+        rand_tensor(&mut r, [p, c], -1.0, 1.0),
+        rand_tensor(&mut r, [c], -1.5, 1.5),
+        rand_tensor(&mut r, [c], -1.0, 1.0),
+        rand_tensor(&mut r, [b, t, c], -1.0, 1.0),
+    ];
+    let go = |dev: &Device| {
+        let tape = Tape::new();
+        let [wte, wpe, gamma, beta, seed] = ins.clone().map(|x| on(&x, DType::F32, dev));
+        let ts = [&wte, &wpe, &gamma, &beta].map(|x| x.track(&tape));
+        let e = crate::ops::embedding(&toks, b, t, &ts[0], &ts[1]).unwrap();
+        let y = layer_norm(&e, &ts[2], &ts[3], 1e-5).unwrap();
+        let g = tape.backward_with(&y, seed).unwrap();
+        let mut out = vec![y.to_vec_f64().unwrap()];
+        for x in &ts {
+            let gx = g.get(x).unwrap();
+            assert_eq!(gx.device(), *dev);
+            out.push(gx.to_vec_f64().unwrap());
+        }
+        out
+    };
+    let (got, want) = (go(device), go(&Device::Cpu));
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert_close(&format!("chain output {i} on {device}"), g, w, 1e-5);
+    }
+}
+crate::test_device!(layer_norm_kernel_chain, embedding_then_layer_norm);
+
 #[test]
 fn params_match_the_kernels() {
     for k in cuda::KERNELS {
