@@ -36,6 +36,8 @@ pub fn module_of(kernel: &str) -> Option<&'static KernelModule> {
 pub fn launched() -> impl Iterator<Item = &'static str> {
     [
         crate::ops::elementwise::cuda::KERNELS,
+        crate::ops::embedding::cuda::KERNELS,
+        crate::ops::layer_norm::cuda::KERNELS,
         crate::ops::lora_matmul::cuda::KERNELS,
         crate::ops::lora_merge::cuda::KERNELS,
         crate::optim::adamw::cuda::KERNELS,

@@ -1,11 +1,14 @@
 //! Token + position embedding (GPT-2's `wte` and `wpe`).
 
 pub(crate) mod cpu;
+pub(crate) mod cuda;
+#[cfg(test)]
+mod kernel_tests;
 
 use super::{output, with_real};
 use crate::tape::Tape;
 use crate::tensor::{same_device, same_dtype};
-use crate::{Error, Real, Result, Tensor};
+use crate::{Device, Error, Real, Result, Tensor};
 
 /// `out[b, t] = wte[tokens[b·T + t]] + wpe[t]`: `tokens` has `batch·seq` ids; returns `[batch, seq, C]`.
 ///
@@ -70,11 +73,15 @@ pub fn embedding(
         )
     }
     let dims = (batch, seq, c);
-    let y = with_real(
-        dtype,
-        || fwd::<f32>(tokens, dims, wte, wpe),
-        || fwd::<f64>(tokens, dims, wte, wpe),
-    )?;
+    let y = if wte.device() == Device::Cpu {
+        with_real(
+            dtype,
+            || fwd::<f32>(tokens, dims, wte, wpe),
+            || fwd::<f64>(tokens, dims, wte, wpe),
+        )?
+    } else {
+        cuda::forward(tokens, dims, wte, wpe)?
+    };
     if let Some(tape) = &tape {
         let (tokens, wte, wpe, yid) = (tokens.to_vec(), wte.clone(), wpe.clone(), y.id());
         tape.push(OP, move |g| {
@@ -111,11 +118,15 @@ pub fn embedding(
                 };
                 Ok((gwte, gwpe))
             }
-            let (gwte, gwpe) = with_real(
-                wte.dtype(),
-                || bwd::<f32>(&tokens, dims, &wte, &wpe, &gy),
-                || bwd::<f64>(&tokens, dims, &wte, &wpe, &gy),
-            )?;
+            let (gwte, gwpe) = if wte.device() == Device::Cpu {
+                with_real(
+                    wte.dtype(),
+                    || bwd::<f32>(&tokens, dims, &wte, &wpe, &gy),
+                    || bwd::<f64>(&tokens, dims, &wte, &wpe, &gy),
+                )?
+            } else {
+                cuda::backward(&tokens, dims, &wte, &wpe, &gy)?
+            };
             if let Some(gwte) = gwte {
                 g.accumulate(&wte, gwte)?;
             }

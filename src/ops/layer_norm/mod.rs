@@ -1,16 +1,21 @@
 //! LayerNorm over the last dimension, with the row statistics saved for backward.
 
 pub(crate) mod cpu;
+pub(crate) mod cuda;
+#[cfg(test)]
+mod kernel_tests;
 
 use super::{output, with_real};
 use crate::tape::Tape;
 use crate::tensor::{same_device, same_dtype};
-use crate::{Error, Real, Result, Tensor};
+use crate::{Device, Error, Real, Result, Tensor};
 
-/// The row statistics of the forward, in the compute type, kept for the backward.
+/// The row statistics of the forward, in the compute type, kept for the backward (f32
+/// device tensors `[rows]` for a device input).
 enum Stats {
     F32 { mean: Vec<f32>, rstd: Vec<f32> },
     F64 { mean: Vec<f64>, rstd: Vec<f64> },
+    Device { mean: Tensor, rstd: Tensor },
 }
 
 /// LayerNorm over the last dimension: `x [.., C]`, `gamma [C]`, `beta [C]`, all of one
@@ -61,11 +66,22 @@ pub fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result
         let (y, mean, rstd) = cpu::forward(&xv, &gv, &bv, T::c(eps));
         Ok((output(y, x.shape().clone(), x.dtype())?, mean, rstd))
     }
-    let (y, stats) = with_real(
-        dtype,
-        || fwd::<f32>(x, gamma, beta, eps).map(|(y, mean, rstd)| (y, Stats::F32 { mean, rstd })),
-        || fwd::<f64>(x, gamma, beta, eps).map(|(y, mean, rstd)| (y, Stats::F64 { mean, rstd })),
-    )?;
+    let (y, stats) = if x.device() == Device::Cpu {
+        with_real(
+            dtype,
+            || {
+                fwd::<f32>(x, gamma, beta, eps)
+                    .map(|(y, mean, rstd)| (y, Stats::F32 { mean, rstd }))
+            },
+            || {
+                fwd::<f64>(x, gamma, beta, eps)
+                    .map(|(y, mean, rstd)| (y, Stats::F64 { mean, rstd }))
+            },
+        )?
+    } else {
+        let (y, mean, rstd) = cuda::forward(x, gamma, beta, eps)?;
+        (y, Stats::Device { mean, rstd })
+    };
     if let Some(tape) = &tape {
         let (x, gamma, beta, yid) = (x.clone(), gamma.clone(), beta.clone(), y.id());
         tape.push(OP, move |g| {
@@ -107,6 +123,15 @@ pub fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result
             let (gx, gp) = match &stats {
                 Stats::F32 { mean, rstd } => bwd::<f32>(&x, &gamma, &beta, &gy, mean, rstd)?,
                 Stats::F64 { mean, rstd } => bwd::<f64>(&x, &gamma, &beta, &gy, mean, rstd)?,
+                Stats::Device { mean, rstd } => cuda::backward(
+                    &x,
+                    &gamma,
+                    &gy,
+                    mean,
+                    rstd,
+                    x.requires_grad(),
+                    gamma.requires_grad() || beta.requires_grad(),
+                )?,
             };
             if let Some(gx) = gx {
                 g.accumulate(&x, gx)?;
