@@ -51,7 +51,7 @@ pub(crate) struct Saved {
     n_valid: usize,
 }
 
-fn dev<'a>(s: &'a Storage) -> Result<&'a DeviceStorage> {
+fn dev(s: &Storage) -> Result<&DeviceStorage> {
     match s {
         Storage::Device(d) => Ok(d),
         Storage::Cpu(_) => Err(Error::invalid(format!(
