@@ -25,14 +25,18 @@ enum Lse {
 /// `logits` may be any `[.., V]`, viewed as `M` rows of `V`. Returns a scalar (shape `[]`,
 /// the dtype of `logits`): the mean over the non-ignored rows of
 /// `logsumexp(row) − row[target]`, computed with max subtraction in f32 (f64 for f64
-/// logits) and summed in row order.
+/// logits) and summed in row order. On a kernel device (`kernels/cross_entropy.cu`) the
+/// same f32 math runs as fixed-order block reductions (deterministic, within rounding of
+/// the CPU's result); the targets are checked on the host and uploaded, and the loss stays
+/// a device scalar.
 ///
 /// When every row is ignored the loss is 0 and so is its gradient (PyTorch returns NaN
 /// there; a batch made only of padding should not poison a run).
 ///
 /// Backward: `g·(softmax(row) − onehot(target)) / n_valid` for each non-ignored row and 0
 /// for the ignored ones, where `g` is the incoming scalar gradient; the softmax comes from
-/// the `logsumexp` saved by the forward.
+/// the `logsumexp` saved by the forward. On a device the kernel reads `g` there (no copy
+/// to the host) and recomputes the softmax from the saved per-row `logsumexp`.
 ///
 /// Errors: a scalar `logits` or `V = 0`, or `targets.len() != M` (shape); a target outside
 /// `0..V` that is not [`IGNORE_INDEX`] (invalid argument, naming its row and value).

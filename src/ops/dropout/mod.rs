@@ -16,7 +16,8 @@ use crate::{Device, Error, Real, Result, Tensor};
 /// elements are multiplied by `1/(1 − p)` (computed in f64, rounded to the compute type:
 /// f32, or f64 for f64 tensors), dropped ones are `0` (even when `x` is NaN). The output
 /// has the shape and dtype of `x`. With a fixed seed the op is linear in `x`; its backward
-/// applies the same mask and scale to the output gradient, regenerating the mask.
+/// applies the same mask and scale to the output gradient, regenerating the mask. On a
+/// kernel device (`kernels/dropout.cu`) the mask and the outputs are the CPU's bit for bit.
 ///
 /// `p = 0` returns a tensor with the values of `x`, still recorded on the tape so that
 /// gradients flow. Use a fresh `seed` per call site and step.
