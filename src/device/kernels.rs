@@ -35,6 +35,8 @@ pub fn module_of(kernel: &str) -> Option<&'static KernelModule> {
 /// Every kernel symbol the crate's ops (and the optimizer) may launch, op by op.
 pub fn launched() -> impl Iterator<Item = &'static str> {
     [
+        crate::ops::cross_entropy::cuda::KERNELS,
+        crate::ops::dropout::cuda::KERNELS,
         crate::ops::elementwise::cuda::KERNELS,
         crate::ops::embedding::cuda::KERNELS,
         crate::ops::layer_norm::cuda::KERNELS,

@@ -8,8 +8,8 @@
 //! are tracked: a frozen weight costs no gradient work.
 
 mod attention;
-mod cross_entropy;
-mod dropout;
+pub(crate) mod cross_entropy;
+pub(crate) mod dropout;
 pub(crate) mod elementwise;
 pub(crate) mod embedding;
 pub(crate) mod layer_norm;

@@ -1,18 +1,23 @@
 //! Softmax cross-entropy with an ignore index, mean over the rows that count.
 
 pub(crate) mod cpu;
+pub(crate) mod cuda;
+#[cfg(test)]
+mod kernel_tests;
 
 use super::{output, with_real};
 use crate::tape::Tape;
-use crate::{Error, Real, Result, Shape, Tensor};
+use crate::{Device, Error, Real, Result, Shape, Tensor};
 
 /// Targets equal to this are ignored (PyTorch's default).
 pub const IGNORE_INDEX: i32 = -100;
 
-/// The per-row `logsumexp` of the forward, in the compute type, kept for the backward.
+/// The per-row `logsumexp` of the forward, in the compute type, kept for the backward
+/// (on the device, with the uploaded targets, for a device tensor).
 enum Lse {
     F32(Vec<f32>),
     F64(Vec<f64>),
+    Device(cuda::Saved),
 }
 
 /// Mean softmax cross-entropy of `logits [M, V]` against `targets` (M ids, or [`IGNORE_INDEX`]).
@@ -20,14 +25,18 @@ enum Lse {
 /// `logits` may be any `[.., V]`, viewed as `M` rows of `V`. Returns a scalar (shape `[]`,
 /// the dtype of `logits`): the mean over the non-ignored rows of
 /// `logsumexp(row) − row[target]`, computed with max subtraction in f32 (f64 for f64
-/// logits) and summed in row order.
+/// logits) and summed in row order. On a kernel device (`kernels/cross_entropy.cu`) the
+/// same f32 math runs as fixed-order block reductions (deterministic, within rounding of
+/// the CPU's result); the targets are checked on the host and uploaded, and the loss stays
+/// a device scalar.
 ///
 /// When every row is ignored the loss is 0 and so is its gradient (PyTorch returns NaN
 /// there; a batch made only of padding should not poison a run).
 ///
 /// Backward: `g·(softmax(row) − onehot(target)) / n_valid` for each non-ignored row and 0
 /// for the ignored ones, where `g` is the incoming scalar gradient; the softmax comes from
-/// the `logsumexp` saved by the forward.
+/// the `logsumexp` saved by the forward. On a device the kernel reads `g` there (no copy
+/// to the host) and recomputes the softmax from the saved per-row `logsumexp`.
 ///
 /// Errors: a scalar `logits` or `V = 0`, or `targets.len() != M` (shape); a target outside
 /// `0..V` that is not [`IGNORE_INDEX`] (invalid argument, naming its row and value).
@@ -71,11 +80,17 @@ pub fn cross_entropy(logits: &Tensor, targets: &[i32]) -> Result<Tensor> {
         };
         Ok((output(vec![loss], Shape::from(()), logits.dtype())?, lse, n))
     }
-    let (y, lse, n_valid) = with_real(
-        logits.dtype(),
-        || fwd::<f32>(logits, targets, v).map(|(y, l, n)| (y, Lse::F32(l), n)),
-        || fwd::<f64>(logits, targets, v).map(|(y, l, n)| (y, Lse::F64(l), n)),
-    )?;
+    let (y, lse, n_valid) = if logits.device() == Device::Cpu {
+        with_real(
+            logits.dtype(),
+            || fwd::<f32>(logits, targets, v).map(|(y, l, n)| (y, Lse::F32(l), n)),
+            || fwd::<f64>(logits, targets, v).map(|(y, l, n)| (y, Lse::F64(l), n)),
+        )?
+    } else {
+        let n = targets.iter().filter(|&&t| t != IGNORE_INDEX).count();
+        let (y, saved) = cuda::forward(logits, targets, v, n)?;
+        (y, Lse::Device(saved), n)
+    };
     if let Some(tape) = &tape {
         let (logits, targets, yid) = (logits.clone(), targets.to_vec(), y.id());
         tape.push(OP, move |g| {
@@ -85,11 +100,14 @@ pub fn cross_entropy(logits: &Tensor, targets: &[i32]) -> Result<Tensor> {
             if !logits.requires_grad() {
                 return Ok(());
             }
-            // 0 when no row counts: the loss is the constant 0 then.
-            let scale = if n_valid == 0 {
-                0.0
-            } else {
-                gy.to_scalar()? / n_valid as f64
+            // 0 when no row counts: the loss is the constant 0 then. (Host gradients only:
+            // the device kernel reads gy on the device and scales by it there.)
+            let scale = || -> Result<f64> {
+                Ok(if n_valid == 0 {
+                    0.0
+                } else {
+                    gy.to_scalar()? / n_valid as f64
+                })
             };
             fn bwd<T: Real>(
                 logits: &Tensor,
@@ -106,8 +124,9 @@ pub fn cross_entropy(logits: &Tensor, targets: &[i32]) -> Result<Tensor> {
                 )
             }
             let gx = match &lse {
-                Lse::F32(l) => bwd::<f32>(&logits, l, &targets, v, scale)?,
-                Lse::F64(l) => bwd::<f64>(&logits, l, &targets, v, scale)?,
+                Lse::F32(l) => bwd::<f32>(&logits, l, &targets, v, scale()?)?,
+                Lse::F64(l) => bwd::<f64>(&logits, l, &targets, v, scale()?)?,
+                Lse::Device(saved) => cuda::backward(&logits, &gy, saved)?,
             };
             g.accumulate(&logits, gx)
         });

@@ -2,10 +2,13 @@
 //! regenerates from `(seed, index)` instead of storing it.
 
 pub(crate) mod cpu;
+pub(crate) mod cuda;
+#[cfg(test)]
+mod kernel_tests;
 
 use super::{output, with_real};
 use crate::tape::Tape;
-use crate::{Error, Real, Result, Tensor};
+use crate::{Device, Error, Real, Result, Tensor};
 
 /// Inverted dropout with probability `p`, mask from a counter-based hash of `(seed, index)`.
 ///
@@ -13,7 +16,8 @@ use crate::{Error, Real, Result, Tensor};
 /// elements are multiplied by `1/(1 − p)` (computed in f64, rounded to the compute type:
 /// f32, or f64 for f64 tensors), dropped ones are `0` (even when `x` is NaN). The output
 /// has the shape and dtype of `x`. With a fixed seed the op is linear in `x`; its backward
-/// applies the same mask and scale to the output gradient, regenerating the mask.
+/// applies the same mask and scale to the output gradient, regenerating the mask. On a
+/// kernel device (`kernels/dropout.cu`) the mask and the outputs are the CPU's bit for bit.
 ///
 /// `p = 0` returns a tensor with the values of `x`, still recorded on the tape so that
 /// gradients flow. Use a fresh `seed` per call site and step.
@@ -31,22 +35,26 @@ pub fn dropout(x: &Tensor, p: f64, seed: u64) -> Result<Tensor> {
         let xv = x.cpu_read::<T>(OP)?;
         output(cpu::apply(&xv, p, seed), x.shape().clone(), x.dtype())
     }
-    let y = with_real(
-        x.dtype(),
-        || go::<f32>(x, p, seed),
-        || go::<f64>(x, p, seed),
-    )?;
+    // The forward (or, with `backward`, the backward on the output gradient) on any device.
+    fn run(x: &Tensor, p: f64, seed: u64, backward: bool) -> Result<Tensor> {
+        if x.device() == Device::Cpu {
+            with_real(
+                x.dtype(),
+                || go::<f32>(x, p, seed),
+                || go::<f64>(x, p, seed),
+            )
+        } else {
+            cuda::apply(x, p, seed, backward)
+        }
+    }
+    let y = run(x, p, seed, false)?;
     if let Some(tape) = &tape {
         let (x, yid) = (x.clone(), y.id());
         tape.push(OP, move |g| {
             let Some(gy) = g.take_output(yid) else {
                 return Ok(());
             };
-            let gx = with_real(
-                gy.dtype(),
-                || go::<f32>(&gy, p, seed),
-                || go::<f64>(&gy, p, seed),
-            )?;
+            let gx = run(&gy, p, seed, true)?;
             g.accumulate(&x, gx)
         });
     }

@@ -1,0 +1,163 @@
+//! Launchers of `kernels/cross_entropy.cu`, one code path for the CUDA backend and the
+//! simulator.
+
+use crate::device::{Backend, DeviceBuffer, LaunchConfig};
+use crate::ops::elementwise::cuda::suffix;
+use crate::storage::{DeviceStorage, Storage};
+use crate::{Error, Result, Shape, Tensor};
+
+const OP: &str = "cross_entropy";
+
+/// Twin of `CrossEntropyParams` in `kernels/cross_entropy.cu` (the size is checked against
+/// the compiled struct by a kernel test).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, bytemuck::Pod, bytemuck::Zeroable)]
+pub(crate) struct CrossEntropyParams {
+    pub x: u64,
+    pub targets: u64,
+    pub lse: u64,
+    pub losses: u64,
+    pub gy: u64,
+    pub out: u64,
+    pub rows: i64,
+    pub v: i64,
+    pub n_valid: i64,
+}
+
+/// Every kernel these launchers may launch (checked against the compiled modules by the
+/// tidy test).
+pub(crate) const KERNELS: &[&str] = &[
+    "cross_entropy_fwd_f32",
+    "cross_entropy_fwd_bf16",
+    "cross_entropy_fwd_f16",
+    "cross_entropy_mean_fwd_f32",
+    "cross_entropy_mean_fwd_bf16",
+    "cross_entropy_mean_fwd_f16",
+    "cross_entropy_bwd_f32",
+    "cross_entropy_bwd_bf16",
+    "cross_entropy_bwd_f16",
+];
+
+/// Threads per block of every kernel in the file (the header's launch geometry).
+const THREADS: u32 = 256;
+
+/// What the forward leaves on the device for the backward: the per-row `logsumexp` (f32)
+/// and the uploaded targets (i32), with the counts the kernels need.
+pub(crate) struct Saved {
+    lse: DeviceBuffer,
+    targets: DeviceBuffer,
+    rows: usize,
+    v: usize,
+    n_valid: usize,
+}
+
+fn dev(s: &Storage) -> Result<&DeviceStorage> {
+    match s {
+        Storage::Device(d) => Ok(d),
+        Storage::Cpu(_) => Err(Error::invalid(format!(
+            "{OP}: a CPU tensor reached a kernel launcher"
+        ))),
+    }
+}
+
+fn int(v: usize) -> Result<i64> {
+    i64::try_from(v).map_err(|_| Error::invalid(format!("{OP}: {v} overflows i64")))
+}
+
+/// One block per row in a grid-stride loop over rows.
+fn rows_config(backend: &Backend, rows: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid: [rows.clamp(1, backend.max_blocks() as usize) as u32, 1, 1],
+        block: [THREADS, 1, 1],
+        shared_bytes: 0,
+    }
+}
+
+/// The forward on the device: the scalar mean loss (dtype of `logits`) and what the
+/// backward needs. `targets` are validated by the caller (`rows` of them, each in `0..v`
+/// or negative for an ignored row); `n_valid` counts the non-ignored ones.
+pub(crate) fn forward(
+    logits: &Tensor,
+    targets: &[i32],
+    v: usize,
+    n_valid: usize,
+) -> Result<(Tensor, Saved)> {
+    let rows = targets.len();
+    let sfx = suffix(logits.dtype())?;
+    let xs = logits.storage();
+    let xd = dev(&xs)?;
+    let backend = xd.backend();
+    // At least one element each, so that no allocation is empty.
+    let mut tbuf = backend.alloc(4 * rows.max(1))?;
+    let mut tbytes = vec![0u8; 4 * rows.max(1)];
+    tbytes[..4 * rows].copy_from_slice(bytemuck::cast_slice(targets));
+    backend.write(&tbytes, &mut tbuf)?;
+    let lse = backend.alloc(4 * rows.max(1))?;
+    // Freed in stream order after the launches (see device::cuda), so it may drop here.
+    let losses = backend.alloc(4 * rows.max(1))?;
+    let out = DeviceStorage::alloc(logits.dtype(), 1, xd.device())?;
+    let params = CrossEntropyParams {
+        x: xd.device_ptr(),
+        targets: tbuf.device_ptr(),
+        lse: lse.device_ptr(),
+        losses: losses.device_ptr(),
+        gy: 0,
+        out: out.device_ptr(),
+        rows: int(rows)?,
+        v: int(v)?,
+        n_valid: int(n_valid)?,
+    };
+    if rows > 0 {
+        let cfg = rows_config(backend, rows);
+        backend.launch(&format!("cross_entropy_fwd_{sfx}"), &cfg, &params)?;
+    }
+    let one = LaunchConfig {
+        grid: [1, 1, 1],
+        block: [THREADS, 1, 1],
+        shared_bytes: 0,
+    };
+    backend.launch(&format!("cross_entropy_mean_fwd_{sfx}"), &one, &params)?;
+    let y = Tensor::from_storage(Storage::Device(out), Shape::from(()))?;
+    let saved = Saved {
+        lse,
+        targets: tbuf,
+        rows,
+        v,
+        n_valid,
+    };
+    Ok((y, saved))
+}
+
+/// The logits gradient `gy/n_valid·(softmax − onehot)` (0 on ignored rows), with `gy` the
+/// device scalar gradient of the loss, read by the kernel.
+pub(crate) fn backward(logits: &Tensor, gy: &Tensor, saved: &Saved) -> Result<Tensor> {
+    if gy.dtype() != logits.dtype() || gy.elem_count() != 1 {
+        return Err(Error::invalid(format!(
+            "{OP}: the loss gradient is {} {}, not a {} scalar",
+            gy.dtype(),
+            gy.shape(),
+            logits.dtype()
+        )));
+    }
+    let sfx = suffix(logits.dtype())?;
+    let (xs, gs) = (logits.storage(), gy.storage());
+    let (xd, gd) = (dev(&xs)?, dev(&gs)?);
+    let backend = xd.backend();
+    let out = DeviceStorage::alloc(logits.dtype(), saved.rows * saved.v, xd.device())?;
+    if saved.rows > 0 {
+        let params = CrossEntropyParams {
+            x: xd.device_ptr(),
+            targets: saved.targets.device_ptr(),
+            lse: saved.lse.device_ptr(),
+            losses: 0,
+            gy: gd.device_ptr(),
+            out: out.device_ptr(),
+            rows: int(saved.rows)?,
+            v: int(saved.v)?,
+            n_valid: int(saved.n_valid)?,
+        };
+        let cfg = rows_config(backend, saved.rows);
+        backend.launch(&format!("cross_entropy_bwd_{sfx}"), &cfg, &params)?;
+    }
+    Tensor::from_storage(Storage::Device(out), logits.shape().clone())
+}

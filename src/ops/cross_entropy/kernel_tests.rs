@@ -1,0 +1,215 @@
+//! Kernel-level tests (DESIGN §6) of the fused softmax cross-entropy on every backend
+//! present: odd row counts and vocabularies (1 class, 3, 257, over 4096 and GPT-2's 50257,
+//! so the strided loops run several passes), ignored rows (some, and all of them), large
+//! logit offsets, three dtypes, the loss gradient's scale. The device loss and gradient are
+//! compared with the CPU reference within the dtype's rounding (the kernels sum in another
+//! order, with another `exp`); ignored rows' gradients must be exactly 0; outputs start
+//! poisoned (NaN), so an unwritten element fails; a second run must give the same bits.
+
+use super::*;
+use crate::testing::{assert_close, rng};
+use crate::DType;
+use rand::Rng;
+
+const DTYPES: [DType; 3] = [DType::F32, DType::BF16, DType::F16];
+
+/// Relative tolerance of a device result against the CPU reference: f32 math in another
+/// order, then (bf16, f16) one rounding of each output that may land one ulp apart.
+fn tol(dtype: DType) -> f64 {
+    match dtype {
+        DType::F32 => 2e-5,
+        DType::BF16 => 1e-2,
+        DType::F16 => 2e-3,
+        DType::F64 => 0.0,
+    }
+}
+
+/// `(rows, classes, logit offset)`.
+const CASES: [(usize, usize, f64); 8] = [
+    (1, 1, 0.0),
+    (7, 3, 0.0),
+    (65, 257, 0.0),
+    (7, 5003, 0.0),
+    (3, 4099, 40.0),
+    (2, 50257, 0.0),
+    (5, 64, -30.0),
+    (1, 257, 0.0),
+];
+
+/// Random targets, each row ignored with probability `p_ignore`; class 0 and V − 1 appear.
+fn targets(g: &mut impl Rng, m: usize, v: usize, p_ignore: f64) -> Vec<i32> {
+    (0..m)
+        .map(|i| {
+            if g.random_bool(p_ignore) {
+                IGNORE_INDEX
+            } else if i == 0 {
+                0
+            } else if i == 1 {
+                v as i32 - 1
+            } else {
+                g.random_range(0..v as i32)
+            }
+        })
+        .collect()
+}
+
+/// The loss and the logits gradient (backward seeded with `seed`) on `device`.
+fn run(
+    x: &[f64],
+    dims: [usize; 2],
+    t: &[i32],
+    dtype: DType,
+    seed: f64,
+    device: &Device,
+) -> (Tensor, Tensor) {
+    let tape = Tape::new();
+    let xt = Tensor::from_vec_as(x.to_vec(), dims, dtype, device)
+        .unwrap()
+        .track(&tape);
+    let y = cross_entropy(&xt, t).unwrap();
+    let g = tape.backward_scaled(&y, seed).unwrap();
+    let gx = g.get(&xt).unwrap().clone();
+    (y, gx)
+}
+
+fn bits(t: &Tensor) -> Vec<u64> {
+    t.to_vec_f64()
+        .unwrap()
+        .iter()
+        .map(|v| v.to_bits())
+        .collect()
+}
+
+fn matches_the_cpu_reference(device: &Device) {
+    let mut g = rng("cross_entropy_kernel");
+    for dtype in DTYPES {
+        for (ci, &(m, v, offset)) in CASES.iter().enumerate() {
+            // The last case ignores every row; the others about a quarter of them.
+            let p_ignore = if ci == CASES.len() - 1 { 1.0 } else { 0.25 };
+            let t = targets(&mut g, m, v, p_ignore);
+            let x: Vec<f64> = (0..m * v)
+                .map(|_| offset + g.random_range(-4.0..4.0))
+                .collect();
+            let seed = g.random_range(0.5..3.0);
+            let name = format!("{device} {dtype} [{m}, {v}] +{offset}");
+            let (y, gx) = run(&x, [m, v], &t, dtype, seed, device);
+            assert_eq!((y.dims(), y.dtype()), (&[] as &[usize], dtype), "{name}");
+            assert_eq!((gx.dims(), gx.dtype()), (&[m, v][..], dtype), "{name}");
+            let (y_cpu, gx_cpu) = run(&x, [m, v], &t, dtype, seed, &Device::Cpu);
+            let (loss, loss_cpu) = (y.to_scalar().unwrap(), y_cpu.to_scalar().unwrap());
+            let grad = gx.to_vec_f64().unwrap();
+            if t.iter().all(|&t| t == IGNORE_INDEX) {
+                assert_eq!(loss.to_bits(), 0f64.to_bits(), "{name}: loss");
+                assert!(grad.iter().all(|&g| g == 0.0), "{name}: gradient");
+                continue;
+            }
+            assert_close(&format!("{name} loss"), &[loss], &[loss_cpu], tol(dtype));
+            assert_close(
+                &format!("{name} gradient"),
+                &grad,
+                &gx_cpu.to_vec_f64().unwrap(),
+                tol(dtype),
+            );
+            for (r, &tr) in t.iter().enumerate() {
+                let row = &grad[r * v..(r + 1) * v];
+                if tr == IGNORE_INDEX {
+                    assert!(
+                        row.iter().all(|&g| g.to_bits() == 0),
+                        "{name}: ignored row {r}"
+                    );
+                } else {
+                    // Every element written and finite; only the target's is negative.
+                    assert!(row.iter().all(|g| g.is_finite()), "{name}: row {r}");
+                    let n_neg = row.iter().filter(|&&g| g < 0.0).count();
+                    assert!(n_neg <= 1, "{name}: row {r} has {n_neg} negative gradients");
+                }
+            }
+            // Deterministic: the same bits again, tracked or not.
+            let (y2, gx2) = run(&x, [m, v], &t, dtype, seed, device);
+            assert_eq!(bits(&y), bits(&y2), "{name}: the loss changed between runs");
+            assert_eq!(
+                bits(&gx),
+                bits(&gx2),
+                "{name}: the gradient changed between runs"
+            );
+            let xu = Tensor::from_vec_as(x.clone(), [m, v], dtype, device).unwrap();
+            assert_eq!(
+                bits(&cross_entropy(&xu, &t).unwrap()),
+                bits(&y),
+                "{name}: untracked"
+            );
+        }
+    }
+}
+crate::test_device!(matches_reference, matches_the_cpu_reference);
+
+/// Known values: uniform logits give ln V at any offset, and the gradient of a row is
+/// `(1/V − [j = t])·seed/n`.
+fn uniform_logits(device: &Device) {
+    for dtype in DTYPES {
+        for (v, c) in [(50usize, 0.0), (4100, 1000.0), (3, -500.0)] {
+            let t = [0, v as i32 - 1, IGNORE_INDEX, 1];
+            let x = vec![c; 4 * v];
+            let (y, gx) = run(&x, [4, v], &t, dtype, 1.5, device);
+            let l = y.to_scalar().unwrap();
+            let want = (v as f64).ln();
+            assert!(
+                (l - want).abs() <= tol(dtype) * want,
+                "{device} {dtype} V {v} +{c}: {l}, want {want}"
+            );
+            let grad = gx.to_vec_f64().unwrap();
+            for (r, &tr) in t.iter().enumerate() {
+                for j in [0, 1, v - 1] {
+                    let want = if tr == IGNORE_INDEX {
+                        0.0
+                    } else {
+                        let onehot = if j == tr as usize { 1.0 } else { 0.0 };
+                        (1.0 / v as f64 - onehot) * 1.5 / 3.0
+                    };
+                    let got = grad[r * v + j];
+                    assert!(
+                        (got - want).abs() <= 4.0 * tol(dtype) * want.abs(),
+                        "{device} {dtype} V {v}: g[{r}, {j}] = {got}, want {want}"
+                    );
+                }
+            }
+        }
+    }
+}
+crate::test_device!(uniform, uniform_logits);
+
+/// Bad targets and shapes are errors on every device, checked on the host before upload.
+fn bad_input_is_an_error(device: &Device) {
+    let x = Tensor::zeros([4, 8], DType::F32, device).unwrap();
+    assert!(matches!(
+        cross_entropy(&x, &[0, 1, 2]),
+        Err(Error::Shape { .. })
+    ));
+    for bad in [8, -1, i32::MIN] {
+        assert!(
+            matches!(
+                cross_entropy(&x, &[0, IGNORE_INDEX, bad, 3]),
+                Err(Error::InvalidArgument(_))
+            ),
+            "{device}: target {bad}"
+        );
+    }
+    // No rows at all: a loss of 0.
+    let empty = Tensor::zeros([0, 8], DType::BF16, device).unwrap();
+    assert_eq!(
+        cross_entropy(&empty, &[]).unwrap().to_scalar().unwrap(),
+        0.0
+    );
+}
+crate::test_device!(bad_input, bad_input_is_an_error);
+
+#[test]
+fn params_match_the_kernels() {
+    for k in cuda::KERNELS {
+        assert_eq!(
+            crate::device::sim::param_bytes(k),
+            Some(std::mem::size_of::<cuda::CrossEntropyParams>()),
+            "{k}: the Rust and C++ parameter structs differ in size"
+        );
+    }
+}
