@@ -35,6 +35,7 @@ pub fn module_of(kernel: &str) -> Option<&'static KernelModule> {
 /// Every kernel symbol the crate's ops (and the optimizer) may launch, op by op.
 pub fn launched() -> impl Iterator<Item = &'static str> {
     [
+        crate::ops::attention::cuda::KERNELS,
         crate::ops::elementwise::cuda::KERNELS,
         crate::ops::lora_matmul::cuda::KERNELS,
         crate::ops::lora_merge::cuda::KERNELS,
