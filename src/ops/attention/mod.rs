@@ -6,9 +6,9 @@
 //! small (`B=8, H=4, T=128`: 2 MB in f32). It grows as `T²`, so a long-context path (or the
 //! CUDA kernel) would keep the logsumexp and recompute `P` instead.
 //!
-//! On a device (`kernels/attention.cu`, launched by `cuda.rs`) the forward saves `P` in f32 as a
-//! device tensor and the backward runs as two deterministic kernels (dS and dq per query
-//! row, then dk and dv per key row).
+//! On a device (`kernels/attention.cu`, launched by `cuda.rs`) the forward saves `P` in
+//! f32 as a device tensor and the backward runs as two deterministic kernels (dS and dq
+//! per query row, then dk and dv per key row).
 
 pub(crate) mod cpu;
 pub(crate) mod cuda;
