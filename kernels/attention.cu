@@ -27,19 +27,22 @@
 // math and accumulation in f32; outputs rounded once (nearest even).
 //
 // FLOPs and bytes per call (s bytes per element, causal halves counted): forward
-// ≈ 2·B·H·T²·hd FLOPs (scores and P·v), backward ≈ 4·B·H·T²·hd; bytes: qkv, y, gy, dqkv
-// once each (s·B·T·C·(3 + 1 + 1 + 3)) plus P and dS (4·B·H·T² each, written and re-read),
-// plus k/v rows re-read from L2 once per query row. Headline (bf16, B = 8, T = 128,
-// C = 256, H = 4): 0.07 GFLOP forward + 0.13 backward, ~2.6 MB of P/dS traffic → on an
-// H100 (~3 TB/s, ~400 TFLOP/s dense bf16) a floor of ~2 µs; this simple kernel is
-// latency- and L2-bound (k/v re-reads, serial dot products) and will be far from it. Not
-// measured on a GPU.
+// ≈ 2·B·H·T²·hd FLOPs (scores and P·v), backward ≈ 4·B·H·T²·hd; bytes: the forward
+// reads qkv and writes y, the backward reads qkv and gy and writes dqkv (s·B·T·C·11 in
+// all) plus P (4·B·H·T², written once, read twice) and dS (written once, read once),
+// plus k/v rows re-read from L2 once per query row. Headline (bf16, B = 8, T = 128, C = 256,
+// H = 4, hd = 64): 0.07 GFLOP forward + 0.13 backward (all f32 FMAs on CUDA cores, no
+// tensor cores: ~3 µs at an H100's ~67 TFLOP/s f32) and ~6 MB of activations + ~10 MB
+// of P/dS (~5 µs at ~3 TB/s): a floor of ~5 µs for forward + backward. This simple
+// kernel is latency- and L2-bound (k/v re-reads, serial dot products, one block per row)
+// and will be well above it. Not measured on a GPU.
 //
-// Launch geometry: every kernel grid (T, H, B), 128 threads, 512 B of static shared memory
-// for the block reductions. attention_fwd and attention_bwd: block (i, h, b) owns query row i; thread x
-// handles keys j = x, x + 128, … ≤ i (scores, P, dP, dS), then output columns
-// e = x, x + 128, … < hd. attention_dkv_bwd: block (j, h, b) owns key row j; thread x owns columns
-// e = x, x + 128, … < hd of dk_j and dv_j and loops over i = j … T−1 in order.
+// Launch geometry: every kernel grid (T, H, B), 128 threads. attention_fwd and
+// attention_bwd: block (i, h, b) owns query row i; thread x handles keys
+// j = x, x + 128, … ≤ i (scores, P, dP, dS), the row's max and sums are reduced over the
+// block in 512 B of static shared memory, then thread x writes output columns
+// e = x, x + 128, … < hd. attention_dkv_bwd: block (j, h, b) owns key row j; thread x owns
+// columns e = x, x + 128, … < hd of dk_j and dv_j and loops over i = j … T−1 in order.
 #include "common.cuh"
 
 // Rust twin: `AttentionParams` in src/ops/attention/cuda.rs (a test checks the size).
