@@ -35,6 +35,7 @@ pub fn module_of(kernel: &str) -> Option<&'static KernelModule> {
 /// Every kernel symbol the crate's ops (and the optimizer) may launch, op by op.
 pub fn launched() -> impl Iterator<Item = &'static str> {
     [
+        crate::ops::attention::cuda::KERNELS,
         crate::ops::cross_entropy::cuda::KERNELS,
         crate::ops::dropout::cuda::KERNELS,
         crate::ops::elementwise::cuda::KERNELS,

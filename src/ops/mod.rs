@@ -7,7 +7,7 @@
 //! its tracked inputs (if any). The backward computes a gradient only for the inputs that
 //! are tracked: a frozen weight costs no gradient work.
 
-mod attention;
+pub(crate) mod attention;
 pub(crate) mod cross_entropy;
 pub(crate) mod dropout;
 pub(crate) mod elementwise;

@@ -5,8 +5,13 @@
 //! GEMM and no exponentials (4 GEMMs per head instead of 5), and at our sizes the memory is
 //! small (`B=8, H=4, T=128`: 2 MB in f32). It grows as `T²`, so a long-context path (or the
 //! CUDA kernel) would keep the logsumexp and recompute `P` instead.
+//!
+//! On a device (`kernels/attention.cu`, launched by `cuda.rs`) the forward saves `P` in
+//! f32 as a device tensor and the backward runs as two deterministic kernels (dS and dq
+//! per query row, then dk and dv per key row).
 
 pub(crate) mod cpu;
+pub(crate) mod cuda;
 
 use super::{output, with_real};
 use crate::tape::Tape;
@@ -52,7 +57,12 @@ pub fn causal_attention(qkv: &Tensor, n_head: usize) -> Result<Tensor> {
         let p = Tensor::from_vec(p, [d.b, d.h, d.t, d.t], &Device::Cpu)?;
         Ok((output(y, [d.b, d.t, d.c], qkv.dtype())?, p))
     }
-    let (y, p) = with_real(qkv.dtype(), || fwd::<f32>(qkv, d), || fwd::<f64>(qkv, d))?;
+    let on_device = qkv.device() != Device::Cpu;
+    let (y, p) = if on_device {
+        cuda::forward(qkv, d)?
+    } else {
+        with_real(qkv.dtype(), || fwd::<f32>(qkv, d), || fwd::<f64>(qkv, d))?
+    };
     if let Some(tape) = &tape {
         let (qkv, yid) = (qkv.clone(), y.id());
         tape.push(OP, move |g| {
@@ -68,16 +78,23 @@ pub fn causal_attention(qkv: &Tensor, n_head: usize) -> Result<Tensor> {
                 let gqkv = cpu::backward(&qv, &pv, &gv, d, cpu::BLOCK)?;
                 output(gqkv, qkv.shape().clone(), qkv.dtype())
             }
-            let gqkv = with_real(
-                qkv.dtype(),
-                || bwd::<f32>(&qkv, &p, &gy, d),
-                || bwd::<f64>(&qkv, &p, &gy, d),
-            )?;
+            let gqkv = if on_device {
+                cuda::backward(&qkv, &p, &gy, d)?
+            } else {
+                with_real(
+                    qkv.dtype(),
+                    || bwd::<f32>(&qkv, &p, &gy, d),
+                    || bwd::<f64>(&qkv, &p, &gy, d),
+                )?
+            };
             g.accumulate(&qkv, gqkv)
         });
     }
     Ok(y.with_tape(tape))
 }
+
+#[cfg(test)]
+mod kernel_tests;
 
 #[cfg(test)]
 mod tests {
