@@ -1,0 +1,125 @@
+//! End-to-end training on a device (DESIGN §6, level 4): a tiny GPT trained for a few
+//! steps on the simulator (and on a GPU when one is present) follows the CPU reference's
+//! losses, the same seed gives bitwise-identical losses twice, the step issues no
+//! read-back (`Trainer::step_deferred`), and LoRA holds less device memory than full
+//! fine-tuning.
+//!
+//! One test per device, so that the device's memory counters see only this test's
+//! allocations (the counters are per device and process-wide).
+
+use lorafuse::checkpoint::Gpt2Config;
+use lorafuse::data::{Task, TaskGen, MIN_VOCAB};
+use lorafuse::lora::{LoraConfig, LoraTarget};
+use lorafuse::model::Gpt2;
+use lorafuse::train::{TrainConfig, Trainer};
+use lorafuse::{DType, Device};
+
+fn cfg() -> Gpt2Config {
+    Gpt2Config {
+        vocab_size: MIN_VOCAB,
+        n_positions: 9,
+        n_embd: 32,
+        n_layer: 2,
+        n_head: 2,
+        layer_norm_epsilon: 1e-5,
+    }
+}
+
+fn lora() -> LoraConfig {
+    LoraConfig {
+        r: 4,
+        targets: vec![LoraTarget::CAttn, LoraTarget::MlpCFc],
+        ..Default::default()
+    }
+}
+
+const STEPS: usize = 3;
+
+/// Trains `STEPS` steps of task A from seed 0 on `device`; the losses and the peak device
+/// bytes of the training (model and optimizer state included).
+fn run(device: &Device, dtype: DType, lora: Option<LoraConfig>) -> (Vec<f64>, u64) {
+    device.reset_peak_memory();
+    let mut model = Gpt2::new_random(&cfg(), dtype, device, 0).unwrap();
+    if let Some(l) = lora {
+        model.attach_lora(&l, 1).unwrap();
+    }
+    let tc = TrainConfig {
+        lr: 3e-3,
+        min_lr: 3e-4,
+        warmup_steps: 2,
+        total_steps: STEPS,
+        seed: 7,
+        ..Default::default()
+    };
+    let mut t = Trainer::new(model, &tc).unwrap();
+    let mut gen = TaskGen::new(Task::A, 4, 3).unwrap();
+    // Queue every step first: nothing is read back until the losses are asked for.
+    let pending: Vec<_> = (0..STEPS)
+        .map(|_| {
+            let b = gen.sample_batch(8);
+            t.step_deferred(&b.tokens, &b.targets, b.batch, b.seq)
+                .unwrap()
+        })
+        .collect();
+    let losses = pending
+        .into_iter()
+        .map(|p| p.wait().unwrap().loss)
+        .collect();
+    let peak = device.memory_stats().peak_bytes;
+    drop(t);
+    (losses, peak)
+}
+
+fn follows_the_cpu(device: &Device) {
+    let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    let mut peaks = Vec::new();
+    // f32 full fine-tuning and LoRA, each run twice on the device (determinism), and bf16
+    // LoRA once (the simulator runs each launch on the CPU: CI's time is the limit).
+    for (dtype, tol, l, runs) in [
+        (DType::F32, 1e-4, None, 2),
+        (DType::F32, 1e-4, Some(lora()), 2),
+        (DType::BF16, 3e-2, Some(lora()), 1),
+    ] {
+        let what = format!(
+            "{device} {dtype} {}",
+            if l.is_some() { "LoRA" } else { "full" }
+        );
+        let (cpu, _) = run(&Device::Cpu, dtype, l.clone());
+        let (a, peak) = run(device, dtype, l.clone());
+        println!("{what}: cpu {cpu:?}\n{what}: dev {a:?}, peak {peak} bytes");
+        for (i, (x, y)) in a.iter().zip(&cpu).enumerate() {
+            assert!(
+                ((x - y) / y).abs() <= tol,
+                "{what}: step {i} loss {x} vs the CPU's {y} (tol {tol})"
+            );
+        }
+        if runs == 2 {
+            let (b, _) = run(device, dtype, l.clone());
+            assert_eq!(bits(&a), bits(&b), "{what}: two runs differ");
+        }
+        peaks.push(peak);
+    }
+    let (full, adapted) = (peaks[0], peaks[1]);
+    println!("{device}: peak device bytes (f32), full fine-tuning {full}, LoRA {adapted}");
+    assert!(
+        adapted < full,
+        "{device}: LoRA peaked at {adapted} bytes, full fine-tuning at {full}"
+    );
+}
+
+#[test]
+fn sim() {
+    follows_the_cpu(&Device::Sim);
+}
+
+#[test]
+fn cuda() {
+    let d = Device::Cuda(0);
+    match d.unavailable_reason() {
+        None => follows_the_cpu(&d),
+        Some(why) if std::env::var("LORAFUSE_REQUIRE_GPU").as_deref() == Ok("1") => {
+            panic!("cuda: LORAFUSE_REQUIRE_GPU=1 but {why}")
+        }
+        Some(why) => println!("train_device cuda: skipped ({why})"),
+    }
+}
