@@ -15,6 +15,13 @@
 //                         (β^t by `optim::pow_by_squaring`), rounded once to f32, and the
 //                         stochastic-rounding key mix64(mix64(seed + G) ^ t).
 //                         found_inf: only norm and found_inf are written (step unchanged).
+//                         With a device-resident loss scale (loss_scale non-null; the host
+//                         twin is `DynamicLossScaler::update`): grad_scale_inv = 1/S is read
+//                         from it (in norm too), and after the step          (loss_scale =)
+//                           found_inf: S = max(S/2, 1), clean = 0, overflows += 1;
+//                           else: clean += 1, and at growth_interval S = 2S, clean = 0;
+//                         then next_seed = (float)S, the next backward's seed (next_seed =).
+//                         No host round trip decides a skip or the next scale.
 //   adamw_apply_fwd_f32:  reads found_inf from the step state and returns at once, writing
 //                         nothing, when it is set. Otherwise, per element of every tensor
 //                         that has a gradient (each operation rounded once in f32, no FMA:
@@ -33,7 +40,8 @@
 //
 // Shapes: tensors[T] descriptors {param, m, v, master, n, dtype, param_index}; grads[T]
 // {ptr (null: no gradient this step), dtype}; chunks[K] {tensor, chunk} (element range
-// [chunk·C, min(n, (chunk+1)·C)) of that tensor); partials[K]; one step state.
+// [chunk·C, min(n, (chunk+1)·C)) of that tensor); partials[K]; one step state; optionally
+// one loss-scale state and its f32 seed.
 //
 // Dtypes: params bf16/f16/f32, grads of the param's dtype or f32 (a per-tensor code:
 // 0 f32, 1 bf16, 2 f16; a block works on one chunk of one tensor, so the switch is
@@ -125,6 +133,17 @@ static_assert(sizeof(AdamWChunk) == 8, "AdamWChunk layout");
 static_assert(sizeof(AdamWPartial) == 16, "AdamWPartial layout");
 static_assert(sizeof(AdamWStepState) == 80, "AdamWStepState layout");
 
+// Dynamic loss scaling kept on the device (torch.cuda.amp.GradScaler's policy; the host
+// twin is `optim::DynamicLossScaler::update`). norm and finish read S from it, finish
+// updates it after the step. Rust twin: `LossScaleState`.
+struct AdamWLossScale {
+    double scale;              // S: the gradients of this step are S × their true value
+    lf::u64 overflows;         // steps skipped so far
+    unsigned clean_steps;      // clean steps since the scale last changed
+    unsigned growth_interval;  // clean steps before S doubles (>= 1)
+};
+static_assert(sizeof(AdamWLossScale) == 24, "AdamWLossScale layout");
+
 // Rust twin: `NormParams`.
 struct AdamWNormParams {
     const AdamWTensor* tensors;
@@ -133,7 +152,8 @@ struct AdamWNormParams {
     AdamWPartial* partials;
     lf::u64 num_chunks;
     lf::u64 chunk_elems;
-    double grad_scale_inv;
+    double grad_scale_inv;             // used when loss_scale is null
+    const AdamWLossScale* loss_scale;  // null, or grad_scale_inv = 1/S read from here
 };
 
 // Rust twin: `FinishParams`.
@@ -146,6 +166,8 @@ struct AdamWFinishParams {
     double max_grad_norm;  // <= 0: no clipping
     double lr;
     double beta1, beta2, eps, weight_decay;
+    AdamWLossScale* loss_scale;  // null, or: 1/S replaces grad_scale_inv, S is updated
+    float* next_seed;            // with loss_scale: (float)S after the update (out =)
 };
 
 // Rust twin: `ApplyParams`.
@@ -209,8 +231,15 @@ __device__ __forceinline__ void chunk_sumsq(const G* __restrict__ g, lf::u64 beg
     }
 }
 
+// 1/S from the device-resident loss scale, or the launch's grad_scale_inv; the same
+// correctly rounded division as `DynamicLossScaler::inv_scale` on the host.
+__device__ __forceinline__ double grad_scale_inv(const AdamWLossScale* ls, double fallback) {
+    return ls != nullptr ? ddiv(1.0, ls->scale) : fallback;
+}
+
 __device__ void norm(const AdamWNormParams& p) {
     __shared__ double red[kThreads];
+    const double scale_inv = grad_scale_inv(p.loss_scale, p.grad_scale_inv);
     for (lf::u64 c = blockIdx.x; c < p.num_chunks; c += gridDim.x) {
         const AdamWChunk ch = p.chunks[c];
         const AdamWTensor& t = p.tensors[ch.tensor];
@@ -221,9 +250,9 @@ __device__ void norm(const AdamWNormParams& p) {
         bool nonfinite = false;
         if (gr.ptr != nullptr) {
             switch (gr.dtype) {
-                case kF32: chunk_sumsq(static_cast<const float*>(gr.ptr), begin, end, p.grad_scale_inv, s, nonfinite); break;
-                case kBF16: chunk_sumsq(static_cast<const bf16*>(gr.ptr), begin, end, p.grad_scale_inv, s, nonfinite); break;
-                default: chunk_sumsq(static_cast<const f16*>(gr.ptr), begin, end, p.grad_scale_inv, s, nonfinite); break;
+                case kF32: chunk_sumsq(static_cast<const float*>(gr.ptr), begin, end, scale_inv, s, nonfinite); break;
+                case kBF16: chunk_sumsq(static_cast<const bf16*>(gr.ptr), begin, end, scale_inv, s, nonfinite); break;
+                default: chunk_sumsq(static_cast<const f16*>(gr.ptr), begin, end, scale_inv, s, nonfinite); break;
             }
         }
         red[threadIdx.x] = s;
@@ -238,6 +267,56 @@ __device__ void norm(const AdamWNormParams& p) {
     }
 }
 
+// The loss scale's update after a step (`DynamicLossScaler::update`): back off on an
+// overflow, grow after growth_interval clean steps; the next backward's seed is (float)S.
+__device__ __forceinline__ void update_loss_scale(AdamWLossScale& ls, bool found_inf, float* seed) {
+    if (found_inf) {
+        ls.scale = fmax(dmul(ls.scale, 0.5), 1.0);
+        ls.clean_steps = 0u;
+        ls.overflows += 1ull;
+    } else {
+        ls.clean_steps += 1u;
+        if (ls.clean_steps >= ls.growth_interval) {
+            ls.scale = dmul(ls.scale, 2.0);
+            ls.clean_steps = 0u;
+        }
+    }
+    *seed = (float)ls.scale;
+}
+
+// Thread 0 of finish: the step state from the summed squares; returns found_inf.
+__device__ __forceinline__ bool step_state(const AdamWFinishParams& p, double sumsq, bool any_nonfinite,
+                                           double grad_scale_inv) {
+    AdamWStepState* st = p.state;
+    const double norm = dsqrt(sumsq);
+    st->grad_norm = norm;
+    if (any_nonfinite || !isfinite(norm)) {
+        st->found_inf = 1u;
+        st->clip_coef = 1.0;
+        return true;
+    }
+    st->found_inf = 0u;
+    double clip = 1.0;
+    if (p.max_grad_norm > 0.0) clip = fmin(ddiv(p.max_grad_norm, dadd(norm, 1e-6)), 1.0);
+    st->clip_coef = clip;
+    const lf::u64 t = st->step + 1ull;
+    st->step = t;
+    const double bias1 = dsub(1.0, pow_by_squaring(p.beta1, t));
+    const double bias2 = dsub(1.0, pow_by_squaring(p.beta2, t));
+    st->grad_mul = (float)dmul(grad_scale_inv, clip);
+    st->decay = (float)dsub(1.0, dmul(p.lr, p.weight_decay));
+    st->beta1 = (float)p.beta1;
+    st->one_minus_beta1 = (float)dsub(1.0, p.beta1);
+    st->beta2 = (float)p.beta2;
+    st->one_minus_beta2 = (float)dsub(1.0, p.beta2);
+    st->sqrt_bias2 = (float)dsqrt(bias2);
+    st->step_size = (float)ddiv(p.lr, bias1);
+    st->eps = (float)p.eps;
+    st->pad2 = 0.0f;
+    st->key = lf::mix64(lf::mix64(p.seed + 0x9E3779B97F4A7C15ull) ^ t);
+    return false;
+}
+
 __device__ void finish(const AdamWFinishParams& p) {
     __shared__ double red[kThreads];
     double s = 0.0;
@@ -250,33 +329,9 @@ __device__ void finish(const AdamWFinishParams& p) {
     const int any_nonfinite = __syncthreads_or(nonfinite ? 1 : 0);
     block_sum(red);
     if (threadIdx.x != 0) return;
-    AdamWStepState* st = p.state;
-    const double norm = dsqrt(red[0]);
-    st->grad_norm = norm;
-    if (any_nonfinite || !isfinite(norm)) {
-        st->found_inf = 1u;
-        st->clip_coef = 1.0;
-        return;
-    }
-    st->found_inf = 0u;
-    double clip = 1.0;
-    if (p.max_grad_norm > 0.0) clip = fmin(ddiv(p.max_grad_norm, dadd(norm, 1e-6)), 1.0);
-    st->clip_coef = clip;
-    const lf::u64 t = st->step + 1ull;
-    st->step = t;
-    const double bias1 = dsub(1.0, pow_by_squaring(p.beta1, t));
-    const double bias2 = dsub(1.0, pow_by_squaring(p.beta2, t));
-    st->grad_mul = (float)dmul(p.grad_scale_inv, clip);
-    st->decay = (float)dsub(1.0, dmul(p.lr, p.weight_decay));
-    st->beta1 = (float)p.beta1;
-    st->one_minus_beta1 = (float)dsub(1.0, p.beta1);
-    st->beta2 = (float)p.beta2;
-    st->one_minus_beta2 = (float)dsub(1.0, p.beta2);
-    st->sqrt_bias2 = (float)dsqrt(bias2);
-    st->step_size = (float)ddiv(p.lr, bias1);
-    st->eps = (float)p.eps;
-    st->pad2 = 0.0f;
-    st->key = lf::mix64(lf::mix64(p.seed + 0x9E3779B97F4A7C15ull) ^ t);
+    const double scale_inv = grad_scale_inv(p.loss_scale, p.grad_scale_inv);
+    const bool found_inf = step_state(p, red[0], any_nonfinite != 0, scale_inv);
+    if (p.loss_scale != nullptr) update_loss_scale(*p.loss_scale, found_inf, p.next_seed);
 }
 
 // The constants of this step, in registers.

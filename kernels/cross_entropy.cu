@@ -8,9 +8,11 @@
 //                           lse[r] = m[r] + ln s[r]                             (lse =)
 //                           loss[r] = lse[r] − x[r, t[r]], 0 for an ignored row (losses =)
 //   cross_entropy_mean_fwd: one block: L = (Σ_r loss[r]) / n_valid, 0 when n_valid = 0
-//                           (PyTorch gives NaN there), rounded once to T            (out =)
+//                           (PyTorch gives NaN there), stored in f32 for every T (as
+//                           under PyTorch's autocast: an f16 loss could not carry a loss
+//                           scale of 2^16 back)                                   (out =)
 //   cross_entropy_bwd:      c = gy / n_valid (gy: the incoming gradient of L, a device
-//                           scalar of dtype T, read on the device; 0 when n_valid = 0)
+//                           f32 scalar, read on the device; 0 when n_valid = 0)
 //                           gx[r, j] = c·(exp(x[r, j] − lse[r]) − [j = t[r]]),
 //                           0 for the whole of an ignored row                     (gx =)
 // Reductions in a fixed order (no atomics): thread k of a block takes the elements
@@ -22,11 +24,11 @@
 // lse (one pass over the logits, not a saved [N, V] buffer): the forward cannot know gy.
 //
 // Shapes: x [N, V] row-major (any V ≥ 1; V = 50257 for GPT-2); targets [N] i32;
-// lse, losses [N] f32 (device scratch, lse kept for the backward); gy [] and out [] T;
+// lse, losses [N] f32 (device scratch, lse kept for the backward); gy [] and out [] f32;
 // gx [N, V] T.
 //
-// Dtypes: x, gy, out and gx bf16, f16 or f32 (the suffix); compute and accumulate f32;
-// targets i32; lse and losses f32.
+// Dtypes: x and gx bf16, f16 or f32 (the suffix); the loss (out) and its gradient gy f32;
+// compute and accumulate f32; targets i32; lse and losses f32.
 //
 // FLOPs and bytes per call (s bytes per element): forward ~4·N·V FLOPs plus N·V exp, reads
 // x twice (the second pass per row mostly from L2: a row is s·V bytes, 100 KB for bf16 GPT-2)
@@ -47,8 +49,8 @@ struct CrossEntropyParams {
     const int* targets;   // [rows], class ids or the ignore index (< 0)
     float* lse;           // [rows]: written by fwd, read by bwd
     float* losses;        // [rows]: written by fwd, read by mean_fwd
-    const void* gy;       // bwd: the scalar gradient of the loss (dtype T)
-    void* out;            // mean_fwd: the loss scalar; bwd: gx [rows, v]
+    const float* gy;      // bwd: the scalar gradient of the loss (f32)
+    void* out;            // mean_fwd: the loss scalar (f32); bwd: gx [rows, v] (T)
     long long rows, v;
     long long n_valid;    // non-ignored rows
 };
@@ -97,15 +99,13 @@ __device__ __forceinline__ void forward(const CrossEntropyParams& p) {
     }
 }
 
-template <typename T>
 __device__ __forceinline__ void mean(const CrossEntropyParams& p) {
     __shared__ float red[kWarps];
     float s = 0.0f;
     for (long long r = threadIdx.x; r < p.rows; r += kThreads) s += p.losses[r];
     s = block_reduce(s, red, false);
     if (threadIdx.x == 0) {
-        T* out = static_cast<T*>(p.out);
-        out[0] = lf::from_f32<T>(p.n_valid > 0 ? s / (float)p.n_valid : 0.0f);
+        static_cast<float*>(p.out)[0] = p.n_valid > 0 ? s / (float)p.n_valid : 0.0f;
     }
 }
 
@@ -113,8 +113,7 @@ template <typename T>
 __device__ __forceinline__ void backward(const CrossEntropyParams& p) {
     const T* x = static_cast<const T*>(p.x);
     T* gx = static_cast<T*>(p.out);
-    const float c = p.n_valid > 0 ? lf::to_f32(static_cast<const T*>(p.gy)[0]) / (float)p.n_valid
-                                  : 0.0f;
+    const float c = p.n_valid > 0 ? p.gy[0] / (float)p.n_valid : 0.0f;
     for (long long row = blockIdx.x; row < p.rows; row += gridDim.x) {
         const T* xr = x + row * p.v;
         T* gr = gx + row * p.v;
@@ -137,9 +136,8 @@ extern "C" __global__ void __launch_bounds__(256) cross_entropy_fwd_f32(const Cr
 extern "C" __global__ void __launch_bounds__(256) cross_entropy_fwd_bf16(const CrossEntropyParams p) { forward<bf16>(p); }
 extern "C" __global__ void __launch_bounds__(256) cross_entropy_fwd_f16(const CrossEntropyParams p) { forward<f16>(p); }
 
-extern "C" __global__ void __launch_bounds__(256) cross_entropy_mean_fwd_f32(const CrossEntropyParams p) { mean<float>(p); }
-extern "C" __global__ void __launch_bounds__(256) cross_entropy_mean_fwd_bf16(const CrossEntropyParams p) { mean<bf16>(p); }
-extern "C" __global__ void __launch_bounds__(256) cross_entropy_mean_fwd_f16(const CrossEntropyParams p) { mean<f16>(p); }
+// One mean kernel for every logits dtype: it reads the f32 losses and writes the f32 loss.
+extern "C" __global__ void __launch_bounds__(256) cross_entropy_mean_fwd_f32(const CrossEntropyParams p) { mean(p); }
 
 extern "C" __global__ void __launch_bounds__(256) cross_entropy_bwd_f32(const CrossEntropyParams p) { backward<float>(p); }
 extern "C" __global__ void __launch_bounds__(256) cross_entropy_bwd_bf16(const CrossEntropyParams p) { backward<bf16>(p); }

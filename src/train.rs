@@ -3,9 +3,10 @@
 
 use crate::model::{ForwardOptions, Gpt2};
 use crate::optim::{
-    AdamW, AdamWConfig, DynamicLossScaler, PendingStepReport, StepOptions, StepReport, WarmupCosine,
+    AdamW, AdamWConfig, DeviceLossScaler, DynamicLossScaler, PendingStepReport, StepOptions,
+    StepReport, WarmupCosine,
 };
-use crate::{DType, Result, Tape, Tensor};
+use crate::{DType, Device, Result, Tape, Tensor};
 
 /// Hyper-parameters of a training run.
 #[derive(Clone, Debug)]
@@ -53,6 +54,13 @@ pub struct StepStats {
     pub skipped: bool,
 }
 
+/// Dynamic loss scaling (f16): on the host for a CPU model, on the device otherwise (so
+/// that a step never waits for the device).
+enum Scaler {
+    Host(DynamicLossScaler),
+    Device(Box<DeviceLossScaler>),
+}
+
 /// Trains a model's trainable parameters (adapters under LoRA, everything under full
 /// fine-tuning).
 pub struct Trainer {
@@ -60,14 +68,15 @@ pub struct Trainer {
     pub model: Gpt2,
     opt: AdamW,
     schedule: WarmupCosine,
-    scaler: Option<DynamicLossScaler>,
+    scaler: Option<Scaler>,
     max_grad_norm: Option<f64>,
     seed: u64,
     step: usize,
 }
 
 impl Trainer {
-    /// A trainer over `model.trainable_params()`; f16 models get dynamic loss scaling.
+    /// A trainer over `model.trainable_params()`; f16 models get dynamic loss scaling
+    /// (kept on the model's device when it has one: [`DeviceLossScaler`]).
     pub fn new(model: Gpt2, cfg: &TrainConfig) -> Result<Self> {
         let params: Vec<Tensor> = model
             .trainable_params()
@@ -81,7 +90,14 @@ impl Trainer {
             cfg.warmup_steps as u64,
             cfg.total_steps as u64,
         )?;
-        let scaler = (model.dtype() == DType::F16).then(DynamicLossScaler::new);
+        let scaler = match (model.dtype(), model.device()) {
+            (DType::F16, Device::Cpu) => Some(Scaler::Host(DynamicLossScaler::new())),
+            (DType::F16, d) => Some(Scaler::Device(Box::new(DeviceLossScaler::new(
+                &DynamicLossScaler::new(),
+                &d,
+            )?))),
+            _ => None,
+        };
         Ok(Trainer {
             model,
             opt,
@@ -103,6 +119,16 @@ impl Trainer {
         self.step
     }
 
+    /// The dynamic loss scaler's state (f16 models; `None` otherwise). On a device this
+    /// waits for the queued steps and reads it back.
+    pub fn loss_scaler(&self) -> Result<Option<DynamicLossScaler>> {
+        match &self.scaler {
+            None => Ok(None),
+            Some(Scaler::Host(s)) => Ok(Some(s.clone())),
+            Some(Scaler::Device(s)) => s.to_host().map(Some),
+        }
+    }
+
     /// One step on a batch of `batch·seq` tokens with per-token targets, waiting for it
     /// and reading back the loss and the optimizer's report ([`Trainer::step_deferred`]
     /// then [`PendingStep::wait`]).
@@ -116,12 +142,11 @@ impl Trainer {
         self.step_deferred(tokens, targets, batch, seq)?.wait()
     }
 
-    /// One step, queued: forward, loss, backward, gradient norm and clipping, and the AdamW
-    /// update are issued to the model's device and nothing is read back (the tokens and
-    /// targets are uploaded). The loss stays a device scalar until [`PendingStep::wait`]
-    /// (or [`PendingStep::loss`]) asks for it. The one exception is f16 with dynamic loss
-    /// scaling: the next step's scale depends on whether this one was skipped, so the
-    /// optimizer's report is read back here.
+    /// One step, queued: forward, loss, backward, gradient norm and clipping, loss scaling
+    /// (f16) and the AdamW update are issued to the model's device and nothing is read
+    /// back (the tokens and targets are uploaded). The loss stays a device scalar until
+    /// [`PendingStep::wait`] (or [`PendingStep::loss`]) asks for it; on a device the loss
+    /// scale, the skip decision and the next scale stay there too ([`DeviceLossScaler`]).
     pub fn step_deferred(
         &mut self,
         tokens: &[u32],
@@ -135,26 +160,37 @@ impl Trainer {
             dropout_seed: Some(self.seed.wrapping_add(self.step as u64)),
         };
         let loss = self.model.loss(tokens, targets, batch, seq, opts)?;
-        let scale = self.scaler.as_ref().map_or(1.0, |s| s.scale());
-        let grads = tape.backward_scaled(&loss, scale)?;
-        drop(tape);
         let lr = self.schedule.lr(self.step as u64);
-        let pending = self.opt.step_deferred(
-            &grads,
-            lr,
-            StepOptions {
-                grad_scale_inv: 1.0 / scale,
-                max_grad_norm: self.max_grad_norm,
-            },
-        )?;
-        drop(grads);
         let report = match &mut self.scaler {
-            Some(s) => {
-                let r = pending.wait()?;
+            None => {
+                let grads = tape.backward(&loss)?;
+                drop(tape);
+                let opts = StepOptions {
+                    grad_scale_inv: 1.0,
+                    max_grad_norm: self.max_grad_norm,
+                };
+                Report::Pending(self.opt.step_deferred(&grads, lr, opts)?)
+            }
+            Some(Scaler::Device(s)) => {
+                let grads = s.backward(&tape, &loss)?;
+                drop(tape);
+                Report::Pending(
+                    self.opt
+                        .step_deferred_scaled(&grads, lr, self.max_grad_norm, s)?,
+                )
+            }
+            Some(Scaler::Host(s)) => {
+                // The CPU runs the step at once: nothing to defer.
+                let grads = tape.backward_scaled(&loss, s.scale())?;
+                drop(tape);
+                let opts = StepOptions {
+                    grad_scale_inv: s.inv_scale(),
+                    max_grad_norm: self.max_grad_norm,
+                };
+                let r = self.opt.step_deferred(&grads, lr, opts)?.wait()?;
                 s.update(r.skipped);
                 Report::Done(r)
             }
-            None => Report::Pending(pending),
         };
         self.step += 1;
         Ok(PendingStep { loss, report, lr })

@@ -1,8 +1,9 @@
 //! End-to-end training on a device (DESIGN §6, level 4): a tiny GPT trained for a few
 //! steps on the simulator (and on a GPU when one is present) follows the CPU reference's
-//! losses, the same seed gives bitwise-identical losses twice, the step issues no
-//! read-back (`Trainer::step_deferred`), and LoRA holds less device memory than full
-//! fine-tuning.
+//! losses, the same seed gives bitwise-identical losses twice, a queued step
+//! (`Trainer::step_deferred`) issues no device-to-host copy — f16 dynamic loss scaling
+//! included, whose skips and scale follow the CPU's — and LoRA holds less device memory
+//! than full fine-tuning.
 //!
 //! One test per device, so that the device's memory counters see only this test's
 //! allocations (the counters are per device and process-wide).
@@ -35,9 +36,17 @@ fn lora() -> LoraConfig {
 
 const STEPS: usize = 3;
 
-/// Trains `STEPS` steps of task A from seed 0 on `device`; the losses and the peak device
-/// bytes of the training (model and optimizer state included).
-fn run(device: &Device, dtype: DType, lora: Option<LoraConfig>) -> (Vec<f64>, u64) {
+/// What one training run gives: the losses, the skipped flags, the f16 loss scale at the
+/// end, and the peak device bytes (model and optimizer state included).
+struct Run {
+    losses: Vec<f64>,
+    skipped: Vec<bool>,
+    scale: Option<f64>,
+    peak: u64,
+}
+
+/// Trains `STEPS` steps of task A from seed 0 on `device`.
+fn run(device: &Device, dtype: DType, lora: Option<LoraConfig>) -> Run {
     device.reset_peak_memory();
     let mut model = Gpt2::new_random(&cfg(), dtype, device, 0).unwrap();
     if let Some(l) = lora {
@@ -53,7 +62,9 @@ fn run(device: &Device, dtype: DType, lora: Option<LoraConfig>) -> (Vec<f64>, u6
     };
     let mut t = Trainer::new(model, &tc).unwrap();
     let mut gen = TaskGen::new(Task::A, 4, 3).unwrap();
-    // Queue every step first: nothing is read back until the losses are asked for.
+    // Queue every step first: nothing is read back until the losses are asked for — not
+    // even under f16 loss scaling, whose scale and skip decisions stay on the device.
+    let reads = device.memory_stats().reads_to_host;
     let pending: Vec<_> = (0..STEPS)
         .map(|_| {
             let b = gen.sample_batch(8);
@@ -61,43 +72,65 @@ fn run(device: &Device, dtype: DType, lora: Option<LoraConfig>) -> (Vec<f64>, u6
                 .unwrap()
         })
         .collect();
-    let losses = pending
-        .into_iter()
-        .map(|p| p.wait().unwrap().loss)
-        .collect();
+    assert_eq!(
+        device.memory_stats().reads_to_host,
+        reads,
+        "{device} {dtype}: a queued step read the device back"
+    );
+    let stats: Vec<_> = pending.into_iter().map(|p| p.wait().unwrap()).collect();
+    if *device != Device::Cpu {
+        // The loss and the optimizer's report, per step.
+        let read = device.memory_stats().reads_to_host - reads;
+        assert_eq!(read, 2 * STEPS as u64, "{device} {dtype}: reads per step");
+    }
     let peak = device.memory_stats().peak_bytes;
+    let scale = t.loss_scaler().unwrap().map(|s| s.scale());
     drop(t);
-    (losses, peak)
+    Run {
+        losses: stats.iter().map(|s| s.loss).collect(),
+        skipped: stats.iter().map(|s| s.skipped).collect(),
+        scale,
+        peak,
+    }
 }
 
 fn follows_the_cpu(device: &Device) {
     let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
     let mut peaks = Vec::new();
-    // f32 full fine-tuning and LoRA, each run twice on the device (determinism), and bf16
-    // LoRA once (the simulator runs each launch on the CPU: CI's time is the limit).
+    // f32 full fine-tuning and LoRA, each run twice on the device (determinism), bf16
+    // LoRA once, and f16 LoRA (dynamic loss scaling on the device) once: the simulator
+    // runs each launch on the CPU, and CI's time is the limit.
     for (dtype, tol, l, runs) in [
         (DType::F32, 1e-4, None, 2),
         (DType::F32, 1e-4, Some(lora()), 2),
         (DType::BF16, 3e-2, Some(lora()), 1),
+        (DType::F16, 1e-2, Some(lora()), 1),
     ] {
         let what = format!(
             "{device} {dtype} {}",
             if l.is_some() { "LoRA" } else { "full" }
         );
-        let (cpu, _) = run(&Device::Cpu, dtype, l.clone());
-        let (a, peak) = run(device, dtype, l.clone());
-        println!("{what}: cpu {cpu:?}\n{what}: dev {a:?}, peak {peak} bytes");
-        for (i, (x, y)) in a.iter().zip(&cpu).enumerate() {
+        let cpu = run(&Device::Cpu, dtype, l.clone());
+        let a = run(device, dtype, l.clone());
+        println!(
+            "{what}: cpu {:?} skipped {:?} scale {:?}\n{what}: dev {:?} skipped {:?} scale {:?}, peak {} bytes",
+            cpu.losses, cpu.skipped, cpu.scale, a.losses, a.skipped, a.scale, a.peak
+        );
+        for (i, (x, y)) in a.losses.iter().zip(&cpu.losses).enumerate() {
             assert!(
                 ((x - y) / y).abs() <= tol,
                 "{what}: step {i} loss {x} vs the CPU's {y} (tol {tol})"
             );
         }
+        // The loss scaler follows the host's policy step for step.
+        assert_eq!(a.skipped, cpu.skipped, "{what}: skipped steps");
+        assert_eq!(a.scale, cpu.scale, "{what}: the final loss scale");
+        assert_eq!(a.scale.is_some(), dtype == DType::F16, "{what}");
         if runs == 2 {
-            let (b, _) = run(device, dtype, l.clone());
-            assert_eq!(bits(&a), bits(&b), "{what}: two runs differ");
+            let b = run(device, dtype, l.clone());
+            assert_eq!(bits(&a.losses), bits(&b.losses), "{what}: two runs differ");
         }
-        peaks.push(peak);
+        peaks.push(a.peak);
     }
     let (full, adapted) = (peaks[0], peaks[1]);
     println!("{device}: peak device bytes (f32), full fine-tuning {full}, LoRA {adapted}");

@@ -11,7 +11,8 @@
 use crate::Device;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-/// What one device's allocations amount to (see [`Device::memory_stats`]).
+/// What one device's allocations and host transfers amount to (see
+/// [`Device::memory_stats`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct MemoryStats {
     /// Bytes held by live allocations now.
@@ -22,12 +23,19 @@ pub struct MemoryStats {
     /// Allocations made so far (a step that reuses memory still allocates: the count
     /// shows how many buffers a step asks for).
     pub allocations: u64,
+    /// Device-to-host copies so far (each one waits for the device: a training step
+    /// that issues none never stalls the host).
+    pub reads_to_host: u64,
+    /// Host-to-device copies so far.
+    pub writes_from_host: u64,
 }
 
 struct Counters {
     in_use: AtomicU64,
     peak: AtomicU64,
     allocations: AtomicU64,
+    reads: AtomicU64,
+    writes: AtomicU64,
 }
 
 impl Counters {
@@ -36,6 +44,8 @@ impl Counters {
             in_use: AtomicU64::new(0),
             peak: AtomicU64::new(0),
             allocations: AtomicU64::new(0),
+            reads: AtomicU64::new(0),
+            writes: AtomicU64::new(0),
         }
     }
 }
@@ -60,6 +70,16 @@ pub(crate) fn allocated(device: Device, bytes: usize) {
     let now = c.in_use.fetch_add(bytes as u64, Ordering::Relaxed) + bytes as u64;
     c.peak.fetch_max(now, Ordering::Relaxed);
     c.allocations.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Counts a device-to-host copy from `device`.
+pub(crate) fn read_to_host(device: Device) {
+    counters(device).reads.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Counts a host-to-device copy to `device`.
+pub(crate) fn written_from_host(device: Device) {
+    counters(device).writes.fetch_add(1, Ordering::Relaxed);
 }
 
 /// Counts the release of an allocation of `bytes` on `device`.
@@ -87,6 +107,8 @@ impl Device {
             in_use_bytes: c.in_use.load(Ordering::Relaxed),
             peak_bytes: c.peak.load(Ordering::Relaxed),
             allocations: c.allocations.load(Ordering::Relaxed),
+            reads_to_host: c.reads.load(Ordering::Relaxed),
+            writes_from_host: c.writes.load(Ordering::Relaxed),
         }
     }
 

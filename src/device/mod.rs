@@ -211,10 +211,14 @@ impl Backend {
         check_len("upload", src.len(), dst.len())?;
         match (self, dst) {
             (Backend::Sim, DeviceBuffer::Sim(d)) => {
+                memory::written_from_host(Device::Sim);
                 d.bytes_mut().copy_from_slice(src);
                 Ok(())
             }
-            (Backend::Cuda(c), DeviceBuffer::Cuda(d)) => c.htod(src, d),
+            (Backend::Cuda(c), DeviceBuffer::Cuda(d)) => {
+                memory::written_from_host(Device::Cuda(c.ordinal()));
+                c.htod(src, d)
+            }
             _ => Err(mixed("upload")),
         }
     }
@@ -224,10 +228,14 @@ impl Backend {
         check_len("download", src.len(), dst.len())?;
         match (self, src) {
             (Backend::Sim, DeviceBuffer::Sim(s)) => {
+                memory::read_to_host(Device::Sim);
                 dst.copy_from_slice(s.bytes());
                 Ok(())
             }
-            (Backend::Cuda(c), DeviceBuffer::Cuda(s)) => c.dtoh(s, dst),
+            (Backend::Cuda(c), DeviceBuffer::Cuda(s)) => {
+                memory::read_to_host(Device::Cuda(c.ordinal()));
+                c.dtoh(s, dst)
+            }
             _ => Err(mixed("download")),
         }
     }

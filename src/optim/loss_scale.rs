@@ -1,7 +1,10 @@
 //! Dynamic loss scaling for f16 training, and the whole mixed-precision step.
 
+use super::adamw::cuda::LossScaleState;
 use super::adamw::{AdamW, StepOptions, StepReport};
-use crate::{DType, Error, Result, Tape, Tensor};
+use crate::device::{Backend, DeviceBuffer};
+use crate::storage::{CpuStorage, DeviceStorage, Storage};
+use crate::{DType, Device, Error, Gradients, Result, Tape, Tensor};
 
 /// Dynamic loss scaling (the policy of `torch.cuda.amp.GradScaler`).
 ///
@@ -114,6 +117,140 @@ impl DynamicLossScaler {
                 self.clean_steps = 0;
             }
         }
+    }
+}
+
+/// A [`DynamicLossScaler`] kept on a `Sim` or `Cuda` device, so that an f16 training step
+/// never waits for the host: the scale `S` seeds the backward from device memory
+/// ([`DeviceLossScaler::backward`]), and [`AdamW::step_deferred_scaled`] reads `1/S`
+/// there, skips the step on an inf/NaN gradient and updates `S` with exactly
+/// [`DynamicLossScaler::update`]'s policy — all in the optimizer's kernels, with no
+/// device-to-host copy. [`DeviceLossScaler::to_host`] reads the state back when asked.
+///
+/// ```
+/// use lorafuse::optim::{AdamW, AdamWConfig, DeviceLossScaler, DynamicLossScaler};
+/// use lorafuse::{ops, DType, Device, Tape, Tensor};
+/// let d = Device::Sim;
+/// let w = Tensor::from_vec_as(vec![0.5f32, -1.0, 2.0], [1, 3], DType::F16, &d)?;
+/// let x = Tensor::from_vec_as(vec![1.0f32, 0.5, 0.25], [3, 1], DType::F16, &d)?;
+/// let mut opt = AdamW::new(vec![w.clone()], AdamWConfig::default())?;
+/// let mut scaler = DeviceLossScaler::new(&DynamicLossScaler::new(), &d)?;
+/// for _ in 0..2 {
+///     let tape = Tape::new();
+///     let loss = ops::cast(&ops::matmul(&w.track(&tape), &x)?, DType::F32)?;
+///     let grads = scaler.backward(&tape, &loss)?;
+///     opt.step_deferred_scaled(&grads, 1e-2, Some(1.0), &mut scaler)?;
+/// }
+/// // As with the host scaler: 2^16·x overflows f16, the first step is skipped and the
+/// // scale halves; the second, with 2^15, is applied.
+/// let s = scaler.to_host()?;
+/// assert_eq!((s.scale(), s.overflows(), s.clean_steps()), (32768.0, 1, 1));
+/// assert_eq!(opt.step_count(), 1);
+/// # Ok::<(), lorafuse::Error>(())
+/// ```
+pub struct DeviceLossScaler {
+    backend: Backend,
+    device: Device,
+    /// A [`LossScaleState`].
+    state: DeviceBuffer,
+    /// One f32, `(f32)S`: the seed of the next backward (written by the optimizer's
+    /// finish kernel after each step).
+    seed: DeviceStorage,
+}
+
+impl std::fmt::Debug for DeviceLossScaler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "DeviceLossScaler({})", self.device)
+    }
+}
+
+impl DeviceLossScaler {
+    /// A device copy of `scaler` (its scale, counts and growth interval) on `device`.
+    ///
+    /// Errors: `device` is the CPU (use [`DynamicLossScaler`] there) or is unavailable.
+    pub fn new(scaler: &DynamicLossScaler, device: &Device) -> Result<Self> {
+        if *device == Device::Cpu {
+            return Err(Error::invalid(
+                "DeviceLossScaler: the CPU has no device memory; use DynamicLossScaler",
+            ));
+        }
+        let backend = Backend::of(*device)?;
+        let host = LossScaleState {
+            scale: scaler.scale,
+            overflows: scaler.overflows,
+            clean_steps: scaler.clean_steps,
+            growth_interval: scaler.growth_interval,
+        };
+        let mut state = backend.alloc(std::mem::size_of::<LossScaleState>())?;
+        backend.write(bytemuck::bytes_of(&host), &mut state)?;
+        let seed = DeviceStorage::upload(&CpuStorage::F32(vec![scaler.scale as f32]), *device)?;
+        Ok(DeviceLossScaler {
+            backend,
+            device: *device,
+            state,
+            seed,
+        })
+    }
+
+    /// The device.
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    /// The backward seed for `loss`: a device copy of `S` with the loss's shape, queued
+    /// (nothing waits). Errors: a loss that is not one f32 element on this device (an f16
+    /// loss cannot hold the default scale `2^16`; compute the loss in f32).
+    pub fn seed_for(&self, loss: &Tensor) -> Result<Tensor> {
+        const OP: &str = "DeviceLossScaler";
+        if loss.elem_count() != 1 {
+            return Err(Error::shape(
+                OP,
+                format!("the loss must have one element, got {}", loss.shape()),
+            ));
+        }
+        if loss.dtype() != DType::F32 {
+            return Err(Error::DType {
+                op: OP,
+                lhs: DType::F32,
+                rhs: loss.dtype(),
+            });
+        }
+        if loss.device() != self.device {
+            return Err(Error::Device {
+                op: OP,
+                lhs: self.device,
+                rhs: loss.device(),
+            });
+        }
+        let mut seed = DeviceStorage::alloc(DType::F32, 1, self.device)?;
+        self.seed.copy_to(&mut seed)?;
+        Tensor::from_storage(Storage::Device(seed), loss.shape().clone())
+    }
+
+    /// Backward from `loss` seeded with `S` ([`Tape::backward_with`] and
+    /// [`DeviceLossScaler::seed_for`]): every gradient is `S ×` its true value.
+    pub fn backward(&self, tape: &Tape, loss: &Tensor) -> Result<Gradients> {
+        tape.backward_with(loss, self.seed_for(loss)?)
+    }
+
+    /// The state as a host [`DynamicLossScaler`]: waits for the queued steps and reads it
+    /// back (one device-to-host copy).
+    pub fn to_host(&self) -> Result<DynamicLossScaler> {
+        let mut s = LossScaleState::default();
+        self.backend
+            .read(&self.state, bytemuck::bytes_of_mut(&mut s))?;
+        Ok(DynamicLossScaler {
+            scale: s.scale,
+            growth_interval: s.growth_interval,
+            clean_steps: s.clean_steps,
+            overflows: s.overflows,
+        })
+    }
+
+    /// The device addresses of the state and the seed, for the optimizer's kernels
+    /// (`&mut`: the kernels write both).
+    pub(crate) fn kernel_args(&mut self) -> (u64, u64) {
+        (self.state.device_ptr(), self.seed.device_ptr())
     }
 }
 

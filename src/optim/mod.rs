@@ -49,6 +49,6 @@ pub use adamw::{
     adamw_element, pow_by_squaring, AdamW, AdamWConfig, ParamStateOwned, ParamStateRef,
     PendingStepReport, StepConstants, StepOptions, StepReport,
 };
-pub use loss_scale::{scaled_backward_step, DynamicLossScaler};
+pub use loss_scale::{scaled_backward_step, DeviceLossScaler, DynamicLossScaler};
 pub use rounding::Rounding;
 pub use schedule::WarmupCosine;

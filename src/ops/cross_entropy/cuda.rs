@@ -4,7 +4,7 @@
 use crate::device::{Backend, DeviceBuffer, LaunchConfig};
 use crate::ops::elementwise::cuda::suffix;
 use crate::storage::{DeviceStorage, Storage};
-use crate::{Error, Result, Shape, Tensor};
+use crate::{DType, Error, Result, Shape, Tensor};
 
 const OP: &str = "cross_entropy";
 
@@ -31,8 +31,6 @@ pub(crate) const KERNELS: &[&str] = &[
     "cross_entropy_fwd_bf16",
     "cross_entropy_fwd_f16",
     "cross_entropy_mean_fwd_f32",
-    "cross_entropy_mean_fwd_bf16",
-    "cross_entropy_mean_fwd_f16",
     "cross_entropy_bwd_f32",
     "cross_entropy_bwd_bf16",
     "cross_entropy_bwd_f16",
@@ -73,7 +71,7 @@ fn rows_config(backend: &Backend, rows: usize) -> LaunchConfig {
     }
 }
 
-/// The forward on the device: the scalar mean loss (dtype of `logits`) and what the
+/// The forward on the device: the scalar mean loss (f32 for every logits dtype) and what the
 /// backward needs. `targets` are validated by the caller (`rows` of them, each in `0..v`
 /// or negative for an ignored row); `n_valid` counts the non-ignored ones.
 pub(crate) fn forward(
@@ -95,7 +93,7 @@ pub(crate) fn forward(
     let lse = backend.alloc(4 * rows.max(1))?;
     // Freed in stream order after the launches (see device::cuda), so it may drop here.
     let losses = backend.alloc(4 * rows.max(1))?;
-    let out = DeviceStorage::alloc(logits.dtype(), 1, xd.device())?;
+    let out = DeviceStorage::alloc(DType::F32, 1, xd.device())?;
     let params = CrossEntropyParams {
         x: xd.device_ptr(),
         targets: tbuf.device_ptr(),
@@ -116,7 +114,7 @@ pub(crate) fn forward(
         block: [THREADS, 1, 1],
         shared_bytes: 0,
     };
-    backend.launch(&format!("cross_entropy_mean_fwd_{sfx}"), &one, &params)?;
+    backend.launch("cross_entropy_mean_fwd_f32", &one, &params)?;
     let y = Tensor::from_storage(Storage::Device(out), Shape::from(()))?;
     let saved = Saved {
         lse,
@@ -131,12 +129,11 @@ pub(crate) fn forward(
 /// The logits gradient `gy/n_valid·(softmax − onehot)` (0 on ignored rows), with `gy` the
 /// device scalar gradient of the loss, read by the kernel.
 pub(crate) fn backward(logits: &Tensor, gy: &Tensor, saved: &Saved) -> Result<Tensor> {
-    if gy.dtype() != logits.dtype() || gy.elem_count() != 1 {
+    if gy.dtype() != DType::F32 || gy.elem_count() != 1 {
         return Err(Error::invalid(format!(
-            "{OP}: the loss gradient is {} {}, not a {} scalar",
+            "{OP}: the loss gradient is {} {}, not an f32 scalar",
             gy.dtype(),
             gy.shape(),
-            logits.dtype()
         )));
     }
     let sfx = suffix(logits.dtype())?;

@@ -7,7 +7,7 @@ mod kernel_tests;
 
 use super::{output, with_real};
 use crate::tape::Tape;
-use crate::{Device, Error, Real, Result, Shape, Tensor};
+use crate::{DType, Device, Error, Real, Result, Shape, Tensor};
 
 /// Targets equal to this are ignored (PyTorch's default).
 pub const IGNORE_INDEX: i32 = -100;
@@ -23,7 +23,9 @@ enum Lse {
 /// Mean softmax cross-entropy of `logits [M, V]` against `targets` (M ids, or [`IGNORE_INDEX`]).
 ///
 /// `logits` may be any `[.., V]`, viewed as `M` rows of `V`. Returns a scalar (shape `[]`,
-/// the dtype of `logits`): the mean over the non-ignored rows of
+/// f32 — f64 for f64 logits — whatever the logits' dtype, as under PyTorch's autocast: a
+/// bf16 loss would hide the training curve in its 8-bit mantissa, and an f16 loss could
+/// not carry a loss scale of `2^16` into the backward): the mean over the non-ignored rows of
 /// `logsumexp(row) − row[target]`, computed with max subtraction in f32 (f64 for f64
 /// logits) and summed in row order. On a kernel device (`kernels/cross_entropy.cu`) the
 /// same f32 math runs as fixed-order block reductions (deterministic, within rounding of
@@ -78,7 +80,12 @@ pub fn cross_entropy(logits: &Tensor, targets: &[i32]) -> Result<Tensor> {
         } else {
             sum / T::c(n as f64)
         };
-        Ok((output(vec![loss], Shape::from(()), logits.dtype())?, lse, n))
+        let dtype = if logits.dtype() == DType::F64 {
+            DType::F64
+        } else {
+            DType::F32
+        };
+        Ok((output(vec![loss], Shape::from(()), dtype)?, lse, n))
     }
     let (y, lse, n_valid) = if logits.device() == Device::Cpu {
         with_real(
@@ -296,7 +303,8 @@ mod tests {
         let (m, v) = (16, 64);
         let x = rand_tensor(&mut r, [m, v], -5.0, 5.0);
         let t = targets(&mut r, m, v, 6);
-        for (dt, tol_y, tol_g) in [(DType::F32, 1e-6, 1e-6), (DType::BF16, 8e-3, 8e-3)] {
+        // The loss is f32 for bf16 logits too: only f32 rounding separates it from f64's.
+        for (dt, tol_y, tol_g) in [(DType::F32, 1e-6, 1e-6), (DType::BF16, 1e-6, 8e-3)] {
             let xd = x.to_dtype(dt).unwrap();
             let x64 = xd.to_dtype(DType::F64).unwrap();
             let run = |x: &Tensor| {
@@ -307,7 +315,7 @@ mod tests {
                 (y, g)
             };
             let ((y, g), (y64, g64)) = (run(&xd), run(&x64));
-            assert_eq!((y.dtype(), g.dtype()), (dt, dt));
+            assert_eq!((y.dtype(), g.dtype()), (DType::F32, dt));
             assert_close(
                 &format!("cross_entropy {dt}"),
                 &[y.to_scalar().unwrap()],

@@ -100,6 +100,18 @@ pub(crate) struct NormParams {
     pub num_chunks: u64,
     pub chunk_elems: u64,
     pub grad_scale_inv: f64,
+    pub loss_scale: u64,
+}
+
+/// Twin of `AdamWLossScale`: dynamic loss scaling kept on the device (see
+/// [`DeviceLossScaler`](crate::optim::DeviceLossScaler)).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
+pub(crate) struct LossScaleState {
+    pub scale: f64,
+    pub overflows: u64,
+    pub clean_steps: u32,
+    pub growth_interval: u32,
 }
 
 /// Twin of `AdamWFinishParams`.
@@ -117,6 +129,8 @@ pub(crate) struct FinishParams {
     pub beta2: f64,
     pub eps: f64,
     pub weight_decay: f64,
+    pub loss_scale: u64,
+    pub next_seed: u64,
 }
 
 /// Twin of `AdamWApplyParams`.
@@ -284,7 +298,9 @@ impl DeviceState {
     /// Queues one step: `work` holds (parameter index, gradient) pairs, already checked
     /// for shape and dtype by the caller. Uploads the gradient pointers when they changed
     /// (and the descriptors when a parameter's storage moved), then launches norm →
-    /// finish → apply. Nothing is read back.
+    /// finish → apply. Nothing is read back. With `loss_scale` (the device addresses of a
+    /// [`LossScaleState`] and its f32 seed, on this device), `1/S` replaces
+    /// `opts.grad_scale_inv` and finish updates the scale.
     pub(crate) fn queue_step(
         &mut self,
         params: &[Tensor],
@@ -292,7 +308,9 @@ impl DeviceState {
         lr: f64,
         opts: StepOptions,
         cfg: &AdamWConfig,
+        loss_scale: Option<(u64, u64)>,
     ) -> Result<()> {
+        let (ls_state, ls_seed) = loss_scale.unwrap_or((0, 0));
         // Hold read guards on every parameter and gradient until the launches are queued
         // (on the simulator, until they ran).
         let pguards: Vec<_> = params.iter().map(|p| p.storage()).collect();
@@ -358,6 +376,7 @@ impl DeviceState {
                 num_chunks: self.num_chunks as u64,
                 chunk_elems: self.chunk_elems as u64,
                 grad_scale_inv: opts.grad_scale_inv,
+                loss_scale: ls_state,
             },
         )?;
         b.launch(
@@ -378,6 +397,8 @@ impl DeviceState {
                 beta2: cfg.beta2,
                 eps: cfg.eps,
                 weight_decay: cfg.weight_decay,
+                loss_scale: ls_state,
+                next_seed: ls_seed,
             },
         )?;
         b.launch(

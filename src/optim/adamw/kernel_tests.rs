@@ -261,6 +261,103 @@ fn non_finite_gradients_skip_on_the_device(device: &Device) {
 }
 crate::test_device!(adamw_skip, non_finite_gradients_skip_on_the_device);
 
+/// (ii-b) Dynamic loss scaling on the device (`DeviceLossScaler` +
+/// `step_deferred_scaled`) against the host's `DynamicLossScaler` + `step`: a sequence of
+/// clean and overflowing steps (growth interval 2, so the scale both halves and doubles);
+/// after each step the scale, counts, skip flags, every parameter and state bit and the
+/// next backward's seed agree.
+fn device_loss_scaling_follows_the_host(device: &Device) {
+    use crate::optim::{DeviceLossScaler, DynamicLossScaler};
+    if !kernel_device("adamw_loss_scale", device) {
+        return;
+    }
+    let mut r = rng("adamw_loss_scale");
+    let init = random_vals(&mut r, -1.0, 1.0);
+    let (pd, pc) = (params_on(&init, device), params_on(&init, &Device::Cpu));
+    let cfg = AdamWConfig::default();
+    let mut od = AdamW::new(pd.clone(), cfg).unwrap();
+    let mut oc = AdamW::new(pc.clone(), cfg).unwrap();
+    let mut host = DynamicLossScaler::with_settings(1024.0, 2).unwrap();
+    let mut dev = DeviceLossScaler::new(&host, device).unwrap();
+    let loss = Tensor::from_vec(vec![0.5f32], [1], device).unwrap();
+    // true: a NaN or inf in some gradient this step.
+    let overflow = [false, true, false, false, false, true, true, false, false];
+    for (k, &bad) in overflow.iter().enumerate() {
+        let seed = dev.seed_for(&loss).unwrap();
+        assert_eq!(seed.to_vec_f64().unwrap(), [host.scale()], "step {k}: seed");
+        // Gradients as a backward seeded with S gives them: S × the true gradient.
+        let mut g: Vec<Vec<f64>> = random_vals(&mut r, -1e-2, 1e-2)
+            .into_iter()
+            .map(|v| v.into_iter().map(|x| x * host.scale()).collect())
+            .collect();
+        if bad {
+            let t = k % LENS.len();
+            g[t][0] = if k % 2 == 0 { f64::NAN } else { f64::INFINITY };
+        }
+        // (That queuing reads nothing back is checked by tests/train_device.rs, where no
+        // other test shares the device's counters.)
+        let pending = od
+            .step_deferred_scaled(&grads_for(&pd, &g, None), 1e-3, Some(1.0), &mut dev)
+            .unwrap();
+        let opts = StepOptions {
+            grad_scale_inv: host.inv_scale(),
+            max_grad_norm: Some(1.0),
+        };
+        let rc = oc.step(&grads_for(&pc, &g, None), 1e-3, opts).unwrap();
+        host.update(rc.skipped);
+        let rd = pending.wait().unwrap();
+        assert_eq!(rd.skipped, bad, "step {k}: skipped");
+        assert_eq!(rc.skipped, bad, "step {k}: the CPU skipped");
+        if !bad {
+            assert_close(
+                &format!("step {k}: norm"),
+                &[rd.grad_norm],
+                &[rc.grad_norm],
+                1e-12,
+            );
+        }
+        assert_eq!(dev.to_host().unwrap(), host, "step {k}: the scaler");
+        assert_same(
+            &format!("loss-scaled step {k} on {device}"),
+            &snapshot(&od),
+            &snapshot(&oc),
+        );
+    }
+    assert_eq!(
+        (host.scale(), host.overflows()),
+        (512.0, 3),
+        "the sequence exercised both ways"
+    );
+}
+crate::test_device!(adamw_loss_scale, device_loss_scaling_follows_the_host);
+
+/// Bad input to the device loss scaler is an error, never a panic.
+#[test]
+fn device_loss_scaler_rejects_bad_input() {
+    use crate::optim::{DeviceLossScaler, DynamicLossScaler};
+    let s = DynamicLossScaler::new();
+    assert!(DeviceLossScaler::new(&s, &Device::Cpu).is_err());
+    let d = Device::Sim;
+    let mut dev = DeviceLossScaler::new(&s, &d).unwrap();
+    let f16_loss = Tensor::from_vec_as(vec![1.0f32], [1], DType::F16, &d).unwrap();
+    let two = Tensor::from_vec(vec![1.0f32, 2.0], [2], &d).unwrap();
+    let cpu_loss = Tensor::from_vec(vec![1.0f32], [1], &Device::Cpu).unwrap();
+    for bad in [&f16_loss, &two, &cpu_loss] {
+        assert!(dev.seed_for(bad).is_err(), "{bad:?}");
+    }
+    // An optimizer whose state is on the CPU has no device loss scale to read.
+    let p = Tensor::from_vec(vec![1.0f32], [1], &Device::Cpu).unwrap();
+    let mut opt = AdamW::new(vec![p.clone()], AdamWConfig::default()).unwrap();
+    let mut g = Gradients::default();
+    g.insert(
+        &p,
+        Tensor::from_vec(vec![1.0f32], [1], &Device::Cpu).unwrap(),
+    )
+    .unwrap();
+    assert!(opt.step_deferred_scaled(&g, 1e-3, None, &mut dev).is_err());
+    assert_eq!(dev.to_host().unwrap(), s, "errors left the scaler alone");
+}
+
 /// (iii) Clipping: the norm within 1e-6 relative of the CPU's (it is summed in another
 /// order), the coefficient likewise, the parameters close; `grad_scale_inv` honoured.
 fn clipping_follows_the_cpu(device: &Device) {
@@ -454,4 +551,5 @@ fn params_match_the_kernels() {
     }
     assert_eq!(std::mem::size_of::<super::cuda::StepState>(), 80);
     assert_eq!(std::mem::size_of::<super::cuda::TensorDesc>(), 48);
+    assert_eq!(std::mem::size_of::<super::cuda::LossScaleState>(), 24);
 }

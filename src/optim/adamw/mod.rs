@@ -628,7 +628,7 @@ impl AdamW {
         match &mut self.backing {
             Backing::Cpu { .. } => self.step_cpu(&work, lr, opts),
             Backing::Device { state, cache } => {
-                state.queue_step(&self.params, &work, lr, opts, &self.cfg)?;
+                state.queue_step(&self.params, &work, lr, opts, &self.cfg, None)?;
                 cache.iter_mut().for_each(|c| *c = OnceLock::new());
                 // The one synchronisation: everything is queued, then the step state is
                 // read back (this waits for the three launches).
@@ -668,12 +668,61 @@ impl AdamW {
         let inner = match &mut self.backing {
             Backing::Cpu { .. } => Pending::Ready(self.step_cpu(&work, lr, opts)?),
             Backing::Device { state, cache } => {
-                state.queue_step(&self.params, &work, lr, opts, &self.cfg)?;
+                state.queue_step(&self.params, &work, lr, opts, &self.cfg, None)?;
                 cache.iter_mut().for_each(|c| *c = OnceLock::new());
                 Pending::Device(state.snapshot()?)
             }
         };
         Ok(PendingStepReport { inner })
+    }
+
+    /// [`AdamW::step_deferred`] under dynamic loss scaling kept on the device: the
+    /// gradients in `grads` are `S ×` their true value (from
+    /// [`DeviceLossScaler::backward`](crate::optim::DeviceLossScaler::backward)), the
+    /// kernels read `grad_scale_inv = 1/S` from `scaler`, skip the step on an inf/NaN
+    /// gradient and then update `S` ([`DynamicLossScaler::update`](crate::optim::DynamicLossScaler::update)'s
+    /// policy) and the next backward's seed. Nothing is read back: the skip decision and
+    /// the next scale never leave the device.
+    ///
+    /// Errors: those of [`AdamW::step`]; the optimizer's state on the CPU (use
+    /// [`scaled_backward_step`](crate::optim::scaled_backward_step)) or `scaler` on
+    /// another device.
+    pub fn step_deferred_scaled(
+        &mut self,
+        grads: &Gradients,
+        lr: f64,
+        max_grad_norm: Option<f64>,
+        scaler: &mut crate::optim::DeviceLossScaler,
+    ) -> Result<PendingStepReport> {
+        let opts = StepOptions {
+            grad_scale_inv: 1.0,
+            max_grad_norm,
+        };
+        let work = self.prepare(grads, lr, opts)?;
+        let Backing::Device { state, cache } = &mut self.backing else {
+            return Err(Error::invalid(
+                "adamw: step_deferred_scaled needs the optimizer's state on a device; on the CPU use scaled_backward_step",
+            ));
+        };
+        if scaler.device() != state.device() {
+            return Err(Error::Device {
+                op: OP,
+                lhs: state.device(),
+                rhs: scaler.device(),
+            });
+        }
+        state.queue_step(
+            &self.params,
+            &work,
+            lr,
+            opts,
+            &self.cfg,
+            Some(scaler.kernel_args()),
+        )?;
+        cache.iter_mut().for_each(|c| *c = OnceLock::new());
+        Ok(PendingStepReport {
+            inner: Pending::Device(state.snapshot()?),
+        })
     }
 
     /// Checks the options and the gradients, and returns the (parameter index, gradient)
