@@ -1,7 +1,15 @@
-//! Launcher of `kernels/attention.cu`, one code path for the CUDA backend and the
-//! simulator: the forward saves `P [B, H, T, T]` in f32 as a device tensor, the backward
-//! runs `attention_bwd` (dS into an f32 scratch tensor, dq) and then `attention_dkv_bwd`
-//! (dk, dv), each writing its own columns of the fused `dqkv [B, T, 3C]`.
+//! Launcher of `kernels/attention.cu` (flash-attention style), one code path for the CUDA
+//! backend and the simulator: the forward returns `y` and the per-row logsumexp
+//! `lse [B, H, T]` (f32), the only state the backward needs besides `qkv`, `y` and `gy`; the
+//! backward runs `attention_bwd` (D = rowsum(gy ⊙ y) into a `[B, H, T]` f32 scratch, dq)
+//! and then `attention_dkv_bwd` (dk, dv), each writing its own columns of the fused
+//! `dqkv [B, T, 3C]`. Nothing of size `T²` is allocated.
+//!
+//! Tiles: every block owns [`BR`] rows and loops over tiles of `bc` rows, `bc` the largest of
+//! 32, 16 and 8 whose dynamic shared memory fits [`SMEM_BUDGET`] (chosen per kernel from the
+//! head dim, see [`tile`]). Head dims up to [`MAX_HEAD_DIM`] are supported (the kernels keep
+//! a thread's share of a row of `hd` accumulators in registers); larger ones are an
+//! [`Error::Unsupported`].
 
 use super::cpu::Dims;
 use crate::device::LaunchConfig;
@@ -17,15 +25,18 @@ const OP: &str = "causal_attention";
 #[derive(Clone, Copy, Debug, Default, bytemuck::Pod, bytemuck::Zeroable)]
 pub(crate) struct AttentionParams {
     pub qkv: u64,
+    pub y: u64,
     pub gy: u64,
     pub out: u64,
-    pub p: u64,
-    pub ds: u64,
+    pub lse: u64,
+    pub delta: u64,
     pub b: i64,
     pub t: i64,
     pub c: i64,
     pub h: i64,
     pub scale: f32,
+    pub br: i32,
+    pub bc: i32,
     pub pad: i32,
 }
 
@@ -43,8 +54,55 @@ pub(crate) const KERNELS: &[&str] = &[
     "attention_dkv_bwd_f16",
 ];
 
-/// Threads per block (the header's launch geometry).
+/// Threads per block (the header's launch geometry: 8 × 16).
 const THREADS: u32 = 128;
+/// Rows of the tile a block owns (`kBR` in the `.cu`).
+pub(crate) const BR: usize = 32;
+/// The largest head dim the kernels take (`kTX · kGroups` in the `.cu`).
+pub(crate) const MAX_HEAD_DIM: usize = 128;
+/// The dynamic shared memory a kernel may use: the default limit, no opt-in needed.
+pub(crate) const SMEM_BUDGET: usize = 48 * 1024;
+
+/// The three kernels, for their shared-memory layouts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Kernel {
+    /// `attention_fwd`: Q [BR, ld], K, V [bc, ld], S/P [BR, bc+1], α, l [BR].
+    Fwd,
+    /// `attention_bwd`: Q, gy [BR, ld], K, V [bc, ld], dS [BR, bc+1], lse, D [BR].
+    Dq,
+    /// `attention_dkv_bwd`: K, V [BR, ld], Q, gy [bc, ld], Pᵀ, dSᵀ [BR, bc+1], lse, D [bc].
+    Dkv,
+}
+
+/// The dynamic shared bytes of `kernel` at head dim `hd` and inner tile `bc` (the layouts
+/// in the `.cu` header; rows of `ld = hd | 1` floats).
+pub(crate) fn shared_bytes(kernel: Kernel, hd: usize, bc: usize) -> usize {
+    let (ld, lp) = (hd | 1, bc + 1);
+    let floats = match kernel {
+        Kernel::Fwd => BR * ld + 2 * bc * ld + BR * lp + 2 * BR,
+        Kernel::Dq => 2 * BR * ld + 2 * bc * ld + BR * lp + 2 * BR,
+        Kernel::Dkv => 2 * BR * ld + 2 * bc * ld + 2 * BR * lp + 2 * bc,
+    };
+    4 * floats
+}
+
+/// The inner tile of `kernel` at head dim `hd`: the largest of 32, 16 and 8 whose shared
+/// memory fits [`SMEM_BUDGET`], with those bytes. Every `hd ≤ MAX_HEAD_DIM` fits at 8.
+pub(crate) fn tile(kernel: Kernel, hd: usize) -> Result<(usize, usize)> {
+    if hd == 0 || hd > MAX_HEAD_DIM {
+        return Err(Error::unsupported(
+            OP,
+            format!("head dim {hd} on a device (the kernels take 1 to {MAX_HEAD_DIM})"),
+        ));
+    }
+    [32, 16, 8]
+        .into_iter()
+        .map(|bc| (bc, shared_bytes(kernel, hd, bc)))
+        .find(|&(_, bytes)| bytes <= SMEM_BUDGET)
+        .ok_or_else(|| {
+            Error::unsupported(OP, format!("head dim {hd}: no tile fits the shared memory"))
+        })
+}
 
 /// The device storage of a tensor's storage guard.
 fn dev(s: &Storage) -> Result<&DeviceStorage> {
@@ -60,10 +118,13 @@ fn int(v: usize) -> Result<i64> {
     i64::try_from(v).map_err(|_| Error::invalid(format!("{OP}: {v} overflows i64")))
 }
 
-/// Grid (T, H, B), validated against CUDA's limits.
-fn config(d: Dims) -> Result<LaunchConfig> {
+/// Grid (⌈T/BR⌉, H, B) and the shared bytes of `kernel`, validated against CUDA's limits;
+/// the parameters with `kernel`'s tile. Pointers are filled in by the caller.
+fn launch_setup(kernel: Kernel, d: Dims) -> Result<(LaunchConfig, AttentionParams)> {
+    let hd = d.c / d.h;
+    let (bc, bytes) = tile(kernel, hd)?;
     let too_big = || Error::invalid(format!("{OP}: {d:?} exceeds the launch grid"));
-    let x = u32::try_from(d.t)
+    let x = u32::try_from(d.t.div_ceil(BR))
         .ok()
         .filter(|&x| x < 1 << 31)
         .ok_or_else(too_big)?;
@@ -75,85 +136,130 @@ fn config(d: Dims) -> Result<LaunchConfig> {
         .ok()
         .filter(|&z| z <= 65_535)
         .ok_or_else(too_big)?;
-    Ok(LaunchConfig {
+    let cfg = LaunchConfig {
         grid: [x, y, z],
         block: [THREADS, 1, 1],
-        shared_bytes: 0,
-    })
-}
-
-/// The parameters shared by every kernel (pointers filled in by the caller).
-fn params(d: Dims) -> Result<AttentionParams> {
-    Ok(AttentionParams {
+        // At most SMEM_BUDGET: fits a u32.
+        shared_bytes: bytes as u32,
+    };
+    let prm = AttentionParams {
         b: int(d.b)?,
         t: int(d.t)?,
         c: int(d.c)?,
         h: int(d.h)?,
-        scale: (1.0 / ((d.c / d.h) as f64).sqrt()) as f32,
+        scale: (1.0 / (hd as f64).sqrt()) as f32,
+        br: BR as i32,
+        bc: bc as i32,
         ..Default::default()
-    })
+    };
+    Ok((cfg, prm))
 }
 
-/// Forward: `y [B, T, C]` in `qkv`'s dtype and `P [B, H, T, T]` in f32 (zero above the
-/// diagonal), both on `qkv`'s device.
+/// Checks that `t` (called `name`) has `dims`, `dtype` and `qkv`'s device.
+fn expect(name: &str, t: &Tensor, dims: &[usize], dtype: DType, qkv: &Tensor) -> Result<()> {
+    if t.dtype() != dtype {
+        return Err(Error::invalid(format!(
+            "{OP}: {name} is {}, expected {dtype}",
+            t.dtype()
+        )));
+    }
+    if t.dims() != dims {
+        return Err(Error::shape(
+            OP,
+            format!("{name} {}, expected {:?}", t.shape(), dims),
+        ));
+    }
+    if t.device() != qkv.device() {
+        return Err(Error::Device {
+            op: OP,
+            lhs: qkv.device(),
+            rhs: t.device(),
+        });
+    }
+    Ok(())
+}
+
+/// Checks that `d` is a well-formed attention shape (the op validated it already; the
+/// launcher does not rely on that).
+fn check_dims(d: Dims) -> Result<()> {
+    if d.h == 0 || d.c == 0 || !d.c.is_multiple_of(d.h) {
+        return Err(Error::shape(
+            OP,
+            format!("C = {} is not divisible into {} heads", d.c, d.h),
+        ));
+    }
+    Ok(())
+}
+
+/// Forward: `y [B, T, C]` in `qkv`'s dtype and `lse [B, H, T]` in f32 (`m + ln l` of each
+/// row's softmax, for the backward), both on `qkv`'s device.
 pub(crate) fn forward(qkv: &Tensor, d: Dims) -> Result<(Tensor, Tensor)> {
+    check_dims(d)?;
     let dtype = qkv.dtype();
     let name = format!("attention_fwd_{}", suffix(dtype)?);
+    expect("qkv", qkv, &[d.b, d.t, 3 * d.c], dtype, qkv)?;
+    let (cfg, prm) = launch_setup(Kernel::Fwd, d)?;
     let qs = qkv.storage();
     let qd = dev(&qs)?;
     let y = DeviceStorage::alloc(dtype, d.b * d.t * d.c, qd.device())?;
-    let p = DeviceStorage::alloc(DType::F32, d.b * d.h * d.t * d.t, qd.device())?;
+    let lse = DeviceStorage::alloc(DType::F32, d.b * d.h * d.t, qd.device())?;
     if d.b > 0 && d.t > 0 {
         let prm = AttentionParams {
             qkv: qd.device_ptr(),
             out: y.device_ptr(),
-            p: p.device_ptr(),
-            ..params(d)?
+            lse: lse.device_ptr(),
+            ..prm
         };
-        qd.backend().launch(&name, &config(d)?, &prm)?;
+        qd.backend().launch(&name, &cfg, &prm)?;
     }
     Ok((
         Tensor::from_storage(Storage::Device(y), Shape::from([d.b, d.t, d.c]))?,
-        Tensor::from_storage(Storage::Device(p), Shape::from([d.b, d.h, d.t, d.t]))?,
+        Tensor::from_storage(Storage::Device(lse), Shape::from([d.b, d.h, d.t]))?,
     ))
 }
 
-/// Backward: `dqkv [B, T, 3C]` in `qkv`'s dtype from `qkv`, the saved `P` and `gy`.
-pub(crate) fn backward(qkv: &Tensor, p: &Tensor, gy: &Tensor, d: Dims) -> Result<Tensor> {
+/// Backward: `dqkv [B, T, 3C]` in `qkv`'s dtype from `qkv`, the forward's output `y` and
+/// `lse`, and `gy`. Errors (never a launch) when a tensor has the wrong dtype, shape or
+/// device.
+pub(crate) fn backward(
+    qkv: &Tensor,
+    y: &Tensor,
+    lse: &Tensor,
+    gy: &Tensor,
+    d: Dims,
+) -> Result<Tensor> {
+    check_dims(d)?;
     let dtype = qkv.dtype();
-    if gy.dtype() != dtype || p.dtype() != DType::F32 {
-        return Err(Error::invalid(format!(
-            "{OP}: backward with qkv {dtype}, gy {} and P {}",
-            gy.dtype(),
-            p.dtype()
-        )));
-    }
-    if gy.dims() != [d.b, d.t, d.c] || p.dims() != [d.b, d.h, d.t, d.t] {
-        return Err(Error::shape(
-            OP,
-            format!("backward with gy {} and P {}", gy.shape(), p.shape()),
-        ));
-    }
     let sfx = suffix(dtype)?;
-    let (qs, ps, gs) = (qkv.storage(), p.storage(), gy.storage());
-    let (qd, pd, gd) = (dev(&qs)?, dev(&ps)?, dev(&gs)?);
+    expect("qkv", qkv, &[d.b, d.t, 3 * d.c], dtype, qkv)?;
+    expect("y", y, &[d.b, d.t, d.c], dtype, qkv)?;
+    expect("gy", gy, &[d.b, d.t, d.c], dtype, qkv)?;
+    expect("lse", lse, &[d.b, d.h, d.t], DType::F32, qkv)?;
+    let (cfg_dq, prm_dq) = launch_setup(Kernel::Dq, d)?;
+    let (cfg_dkv, prm_dkv) = launch_setup(Kernel::Dkv, d)?;
+    let (qs, ys, ls, gs) = (qkv.storage(), y.storage(), lse.storage(), gy.storage());
+    let (qd, yd, ld, gd) = (dev(&qs)?, dev(&ys)?, dev(&ls)?, dev(&gs)?);
     let dqkv = DeviceStorage::alloc(dtype, d.b * d.t * 3 * d.c, qd.device())?;
     if d.b > 0 && d.t > 0 {
-        let ds = DeviceStorage::alloc(DType::F32, d.b * d.h * d.t * d.t, qd.device())?;
-        let prm = AttentionParams {
+        let delta = DeviceStorage::alloc(DType::F32, d.b * d.h * d.t, qd.device())?;
+        let with_ptrs = |prm: AttentionParams| AttentionParams {
             qkv: qd.device_ptr(),
+            y: yd.device_ptr(),
             gy: gd.device_ptr(),
             out: dqkv.device_ptr(),
-            p: pd.device_ptr(),
-            ds: ds.device_ptr(),
-            ..params(d)?
+            lse: ld.device_ptr(),
+            delta: delta.device_ptr(),
+            ..prm
         };
-        let cfg = config(d)?;
         let backend = qd.backend();
-        backend.launch(&format!("attention_bwd_{sfx}"), &cfg, &prm)?;
-        // Launches on one stream run in order: dS is complete before dk and dv read it,
-        // and the scratch is freed in stream order after the launch.
-        backend.launch(&format!("attention_dkv_bwd_{sfx}"), &cfg, &prm)?;
+        backend.launch(&format!("attention_bwd_{sfx}"), &cfg_dq, &with_ptrs(prm_dq))?;
+        // Launches on one stream run in order: D is complete before attention_dkv_bwd
+        // reads it, and the scratch is freed in stream order after the launch.
+        backend.launch(
+            &format!("attention_dkv_bwd_{sfx}"),
+            &cfg_dkv,
+            &with_ptrs(prm_dkv),
+        )?;
     }
     Tensor::from_storage(Storage::Device(dqkv), Shape::from([d.b, d.t, 3 * d.c]))
 }

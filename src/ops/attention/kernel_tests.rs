@@ -1,9 +1,12 @@
 //! Kernel-level tests (DESIGN §6) of causal attention on every backend present: forward
 //! and backward (through the tape) against the f64 CPU reference on the same rounded
-//! inputs, over T = 1, 5, 37, 70, B = 1 and 2, head dims 1, 3, 4 and 16, and the three
-//! storage dtypes. Device outputs start as NaN
+//! inputs, over T = 1, 5, 37, 40, 70, 130 (one to five 32-row tiles, ending mid-tile, and
+//! several 8- and 16-row inner tiles), B = 1 and 2, head dims 1, 3, 4, 5, 16, 64 and 128 (the
+//! inner tiles 32, 16 and 8), and the three storage dtypes. Device outputs start as NaN
 //! (fresh buffers are poisoned), so an element a kernel forgets to write fails the
-//! comparison; two runs must agree bit for bit (no atomics, fixed reduction order).
+//! comparison; two runs must agree bit for bit (no atomics, fixed reduction order). On a
+//! device also: the forward keeps O(T) bytes for the backward (no `[B, H, T, T]` tensor),
+//! and the launcher rejects bad inputs with an error.
 
 use super::*;
 use crate::testing::{assert_close, rand_tensor, rng};
@@ -11,8 +14,8 @@ use crate::DType;
 
 const DTYPES: [DType; 3] = [DType::F32, DType::BF16, DType::F16];
 
-/// (B, T, C, H): hd = 3, 4, 16 and 1.
-const SHAPES: [(usize, usize, usize, usize); 7] = [
+/// (B, T, C, H): hd = 3, 4, 16, 1, 5, 64 and 128.
+const SHAPES: [(usize, usize, usize, usize); 10] = [
     (1, 1, 6, 2),
     (2, 5, 12, 3),
     (1, 37, 6, 2),
@@ -20,6 +23,9 @@ const SHAPES: [(usize, usize, usize, usize); 7] = [
     (1, 70, 64, 4),
     (2, 70, 6, 2),
     (2, 5, 3, 3),
+    (1, 130, 10, 2),
+    (1, 130, 64, 1),
+    (1, 40, 128, 1),
 ];
 
 /// Rel-L2 tolerance against the f64 reference on the same rounded inputs: only the f32
@@ -154,3 +160,148 @@ fn params_match_the_kernels() {
         );
     }
 }
+
+/// At hd = 64 (GPT-2) every kernel takes the 32-row inner tile; at 128 the smaller ones;
+/// every head dim the kernels take fits the 48 KiB budget; larger ones are errors.
+#[test]
+fn tiles_fit_the_shared_memory_budget() {
+    use cuda::{shared_bytes, tile, Kernel, MAX_HEAD_DIM, SMEM_BUDGET};
+    let kernels = [Kernel::Fwd, Kernel::Dq, Kernel::Dkv];
+    for k in kernels {
+        assert_eq!(tile(k, 64).unwrap().0, 32, "{k:?}");
+        for hd in 1..=MAX_HEAD_DIM {
+            let (bc, bytes) = tile(k, hd).unwrap();
+            assert!(bytes <= SMEM_BUDGET, "{k:?} hd {hd}: {bytes} bytes");
+            assert_eq!(bytes, shared_bytes(k, hd, bc));
+            assert!(bc == 32 || shared_bytes(k, hd, 2 * bc) > SMEM_BUDGET);
+        }
+        assert!(matches!(
+            tile(k, MAX_HEAD_DIM + 1),
+            Err(Error::Unsupported { .. })
+        ));
+    }
+    let at128: Vec<usize> = kernels.iter().map(|&k| tile(k, 128).unwrap().0).collect();
+    assert_eq!(at128, [16, 8, 8]);
+}
+
+/// The device forward keeps O(T) bytes for the backward: after it, with the tape (and so
+/// the saved state) alive, the device holds far less than one `[B, H, T, T]` f32 tensor
+/// more than before, and the backward's peak stays below that too. Other tests allocate on
+/// the same device concurrently (the counters are per device), which can only be ruled out
+/// by retrying: the check passes when one of a few attempts is clean.
+fn attention_saves_o_t_bytes(device: &Device) {
+    if *device == Device::Cpu {
+        return; // the CPU path saves P by design (see the module docs)
+    }
+    let (b, t, c, h) = (1, 512, 8, 2);
+    let p_bytes = (4 * b * h * t * t) as i64; // 2 MiB
+    let bound = p_bytes / 4;
+    let mut r = rng("attention_memory");
+    let x = on(
+        &rand_tensor(&mut r, [b, t, 3 * c], -2.0, 2.0),
+        DType::F32,
+        device,
+    );
+    let gy = on(
+        &rand_tensor(&mut r, [b, t, c], -1.0, 1.0),
+        DType::F32,
+        device,
+    );
+    let mut attempts = Vec::new();
+    for _ in 0..4 {
+        let before = device.memory_stats().in_use_bytes as i64;
+        device.reset_peak_memory();
+        let tape = Tape::new();
+        let xt = x.track(&tape);
+        let y = causal_attention(&xt, h).unwrap();
+        let stats = device.memory_stats();
+        let (held, fwd_peak) = (
+            stats.in_use_bytes as i64 - before,
+            stats.peak_bytes as i64 - before,
+        );
+        device.reset_peak_memory();
+        let g = tape.backward_with(&y, gy.clone()).unwrap();
+        let bwd_peak = device.memory_stats().peak_bytes as i64 - before;
+        assert_eq!(g.get(&xt).unwrap().dims(), &[b, t, 3 * c]);
+        attempts.push((held, fwd_peak, bwd_peak));
+        if held < bound && fwd_peak < bound && bwd_peak < bound {
+            println!(
+                "{device}: held after the forward {held} B, forward peak {fwd_peak} B, \
+                 backward peak {bwd_peak} B ([B, H, T, T] f32: {p_bytes} B)"
+            );
+            return;
+        }
+    }
+    panic!(
+        "{device}: the attention holds O(T²) bytes: (after the forward, forward peak, \
+         backward peak) over the bytes before, per attempt: {attempts:?}; a [B, H, T, T] \
+         f32 tensor is {p_bytes} bytes, the bound {bound}"
+    );
+}
+crate::test_device!(saves_o_t_bytes, attention_saves_o_t_bytes);
+
+/// The launcher refuses inputs of the wrong dtype, shape or device with an error (no
+/// launch), and a head dim past the kernels' bound.
+fn attention_launcher_rejects_bad_inputs(device: &Device) {
+    if *device == Device::Cpu {
+        return; // no launcher on the CPU
+    }
+    let d = Dims {
+        b: 2,
+        t: 5,
+        c: 12,
+        h: 3,
+    };
+    let z = |dims: &[usize], dtype: DType| Tensor::zeros(dims, dtype, device).unwrap();
+    let qkv = z(&[2, 5, 36], DType::BF16);
+    let (y, lse) = cuda::forward(&qkv, d).unwrap();
+    assert_eq!(lse.dims(), &[2, 3, 5]);
+    assert_eq!(lse.dtype(), DType::F32);
+    let gy = z(&[2, 5, 12], DType::BF16);
+    assert!(cuda::backward(&qkv, &y, &lse, &gy, d).is_ok());
+    let cpu_lse = Tensor::zeros([2, 3, 5], DType::F32, &Device::Cpu).unwrap();
+    let bad: [(&str, Tensor, Tensor, Tensor); 7] = [
+        ("lse f16", y.clone(), z(&[2, 3, 5], DType::F16), gy.clone()),
+        (
+            "lse [2, 5, 3]",
+            y.clone(),
+            z(&[2, 5, 3], DType::F32),
+            gy.clone(),
+        ),
+        (
+            "lse [2, 3, 5, 5]",
+            y.clone(),
+            z(&[2, 3, 5, 5], DType::F32),
+            gy.clone(),
+        ),
+        ("lse on the CPU", y.clone(), cpu_lse, gy.clone()),
+        ("y f32", z(&[2, 5, 12], DType::F32), lse.clone(), gy.clone()),
+        (
+            "y [2, 5, 36]",
+            z(&[2, 5, 36], DType::BF16),
+            lse.clone(),
+            gy.clone(),
+        ),
+        (
+            "gy [2, 4, 12]",
+            y.clone(),
+            lse.clone(),
+            z(&[2, 4, 12], DType::BF16),
+        ),
+    ];
+    for (what, y, lse, gy) in bad {
+        assert!(
+            cuda::backward(&qkv, &y, &lse, &gy, d).is_err(),
+            "{device}: backward with {what} was accepted"
+        );
+    }
+    // qkv that does not match the dims, and a head dim past 128.
+    assert!(cuda::forward(&z(&[2, 5, 33], DType::BF16), d).is_err());
+    let wide = z(&[1, 3, 3 * 258], DType::F32);
+    assert!(matches!(
+        causal_attention(&wide, 2),
+        Err(Error::Unsupported { .. })
+    ));
+    assert!(causal_attention(&z(&[1, 3, 3 * 256], DType::F32), 2).is_ok());
+}
+crate::test_device!(rejects_bad_inputs, attention_launcher_rejects_bad_inputs);

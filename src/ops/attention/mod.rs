@@ -1,14 +1,19 @@
 //! Causal multi-head self-attention as one op, from GPT-2's fused `c_attn` output.
 //!
-//! The forward saves the softmax probabilities `P [B, H, T, T]` (in the compute type) for
-//! the backward rather than the per-row logsumexp: with `P` the backward needs no score
-//! GEMM and no exponentials (4 GEMMs per head instead of 5), and at our sizes the memory is
-//! small (`B=8, H=4, T=128`: 2 MB in f32). It grows as `T²`, so a long-context path (or the
-//! CUDA kernel) would keep the logsumexp and recompute `P` instead.
+//! On the CPU the forward saves the softmax probabilities `P [B, H, T, T]` (in the compute
+//! type) for the backward rather than the per-row logsumexp: with `P` the backward needs no
+//! score GEMM and no exponentials (4 GEMMs per head instead of 5), and at the CPU's sizes
+//! the memory is small (`B=8, H=4, T=128`: 2 MB in f32). It grows as `T²`.
 //!
-//! On a device (`kernels/attention.cu`, launched by `cuda.rs`) the forward saves `P` in
-//! f32 as a device tensor and the backward runs as two deterministic kernels (dS and dq
-//! per query row, then dk and dv per key row).
+//! On a device (`kernels/attention.cu`, launched by `cuda.rs`) the kernels are
+//! flash-attention style: the forward runs over key tiles with an online softmax and saves
+//! only the logsumexp `lse [B, H, T]` (f32) besides its output `y`; the backward recomputes
+//! `P` tile by tile from `qkv` and `lse` and runs as two deterministic kernels (dq per
+//! query tile, then dk and dv per key tile), so no `T²` buffer exists at any point (at the
+//! GPT-2 124M shape `B=8, H=12, T=1024`, P would be 403 MB per layer; lse is 0.39 MB).
+//! The backward reads the `y` this op returned (the tape keeps a handle to it, which costs
+//! no memory since the caller holds it too): it must not be modified in place before the
+//! backward runs.
 
 pub(crate) mod cpu;
 pub(crate) mod cuda;
@@ -26,14 +31,17 @@ use cpu::Dims;
 /// `P = softmax(q·kᵀ / √hd)` with a causal mask (position `t` attends to `0..=t`), and the
 /// head's output `P·v` lands in columns `h·hd..(h+1)·hd` of the result (GPT-2's
 /// `merge_heads`). Computed in f32 (f64 for f64 input; bf16/f16 are widened and the output
-/// rounded once), softmax with max-subtraction.
+/// rounded once), softmax with max-subtraction (on a device: an online softmax over key
+/// tiles, see the module docs).
 ///
 /// Backward: with `gy` split per head like the output, `dP = gy·vᵀ`, `dv = Pᵀ·gy`,
 /// `dS = P ⊙ (dP − rowsum(dP ⊙ P)) / √hd`, `dq = dS·k`, `dk = dSᵀ·q`, written back into
-/// the fused layout.
+/// the fused layout. On a device `P` is recomputed from the saved logsumexp and
+/// `rowsum(dP ⊙ P)` is taken as `rowsum(gy ⊙ y)` (equal in exact arithmetic).
 ///
 /// Errors: `qkv` not of rank 3, a last dimension not divisible by 3 or of 0, `n_head == 0`,
-/// or `C` not divisible by `n_head`.
+/// or `C` not divisible by `n_head`; on a device also a head dim `C / n_head` above 128
+/// ([`Error::Unsupported`]).
 pub fn causal_attention(qkv: &Tensor, n_head: usize) -> Result<Tensor> {
     const OP: &str = "causal_attention";
     let (b, t, c3) = qkv.shape().dims3(OP)?;
@@ -57,11 +65,16 @@ pub fn causal_attention(qkv: &Tensor, n_head: usize) -> Result<Tensor> {
         let p = Tensor::from_vec(p, [d.b, d.h, d.t, d.t], &Device::Cpu)?;
         Ok((output(y, [d.b, d.t, d.c], qkv.dtype())?, p))
     }
-    let on_device = qkv.device() != Device::Cpu;
-    let (y, p) = if on_device {
-        cuda::forward(qkv, d)?
+    // What the backward needs besides qkv and gy: P on the CPU, y and lse on a device.
+    let (y, saved) = if qkv.device() != Device::Cpu {
+        let (y, lse) = cuda::forward(qkv, d)?;
+        // `y` is untracked here (no tape handle), so keeping it in the closure that the
+        // tape owns makes no reference cycle.
+        let saved = Saved::Device { y: y.clone(), lse };
+        (y, saved)
     } else {
-        with_real(qkv.dtype(), || fwd::<f32>(qkv, d), || fwd::<f64>(qkv, d))?
+        let (y, p) = with_real(qkv.dtype(), || fwd::<f32>(qkv, d), || fwd::<f64>(qkv, d))?;
+        (y, Saved::Cpu { p })
     };
     if let Some(tape) = &tape {
         let (qkv, yid) = (qkv.clone(), y.id());
@@ -78,19 +91,27 @@ pub fn causal_attention(qkv: &Tensor, n_head: usize) -> Result<Tensor> {
                 let gqkv = cpu::backward(&qv, &pv, &gv, d, cpu::BLOCK)?;
                 output(gqkv, qkv.shape().clone(), qkv.dtype())
             }
-            let gqkv = if on_device {
-                cuda::backward(&qkv, &p, &gy, d)?
-            } else {
-                with_real(
+            let gqkv = match &saved {
+                Saved::Device { y, lse } => cuda::backward(&qkv, y, lse, &gy, d)?,
+                Saved::Cpu { p } => with_real(
                     qkv.dtype(),
-                    || bwd::<f32>(&qkv, &p, &gy, d),
-                    || bwd::<f64>(&qkv, &p, &gy, d),
-                )?
+                    || bwd::<f32>(&qkv, p, &gy, d),
+                    || bwd::<f64>(&qkv, p, &gy, d),
+                )?,
             };
             g.accumulate(&qkv, gqkv)
         });
     }
     Ok(y.with_tape(tape))
+}
+
+/// The forward's state kept for the backward.
+enum Saved {
+    /// The CPU path: the probabilities `P [B, H, T, T]` in the compute type.
+    Cpu { p: Tensor },
+    /// The device path: the output `y` (the same storage as the returned tensor) and the
+    /// logsumexp `lse [B, H, T]` in f32.
+    Device { y: Tensor, lse: Tensor },
 }
 
 #[cfg(test)]
