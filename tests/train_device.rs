@@ -61,6 +61,7 @@ fn run(device: &Device, dtype: DType, lora: Option<LoraConfig>) -> Run {
         ..Default::default()
     };
     let mut t = Trainer::new(model, &tc).unwrap();
+    let held = device.memory_stats().in_use_bytes; // the model and the optimizer state
     let mut gen = TaskGen::new(Task::A, 4, 3).unwrap();
     // Queue every step first: nothing is read back until the losses are asked for — not
     // even under f16 loss scaling, whose scale and skip decisions stay on the device.
@@ -78,6 +79,12 @@ fn run(device: &Device, dtype: DType, lora: Option<LoraConfig>) -> Run {
         "{device} {dtype}: a queued step read the device back"
     );
     let stats: Vec<_> = pending.into_iter().map(|p| p.wait().unwrap()).collect();
+    // Every step gave back what it took: nothing grows from step to step.
+    assert_eq!(
+        device.memory_stats().in_use_bytes,
+        held,
+        "{device} {dtype}: device memory held after the steps"
+    );
     if *device != Device::Cpu {
         // The loss and the optimizer's report, per step.
         let read = device.memory_stats().reads_to_host - reads;
