@@ -15,13 +15,20 @@
 //                           f32 scalar, read on the device; 0 when n_valid = 0)
 //                           gx[r, j] = c·(exp(x[r, j] − lse[r]) − [j = t[r]]),
 //                           0 for the whole of an ignored row                     (gx =)
+//   cross_entropy_fused_fwd: forward and gradient in one pass over each row, for training,
+//                           where the backward's seed gy (1, or the loss scale S) is a
+//                           device scalar known before the forward: lse[r] and loss[r] as
+//                           in cross_entropy_fwd (lse not stored), then gx[r, ·] as in
+//                           cross_entropy_bwd from the same lse and c      (losses =, gx =)
+//                           — the same operations, so the same bits as fwd then bwd.
 // Reductions in a fixed order (no atomics): thread k of a block takes the elements
 // k, k + 256, … in order, then a warp butterfly (__shfl_xor_sync, 16 → 1) and the 8 warp
 // values in warp order; so a result does not depend on the grid, and two runs give the
 // same bits. The max/sum over a row and the mean are f32 like the CPU's, summed in another
 // order (the tests compare within tolerances); c = f32(gy)/f32(n_valid) equals the CPU's
-// f32(gy/n_valid in f64) exactly. The gradient is recomputed in the backward from the saved
-// lse (one pass over the logits, not a saved [N, V] buffer): the forward cannot know gy.
+// f32(gy/n_valid in f64) exactly. Without a seed given up front the gradient is recomputed
+// in the backward from the saved lse (the forward cannot know gy); with one, the fused
+// kernel writes it at once and the logits need not live until the backward.
 //
 // Shapes: x [N, V] row-major (any V ≥ 1; V = 50257 for GPT-2); targets [N] i32;
 // lse, losses [N] f32 (device scratch, lse kept for the backward); gy [] and out [] f32;
@@ -33,10 +40,14 @@
 // FLOPs and bytes per call (s bytes per element): forward ~4·N·V FLOPs plus N·V exp, reads
 // x twice (the second pass per row mostly from L2: a row is s·V bytes, 100 KB for bf16 GPT-2)
 // → s·N·V bytes from DRAM; backward ~3·N·V FLOPs plus N·V exp, reads x and writes gx:
-// 2·s·N·V bytes. Headline (bf16, N = 8192, V = 50257): forward 0.82 GB → ~0.27 ms at the
-// ~3.0 TB/s an H100 copies; backward 1.65 GB → ~0.55 ms. The mean kernel reads 4·N bytes.
+// 2·s·N·V bytes; fused ~7·N·V FLOPs plus 2·N·V exp, reads x (its second and third pass per
+// row mostly from L2) and writes gx: 2·s·N·V bytes. Headline (bf16, N = 8192, V = 50257):
+// forward 0.82 GB → ~0.27 ms at the ~3.0 TB/s an H100 copies; backward 1.65 GB → ~0.55 ms;
+// fused 1.65 GB → ~0.55 ms, one DRAM pass over x fewer than forward + backward, and the
+// logits' [N, V] buffer (823 MB) can be freed before the gradient's is needed by the rest
+// of the backward. The mean kernel reads 4·N bytes.
 //
-// Launch geometry: fwd and bwd: 256 threads per block, one block per row in a grid-stride
+// Launch geometry: fwd, fused_fwd and bwd: 256 threads per block, one block per row in a grid-stride
 // loop over rows, grid = min(N, the launcher's cap); threads stride over the row's V
 // columns (coalesced). mean_fwd: one block of 256 threads. Static shared memory: 8 floats.
 // Not yet measured on a GPU; known gaps: one element per thread per access (no 16-byte
@@ -78,24 +89,68 @@ LF_UNROLL
     return r;
 }
 
+// The row's logsumexp (every thread gets it): max, then Σ exp(x − max), both fixed-order
+// block reductions.
+template <typename T>
+__device__ __forceinline__ float row_lse(const T* xr, long long v, float* red) {
+    float m = __uint_as_float(0xff800000u);  // −inf
+    for (long long j = threadIdx.x; j < v; j += kThreads) m = fmaxf(m, lf::to_f32(xr[j]));
+    m = block_reduce(m, red, true);
+    float s = 0.0f;
+    for (long long j = threadIdx.x; j < v; j += kThreads) s += expf(lf::to_f32(xr[j]) - m);
+    s = block_reduce(s, red, false);
+    return m + logf(s);
+}
+
+// One row's gradient c·(softmax − onehot), or zeros for an ignored row (t outside 0..v).
+template <typename T>
+__device__ __forceinline__ void row_grad(const T* xr, T* gr, long long v, int t, float lse, float c) {
+    if (t < 0 || t >= v) {
+        for (long long j = threadIdx.x; j < v; j += kThreads) gr[j] = lf::from_f32<T>(0.0f);
+        return;
+    }
+    for (long long j = threadIdx.x; j < v; j += kThreads) {
+        const float e = expf(lf::to_f32(xr[j]) - lse);
+        gr[j] = lf::from_f32<T>((j == t ? e - 1.0f : e) * c);
+    }
+}
+
+// c = gy / n_valid, 0 when no row counts.
+__device__ __forceinline__ float grad_coef(const CrossEntropyParams& p) {
+    return p.n_valid > 0 ? p.gy[0] / (float)p.n_valid : 0.0f;
+}
+
+// Per row: lse and the loss (lse kept for the backward).
 template <typename T>
 __device__ __forceinline__ void forward(const CrossEntropyParams& p) {
     __shared__ float red[kWarps];
     const T* x = static_cast<const T*>(p.x);
     for (long long row = blockIdx.x; row < p.rows; row += gridDim.x) {
         const T* xr = x + row * p.v;
-        float m = __uint_as_float(0xff800000u);  // −inf
-        for (long long j = threadIdx.x; j < p.v; j += kThreads) m = fmaxf(m, lf::to_f32(xr[j]));
-        m = block_reduce(m, red, true);
-        float s = 0.0f;
-        for (long long j = threadIdx.x; j < p.v; j += kThreads) s += expf(lf::to_f32(xr[j]) - m);
-        s = block_reduce(s, red, false);
+        const float lse = row_lse(xr, p.v, red);
         if (threadIdx.x == 0) {
-            const float lse = m + logf(s);
             const int t = p.targets[row];
             p.lse[row] = lse;
             p.losses[row] = (t >= 0 && t < p.v) ? lse - lf::to_f32(xr[t]) : 0.0f;
         }
+    }
+}
+
+// Forward and gradient in one pass over each row (its later reads mostly from L2): the
+// loss and, for a backward seeded with gy (given before the forward), the gradient into
+// out — the same operations as forward then backward, so the same bits.
+template <typename T>
+__device__ __forceinline__ void fused(const CrossEntropyParams& p) {
+    __shared__ float red[kWarps];
+    const T* x = static_cast<const T*>(p.x);
+    T* gx = static_cast<T*>(p.out);
+    const float c = grad_coef(p);
+    for (long long row = blockIdx.x; row < p.rows; row += gridDim.x) {
+        const T* xr = x + row * p.v;
+        const float lse = row_lse(xr, p.v, red);
+        const int t = p.targets[row];
+        if (threadIdx.x == 0) p.losses[row] = (t >= 0 && t < p.v) ? lse - lf::to_f32(xr[t]) : 0.0f;
+        row_grad(xr, gx + row * p.v, p.v, t, lse, c);
     }
 }
 
@@ -113,21 +168,9 @@ template <typename T>
 __device__ __forceinline__ void backward(const CrossEntropyParams& p) {
     const T* x = static_cast<const T*>(p.x);
     T* gx = static_cast<T*>(p.out);
-    const float c = p.n_valid > 0 ? p.gy[0] / (float)p.n_valid : 0.0f;
-    for (long long row = blockIdx.x; row < p.rows; row += gridDim.x) {
-        const T* xr = x + row * p.v;
-        T* gr = gx + row * p.v;
-        const int t = p.targets[row];
-        if (t < 0 || t >= p.v) {  // an ignored row: uniform over the block
-            for (long long j = threadIdx.x; j < p.v; j += kThreads) gr[j] = lf::from_f32<T>(0.0f);
-            continue;
-        }
-        const float l = p.lse[row];
-        for (long long j = threadIdx.x; j < p.v; j += kThreads) {
-            const float e = expf(lf::to_f32(xr[j]) - l);
-            gr[j] = lf::from_f32<T>((j == t ? e - 1.0f : e) * c);
-        }
-    }
+    const float c = grad_coef(p);
+    for (long long row = blockIdx.x; row < p.rows; row += gridDim.x)
+        row_grad(x + row * p.v, gx + row * p.v, p.v, p.targets[row], p.lse[row], c);
 }
 
 }  // namespace
@@ -135,6 +178,9 @@ __device__ __forceinline__ void backward(const CrossEntropyParams& p) {
 extern "C" __global__ void __launch_bounds__(256) cross_entropy_fwd_f32(const CrossEntropyParams p) { forward<float>(p); }
 extern "C" __global__ void __launch_bounds__(256) cross_entropy_fwd_bf16(const CrossEntropyParams p) { forward<bf16>(p); }
 extern "C" __global__ void __launch_bounds__(256) cross_entropy_fwd_f16(const CrossEntropyParams p) { forward<f16>(p); }
+extern "C" __global__ void __launch_bounds__(256) cross_entropy_fused_fwd_f32(const CrossEntropyParams p) { fused<float>(p); }
+extern "C" __global__ void __launch_bounds__(256) cross_entropy_fused_fwd_bf16(const CrossEntropyParams p) { fused<bf16>(p); }
+extern "C" __global__ void __launch_bounds__(256) cross_entropy_fused_fwd_f16(const CrossEntropyParams p) { fused<f16>(p); }
 
 // One mean kernel for every logits dtype: it reads the f32 losses and writes the f32 loss.
 extern "C" __global__ void __launch_bounds__(256) cross_entropy_mean_fwd_f32(const CrossEntropyParams p) { mean(p); }

@@ -181,15 +181,22 @@ impl Gradients {
         } else {
             grad
         };
-        match self.map.get(&input.id()) {
+        self.accumulate_id(input.id(), grad)
+    }
+
+    /// [`Gradients::accumulate`] by the input's id, for an op that does not keep its input
+    /// alive until the backward: `grad` must already have the input's shape and dtype, and
+    /// the input must need a gradient (checked by the op when it recorded itself).
+    pub(crate) fn accumulate_id(&mut self, id: TensorId, grad: Tensor) -> Result<()> {
+        match self.map.get(&id) {
             None => {
-                self.map.insert(input.id(), grad.detach());
+                self.map.insert(id, grad.detach());
             }
             // Out of place: gradients may alias (add's backward hands the same tensor to
             // both inputs), so an existing gradient is never written through.
             Some(existing) => {
                 let sum = ops::add(&existing.detach(), &grad)?;
-                self.map.insert(input.id(), sum);
+                self.map.insert(id, sum);
             }
         }
         Ok(())

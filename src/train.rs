@@ -69,6 +69,8 @@ pub struct Trainer {
     opt: AdamW,
     schedule: WarmupCosine,
     scaler: Option<Scaler>,
+    /// The backward's seed without loss scaling: 1 on the model's device.
+    one: Tensor,
     max_grad_norm: Option<f64>,
     seed: u64,
     step: usize,
@@ -98,7 +100,9 @@ impl Trainer {
             )?))),
             _ => None,
         };
+        let one = Tensor::full(1.0, [], DType::F32, &model.device())?;
         Ok(Trainer {
+            one,
             model,
             opt,
             schedule,
@@ -159,12 +163,21 @@ impl Trainer {
             tape: Some(&tape),
             dropout_seed: Some(self.seed.wrapping_add(self.step as u64)),
         };
-        let loss = self.model.loss(tokens, targets, batch, seq, opts)?;
+        // The backward's seed is known before the forward (1, or the loss scale), so the
+        // loss computes the logits' gradient in its own pass and frees the logits.
+        let seed = match &self.scaler {
+            None => self.one.clone(),
+            Some(Scaler::Device(s)) => s.seed()?,
+            Some(Scaler::Host(s)) => Tensor::full(s.scale(), [], DType::F32, &self.one.device())?,
+        };
+        let loss = self
+            .model
+            .loss_fused(tokens, targets, batch, seq, opts, &seed)?;
+        let grads = tape.backward_with(&loss, seed)?;
+        drop(tape);
         let lr = self.schedule.lr(self.step as u64);
         let report = match &mut self.scaler {
             None => {
-                let grads = tape.backward(&loss)?;
-                drop(tape);
                 let opts = StepOptions {
                     grad_scale_inv: 1.0,
                     max_grad_norm: self.max_grad_norm,
@@ -172,8 +185,6 @@ impl Trainer {
                 Report::Pending(self.opt.step_deferred(&grads, lr, opts)?)
             }
             Some(Scaler::Device(s)) => {
-                let grads = s.backward(&tape, &loss)?;
-                drop(tape);
                 Report::Pending(
                     self.opt
                         .step_deferred_scaled(&grads, lr, self.max_grad_norm, s)?,
@@ -181,8 +192,6 @@ impl Trainer {
             }
             Some(Scaler::Host(s)) => {
                 // The CPU runs the step at once: nothing to defer.
-                let grads = tape.backward_scaled(&loss, s.scale())?;
-                drop(tape);
                 let opts = StepOptions {
                     grad_scale_inv: s.inv_scale(),
                     max_grad_norm: self.max_grad_norm,

@@ -663,6 +663,23 @@ impl Gpt2 {
         ops::cross_entropy(&logits, targets)
     }
 
+    /// [`Gpt2::loss`] for training: the logits' gradient is computed with the loss
+    /// ([`ops::cross_entropy_fused`]) for a backward seeded with `seed` (one f32 element on
+    /// the model's device: 1, or the loss scale), and the logits are freed right away.
+    /// Seed the backward with that tensor: `tape.backward_with(&loss, seed)`.
+    pub fn loss_fused(
+        &self,
+        tokens: &[u32],
+        targets: &[i32],
+        batch: usize,
+        seq: usize,
+        opts: ForwardOptions<'_>,
+        seed: &Tensor,
+    ) -> Result<Tensor> {
+        let logits = self.forward(tokens, batch, seq, opts)?;
+        ops::cross_entropy_fused(&logits, targets, seed)
+    }
+
     /// Greedy decoding: extends each of `batch` prompts (`batch·len` ids) by `n_new`
     /// tokens, running with no tape. Returns the new tokens, `batch·n_new` ids.
     pub fn generate_greedy(&self, prompts: &[u32], batch: usize, n_new: usize) -> Result<Vec<u32>> {

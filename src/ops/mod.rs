@@ -20,7 +20,7 @@ mod matmul;
 pub mod profile;
 
 pub use attention::causal_attention;
-pub use cross_entropy::{cross_entropy, IGNORE_INDEX};
+pub use cross_entropy::{cross_entropy, cross_entropy_fused, IGNORE_INDEX};
 pub use dropout::{dropout, dropout_mask_value};
 pub use elementwise::{add, bias_add, cast, gelu, reshape, scale};
 pub use embedding::embedding;

@@ -227,6 +227,15 @@ impl DeviceLossScaler {
         Tensor::from_storage(Storage::Device(seed), loss.shape().clone())
     }
 
+    /// The seed as a scalar (shape `[]`, the shape of a mean loss): a device copy of `S`,
+    /// queued; e.g. for [`crate::ops::cross_entropy_fused`], which needs the seed before
+    /// the forward.
+    pub fn seed(&self) -> Result<Tensor> {
+        let mut seed = DeviceStorage::alloc(DType::F32, 1, self.device)?;
+        self.seed.copy_to(&mut seed)?;
+        Tensor::from_storage(Storage::Device(seed), crate::Shape::from(()))
+    }
+
     /// Backward from `loss` seeded with `S` ([`Tape::backward_with`] and
     /// [`DeviceLossScaler::seed_for`]): every gradient is `S ×` its true value.
     pub fn backward(&self, tape: &Tape, loss: &Tensor) -> Result<Gradients> {

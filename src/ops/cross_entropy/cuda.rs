@@ -30,6 +30,9 @@ pub(crate) const KERNELS: &[&str] = &[
     "cross_entropy_fwd_f32",
     "cross_entropy_fwd_bf16",
     "cross_entropy_fwd_f16",
+    "cross_entropy_fused_fwd_f32",
+    "cross_entropy_fused_fwd_bf16",
+    "cross_entropy_fused_fwd_f16",
     "cross_entropy_mean_fwd_f32",
     "cross_entropy_bwd_f32",
     "cross_entropy_bwd_bf16",
@@ -124,6 +127,58 @@ pub(crate) fn forward(
         n_valid,
     };
     Ok((y, saved))
+}
+
+/// Forward and gradient in one pass (`cross_entropy_fused_fwd`): the scalar mean loss (f32)
+/// and the logits gradient for a backward seeded with `seed` (a one-element f32 tensor on
+/// the logits' device, read by the kernel; checked by the caller). `targets` as for
+/// [`forward`].
+pub(crate) fn forward_fused(
+    logits: &Tensor,
+    targets: &[i32],
+    v: usize,
+    n_valid: usize,
+    seed: &Tensor,
+) -> Result<(Tensor, Tensor)> {
+    let rows = targets.len();
+    let sfx = suffix(logits.dtype())?;
+    let (xs, ss) = (logits.storage(), seed.storage());
+    let (xd, sd) = (dev(&xs)?, dev(&ss)?);
+    let backend = xd.backend();
+    let mut tbuf = backend.alloc(4 * rows.max(1))?;
+    let mut tbytes = vec![0u8; 4 * rows.max(1)];
+    tbytes[..4 * rows].copy_from_slice(bytemuck::cast_slice(targets));
+    backend.write(&tbytes, &mut tbuf)?;
+    // Freed in stream order after the launches (see device::cuda), so they may drop here.
+    let losses = backend.alloc(4 * rows.max(1))?;
+    let gx = DeviceStorage::alloc(logits.dtype(), rows * v, xd.device())?;
+    let loss = DeviceStorage::alloc(DType::F32, 1, xd.device())?;
+    let mut params = CrossEntropyParams {
+        x: xd.device_ptr(),
+        targets: tbuf.device_ptr(),
+        lse: 0,
+        losses: losses.device_ptr(),
+        gy: sd.device_ptr(),
+        out: gx.device_ptr(),
+        rows: int(rows)?,
+        v: int(v)?,
+        n_valid: int(n_valid)?,
+    };
+    if rows > 0 {
+        let cfg = rows_config(backend, rows);
+        backend.launch(&format!("cross_entropy_fused_fwd_{sfx}"), &cfg, &params)?;
+    }
+    params.out = loss.device_ptr();
+    let one = LaunchConfig {
+        grid: [1, 1, 1],
+        block: [THREADS, 1, 1],
+        shared_bytes: 0,
+    };
+    backend.launch("cross_entropy_mean_fwd_f32", &one, &params)?;
+    Ok((
+        Tensor::from_storage(Storage::Device(loss), Shape::from(()))?,
+        Tensor::from_storage(Storage::Device(gx), logits.shape().clone())?,
+    ))
 }
 
 /// The logits gradient `gy/n_valid·(softmax − onehot)` (0 on ignored rows), with `gy` the

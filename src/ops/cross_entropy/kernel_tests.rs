@@ -217,3 +217,76 @@ fn params_match_the_kernels() {
         );
     }
 }
+
+/// `cross_entropy_fused` (loss and gradient in one pass) equals `cross_entropy` then its
+/// backward bit for bit, on every backend, for seeds 1, 1024 (a loss scale) and others,
+/// ignored rows included; the logits need not outlive the forward.
+fn fused_equals_forward_then_backward(device: &Device) {
+    let mut g = rng("cross_entropy_fused");
+    for dtype in DTYPES {
+        for (ci, &(m, v, offset)) in CASES.iter().enumerate() {
+            let p_ignore = if ci == CASES.len() - 1 { 1.0 } else { 0.25 };
+            let t = targets(&mut g, m, v, p_ignore);
+            let x: Vec<f64> = (0..m * v)
+                .map(|_| offset + g.random_range(-4.0..4.0))
+                .collect();
+            let seed = [1.0, 1024.0, g.random_range(0.5..3.0)][ci % 3];
+            let name = format!("{device} {dtype} [{m}, {v}] +{offset} seed {seed}");
+            let (y, gx) = run(&x, [m, v], &t, dtype, seed, device);
+            let tape = Tape::new();
+            let xt = Tensor::from_vec_as(x.clone(), [m, v], dtype, device)
+                .unwrap()
+                .track(&tape);
+            let s = Tensor::full(seed, [], DType::F32, device).unwrap();
+            let yf = cross_entropy_fused(&xt, &t, &s).unwrap();
+            let xid = xt.id();
+            drop(xt); // the fused op keeps no handle on the logits
+            let grads = tape.backward_with(&yf, s).unwrap();
+            let gf = grads.get_id(xid).unwrap();
+            assert_eq!(bits(&yf), bits(&y), "{name}: loss");
+            assert_eq!((gf.dims(), gf.dtype()), (gx.dims(), gx.dtype()), "{name}");
+            assert_eq!(bits(gf), bits(&gx), "{name}: gradient");
+        }
+    }
+}
+crate::test_device!(fused, fused_equals_forward_then_backward);
+
+/// The fused op's errors: a seed that is not one f32 element on the logits' device, and a
+/// backward seeded with another tensor than the forward's seed.
+fn fused_rejects_bad_seeds(device: &Device) {
+    let tape = Tape::new();
+    let x = Tensor::from_vec(vec![0.5f32, -1.0, 2.0, 0.0], [2, 2], device)
+        .unwrap()
+        .track(&tape);
+    let t = [1, 0];
+    let two = Tensor::from_vec(vec![1.0f32, 1.0], [2], device).unwrap();
+    let half = Tensor::full(1.0, [], DType::F16, device).unwrap();
+    for bad in [&two, &half] {
+        assert!(
+            cross_entropy_fused(&x, &t, bad).is_err(),
+            "{device}: {bad:?}"
+        );
+    }
+    if *device != Device::Cpu {
+        let cpu_seed = Tensor::full(1.0, [], DType::F32, &Device::Cpu).unwrap();
+        assert!(cross_entropy_fused(&x, &t, &cpu_seed).is_err(), "{device}");
+    }
+    assert!(cross_entropy_fused(
+        &x,
+        &[1, 5],
+        &Tensor::full(1.0, [], DType::F32, device).unwrap()
+    )
+    .is_err());
+    let seed = Tensor::full(1.0, [], DType::F32, device).unwrap();
+    let y = cross_entropy_fused(&x, &t, &seed).unwrap();
+    let other = Tensor::full(1.0, [], DType::F32, device).unwrap();
+    let err = tape.backward_with(&y, other).unwrap_err();
+    assert!(err.to_string().contains("seed"), "{device}: {err}");
+    // Without a tape it is plain cross_entropy.
+    let plain = Tensor::from_vec(vec![0.5f32, -1.0, 2.0, 0.0], [2, 2], device).unwrap();
+    assert_eq!(
+        bits(&cross_entropy_fused(&plain, &t, &seed).unwrap()),
+        bits(&cross_entropy(&plain, &t).unwrap())
+    );
+}
+crate::test_device!(fused_errors, fused_rejects_bad_seeds);

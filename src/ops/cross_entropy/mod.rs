@@ -44,32 +44,7 @@ enum Lse {
 /// `0..V` that is not [`IGNORE_INDEX`] (invalid argument, naming its row and value).
 pub fn cross_entropy(logits: &Tensor, targets: &[i32]) -> Result<Tensor> {
     const OP: &str = "cross_entropy";
-    let (m, v) = logits.shape().as_rows(OP)?;
-    if v == 0 {
-        return Err(Error::shape(
-            OP,
-            format!("empty class dimension in {}", logits.shape()),
-        ));
-    }
-    if targets.len() != m {
-        return Err(Error::shape(
-            OP,
-            format!(
-                "{} targets for logits {} ({m} rows)",
-                targets.len(),
-                logits.shape()
-            ),
-        ));
-    }
-    if let Some((r, &t)) = targets
-        .iter()
-        .enumerate()
-        .find(|&(_, &t)| t != IGNORE_INDEX && !(0..v as i64).contains(&(t as i64)))
-    {
-        return Err(Error::invalid(format!(
-            "{OP}: target {t} at row {r} is outside 0..{v} and is not the ignore index {IGNORE_INDEX}"
-        )));
-    }
+    let v = check_inputs(OP, logits, targets)?;
     let tape = Tape::of(OP, &[logits])?;
     fn fwd<T: Real>(logits: &Tensor, targets: &[i32], v: usize) -> Result<(Tensor, Vec<T>, usize)> {
         let x = logits.cpu_read::<T>(OP)?;
@@ -139,6 +114,145 @@ pub fn cross_entropy(logits: &Tensor, targets: &[i32]) -> Result<Tensor> {
         });
     }
     Ok(y.with_tape(tape))
+}
+
+/// [`cross_entropy`] with the logits' gradient computed in the same pass, for training:
+/// `seed` is the gradient the backward will start from (a one-element f32 tensor on the
+/// logits' device: `1`, or the loss scale of f16 training), known before the forward. The
+/// returned loss equals [`cross_entropy`]'s bit for bit, and so does the gradient the
+/// backward hands to the logits — but it is computed now (`kernels/cross_entropy.cu`'s
+/// fused kernel on a device: one DRAM pass over the logits fewer), and the logits are not
+/// kept for the backward, so their `[M, V]` buffer can be freed before the rest of the
+/// backward runs (at GPT-2's vocabulary the largest activation of the step).
+///
+/// The backward must be seeded with this very tensor: `tape.backward_with(&loss, seed)`
+/// (a clone shares its storage and counts as the same); another seed is an error, since
+/// the gradient was computed for this one. Without a tape, or for logits that need no
+/// gradient, it is [`cross_entropy`].
+///
+/// ```
+/// use lorafuse::{ops, Device, Tape, Tensor};
+/// let d = Device::Cpu;
+/// let tape = Tape::new();
+/// let logits = Tensor::from_vec(vec![1.0f32, 2.0, 0.5, 0.0], [2, 2], &d)?.track(&tape);
+/// let seed = Tensor::full(1.0, [], lorafuse::DType::F32, &d)?;
+/// let loss = ops::cross_entropy_fused(&logits, &[1, 0], &seed)?;
+/// assert_eq!(loss.to_scalar()?, ops::cross_entropy(&logits, &[1, 0])?.to_scalar()?);
+/// let grads = tape.backward_with(&loss, seed)?;
+/// assert_eq!(grads.get(&logits).unwrap().dims(), &[2, 2]);
+/// # Ok::<(), lorafuse::Error>(())
+/// ```
+///
+/// Errors: those of [`cross_entropy`]; a `seed` that is not one f32 element on the logits'
+/// device; at backward time, another seed.
+pub fn cross_entropy_fused(logits: &Tensor, targets: &[i32], seed: &Tensor) -> Result<Tensor> {
+    const OP: &str = "cross_entropy_fused";
+    let v = check_inputs(OP, logits, targets)?;
+    if seed.elem_count() != 1 || seed.dtype() != DType::F32 {
+        return Err(Error::invalid(format!(
+            "{OP}: the seed is {} {}, not one f32 element",
+            seed.dtype(),
+            seed.shape()
+        )));
+    }
+    if seed.device() != logits.device() {
+        return Err(Error::Device {
+            op: OP,
+            lhs: logits.device(),
+            rhs: seed.device(),
+        });
+    }
+    let tape = Tape::of(OP, &[logits])?;
+    let Some(tape) = tape.filter(|_| logits.requires_grad()) else {
+        return cross_entropy(logits, targets);
+    };
+    let n_valid = targets.iter().filter(|&&t| t != IGNORE_INDEX).count();
+    let (y, gx) = if logits.device() == Device::Cpu {
+        // The same steps as cross_entropy's forward and backward, at once.
+        let scale = if n_valid == 0 {
+            0.0
+        } else {
+            seed.to_scalar()? / n_valid as f64
+        };
+        fn both<T: Real>(
+            logits: &Tensor,
+            targets: &[i32],
+            v: usize,
+            scale: f64,
+        ) -> Result<(Tensor, Tensor)> {
+            let x = logits.cpu_read::<T>(OP)?;
+            let lse = cpu::row_lse(&x, v);
+            let (sum, n) = cpu::loss_sum(&x, &lse, targets, v);
+            let loss = if n == 0 {
+                T::zero()
+            } else {
+                sum / T::c(n as f64)
+            };
+            let dtype = if logits.dtype() == DType::F64 {
+                DType::F64
+            } else {
+                DType::F32
+            };
+            let gx = cpu::backward(&x, &lse, targets, v, T::c(scale));
+            Ok((
+                output(vec![loss], Shape::from(()), dtype)?,
+                output(gx, logits.shape().clone(), logits.dtype())?,
+            ))
+        }
+        with_real(
+            logits.dtype(),
+            || both::<f32>(logits, targets, v, scale),
+            || both::<f64>(logits, targets, v, scale),
+        )?
+    } else {
+        cuda::forward_fused(logits, targets, v, n_valid, seed)?
+    };
+    // Only the logits' id is kept, not the logits: their buffer is freed as soon as the
+    // caller drops them.
+    let (xid, seed_c, yid) = (logits.id(), seed.clone(), y.id());
+    tape.push(OP, move |g| {
+        let Some(gy) = g.take_output(yid) else {
+            return Ok(());
+        };
+        if !gy.same_storage(&seed_c) {
+            return Err(Error::invalid(format!(
+                "{OP}: the backward was seeded with another tensor than the seed given to the forward; seed it with that tensor (tape.backward_with(&loss, seed))"
+            )));
+        }
+        g.accumulate_id(xid, gx)
+    });
+    Ok(y.with_tape(Some(tape)))
+}
+
+/// Checks the shapes and targets of a cross-entropy call; returns `V`.
+fn check_inputs(op: &'static str, logits: &Tensor, targets: &[i32]) -> Result<usize> {
+    let (m, v) = logits.shape().as_rows(op)?;
+    if v == 0 {
+        return Err(Error::shape(
+            op,
+            format!("empty class dimension in {}", logits.shape()),
+        ));
+    }
+    if targets.len() != m {
+        return Err(Error::shape(
+            op,
+            format!(
+                "{} targets for logits {} ({m} rows)",
+                targets.len(),
+                logits.shape()
+            ),
+        ));
+    }
+    if let Some((r, &t)) = targets
+        .iter()
+        .enumerate()
+        .find(|&(_, &t)| t != IGNORE_INDEX && !(0..v as i64).contains(&(t as i64)))
+    {
+        return Err(Error::invalid(format!(
+            "{op}: target {t} at row {r} is outside 0..{v} and is not the ignore index {IGNORE_INDEX}"
+        )));
+    }
+    Ok(v)
 }
 
 #[cfg(test)]
