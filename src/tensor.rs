@@ -327,6 +327,12 @@ impl Tensor {
         })
     }
 
+    /// True when this handle is the only way to reach the storage (no clone, view or
+    /// detached copy shares it): an op that consumes the tensor may then write over it.
+    pub(crate) fn is_unique(&self) -> bool {
+        Arc::strong_count(&self.inner) == 1 && Arc::strong_count(&self.inner.storage) == 1
+    }
+
     /// True when both handles share one storage buffer.
     pub fn same_storage(&self, other: &Tensor) -> bool {
         Arc::ptr_eq(&self.inner.storage, &other.inner.storage)

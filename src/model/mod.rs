@@ -665,7 +665,7 @@ impl Gpt2 {
 
     /// [`Gpt2::loss`] for training: the logits' gradient is computed with the loss
     /// ([`ops::cross_entropy_fused`]) for a backward seeded with `seed` (one f32 element on
-    /// the model's device: 1, or the loss scale), and the logits are freed right away.
+    /// the model's device: 1, or the loss scale), over the logits' own buffer on a device.
     /// Seed the backward with that tensor: `tape.backward_with(&loss, seed)`.
     pub fn loss_fused(
         &self,
@@ -677,7 +677,7 @@ impl Gpt2 {
         seed: &Tensor,
     ) -> Result<Tensor> {
         let logits = self.forward(tokens, batch, seq, opts)?;
-        ops::cross_entropy_fused(&logits, targets, seed)
+        ops::cross_entropy_fused(logits, targets, seed)
     }
 
     /// Greedy decoding: extends each of `batch` prompts (`batch·len` ids) by `n_new`

@@ -132,17 +132,20 @@ pub(crate) fn forward(
 /// Forward and gradient in one pass (`cross_entropy_fused_fwd`): the scalar mean loss (f32)
 /// and the logits gradient for a backward seeded with `seed` (a one-element f32 tensor on
 /// the logits' device, read by the kernel; checked by the caller). `targets` as for
-/// [`forward`].
+/// [`forward`]. With `in_place` (the caller owns the only handle on the logits), the
+/// gradient is written over the logits and returned in their storage.
 pub(crate) fn forward_fused(
-    logits: &Tensor,
+    logits: Tensor,
     targets: &[i32],
     v: usize,
     n_valid: usize,
     seed: &Tensor,
+    in_place: bool,
 ) -> Result<(Tensor, Tensor)> {
     let rows = targets.len();
     let sfx = suffix(logits.dtype())?;
-    let (xs, ss) = (logits.storage(), seed.storage());
+    // The write lock: the kernel may write the logits' own buffer.
+    let (xs, ss) = (logits.storage_mut(), seed.storage());
     let (xd, sd) = (dev(&xs)?, dev(&ss)?);
     let backend = xd.backend();
     let mut tbuf = backend.alloc(4 * rows.max(1))?;
@@ -151,7 +154,11 @@ pub(crate) fn forward_fused(
     backend.write(&tbytes, &mut tbuf)?;
     // Freed in stream order after the launches (see device::cuda), so they may drop here.
     let losses = backend.alloc(4 * rows.max(1))?;
-    let gx = DeviceStorage::alloc(logits.dtype(), rows * v, xd.device())?;
+    let gx = if in_place {
+        None
+    } else {
+        Some(DeviceStorage::alloc(logits.dtype(), rows * v, xd.device())?)
+    };
     let loss = DeviceStorage::alloc(DType::F32, 1, xd.device())?;
     let mut params = CrossEntropyParams {
         x: xd.device_ptr(),
@@ -159,7 +166,9 @@ pub(crate) fn forward_fused(
         lse: 0,
         losses: losses.device_ptr(),
         gy: sd.device_ptr(),
-        out: gx.device_ptr(),
+        out: gx
+            .as_ref()
+            .map_or(xd.device_ptr(), DeviceStorage::device_ptr),
         rows: int(rows)?,
         v: int(v)?,
         n_valid: int(n_valid)?,
@@ -175,10 +184,15 @@ pub(crate) fn forward_fused(
         shared_bytes: 0,
     };
     backend.launch("cross_entropy_mean_fwd_f32", &one, &params)?;
-    Ok((
-        Tensor::from_storage(Storage::Device(loss), Shape::from(()))?,
-        Tensor::from_storage(Storage::Device(gx), logits.shape().clone())?,
-    ))
+    drop((xs, ss));
+    let loss = Tensor::from_storage(Storage::Device(loss), Shape::from(()))?;
+    let gx = match gx {
+        Some(g) => Tensor::from_storage(Storage::Device(g), logits.shape().clone())?,
+        // The logits' storage now holds the gradient: hand it on under a fresh id,
+        // untracked (the logits' handle drops here).
+        None => logits.view_as(logits.shape().clone())?,
+    };
+    Ok((loss, gx))
 }
 
 /// The logits gradient `gy/n_valid·(softmax − onehot)` (0 on ignored rows), with `gy` the

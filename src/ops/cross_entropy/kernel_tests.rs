@@ -218,9 +218,17 @@ fn params_match_the_kernels() {
     }
 }
 
+/// The device address of a tensor's storage (0 on the CPU).
+fn device_ptr(t: &Tensor) -> u64 {
+    match &*t.storage() {
+        crate::storage::Storage::Device(d) => d.device_ptr(),
+        crate::storage::Storage::Cpu(_) => 0,
+    }
+}
+
 /// `cross_entropy_fused` (loss and gradient in one pass) equals `cross_entropy` then its
 /// backward bit for bit, on every backend, for seeds 1, 1024 (a loss scale) and others,
-/// ignored rows included; the logits need not outlive the forward.
+/// ignored rows included, in place (the logits consumed) and not (a clone kept).
 fn fused_equals_forward_then_backward(device: &Device) {
     let mut g = rng("cross_entropy_fused");
     for dtype in DTYPES {
@@ -238,14 +246,29 @@ fn fused_equals_forward_then_backward(device: &Device) {
                 .unwrap()
                 .track(&tape);
             let s = Tensor::full(seed, [], DType::F32, device).unwrap();
-            let yf = cross_entropy_fused(&xt, &t, &s).unwrap();
             let xid = xt.id();
-            drop(xt); // the fused op keeps no handle on the logits
+            // Consumed: on a device the gradient is written over the logits (the only
+            // handle); a kept clone must stay intact and get its own gradient buffer.
+            let kept = (ci % 2 == 1).then(|| xt.clone());
+            let x_ptr = device_ptr(&xt);
+            let yf = cross_entropy_fused(xt, &t, &s).unwrap();
             let grads = tape.backward_with(&yf, s).unwrap();
             let gf = grads.get_id(xid).unwrap();
             assert_eq!(bits(&yf), bits(&y), "{name}: loss");
             assert_eq!((gf.dims(), gf.dtype()), (gx.dims(), gx.dtype()), "{name}");
             assert_eq!(bits(gf), bits(&gx), "{name}: gradient");
+            if *device != Device::Cpu {
+                let in_place = device_ptr(gf) == x_ptr;
+                assert_eq!(in_place, kept.is_none(), "{name}: in place");
+            }
+            if let Some(k) = kept {
+                let want = Tensor::from_vec_as(x.clone(), [m, v], dtype, &Device::Cpu).unwrap();
+                assert_eq!(
+                    bits(&k),
+                    bits(&want),
+                    "{name}: a shared logits tensor changed"
+                );
+            }
         }
     }
 }
@@ -263,29 +286,32 @@ fn fused_rejects_bad_seeds(device: &Device) {
     let half = Tensor::full(1.0, [], DType::F16, device).unwrap();
     for bad in [&two, &half] {
         assert!(
-            cross_entropy_fused(&x, &t, bad).is_err(),
+            cross_entropy_fused(x.clone(), &t, bad).is_err(),
             "{device}: {bad:?}"
         );
     }
     if *device != Device::Cpu {
         let cpu_seed = Tensor::full(1.0, [], DType::F32, &Device::Cpu).unwrap();
-        assert!(cross_entropy_fused(&x, &t, &cpu_seed).is_err(), "{device}");
+        assert!(
+            cross_entropy_fused(x.clone(), &t, &cpu_seed).is_err(),
+            "{device}"
+        );
     }
     assert!(cross_entropy_fused(
-        &x,
+        x.clone(),
         &[1, 5],
         &Tensor::full(1.0, [], DType::F32, device).unwrap()
     )
     .is_err());
     let seed = Tensor::full(1.0, [], DType::F32, device).unwrap();
-    let y = cross_entropy_fused(&x, &t, &seed).unwrap();
+    let y = cross_entropy_fused(x, &t, &seed).unwrap();
     let other = Tensor::full(1.0, [], DType::F32, device).unwrap();
     let err = tape.backward_with(&y, other).unwrap_err();
     assert!(err.to_string().contains("seed"), "{device}: {err}");
     // Without a tape it is plain cross_entropy.
     let plain = Tensor::from_vec(vec![0.5f32, -1.0, 2.0, 0.0], [2, 2], device).unwrap();
     assert_eq!(
-        bits(&cross_entropy_fused(&plain, &t, &seed).unwrap()),
+        bits(&cross_entropy_fused(plain.clone(), &t, &seed).unwrap()),
         bits(&cross_entropy(&plain, &t).unwrap())
     );
 }

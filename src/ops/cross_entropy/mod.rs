@@ -121,9 +121,12 @@ pub fn cross_entropy(logits: &Tensor, targets: &[i32]) -> Result<Tensor> {
 /// logits' device: `1`, or the loss scale of f16 training), known before the forward. The
 /// returned loss equals [`cross_entropy`]'s bit for bit, and so does the gradient the
 /// backward hands to the logits — but it is computed now (`kernels/cross_entropy.cu`'s
-/// fused kernel on a device: one DRAM pass over the logits fewer), and the logits are not
-/// kept for the backward, so their `[M, V]` buffer can be freed before the rest of the
-/// backward runs (at GPT-2's vocabulary the largest activation of the step).
+/// fused kernel on a device: one DRAM pass over the logits fewer). The op consumes the
+/// logits: on a device, when no other handle shares their storage, the gradient is written
+/// over them in place, so the step holds one `[M, V]` buffer at the loss instead of two (at
+/// GPT-2's vocabulary the largest activations of the step: 823 MB each for bf16, 8×1024
+/// tokens). A logits tensor still shared (a clone kept by the caller) is left intact and
+/// the gradient gets its own buffer.
 ///
 /// The backward must be seeded with this very tensor: `tape.backward_with(&loss, seed)`
 /// (a clone shares its storage and counts as the same); another seed is an error, since
@@ -136,8 +139,9 @@ pub fn cross_entropy(logits: &Tensor, targets: &[i32]) -> Result<Tensor> {
 /// let tape = Tape::new();
 /// let logits = Tensor::from_vec(vec![1.0f32, 2.0, 0.5, 0.0], [2, 2], &d)?.track(&tape);
 /// let seed = Tensor::full(1.0, [], lorafuse::DType::F32, &d)?;
-/// let loss = ops::cross_entropy_fused(&logits, &[1, 0], &seed)?;
-/// assert_eq!(loss.to_scalar()?, ops::cross_entropy(&logits, &[1, 0])?.to_scalar()?);
+/// let plain = ops::cross_entropy(&logits, &[1, 0])?.to_scalar()?;
+/// let loss = ops::cross_entropy_fused(logits.clone(), &[1, 0], &seed)?;
+/// assert_eq!(loss.to_scalar()?, plain);
 /// let grads = tape.backward_with(&loss, seed)?;
 /// assert_eq!(grads.get(&logits).unwrap().dims(), &[2, 2]);
 /// # Ok::<(), lorafuse::Error>(())
@@ -145,9 +149,9 @@ pub fn cross_entropy(logits: &Tensor, targets: &[i32]) -> Result<Tensor> {
 ///
 /// Errors: those of [`cross_entropy`]; a `seed` that is not one f32 element on the logits'
 /// device; at backward time, another seed.
-pub fn cross_entropy_fused(logits: &Tensor, targets: &[i32], seed: &Tensor) -> Result<Tensor> {
+pub fn cross_entropy_fused(logits: Tensor, targets: &[i32], seed: &Tensor) -> Result<Tensor> {
     const OP: &str = "cross_entropy_fused";
-    let v = check_inputs(OP, logits, targets)?;
+    let v = check_inputs(OP, &logits, targets)?;
     if seed.elem_count() != 1 || seed.dtype() != DType::F32 {
         return Err(Error::invalid(format!(
             "{OP}: the seed is {} {}, not one f32 element",
@@ -162,10 +166,11 @@ pub fn cross_entropy_fused(logits: &Tensor, targets: &[i32], seed: &Tensor) -> R
             rhs: seed.device(),
         });
     }
-    let tape = Tape::of(OP, &[logits])?;
+    let tape = Tape::of(OP, &[&logits])?;
     let Some(tape) = tape.filter(|_| logits.requires_grad()) else {
-        return cross_entropy(logits, targets);
+        return cross_entropy(&logits, targets);
     };
+    let xid = logits.id();
     let n_valid = targets.iter().filter(|&&t| t != IGNORE_INDEX).count();
     let (y, gx) = if logits.device() == Device::Cpu {
         // The same steps as cross_entropy's forward and backward, at once.
@@ -201,15 +206,15 @@ pub fn cross_entropy_fused(logits: &Tensor, targets: &[i32], seed: &Tensor) -> R
         }
         with_real(
             logits.dtype(),
-            || both::<f32>(logits, targets, v, scale),
-            || both::<f64>(logits, targets, v, scale),
+            || both::<f32>(&logits, targets, v, scale),
+            || both::<f64>(&logits, targets, v, scale),
         )?
     } else {
-        cuda::forward_fused(logits, targets, v, n_valid, seed)?
+        let in_place = logits.is_unique();
+        cuda::forward_fused(logits, targets, v, n_valid, seed, in_place)?
     };
-    // Only the logits' id is kept, not the logits: their buffer is freed as soon as the
-    // caller drops them.
-    let (xid, seed_c, yid) = (logits.id(), seed.clone(), y.id());
+    // Only the logits' id is kept, not the logits (consumed above).
+    let (seed_c, yid) = (seed.clone(), y.id());
     tape.push(OP, move |g| {
         let Some(gy) = g.take_output(yid) else {
             return Ok(());
