@@ -1,5 +1,6 @@
 //! End-to-end training on a device (DESIGN §6, level 4): a tiny GPT trained for a few
-//! steps on the simulator (and on a GPU when one is present) follows the CPU reference's
+//! steps on the simulator (and DESIGN §10's small GPT on a GPU when one is present)
+//! follows the CPU reference's
 //! losses, the same seed gives bitwise-identical losses twice, a queued step
 //! (`Trainer::step_deferred`) issues no device-to-host copy — f16 dynamic loss scaling
 //! included, whose skips and scale follow the CPU's — and LoRA holds less device memory
@@ -15,7 +16,8 @@ use lorafuse::model::Gpt2;
 use lorafuse::train::{TrainConfig, Trainer};
 use lorafuse::{DType, Device};
 
-fn cfg() -> Gpt2Config {
+/// The tiny config the simulator trains (it runs every launch on the CPU).
+fn tiny() -> Gpt2Config {
     Gpt2Config {
         vocab_size: MIN_VOCAB,
         n_positions: 9,
@@ -36,6 +38,22 @@ fn lora() -> LoraConfig {
 
 const STEPS: usize = 3;
 
+/// A model size and the task's key length (its sequences are at most `2k + 1` tokens).
+#[derive(Clone, Copy)]
+struct Size {
+    cfg: fn() -> Gpt2Config,
+    k: usize,
+}
+
+/// The simulator's size: the tiny config, sequences of 9.
+const TINY: Size = Size { cfg: tiny, k: 4 };
+/// A GPU's size: DESIGN §10's small GPT (d_model 256, 4 layers, 4 heads, context 128,
+/// vocabulary 256), sequences of 65.
+const SMALL: Size = Size {
+    cfg: Gpt2Config::small_bench,
+    k: 32,
+};
+
 /// What one training run gives: the losses, the skipped flags, the f16 loss scale at the
 /// end, and the peak device bytes (model and optimizer state included).
 struct Run {
@@ -46,9 +64,9 @@ struct Run {
 }
 
 /// Trains `STEPS` steps of task A from seed 0 on `device`.
-fn run(device: &Device, dtype: DType, lora: Option<LoraConfig>) -> Run {
+fn run(device: &Device, size: Size, dtype: DType, lora: Option<LoraConfig>) -> Run {
     device.reset_peak_memory();
-    let mut model = Gpt2::new_random(&cfg(), dtype, device, 0).unwrap();
+    let mut model = Gpt2::new_random(&(size.cfg)(), dtype, device, 0).unwrap();
     if let Some(l) = lora {
         model.attach_lora(&l, 1).unwrap();
     }
@@ -62,7 +80,7 @@ fn run(device: &Device, dtype: DType, lora: Option<LoraConfig>) -> Run {
     };
     let mut t = Trainer::new(model, &tc).unwrap();
     let held = device.memory_stats().in_use_bytes; // the model and the optimizer state
-    let mut gen = TaskGen::new(Task::A, 4, 3).unwrap();
+    let mut gen = TaskGen::new(Task::A, size.k, 3).unwrap();
     // Queue every step first: nothing is read back until the losses are asked for — not
     // even under f16 loss scaling, whose scale and skip decisions stay on the device.
     let reads = device.memory_stats().reads_to_host;
@@ -101,7 +119,7 @@ fn run(device: &Device, dtype: DType, lora: Option<LoraConfig>) -> Run {
     }
 }
 
-fn follows_the_cpu(device: &Device) {
+fn follows_the_cpu(device: &Device, size: Size) {
     let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
     let mut peaks = Vec::new();
     // f32 full fine-tuning and LoRA, each run twice on the device (determinism), bf16
@@ -117,8 +135,8 @@ fn follows_the_cpu(device: &Device) {
             "{device} {dtype} {}",
             if l.is_some() { "LoRA" } else { "full" }
         );
-        let cpu = run(&Device::Cpu, dtype, l.clone());
-        let a = run(device, dtype, l.clone());
+        let cpu = run(&Device::Cpu, size, dtype, l.clone());
+        let a = run(device, size, dtype, l.clone());
         println!(
             "{what}: cpu {:?} skipped {:?} scale {:?}\n{what}: dev {:?} skipped {:?} scale {:?}, peak {} bytes",
             cpu.losses, cpu.skipped, cpu.scale, a.losses, a.skipped, a.scale, a.peak
@@ -134,7 +152,7 @@ fn follows_the_cpu(device: &Device) {
         assert_eq!(a.scale, cpu.scale, "{what}: the final loss scale");
         assert_eq!(a.scale.is_some(), dtype == DType::F16, "{what}");
         if runs == 2 {
-            let b = run(device, dtype, l.clone());
+            let b = run(device, size, dtype, l.clone());
             assert_eq!(bits(&a.losses), bits(&b.losses), "{what}: two runs differ");
         }
         peaks.push(a.peak);
@@ -149,14 +167,14 @@ fn follows_the_cpu(device: &Device) {
 
 #[test]
 fn sim() {
-    follows_the_cpu(&Device::Sim);
+    follows_the_cpu(&Device::Sim, TINY);
 }
 
 #[test]
 fn cuda() {
     let d = Device::Cuda(0);
     match d.unavailable_reason() {
-        None => follows_the_cpu(&d),
+        None => follows_the_cpu(&d, SMALL),
         Some(why) if std::env::var("LORAFUSE_REQUIRE_GPU").as_deref() == Ok("1") => {
             panic!("cuda: LORAFUSE_REQUIRE_GPU=1 but {why}")
         }
