@@ -14,13 +14,15 @@
 //   The row sums of the forward and of gx are warp reductions (each lane sums its
 //   channels j ≡ lane mod 32 in order, then a fixed xor-shuffle tree), so they differ
 //   from the CPU's serial sums by f32 rounding (tests: rel-L2 tolerances). ggamma and
-//   gbeta are summed over the rows in row order by one thread per channel with __fadd_rn
-//   / __fmul_rn (no FMA): gbeta equals the CPU reference bit for bit, and ggamma would for
-//   identical mean/rstd. No atomics: every result is deterministic and independent of the
-//   grid.
+//   gbeta are summed in the reference's order (`cpu::backward_params`): the rows in chunks
+//   of 256 (kChunkRows), each chunk in row order, then the K = ⌈R/256⌉ chunk sums in chunk
+//   order, with __fadd_rn / __fmul_rn (no FMA) — layer_norm_bwd writes the chunk sums
+//   (partials =), layer_norm_params_bwd adds them up (ggamma =, gbeta =): gbeta equals the
+//   CPU reference bit for bit, and ggamma would for identical mean/rstd. No atomics: every
+//   result is deterministic and independent of the grid.
 //
 // Shapes: x, y, gy, gx [R, C] row-major (R = the product of the leading dims); gamma, beta,
-// ggamma, gbeta [C]; mean, rstd [R] f32.
+// ggamma, gbeta [C]; mean, rstd [R] f32; partials [2, K, C] f32 (scratch).
 //
 // Dtypes: x, gamma, beta, y, gy and the gradients all f32, bf16 or f16 (the suffix); mean
 // and rstd f32; compute and accumulate in f32; each output rounded once (nearest even).
@@ -28,7 +30,7 @@
 // FLOPs and bytes per call (s bytes per element): forward ~8·R·C FLOPs, reads x twice and
 // gamma/beta, writes y: ~3·s·R·C bytes (the second read of x mostly from L1/L2); backward
 // ~20·R·C FLOPs, reads x and gy twice (gx pass and the parameter pass) and writes gx:
-// ~5·s·R·C bytes. Headline (bf16, R = 8·1024, C = 768): forward ~38 MB → a floor of
+// ~5·s·R·C bytes, plus the chunk sums (8·K·C bytes written and read back). Headline (bf16, R = 8·1024, C = 768): forward ~38 MB → a floor of
 // ~13 µs at the ~3.0 TB/s an H100 copies; backward ~63 MB → ~21 µs. Memory-bound.
 //
 // Launch geometry: 256-thread blocks of 8 warps.
@@ -36,10 +38,13 @@
 //     launcher's cap)); lanes stride over the channels, coalesced.
 //   layer_norm_bwd: grid = row_blocks + chan_blocks (both ≥ 1 when there is work). Blocks
 //     below row_blocks compute gx, one warp per row as the forward (skipped when gx is not
-//     wanted: row_blocks = 0); the others compute ggamma and gbeta, one thread per channel
-//     looping over all R rows (coalesced across the warp). Known gap: the parameter pass
-//     has only C threads (768 for GPT-2 small), too few to fill an H100; a two-pass
-//     per-block-partials version would be faster. Not yet measured on a GPU.
+//     wanted: row_blocks = 0); the others take the (chunk, 256-channel group) units
+//     k·G + g in a grid-stride loop (G = ⌈C/256⌉), one thread per channel summing the
+//     chunk's ≤ 256 rows (coalesced across the warp): K·C threads' worth of work, where a
+//     single pass over all R rows would give only C threads (768 for GPT-2 small, R = 8192:
+//     8192 dependent adds each) — at that shape K·G = 96 units of 256 serial rows.
+//   layer_norm_params_bwd: one thread per channel (grid-stride, ⌈C/256⌉ blocks up to the
+//     cap) adds the K chunk sums in order and rounds once. Not yet measured on a GPU.
 #include "common.cuh"
 
 // Rust twin: `LayerNormParams` in src/ops/layer_norm/cuda.rs (a test checks the size).
@@ -55,7 +60,9 @@ struct LayerNormParams {
     void* ggamma;       // ggamma [C] (backward)
     void* gbeta;        // gbeta [C] (backward)
     long long rows, c;
-    long long row_blocks;  // backward: blocks computing gx (the rest compute ggamma/gbeta)
+    long long row_blocks;  // backward: blocks computing gx (the rest the chunk sums)
+    float* partials;       // backward: [2, chunks, C] f32 chunk sums of ggamma, then gbeta
+    long long chunks;      // backward: K = ⌈rows / kChunkRows⌉
     float eps;
     int pad;
 };
@@ -64,6 +71,9 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
+// Rows per chunk of the parameter sums: fixed (the CPU reference sums in the same chunks),
+// so the result does not depend on the grid. Rust twin: `cpu::ROW_CHUNK`.
+constexpr long long kChunkRows = 256;
 
 // The sum over the warp: every lane ends with the same value (a + b = b + a exactly).
 __device__ __forceinline__ float warp_sum(float v) {
@@ -130,20 +140,41 @@ __device__ void backward_x(const LayerNormParams& p, long long block, long long 
     }
 }
 
-// ggamma and gbeta, one thread per channel, rows in order (the reference's operations).
+// The chunk sums of ggamma and gbeta: unit u = k·G + g sums rows k·256 … of channels
+// g·256 + threadIdx.x in row order (the reference's operations) into partials.
 template <typename T>
-__device__ void backward_params(const LayerNormParams& p, long long block, long long nblocks) {
+__device__ void backward_chunks(const LayerNormParams& p, long long block, long long nblocks) {
     const T* x = static_cast<const T*>(p.x);
     const T* gy = static_cast<const T*>(p.gy);
-    T* ggamma = static_cast<T*>(p.ggamma);
-    T* gbeta = static_cast<T*>(p.gbeta);
-    for (long long j = block * kThreads + threadIdx.x; j < p.c; j += nblocks * kThreads) {
+    const long long groups = (p.c + kThreads - 1) / kThreads;
+    for (long long u = block; u < p.chunks * groups; u += nblocks) {
+        const long long k = u / groups, j = (u % groups) * kThreads + threadIdx.x;
+        if (j >= p.c) continue;
+        const long long r0 = k * kChunkRows;
+        const long long r1 = r0 + kChunkRows < p.rows ? r0 + kChunkRows : p.rows;
         float gg = 0.0f, gb = 0.0f;
-        for (long long row = 0; row < p.rows; ++row) {
+        for (long long row = r0; row < r1; ++row) {
             const float g = lf::to_f32(gy[row * p.c + j]);
             const float nrm = __fmul_rn(__fsub_rn(lf::to_f32(x[row * p.c + j]), p.mean[row]), p.rstd[row]);
             gg = __fadd_rn(gg, __fmul_rn(g, nrm));
             gb = __fadd_rn(gb, g);
+        }
+        p.partials[k * p.c + j] = gg;
+        p.partials[(p.chunks + k) * p.c + j] = gb;
+    }
+}
+
+// ggamma and gbeta: the chunk sums added in chunk order, rounded once.
+template <typename T>
+__device__ void params(const LayerNormParams& p) {
+    T* ggamma = static_cast<T*>(p.ggamma);
+    T* gbeta = static_cast<T*>(p.gbeta);
+    for (long long j = (long long)blockIdx.x * kThreads + threadIdx.x; j < p.c;
+         j += (long long)gridDim.x * kThreads) {
+        float gg = 0.0f, gb = 0.0f;
+        for (long long k = 0; k < p.chunks; ++k) {
+            gg = __fadd_rn(gg, p.partials[k * p.c + j]);
+            gb = __fadd_rn(gb, p.partials[(p.chunks + k) * p.c + j]);
         }
         ggamma[j] = lf::from_f32<T>(gg);
         gbeta[j] = lf::from_f32<T>(gb);
@@ -156,7 +187,7 @@ __device__ void backward(const LayerNormParams& p) {
     if (b < p.row_blocks) {
         backward_x<T>(p, b, p.row_blocks);
     } else {
-        backward_params<T>(p, b - p.row_blocks, (long long)gridDim.x - p.row_blocks);
+        backward_chunks<T>(p, b - p.row_blocks, (long long)gridDim.x - p.row_blocks);
     }
 }
 
@@ -169,3 +200,7 @@ extern "C" __global__ void __launch_bounds__(256) layer_norm_fwd_f16(const Layer
 extern "C" __global__ void __launch_bounds__(256) layer_norm_bwd_f32(const LayerNormParams p) { backward<float>(p); }
 extern "C" __global__ void __launch_bounds__(256) layer_norm_bwd_bf16(const LayerNormParams p) { backward<bf16>(p); }
 extern "C" __global__ void __launch_bounds__(256) layer_norm_bwd_f16(const LayerNormParams p) { backward<f16>(p); }
+
+extern "C" __global__ void __launch_bounds__(256) layer_norm_params_bwd_f32(const LayerNormParams p) { params<float>(p); }
+extern "C" __global__ void __launch_bounds__(256) layer_norm_params_bwd_bf16(const LayerNormParams p) { params<bf16>(p); }
+extern "C" __global__ void __launch_bounds__(256) layer_norm_params_bwd_f16(const LayerNormParams p) { params<f16>(p); }

@@ -92,11 +92,16 @@ pub(crate) fn backward_x<T: Real>(
     gx
 }
 
+/// Rows per chunk of the parameter-gradient sums (the kernel's `kChunkRows`).
+pub(crate) const ROW_CHUNK: usize = 256;
+
 /// The parameter gradients `(ggamma, gbeta)` over rows of `c` elements:
 /// `ggamma[j] = Σ_r gy[r, j]·n[r, j]`, `gbeta[j] = Σ_r gy[r, j]`.
 ///
-/// Parallel over blocks of columns: each column is summed over the rows in row order
-/// by one thread, so the result is bit-identical to a serial loop and to any run.
+/// The order of the sums is part of the contract (the kernel reproduces it bit for bit):
+/// the rows in chunks of [`ROW_CHUNK`], each chunk summed in row order from 0, then the
+/// chunk sums added in chunk order. Parallel over blocks of columns, so the result does
+/// not depend on the thread count.
 pub(crate) fn backward_params<T: Real>(
     x: &[T],
     gy: &[T],
@@ -113,15 +118,33 @@ pub(crate) fn backward_params<T: Real>(
         .for_each(|(blk, (gg, gb))| {
             let j0 = blk * COL_BLOCK;
             let w = gg.len();
-            for ((x, gy), (&m, &r)) in x
-                .chunks_exact(c)
-                .zip(gy.chunks_exact(c))
-                .zip(mean.iter().zip(rstd))
+            let (mut pg, mut pb) = (vec![T::zero(); w], vec![T::zero(); w]);
+            for (((x, gy), m), r) in x
+                .chunks(ROW_CHUNK * c)
+                .zip(gy.chunks(ROW_CHUNK * c))
+                .zip(mean.chunks(ROW_CHUNK))
+                .zip(rstd.chunks(ROW_CHUNK))
             {
-                let (x, gy) = (&x[j0..j0 + w], &gy[j0..j0 + w]);
-                for ((gg, gb), (&x, &g)) in gg.iter_mut().zip(gb.iter_mut()).zip(x.iter().zip(gy)) {
-                    *gg += g * ((x - m) * r);
-                    *gb += g;
+                pg.fill(T::zero());
+                pb.fill(T::zero());
+                for ((x, gy), (&m, &r)) in x
+                    .chunks_exact(c)
+                    .zip(gy.chunks_exact(c))
+                    .zip(m.iter().zip(r))
+                {
+                    let (x, gy) = (&x[j0..j0 + w], &gy[j0..j0 + w]);
+                    for ((pg, pb), (&x, &g)) in
+                        pg.iter_mut().zip(pb.iter_mut()).zip(x.iter().zip(gy))
+                    {
+                        *pg += g * ((x - m) * r);
+                        *pb += g;
+                    }
+                }
+                for (a, p) in gg.iter_mut().zip(&pg) {
+                    *a += *p;
+                }
+                for (a, p) in gb.iter_mut().zip(&pb) {
+                    *a += *p;
                 }
             }
         });

@@ -24,6 +24,8 @@ pub(crate) struct LayerNormParams {
     pub rows: i64,
     pub c: i64,
     pub row_blocks: i64,
+    pub partials: u64,
+    pub chunks: i64,
     pub eps: f32,
     pub pad: i32,
 }
@@ -37,6 +39,9 @@ pub(crate) const KERNELS: &[&str] = &[
     "layer_norm_bwd_f32",
     "layer_norm_bwd_bf16",
     "layer_norm_bwd_f16",
+    "layer_norm_params_bwd_f32",
+    "layer_norm_params_bwd_bf16",
+    "layer_norm_params_bwd_f16",
 ];
 
 /// Threads per block and rows per block (one warp per row), the header's launch geometry.
@@ -147,10 +152,21 @@ pub(crate) fn backward(
     } else {
         0
     };
+    // The parameter sums: K row chunks × G channel groups of work units.
+    let chunks = rows.div_ceil(super::cpu::ROW_CHUNK);
     let chan_blocks = if want_params {
-        c.div_ceil(THREADS).clamp(1, cap)
+        (chunks * c.div_ceil(THREADS)).clamp(1, cap)
     } else {
         0
+    };
+    let partials = if want_params {
+        Some(DeviceStorage::alloc(
+            DType::F32,
+            (2 * chunks * c).max(1),
+            xd.device(),
+        )?)
+    } else {
+        None
     };
     if row_blocks + chan_blocks == 0 {
         return Ok((gx, gp));
@@ -170,6 +186,8 @@ pub(crate) fn backward(
         rows: int(rows)?,
         c: int(c)?,
         row_blocks: int(row_blocks)?,
+        partials: partials.as_ref().map_or(0, DeviceStorage::device_ptr),
+        chunks: int(chunks)?,
         ..Default::default()
     };
     let cfg = LaunchConfig {
@@ -178,5 +196,18 @@ pub(crate) fn backward(
         shared_bytes: 0,
     };
     backend.launch(&name, &cfg, &params)?;
+    if want_params {
+        // In stream order after the chunk sums; the scratch is freed in stream order too.
+        let blocks = c.div_ceil(THREADS).clamp(1, cap) as u32;
+        let cfg = LaunchConfig {
+            grid: [blocks, 1, 1],
+            ..cfg
+        };
+        backend.launch(
+            &format!("layer_norm_params_bwd_{}", suffix(dtype)?),
+            &cfg,
+            &params,
+        )?;
+    }
     Ok((gx, gp))
 }

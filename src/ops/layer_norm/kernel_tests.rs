@@ -1,10 +1,11 @@
 //! Kernel-level tests (DESIGN §6) of LayerNorm on every backend present: forward and
 //! backward through the tape against the CPU engine in the same dtype, over odd shapes
-//! (rows 1–130 around the 8-row blocks, channels 1–770 around the 32-lane warps and the
-//! 256-channel blocks) and the three storage dtypes. The warp reductions sum in another
-//! order than the CPU's serial loops, so y, gx and ggamma are compared by rel-L2 (f32
-//! 1e-5, bf16 1e-2, f16 2e-3: a few units of the output rounding); gbeta (a column sum
-//! in row order) must be bit-identical, and two device runs must agree bit for bit.
+//! (rows 1–600 around the 8-row blocks and the 256-row chunks of the parameter sums,
+//! channels 1–770 around the 32-lane warps and the 256-channel blocks) and the three
+//! storage dtypes. The warp reductions sum in another order than the CPU's serial loops,
+//! so y, gx and ggamma are compared by rel-L2 (f32 1e-5, bf16 1e-2, f16 2e-3: a few units
+//! of the output rounding); gbeta (a column sum in the reference's chunked row order)
+//! must be bit-identical, and two device runs must agree bit for bit.
 //! Device outputs start as NaN (fresh buffers are poisoned), so an unwritten element fails.
 
 use super::*;
@@ -13,8 +14,9 @@ use crate::DType;
 
 const DTYPES: [DType; 3] = [DType::F32, DType::BF16, DType::F16];
 
-/// (rows, channels).
-const SHAPES: [(usize, usize); 7] = [
+/// (rows, channels): rows past one and several 256-row chunks of the parameter sums
+/// (257, 600), channels past one 256-thread group.
+const SHAPES: [(usize, usize); 9] = [
     (1, 1),
     (7, 3),
     (65, 31),
@@ -22,6 +24,8 @@ const SHAPES: [(usize, usize); 7] = [
     (7, 770),
     (130, 257),
     (1, 768),
+    (257, 5),
+    (600, 300),
 ];
 
 fn tol(dtype: DType) -> f64 {

@@ -23,7 +23,8 @@ enum Stats {
 ///
 /// Per row, `mean` and `rstd = 1/√(var + eps)` (biased variance, as PyTorch) are computed
 /// in f32 (f64 for f64 tensors) and saved for the backward, which uses llm.c's formula;
-/// `ggamma` and `gbeta` are summed over the rows in row order (deterministic).
+/// `ggamma` and `gbeta` are summed over the rows in chunks of 256 rows, each in row order,
+/// then the chunk sums in order (deterministic; the kernel follows the same order).
 ///
 /// Errors: `gamma`/`beta` not `[C]`, a scalar `x` or `C = 0` (shape); mixed dtypes or
 /// devices; `eps` negative or not finite (invalid argument).
@@ -261,15 +262,23 @@ mod tests {
         assert_eq!(a, b, "two runs differ");
         let c2 = run(false);
         assert_eq!((&a.1, &a.2), (&c2.1, &c2.2));
-        // gbeta is the column sum of the seed, in row order: bit-identical to a serial loop.
+        // gbeta is the column sum of the seed in the documented order (rows in chunks of
+        // cpu::ROW_CHUNK, each in row order, then the chunk sums in order): bit for bit.
         let sv = seed.to_vec_f32().unwrap();
         let mut want = vec![0.0f32; c];
-        for row in sv.chunks(c) {
-            for (w, v) in want.iter_mut().zip(row) {
-                *w += v;
+        for chunk in sv.chunks(cpu::ROW_CHUNK * c) {
+            let mut part = vec![0.0f32; c];
+            for row in chunk.chunks(c) {
+                for (p, v) in part.iter_mut().zip(row) {
+                    *p += v;
+                }
+            }
+            for (w, p) in want.iter_mut().zip(&part) {
+                *w += p;
             }
         }
         assert_eq!(c2.2, want);
+        assert!(m > cpu::ROW_CHUNK, "the rows span several chunks");
     }
 
     #[test]
