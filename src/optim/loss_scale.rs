@@ -222,18 +222,21 @@ impl DeviceLossScaler {
                 rhs: loss.device(),
             });
         }
-        let mut seed = DeviceStorage::alloc(DType::F32, 1, self.device)?;
-        self.seed.copy_to(&mut seed)?;
-        Tensor::from_storage(Storage::Device(seed), loss.shape().clone())
+        self.seed_shaped(loss.shape().clone())
     }
 
     /// The seed as a scalar (shape `[]`, the shape of a mean loss): a device copy of `S`,
     /// queued; e.g. for [`crate::ops::cross_entropy_fused`], which needs the seed before
     /// the forward.
     pub fn seed(&self) -> Result<Tensor> {
+        self.seed_shaped(crate::Shape::from(()))
+    }
+
+    /// A device copy of the seed under `shape` (one element), queued.
+    fn seed_shaped(&self, shape: crate::Shape) -> Result<Tensor> {
         let mut seed = DeviceStorage::alloc(DType::F32, 1, self.device)?;
         self.seed.copy_to(&mut seed)?;
-        Tensor::from_storage(Storage::Device(seed), crate::Shape::from(()))
+        Tensor::from_storage(Storage::Device(seed), shape)
     }
 
     /// Backward from `loss` seeded with `S` ([`Tape::backward_with`] and

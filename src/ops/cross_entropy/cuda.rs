@@ -65,6 +65,16 @@ fn int(v: usize) -> Result<i64> {
     i64::try_from(v).map_err(|_| Error::invalid(format!("{OP}: {v} overflows i64")))
 }
 
+/// The targets in device memory (i32, at least one element: no allocation is empty).
+fn upload_targets(backend: &Backend, targets: &[i32]) -> Result<DeviceBuffer> {
+    let n = targets.len().max(1);
+    let mut buf = backend.alloc(4 * n)?;
+    let mut bytes = vec![0u8; 4 * n];
+    bytes[..4 * targets.len()].copy_from_slice(bytemuck::cast_slice(targets));
+    backend.write(&bytes, &mut buf)?;
+    Ok(buf)
+}
+
 /// One block per row in a grid-stride loop over rows.
 fn rows_config(backend: &Backend, rows: usize) -> LaunchConfig {
     LaunchConfig {
@@ -88,11 +98,8 @@ pub(crate) fn forward(
     let xs = logits.storage();
     let xd = dev(&xs)?;
     let backend = xd.backend();
+    let tbuf = upload_targets(backend, targets)?;
     // At least one element each, so that no allocation is empty.
-    let mut tbuf = backend.alloc(4 * rows.max(1))?;
-    let mut tbytes = vec![0u8; 4 * rows.max(1)];
-    tbytes[..4 * rows].copy_from_slice(bytemuck::cast_slice(targets));
-    backend.write(&tbytes, &mut tbuf)?;
     let lse = backend.alloc(4 * rows.max(1))?;
     // Freed in stream order after the launches (see device::cuda), so it may drop here.
     let losses = backend.alloc(4 * rows.max(1))?;
@@ -112,11 +119,7 @@ pub(crate) fn forward(
         let cfg = rows_config(backend, rows);
         backend.launch(&format!("cross_entropy_fwd_{sfx}"), &cfg, &params)?;
     }
-    let one = LaunchConfig {
-        grid: [1, 1, 1],
-        block: [THREADS, 1, 1],
-        shared_bytes: 0,
-    };
+    let one = rows_config(backend, 1); // the mean: one block
     backend.launch("cross_entropy_mean_fwd_f32", &one, &params)?;
     let y = Tensor::from_storage(Storage::Device(out), Shape::from(()))?;
     let saved = Saved {
@@ -148,10 +151,7 @@ pub(crate) fn forward_fused(
     let (xs, ss) = (logits.storage_mut(), seed.storage());
     let (xd, sd) = (dev(&xs)?, dev(&ss)?);
     let backend = xd.backend();
-    let mut tbuf = backend.alloc(4 * rows.max(1))?;
-    let mut tbytes = vec![0u8; 4 * rows.max(1)];
-    tbytes[..4 * rows].copy_from_slice(bytemuck::cast_slice(targets));
-    backend.write(&tbytes, &mut tbuf)?;
+    let tbuf = upload_targets(backend, targets)?;
     // Freed in stream order after the launches (see device::cuda), so they may drop here.
     let losses = backend.alloc(4 * rows.max(1))?;
     let gx = if in_place {
@@ -178,11 +178,7 @@ pub(crate) fn forward_fused(
         backend.launch(&format!("cross_entropy_fused_fwd_{sfx}"), &cfg, &params)?;
     }
     params.out = loss.device_ptr();
-    let one = LaunchConfig {
-        grid: [1, 1, 1],
-        block: [THREADS, 1, 1],
-        shared_bytes: 0,
-    };
+    let one = rows_config(backend, 1); // the mean: one block
     backend.launch("cross_entropy_mean_fwd_f32", &one, &params)?;
     drop((xs, ss));
     let loss = Tensor::from_storage(Storage::Device(loss), Shape::from(()))?;

@@ -47,20 +47,7 @@ pub fn cross_entropy(logits: &Tensor, targets: &[i32]) -> Result<Tensor> {
     let v = check_inputs(OP, logits, targets)?;
     let tape = Tape::of(OP, &[logits])?;
     fn fwd<T: Real>(logits: &Tensor, targets: &[i32], v: usize) -> Result<(Tensor, Vec<T>, usize)> {
-        let x = logits.cpu_read::<T>(OP)?;
-        let lse = cpu::row_lse(&x, v);
-        let (sum, n) = cpu::loss_sum(&x, &lse, targets, v);
-        let loss = if n == 0 {
-            T::zero()
-        } else {
-            sum / T::c(n as f64)
-        };
-        let dtype = if logits.dtype() == DType::F64 {
-            DType::F64
-        } else {
-            DType::F32
-        };
-        Ok((output(vec![loss], Shape::from(()), dtype)?, lse, n))
+        cpu_loss(&logits.cpu_read::<T>(OP)?, logits.dtype(), targets, v)
     }
     let (y, lse, n_valid) = if logits.device() == Device::Cpu {
         with_real(
@@ -186,23 +173,9 @@ pub fn cross_entropy_fused(logits: Tensor, targets: &[i32], seed: &Tensor) -> Re
             scale: f64,
         ) -> Result<(Tensor, Tensor)> {
             let x = logits.cpu_read::<T>(OP)?;
-            let lse = cpu::row_lse(&x, v);
-            let (sum, n) = cpu::loss_sum(&x, &lse, targets, v);
-            let loss = if n == 0 {
-                T::zero()
-            } else {
-                sum / T::c(n as f64)
-            };
-            let dtype = if logits.dtype() == DType::F64 {
-                DType::F64
-            } else {
-                DType::F32
-            };
+            let (loss, lse, _) = cpu_loss(&x, logits.dtype(), targets, v)?;
             let gx = cpu::backward(&x, &lse, targets, v, T::c(scale));
-            Ok((
-                output(vec![loss], Shape::from(()), dtype)?,
-                output(gx, logits.shape().clone(), logits.dtype())?,
-            ))
+            Ok((loss, output(gx, logits.shape().clone(), logits.dtype())?))
         }
         with_real(
             logits.dtype(),
@@ -227,6 +200,29 @@ pub fn cross_entropy_fused(logits: Tensor, targets: &[i32], seed: &Tensor) -> Re
         g.accumulate_id(xid, gx)
     });
     Ok(y.with_tape(Some(tape)))
+}
+
+/// The CPU forward: the mean loss as a scalar tensor (f32, f64 for f64 logits of
+/// `dtype`), the per-row logsumexp and the number of rows that count.
+fn cpu_loss<T: Real>(
+    x: &[T],
+    dtype: DType,
+    targets: &[i32],
+    v: usize,
+) -> Result<(Tensor, Vec<T>, usize)> {
+    let lse = cpu::row_lse(x, v);
+    let (sum, n) = cpu::loss_sum(x, &lse, targets, v);
+    let loss = if n == 0 {
+        T::zero()
+    } else {
+        sum / T::c(n as f64)
+    };
+    let dtype = if dtype == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    };
+    Ok((output(vec![loss], Shape::from(()), dtype)?, lse, n))
 }
 
 /// Checks the shapes and targets of a cross-entropy call; returns `V`.
