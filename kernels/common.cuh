@@ -233,13 +233,34 @@ __device__ __forceinline__ unsigned load_pair(const T* p) {
 // values (row l / 4, columns 2·(l % 4) and 2·(l % 4) + 1) of matrix j, lower column in the
 // low half — the A/B fragment layout above. The simulator (and any pre-sm_80 build) gathers
 // the row addresses with shuffles and reads the pairs itself.
-template <typename T>
-__device__ __forceinline__ void ldmatrix_x4_portable(unsigned r[4], const T* row) {
+
+// The .trans and .x2 forms. `.trans` delivers each 8×8 matrix transposed: lane l receives
+// in r[j] the values (rows 2·(l % 4) and 2·(l % 4) + 1, column l / 4) of matrix j, the lower
+// row in the low half — so a k-major tile in shared memory yields the "col" B fragment (or a
+// row-major A fragment of its transpose) with no transposing stores. `.x2` loads matrices 0
+// and 1 only, from the row addresses of lanes 0..15 (the other lanes' addresses are ignored,
+// as the PTX ISA says). Every row address must be 16-byte aligned: the simulator fails the
+// launch otherwise, as the GPU faults.
+template <typename T, int N, bool Trans>
+__device__ __forceinline__ void ldmatrix_portable(unsigned r[N], const T* row) {
     const int lane = (int)(threadIdx.x & 31u);
-    for (int j = 0; j < 4; ++j) {
-        const unsigned long long src =
-            __shfl_sync(0xffffffffu, (unsigned long long)row, j * 8 + lane / 4);
-        r[j] = load_pair(reinterpret_cast<const T*>(src) + 2 * (lane % 4));
+#if defined(LORAFUSE_SIM)
+    if (lane < 8 * N) lf_sim::require_aligned(row, 16, "ldmatrix row address");
+#endif
+    for (int j = 0; j < N; ++j) {
+        if (!Trans) {
+            const unsigned long long src =
+                __shfl_sync(0xffffffffu, (unsigned long long)row, j * 8 + lane / 4);
+            r[j] = load_pair(reinterpret_cast<const T*>(src) + 2 * (lane % 4));
+        } else {
+            const unsigned long long s0 =
+                __shfl_sync(0xffffffffu, (unsigned long long)row, j * 8 + 2 * (lane % 4));
+            const unsigned long long s1 =
+                __shfl_sync(0xffffffffu, (unsigned long long)row, j * 8 + 2 * (lane % 4) + 1);
+            const T lo = reinterpret_cast<const T*>(s0)[lane / 4];
+            const T hi = reinterpret_cast<const T*>(s1)[lane / 4];
+            r[j] = pack2(lo, hi);
+        }
     }
 }
 
@@ -251,7 +272,85 @@ __device__ __forceinline__ void ldmatrix_x4(unsigned r[4], const T* row) {
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                  : "r"(addr));
 #else
-    ldmatrix_x4_portable(r, row);
+    ldmatrix_portable<T, 4, false>(r, row);
+#endif
+}
+
+template <typename T>
+__device__ __forceinline__ void ldmatrix_x4_trans(unsigned r[4], const T* row) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800 && !defined(LORAFUSE_SIM)
+    const unsigned addr = (unsigned)__cvta_generic_to_shared(row);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+#else
+    ldmatrix_portable<T, 4, true>(r, row);
+#endif
+}
+
+template <typename T>
+__device__ __forceinline__ void ldmatrix_x2(unsigned r[2], const T* row) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800 && !defined(LORAFUSE_SIM)
+    const unsigned addr = (unsigned)__cvta_generic_to_shared(row);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n"
+                 : "=r"(r[0]), "=r"(r[1])
+                 : "r"(addr));
+#else
+    ldmatrix_portable<T, 2, false>(r, row);
+#endif
+}
+
+template <typename T>
+__device__ __forceinline__ void ldmatrix_x2_trans(unsigned r[2], const T* row) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800 && !defined(LORAFUSE_SIM)
+    const unsigned addr = (unsigned)__cvta_generic_to_shared(row);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n"
+                 : "=r"(r[0]), "=r"(r[1])
+                 : "r"(addr));
+#else
+    ldmatrix_portable<T, 2, true>(r, row);
+#endif
+}
+
+// ---- Asynchronous copies global → shared: one wrapper, two implementations ---------------
+// cp_async16(dst, src, src_bytes): copies src_bytes (0..16) bytes from global `src` to shared
+// `dst` and zero-fills the rest of the 16 (`cp.async.cg.shared.global [dst], [src], 16,
+// src_bytes`: src_bytes = 0 is a pure zero fill, the predicated-off edge of a tile; `src`
+// must still be a valid address, pass the operand's base). Both addresses 16-byte aligned.
+// The copy belongs to the calling thread's current group: cp_async_commit() closes the group;
+// cp_async_wait<N>() blocks until at most N of this thread's committed groups are pending.
+// The data is visible to the calling thread after the wait that covers it, to other threads
+// after that wait and a __syncthreads(). The simulator follows this strictly: a copy's
+// destination holds poison (0xFF bytes, NaN) from the issue until the covering wait, so a
+// kernel that reads too early fails its test; misaligned addresses fail the launch.
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, int src_bytes) {
+#if defined(LORAFUSE_SIM)
+    lf_sim::cp_async16(dst, src, src_bytes);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    const unsigned addr = (unsigned)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(addr), "l"(src),
+                 "r"(src_bytes));
+#else
+    unsigned char* d = static_cast<unsigned char*>(dst);
+    const unsigned char* s = static_cast<const unsigned char*>(src);
+    for (int i = 0; i < 16; ++i) d[i] = i < src_bytes ? s[i] : 0;
+#endif
+}
+
+__device__ __forceinline__ void cp_async_commit() {
+#if defined(LORAFUSE_SIM)
+    lf_sim::cp_async_commit();
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+#if defined(LORAFUSE_SIM)
+    lf_sim::cp_async_wait(N);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 #endif
 }
 

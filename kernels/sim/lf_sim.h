@@ -109,6 +109,18 @@ void* dynamic_smem();
 [[noreturn]] void fail(const char* what);
 [[noreturn]] void fail_assert(const char* expr, const char* file, int line, const char* func);
 
+// Fails the launch ("misaligned <what>: address 0x… is not <align>-byte aligned") unless
+// `p` is `align`-byte aligned: the GPU faults on a misaligned vector, ldmatrix or cp.async
+// access, so the simulator makes it a launch error too.
+void require_aligned(const void* p, size_t align, const char* what);
+
+// cp.async (common.cuh's lf::cp_async16 / cp_async_commit / cp_async_wait<N>): a 16-byte
+// copy of `src_bytes` bytes (the rest zero-filled) into this thread's current group; the
+// group closes at commit; wait(n) completes all but this thread's newest n groups.
+void cp_async16(void* dst, const void* src, int src_bytes);
+void cp_async_commit();
+void cp_async_wait(int n);
+
 // One kernel of the registry; build.rs generates one per `extern "C" __global__` symbol.
 struct KernelEntry {
     const char* name;

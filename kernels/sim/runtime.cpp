@@ -578,6 +578,24 @@ void lf_sim::fail_assert(const char* expr, const char* file, int line, const cha
     fail(format("assertion `%s` failed (%s:%d, in %s)", expr, file, line, func).c_str());
 }
 
+void lf_sim::require_aligned(const void* p, size_t align, const char* what) {
+    if ((reinterpret_cast<uintptr_t>(p) & (align - 1)) != 0)
+        fail(format("misaligned %s: address %p is not %zu-byte aligned", what, p, align).c_str());
+}
+
+// First version: the copy happens at the issue (the wait is then trivially satisfied).
+// TODO(sim): defer the copy to the covering wait and poison the destination until then.
+void lf_sim::cp_async16(void* dst, const void* src, int src_bytes) {
+    require_aligned(dst, 16, "cp.async destination");
+    require_aligned(src, 16, "cp.async source");
+    if (src_bytes < 0 || src_bytes > 16) fail(format("cp.async: src_bytes %d outside 0..16", src_bytes).c_str());
+    unsigned char tmp[16] = {};
+    std::memcpy(tmp, src, size_t(src_bytes));
+    std::memcpy(dst, tmp, 16);
+}
+void lf_sim::cp_async_commit() {}
+void lf_sim::cp_async_wait(int) {}
+
 void __syncthreads() { syncthreads(0); }
 int __syncthreads_count(int predicate) { return int(syncthreads(predicate).passed); }
 int __syncthreads_and(int predicate) {
