@@ -176,7 +176,18 @@ fn benches(c: &mut Criterion) {
                 r: 16,
                 dtype: DType::BF16,
             };
-            run_group(c, "lora_matmul/cuda", gpu, &headline, true);
+            // cuBLAS is the baseline, not the subject: without it the group still runs.
+            let cublas = match lorafuse::device::cublas_unavailable_reason() {
+                None => true,
+                Some(why) if std::env::var("LORAFUSE_REQUIRE_CUBLAS").as_deref() == Ok("1") => {
+                    panic!("lora_matmul/cuda: LORAFUSE_REQUIRE_CUBLAS=1 but {why}")
+                }
+                Some(why) => {
+                    println!("lora_matmul/cuda/dense_cublas: skipped ({why})");
+                    false
+                }
+            };
+            run_group(c, "lora_matmul/cuda", gpu, &headline, cublas);
         }
         Some(reason) => println!("lora_matmul/cuda: skipped ({reason})"),
     }

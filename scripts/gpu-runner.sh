@@ -3,19 +3,38 @@
 #
 #   scripts/gpu-runner.sh bundle [DIR]   # on a build machine: build the test and bench
 #                                        # binaries (kernels compiled by nvcc) into DIR
-#   DIR/gpu-runner.sh run [--bench]      # on the GPU machine: run them and print a table
+#   DIR/gpu-runner.sh run [--quick]      # on the GPU machine: run them, print one table
 #
 # `bundle` installs the pinned nvcc like CI does, builds with LORAFUSE_REQUIRE_NVCC=1 (so
-# every binary embeds PTX and cubins), strips debug info, packs the binaries into
-# bin.tar.xz (each embeds the same kernels and simulator, ~5 MB, so xz over all of them
-# keeps the bundle ~8× smaller than the loose files) and checks the folder is under
-# 64 MiB. `run` unpacks bin.tar.xz (tar, or Python's tarfile where tar lacks xz), runs
-# every test binary with LORAFUSE_REQUIRE_GPU=1 (a missing GPU fails), then compute-sanitizer memcheck and racecheck over the kernel tests (those with `cuda`
-# in their name), optionally the criterion benches (GPU groups) followed by the PyTorch +
-# PEFT side by side (bench/pytorch/lora_kernels_gpu.py, train_step_gpu.py), and prints one summary table. Logs go
-# to DIR/logs/. Tests that read the source tree (tests/architecture.rs, the tidy header
-# check) or run the simulator's sanitizer builds (which stay on the build machine) are left
-# to CI.
+# every binary embeds PTX and cubins): the test binaries from `cargo test --no-run` (test
+# profile: debug assertions, so device buffers are NaN-poisoned and every launch is
+# checked) and, from `cargo bench --no-run`, only the bench targets (`kind == "bench"`;
+# its lib and bin test harnesses, release builds, would otherwise overwrite the test
+# ones). It strips debug info, packs the binaries into bin.tar.xz (each embeds the same
+# kernels and simulator, so xz over all of them keeps the bundle small) and checks the
+# folder is under 64 MiB.
+#
+# `run` is budgeted: the whole check in <= 8 minutes, `--quick` in <= 3, start to table.
+# Every step has a timeout, and a step that would pass the budget is not started (its row
+# says so). The steps, in order:
+#   first-contact  within seconds: nvidia-smi answers (GPU, driver, memory), the glibc
+#                  here and at build time, every binary loads (`ldd`, then `--list`),
+#                  where cuBLAS is (PyTorch's site-packages/nvidia/cu13/lib, put on
+#                  LD_LIBRARY_PATH and in LORAFUSE_CUBLAS_DIR), compute-sanitizer
+#   tests-sync     the GPU tests (names with cuda, gpu or cublas) of every test binary,
+#                  --test-threads=1 with LORAFUSE_CUDA_SYNC=1: a sticky fault names its
+#                  own test. LORAFUSE_REQUIRE_GPU=1, so a missing GPU fails.
+#   bench-lora_matmul, bench-train_step   the headline benches (criterion, GPU groups)
+#   --- the rest is skipped by --quick ---
+#   tests-async    the GPU tests again, in parallel and without the per-launch sync
+#   sanitizer-*    compute-sanitizer memcheck and racecheck over a few kernel tests; a
+#                  sanitizer that is missing or cannot attach to the device is
+#                  `unavailable`, not a failure, unless LORAFUSE_REQUIRE_SANITIZER=1
+#   bench-adamw, bench-merge, then the PyTorch + PEFT side by side
+#                  (lora_kernels_gpu.py, train_step_gpu.py) over criterion's results
+# cuBLAS (the GEMM baseline) missing prints `skipped (no cuBLAS)` unless
+# LORAFUSE_REQUIRE_CUBLAS=1. Logs go to DIR/logs/. The CPU and simulator tests, and those
+# that read the source tree, are CI's (they ran on the build machine for this commit).
 set -uo pipefail
 
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -30,22 +49,28 @@ bundle() {
     # shellcheck source=../.ci/cuda-env.sh
     source .ci/cuda-env.sh
     export LORAFUSE_REQUIRE_NVCC=1
-    rm -rf "$out/bin" && mkdir -p "$out/bin"
+    rm -rf "${out:?}/bin" && mkdir -p "$out/bin"
     local list
     list="$(mktemp)"
-    # Test binaries (test profile) and bench binaries (bench profile), by target name.
-    for build in "cargo test --no-run" "cargo bench --no-run"; do
-        $build --message-format=json 2>/dev/null | python3 -c '
+    # Test binaries (test profile) by target name; from the bench build only the benches.
+    local want build
+    for want in test bench; do
+        if [[ $want == test ]]; then build=(cargo test --no-run); else build=(cargo bench --no-run --benches); fi
+        "${build[@]}" --message-format=json 2>/dev/null | python3 -c '
 import json, sys
+want = sys.argv[1]
 for line in sys.stdin:
     try: m = json.loads(line)
     except ValueError: continue
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["profile"]["test"]:
-        kind = m["target"]["kind"][0]
-        name = m["target"]["name"]
-        prefix = {"bench": "bench-", "bin": "test-bin-"}.get(kind, "test-")
-        print(prefix + name, m["executable"])
-' >> "$list"
+    if m.get("reason") != "compiler-artifact" or not m.get("executable") or not m["profile"]["test"]:
+        continue
+    kind = m["target"]["kind"][0]
+    name = m["target"]["name"]
+    if (kind == "bench") != (want == "bench"):
+        continue
+    prefix = {"bench": "bench-", "bin": "test-bin-"}.get(kind, "test-")
+    print(prefix + name, m["executable"])
+' "$want" >> "$list"
     done
     while read -r name exe; do
         cp "$exe" "$out/bin/$name"
@@ -54,14 +79,15 @@ for line in sys.stdin:
     rm -f "$list"
     rm -f "$out/bin.tar.xz"
     XZ_OPT="-6 -T0" tar -cJf "$out/bin.tar.xz" -C "$out" bin
-    rm -rf "$out/bin"
+    rm -rf "${out:?}/bin"
     cp "$here/gpu-runner.sh" "$out/gpu-runner.sh"
     cp "$repo/bench/pytorch/lora_kernels_gpu.py" "$out/lora_kernels_gpu.py"
     cp "$repo/bench/pytorch/train_step_gpu.py" "$out/train_step_gpu.py"
     git rev-parse HEAD > "$out/COMMIT" 2>/dev/null || true
+    echo "built $(date -u +%FT%TZ) on $(uname -srm), $(ldd --version 2>&1 | head -1)" > "$out/BUILD"
     local bytes
     bytes=$(du -sb "$out" | cut -f1)
-    echo "bundle: $out ($((bytes / 1024 / 1024)) MiB)"
+    echo "bundle: $out ($((bytes / 1024 / 1024)) MiB, $bytes bytes)"
     tar -tvJf "$out/bin.tar.xz"
     if (( bytes >= 64 * 1024 * 1024 )); then
         echo "bundle: over 64 MiB" >&2
@@ -70,9 +96,18 @@ for line in sys.stdin:
 }
 
 run() {
-    local bench=0
-    [[ "${1:-}" == "--bench" ]] && bench=1
-    cd "$here"
+    local quick=0 arg
+    for arg in "$@"; do
+        case "$arg" in
+            --quick) quick=1 ;;
+            --bench) ;; # the full run always benches (kept for old command lines)
+            *) echo "run: unknown option $arg (expected --quick)" >&2; exit 2 ;;
+        esac
+    done
+    cd "$here" || exit 1
+    local t0 budget
+    t0=$(date +%s)
+    budget=$(( quick ? 180 : 480 ))
     if [[ -f bin.tar.xz && ! -d bin ]]; then
         tar -xJf bin.tar.xz 2>/dev/null || python3 -c \
             'import tarfile; tarfile.open("bin.tar.xz").extractall(".")' || {
@@ -83,58 +118,181 @@ run() {
     mkdir -p logs
     export LORAFUSE_REQUIRE_GPU=1
     local rows=() failed=0
-    step() { # name, command...
-        local name="$1" log="logs/$1.log" start rc secs summary
-        shift
+    row() { # name result secs summary
+        rows+=("$(printf '%-30s %-11s %5ss  %s' "$1" "$2" "$3" "$4")")
+        echo "${rows[-1]}"
+        case "$2" in ok | skipped | unavailable) ;; *) failed=1 ;; esac
+    }
+    # step NAME TIMEOUT COMMAND...: runs COMMAND under a timeout cut to what is left of
+    # the budget (a step with under 10 s left is not started), logs to logs/NAME.log.
+    step() {
+        local name="$1" limit="$2" log="logs/$1.log" start rc secs summary left result
+        shift 2
+        left=$(( budget - ($(date +%s) - t0) - 5 ))
+        if (( left < 10 )); then
+            row "$name" "not-run" 0 "over the ${budget}s budget"
+            return 1
+        fi
+        (( limit > left )) && limit=$left
         start=$(date +%s)
-        "$@" > "$log" 2>&1
+        timeout -k 5 "$limit" "$@" > "$log" 2>&1
         rc=$?
         secs=$(( $(date +%s) - start ))
         summary="$(grep -E '^test result:|ERROR SUMMARY|RACECHECK SUMMARY' "$log" | tail -1)"
-        [[ $rc -ne 0 ]] && failed=1
-        rows+=("$(printf '%-34s %-5s %5ss  %s' "$name" "$([[ $rc -eq 0 ]] && echo ok || echo FAIL)" "$secs" "$summary")")
-        echo "${rows[-1]}"
+        local skipped
+        skipped="$(grep -c '^lorafuse: SKIPPED' "$log")"
+        (( skipped > 0 )) && summary="$summary; $skipped SKIPPED (see log)"
+        case $rc in
+            0) result=ok ;;
+            124 | 137) result=TIMEOUT; summary="after ${limit}s; $summary" ;;
+            *) result=FAIL ;;
+        esac
+        row "$name" "$result" "$secs" "$summary"
+        [[ $rc -eq 0 ]]
     }
-    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > logs/gpu.txt 2>&1
-    echo "GPU: $(cat logs/gpu.txt)   commit: $(cat COMMIT 2>/dev/null)"
-    for t in bin/test-*; do
-        local name="${t#bin/}" skip=()
-        [[ "$name" == test-architecture ]] && continue
-        # Source-tree checks and the simulator's sanitizer victims (build-machine paths) are CI's.
-        [[ "$name" == test-lorafuse ]] && skip=(--skip tidy::every_kernel_file_opens_with_its_header
-            --skip sim_tests::address_sanitizer --skip sim_tests::thread_sanitizer)
-        step "$name" "$t" "${skip[@]}"
+
+    # --- first contact: the GPU answers, the binaries load --------------------------
+    local fc=logs/first-contact.log start ok=1 gpu driver
+    start=$(date +%s)
+    {
+        echo "commit: $(cat COMMIT 2>/dev/null)"
+        cat BUILD 2>/dev/null
+        echo "runner: $(uname -srm), $(ldd --version 2>&1 | head -1)"
+    } > "$fc"
+    if gpu="$(timeout 20 nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap \
+        --format=csv,noheader 2>&1)"; then
+        driver="$(echo "$gpu" | head -1 | cut -d, -f2 | tr -d ' ')"
+        echo "GPU: $gpu" >> "$fc"
+        if [[ ! "${driver%%.*}" =~ ^[0-9]+$ ]] || (( ${driver%%.*} < 580 )); then
+            echo "driver $driver: not CUDA 13.0's 580 or newer" >> "$fc"
+            ok=0
+        fi
+    else
+        echo "nvidia-smi failed: $gpu" >> "$fc"
+        gpu="nvidia-smi failed"
+        ok=0
+    fi
+    local b missing
+    for b in bin/*; do
+        missing="$(ldd "$b" 2>&1 | grep 'not found')"
+        if [[ -n "$missing" ]]; then
+            echo "$b: $missing" >> "$fc"
+            ok=0
+        elif ! timeout 20 "$b" --list > /dev/null 2>> "$fc"; then
+            echo "$b: does not run (--list)" >> "$fc"
+            ok=0
+        fi
     done
+    # cuBLAS and NVRTC from the image's PyTorch (its pip nvidia/ libraries).
+    local cu13
+    cu13="$(timeout 30 python3 -c '
+import os, nvidia
+for p in nvidia.__path__:
+    for d in (os.path.join(p, "cu13", "lib"), os.path.join(p, "cublas", "lib")):
+        if os.path.isfile(os.path.join(d, "libcublas.so.13")):
+            print(d)
+            raise SystemExit
+' 2>/dev/null)"
+    if [[ -n "$cu13" ]]; then
+        export LORAFUSE_CUBLAS_DIR="$cu13"
+        export LD_LIBRARY_PATH="$cu13${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+        echo "cuBLAS: $cu13" >> "$fc"
+    else
+        echo "cuBLAS: not found under python3's nvidia packages (tests print skipped (no cuBLAS))" >> "$fc"
+    fi
     local cs
     cs="$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)"
     if [[ -x "$cs" ]]; then
-        for tool in memcheck racecheck; do
-            step "sanitizer-$tool" "$cs" --tool "$tool" --error-exitcode 1 \
-                bin/test-lorafuse cuda --test-threads=1
-        done
+        echo "compute-sanitizer: $cs ($("$cs" --version 2>&1 | tail -1))" >> "$fc"
     else
-        rows+=("compute-sanitizer                  FAIL  not found")
-        failed=1
+        echo "compute-sanitizer: not found" >> "$fc"
+        cs=""
     fi
-    if (( bench )); then
-        # Criterion's results go under logs/criterion, where the side-by-side script reads
-        # them; only the GPU groups run here (the CPU groups are the build machine's).
-        export CRITERION_HOME="$here/logs/criterion"
-        for b in bin/bench-*; do
-            step "${b#bin/}" "$b" --bench cuda --warm-up-time 1 --measurement-time 3
+    cat "$fc"
+    row first-contact "$( ((ok)) && echo ok || echo FAIL)" $(( $(date +%s) - start )) \
+        "$(echo "$gpu" | head -1); $(find bin -type f | wc -l) binaries"
+    if ! ls bin/test-* > /dev/null 2>&1; then
+        echo "run: no test binaries in bin/" >&2
+        exit 1
+    fi
+
+    # --- the GPU tests, one at a time, synchronising after every launch -----------------
+    local filters=(cuda gpu cublas) t name limit
+    for t in bin/test-*; do
+        name="${t#bin/test-}"
+        [[ "$name" == architecture || "$name" == training || "$name" == allocation ]] && continue
+        case "$name" in lorafuse) limit=$(( quick ? 110 : 150 )) ;; *) limit=75 ;; esac
+        step "tests-sync-$name" "$limit" env LORAFUSE_CUDA_SYNC=1 "$t" "${filters[@]}" --test-threads=1
+    done
+
+    # --- the headline benches ---------------------------------------------------------
+    # Criterion's results go under logs/criterion, where the side-by-side scripts read
+    # them; only the GPU groups run here.
+    export CRITERION_HOME="$here/logs/criterion"
+    local crit=(--bench --warm-up-time 1 --measurement-time 2)
+    [[ -x bin/bench-lora_matmul ]] && step bench-lora_matmul 60 bin/bench-lora_matmul lora_matmul/cuda "${crit[@]}"
+    [[ -x bin/bench-train_step ]] && step bench-train_step 60 bin/bench-train_step train_step/cuda "${crit[@]}"
+
+    if (( ! quick )); then
+        # --- the GPU tests again, in parallel, without the per-launch sync -------------
+        for t in bin/test-*; do
+            name="${t#bin/test-}"
+            [[ "$name" == architecture || "$name" == training || "$name" == allocation ]] && continue
+            step "tests-async-$name" 90 "$t" "${filters[@]}"
         done
-        if python3 -c "import torch, peft" > /dev/null 2>&1; then
-            step side-by-side python3 lora_kernels_gpu.py --criterion "$CRITERION_HOME"
-            step side-by-side-train python3 train_step_gpu.py --criterion "$CRITERION_HOME" \
+
+        # --- compute-sanitizer over a few kernel tests --------------------------------
+        local probe=device::cuda::tests::copies_round_trip_on_the_gpu subset
+        subset="$(bin/test-lorafuse --list 2>/dev/null | sed -n 's/: test$//p' |
+            grep -E '^ops::(elementwise|layer_norm|attention|cross_entropy)::kernel_tests::[a-z_]+::cuda$' |
+            head -6 | tr '\n' ' ')"
+        if [[ -z "$cs" ]]; then
+            sanitizer_unavailable "compute-sanitizer not found"
+        else
+            # Probe the tool on one small test that tests-sync ran: if it fails there
+            # without reporting an error in our code, the tool (not the code) failed.
+            local rc=0
+            if (( budget - ($(date +%s) - t0) < 60 )); then
+                row sanitizer not-run 0 "over the ${budget}s budget"
+                rc=-1
+            fi
+            (( rc == 0 )) && timeout -k 5 45 "$cs" --tool memcheck --error-exitcode 1 \
+                bin/test-lorafuse --exact "$probe" --test-threads=1 > logs/sanitizer-probe.log 2>&1 || rc=$?
+            if (( rc == 0 )); then
+                # shellcheck disable=SC2086 # the subset is a list of test names
+                step sanitizer-memcheck 75 "$cs" --tool memcheck --error-exitcode 1 \
+                    bin/test-lorafuse --exact $subset --test-threads=1
+                # shellcheck disable=SC2086
+                step sanitizer-racecheck 90 "$cs" --tool racecheck --error-exitcode 1 \
+                    bin/test-lorafuse --exact $subset --test-threads=1
+            elif (( rc < 0 )); then
+                : # not started
+            elif grep -qE 'ERROR SUMMARY: [1-9]' logs/sanitizer-probe.log; then
+                row sanitizer-probe FAIL 0 "$(grep -m1 'ERROR SUMMARY' logs/sanitizer-probe.log)"
+            else
+                sanitizer_unavailable "rc $rc: $(grep -m1 -iE 'error|unable|not supported|fail' \
+                    logs/sanitizer-probe.log | cut -c1-90)"
+            fi
+        fi
+
+        # --- the other benches and the PyTorch side by side ---------------------------
+        [[ -x bin/bench-adamw ]] && step bench-adamw 45 bin/bench-adamw adamw/cuda "${crit[@]}"
+        [[ -x bin/bench-merge ]] && step bench-merge 45 bin/bench-merge merge/cuda "${crit[@]}"
+        if timeout 60 python3 -c "import torch, peft" > /dev/null 2>&1; then
+            step side-by-side 90 python3 lora_kernels_gpu.py --criterion "$CRITERION_HOME"
+            step side-by-side-train 90 python3 train_step_gpu.py --criterion "$CRITERION_HOME" \
                 --ours-log logs/bench-train_step.log
         else
-            rows+=("side-by-side                       FAIL  python3 with torch and peft not found")
-            failed=1
+            row side-by-side FAIL 0 "python3 with torch and peft not found"
         fi
     fi
+
+    local total=$(( $(date +%s) - t0 ))
     echo
-    printf '%-34s %-5s %6s  %s\n' step result time summary
+    printf '%-30s %-11s %6s  %s\n' step result time summary
     printf '%s\n' "${rows[@]}"
+    printf '%-30s %-11s %5ss  %s\n' total "$( ((failed)) && echo FAIL || echo ok)" "$total" \
+        "budget ${budget}s ($( ((quick)) && echo run --quick || echo run)); logs in $here/logs"
     for f in logs/side-by-side.log logs/side-by-side-train.log; do
         if [[ -f "$f" ]]; then
             echo
@@ -144,8 +302,17 @@ run() {
     exit $failed
 }
 
+# A sanitizer that cannot run here: `unavailable`, or FAIL under LORAFUSE_REQUIRE_SANITIZER=1.
+sanitizer_unavailable() {
+    if [[ "${LORAFUSE_REQUIRE_SANITIZER:-}" == 1 ]]; then
+        row sanitizer FAIL 0 "LORAFUSE_REQUIRE_SANITIZER=1 but: $1"
+    else
+        row sanitizer unavailable 0 "$1"
+    fi
+}
+
 case "$cmd" in
     bundle) shift; bundle "$@" ;;
     run) shift; run "$@" ;;
-    *) echo "usage: $0 bundle [DIR] | run [--bench]" >&2; exit 2 ;;
+    *) echo "usage: $0 bundle [DIR] | run [--quick]" >&2; exit 2 ;;
 esac

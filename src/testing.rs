@@ -181,22 +181,81 @@ pub fn check_grads(
     println!("{name}: finite-difference check, max rel err {worst:.3e} (tol {tol:.1e})");
 }
 
-/// Whether a test on `device` can run in this build and on this machine. Prints
-/// `skipped` when it cannot, and panics instead when `LORAFUSE_REQUIRE_GPU=1` asks for
+/// Whether a test on `device` can run in this build and on this machine. Reports it
+/// [`skip`]ped when it cannot, and panics instead when `LORAFUSE_REQUIRE_GPU=1` asks for
 /// a GPU that is missing.
 pub fn device_available(test: &str, device: &Device) -> bool {
     match device.unavailable_reason() {
         None => true,
         Some(why) => {
-            if matches!(device, Device::Cuda(_))
-                && std::env::var("LORAFUSE_REQUIRE_GPU").as_deref() == Ok("1")
-            {
-                panic!("{test} on {device}: LORAFUSE_REQUIRE_GPU=1 but {why}");
-            }
-            println!("{test} on {device}: skipped ({why})");
+            let require = matches!(device, Device::Cuda(_)).then_some("LORAFUSE_REQUIRE_GPU");
+            skip(&format!("{test} on {device}"), &why, require);
             false
         }
     }
+}
+
+/// The running test's name (libtest runs each test on a thread named after it), or
+/// `"(unnamed thread)"`.
+pub fn current_test() -> String {
+    std::thread::current()
+        .name()
+        .unwrap_or("(unnamed thread)")
+        .to_string()
+}
+
+/// Tests of this process that did not run ([`skip`]).
+static SKIPPED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// How many tests of this process have been [`skip`]ped so far.
+pub fn skipped_tests() -> usize {
+    SKIPPED.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// The line [`skip`] writes for the `n`-th skip of a process (1-based): the first carries
+/// the reason and how to make it a failure, later ones only the test.
+pub fn skip_line(n: usize, test: &str, why: &str, require: Option<&str>) -> String {
+    if n == 1 {
+        let hint = require.map_or(String::new(), |var| format!("; {var}=1 makes it fail"));
+        format!("lorafuse: SKIPPED {test}: {why}{hint}\n")
+    } else {
+        format!("lorafuse: SKIPPED {test}\n")
+    }
+}
+
+/// The line printed when a process that skipped `n` tests exits.
+pub fn skip_summary(n: usize) -> String {
+    format!(
+        "lorafuse: {n} test{} of this binary did not run (SKIPPED above) and were reported `ok` by the harness\n",
+        if n == 1 { "" } else { "s" }
+    )
+}
+
+extern "C" fn print_skip_summary() {
+    use std::io::Write;
+    let _ = std::io::stderr().write_all(skip_summary(skipped_tests()).as_bytes());
+}
+
+/// Records that `test` did not run because of `why` (no GPU, no cuBLAS, no NVRTC), so the
+/// harness's `... ok` does not hide it: the line goes to the process's real stderr, which
+/// libtest does not capture (it captures `print!`/`eprint!` only), so plain `cargo test`
+/// shows it; the first skip of a process also prints the count of skipped tests when the
+/// process exits, after libtest's `test result:` line. The line is printed (captured)
+/// too, for `--nocapture`. Panics instead when the environment variable `require` is `1`.
+#[track_caller]
+pub fn skip(test: &str, why: &str, require: Option<&str>) {
+    use std::io::Write;
+    if let Some(var) = require {
+        if std::env::var(var).as_deref() == Ok("1") {
+            panic!("{test}: {var}=1 but {why}");
+        }
+    }
+    println!("{test}: skipped ({why})");
+    let n = SKIPPED.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+    if n == 1 {
+        crate::device::at_exit(print_skip_summary);
+    }
+    let _ = std::io::stderr().write_all(skip_line(n, test, why, require).as_bytes());
 }
 
 /// Instantiates one test body per backend: `test_device!(name, body)` makes a module

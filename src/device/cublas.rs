@@ -7,6 +7,7 @@ use crate::storage::Storage;
 use crate::{DType, Device, Error, Result, Shape, Tensor};
 use cudarc::cublas::{result as blas, sys};
 use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 
 /// One cuBLAS handle per GPU, bound to that backend's stream.
@@ -27,13 +28,116 @@ fn blas_err(call: &'static str) -> impl FnOnce(blas::CublasError) -> Error {
     }
 }
 
-/// Whether libcublas can be loaded (never panics).
+/// Whether libcublas can be loaded by cudarc's names (never panics).
 fn cublas_present() -> bool {
     std::panic::catch_unwind(|| {
         // SAFETY: only probes whether the shared library can be opened.
         unsafe { sys::is_culib_present() }
     })
     .unwrap_or(false)
+}
+
+/// The cuBLAS libraries for CUDA 13, in load order (cuBLAS needs cuBLASLt).
+const CUBLAS_LIBS: [&str; 2] = ["libcublasLt.so.13", "libcublas.so.13"];
+
+/// Folders that may hold cuBLAS besides the loader's path, best first:
+/// `LORAFUSE_CUBLAS_DIR`, `$CUDA_HOME`/`$CUDA_PATH` `lib64`, `/usr/local/cuda/lib64`, then
+/// NVIDIA's pip layout (`nvidia/cu13/lib`, `nvidia/cublas/lib`) in the `site-packages` or
+/// `dist-packages` of every `python3*` under `$VIRTUAL_ENV`, `$CONDA_PREFIX`,
+/// `~/.local`, `/usr/local`, `/usr` and `/opt/conda`: where a GPU runner's PyTorch keeps
+/// it (DESIGN §9). `scripts/gpu-runner.sh` sets `LORAFUSE_CUBLAS_DIR` from that Python.
+fn cublas_candidate_dirs() -> Vec<PathBuf> {
+    let env_dir = |var: &str| {
+        std::env::var_os(var)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
+    let mut dirs: Vec<PathBuf> = Vec::new();
+    dirs.extend(env_dir("LORAFUSE_CUBLAS_DIR"));
+    for var in ["CUDA_HOME", "CUDA_PATH"] {
+        dirs.extend(env_dir(var).map(|d| d.join("lib64")));
+    }
+    dirs.push(PathBuf::from("/usr/local/cuda/lib64"));
+    let mut prefixes: Vec<PathBuf> = Vec::new();
+    prefixes.extend(env_dir("VIRTUAL_ENV"));
+    prefixes.extend(env_dir("CONDA_PREFIX"));
+    prefixes.extend(env_dir("HOME").map(|h| h.join(".local")));
+    prefixes.extend(["/usr/local", "/usr", "/opt/conda"].map(PathBuf::from));
+    for prefix in prefixes {
+        let Ok(entries) = std::fs::read_dir(prefix.join("lib")) else {
+            continue;
+        };
+        let mut pythons: Vec<PathBuf> = entries
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("python3"))
+            .map(|e| e.path())
+            .collect();
+        pythons.sort();
+        for py in pythons.iter().rev() {
+            for packages in ["site-packages", "dist-packages"] {
+                for sub in ["nvidia/cu13/lib", "nvidia/cublas/lib"] {
+                    dirs.push(py.join(packages).join(sub));
+                }
+            }
+        }
+    }
+    dirs
+}
+
+/// The first of `dirs` that holds every library of [`CUBLAS_LIBS`].
+fn find_cublas_dir(dirs: &[PathBuf]) -> Option<&Path> {
+    dirs.iter()
+        .map(PathBuf::as_path)
+        .find(|d| CUBLAS_LIBS.iter().all(|lib| d.join(lib).is_file()))
+}
+
+/// Why cuBLAS cannot be used here (`no cuBLAS: ...`), or `None` when it can; never panics.
+/// When `libcublas.so.13` is not on the dynamic loader's path, it is looked for in
+/// `LORAFUSE_CUBLAS_DIR`, `$CUDA_HOME/lib64`, `$CUDA_PATH/lib64`, `/usr/local/cuda/lib64`
+/// and NVIDIA's pip layout (`nvidia/cu13/lib`, `nvidia/cublas/lib` under the
+/// `site-packages` of the usual Python prefixes: where a GPU runner's PyTorch keeps it)
+/// and, if found, loaded from there by its full path (cuBLASLt first), which is what
+/// cudarc's later `dlopen("libcublas.so.13")` then finds: the loader matches a loaded
+/// library by its soname. Asked once per process.
+pub fn cublas_unavailable_reason() -> Option<String> {
+    static REASON: OnceLock<Option<String>> = OnceLock::new();
+    REASON
+        .get_or_init(|| {
+            if cublas_present() {
+                return None;
+            }
+            let dirs = cublas_candidate_dirs();
+            let Some(dir) = find_cublas_dir(&dirs) else {
+                return Some(format!(
+                    "no cuBLAS: {} is not on the loader's path nor in any of {} folders \
+                     searched (set LORAFUSE_CUBLAS_DIR to the folder holding it, e.g. \
+                     PyTorch's site-packages/nvidia/cu13/lib)",
+                    CUBLAS_LIBS[1],
+                    dirs.len()
+                ));
+            };
+            for lib in CUBLAS_LIBS {
+                let path = dir.join(lib);
+                // SAFETY: loading NVIDIA's cuBLAS runs its initialisers, as any program
+                // linked against it does; the handle is leaked so the library stays loaded
+                // for cudarc, which opens it again by name.
+                match unsafe { libloading::Library::new(&path) } {
+                    Ok(l) => std::mem::forget(l),
+                    Err(e) => {
+                        return Some(format!("no cuBLAS: {} failed to load: {e}", path.display()))
+                    }
+                }
+            }
+            if cublas_present() {
+                None
+            } else {
+                Some(format!(
+                    "no cuBLAS: loaded from {} but cudarc still cannot open it",
+                    dir.display()
+                ))
+            }
+        })
+        .clone()
 }
 
 /// `y = x·Wᵀ` by cuBLAS (`cublasGemmEx`, f32 accumulation, default algorithm) for `x [.., K]`
@@ -71,10 +175,10 @@ pub fn cublas_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
             })
         }
     };
-    if !cublas_present() {
+    if let Some(msg) = cublas_unavailable_reason() {
         return Err(Error::Cuda {
             call: "dlopen(libcublas)",
-            msg: "libcublas was not found on the library path".into(),
+            msg,
         });
     }
     let backend: Arc<CudaBackend> = CudaBackend::get(ordinal)?;
@@ -155,6 +259,10 @@ mod tests {
         if !device_available("cublas_linear", &d) {
             return;
         }
+        if let Some(why) = cublas_unavailable_reason() {
+            crate::testing::skip("cublas_linear", &why, Some("LORAFUSE_REQUIRE_CUBLAS"));
+            return;
+        }
         let mut g = rng("cublas_linear");
         let x = rand_tensor(&mut g, [65, 33], -1.0, 1.0);
         let w = rand_tensor(&mut g, [70, 33], -1.0, 1.0);
@@ -173,6 +281,40 @@ mod tests {
                 tol,
             );
         }
+    }
+
+    #[test]
+    fn cublas_is_found_in_the_first_folder_holding_both_libraries() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = |name: &str, libs: &[&str]| {
+            let d = root.path().join(name);
+            std::fs::create_dir_all(&d).unwrap();
+            for lib in libs {
+                std::fs::write(d.join(lib), b"").unwrap();
+            }
+            d
+        };
+        let empty = dir("empty", &[]);
+        let only_blas = dir("only_blas", &["libcublas.so.13"]);
+        let old = dir("old", &["libcublasLt.so.12", "libcublas.so.12"]);
+        let torch = dir("site-packages/nvidia/cu13/lib", &CUBLAS_LIBS);
+        let later = dir("later", &CUBLAS_LIBS);
+        let missing = root.path().join("missing");
+        let dirs = [missing, empty, only_blas, old, torch.clone(), later];
+        assert_eq!(find_cublas_dir(&dirs), Some(torch.as_path()));
+        assert_eq!(find_cublas_dir(&dirs[..4]), None);
+        assert_eq!(find_cublas_dir(&[]), None);
+        assert!(cublas_candidate_dirs().contains(&PathBuf::from("/usr/local/cuda/lib64")));
+    }
+
+    #[test]
+    fn cublas_reason_never_panics() {
+        let reason = cublas_unavailable_reason();
+        assert_eq!(reason, cublas_unavailable_reason());
+        if let Some(r) = &reason {
+            assert!(r.starts_with("no cuBLAS"), "{r}");
+        }
+        println!("cuBLAS: {}", reason.as_deref().unwrap_or("available"));
     }
 
     #[test]

@@ -31,21 +31,3 @@ include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
 pub fn module_of(kernel: &str) -> Option<&'static KernelModule> {
     MODULES.iter().find(|m| m.kernels.contains(&kernel))
 }
-
-/// Every kernel symbol the crate's ops (and the optimizer) may launch, op by op.
-pub fn launched() -> impl Iterator<Item = &'static str> {
-    [
-        crate::ops::attention::cuda::KERNELS,
-        crate::ops::cross_entropy::cuda::KERNELS,
-        crate::ops::dropout::cuda::KERNELS,
-        crate::ops::elementwise::cuda::KERNELS,
-        crate::ops::embedding::cuda::KERNELS,
-        crate::ops::layer_norm::cuda::KERNELS,
-        crate::ops::lora_matmul::cuda::KERNELS,
-        crate::ops::lora_merge::cuda::KERNELS,
-        crate::optim::adamw::cuda::KERNELS,
-    ]
-    .into_iter()
-    .flatten()
-    .copied()
-}

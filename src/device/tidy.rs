@@ -2,8 +2,9 @@
 //! `kernels/*.cu` opens with its header comment, and — when nvcc built them — no kernel
 //! spills registers (ptxas's report, printed as a table).
 
-use super::kernels::{launched, MODULES, NVCC_VERSION};
+use super::kernels::{MODULES, NVCC_VERSION};
 use super::sim;
+use crate::ops::launched_kernels as launched;
 
 const DTYPE_SUFFIXES: [&str; 3] = ["f32", "bf16", "f16"];
 
@@ -53,6 +54,85 @@ fn every_launched_kernel_exists_in_every_compiled_form() {
         }
     }
     println!("{count} kernels checked in {} modules", MODULES.len());
+}
+
+/// The `__launch_bounds__` a kernel's definition in `source` declares, with a named
+/// constant (`kTcThreads`) resolved from its `NAME = <int>` definition in `source`.
+fn launch_bounds(source: &str, kernel: &str) -> Option<u32> {
+    let decl = source
+        .match_indices(&format!(" {kernel}("))
+        .map(|(at, _)| &source[source[..at].rfind([';', '}']).map_or(0, |i| i + 1)..at])
+        .find(|decl| decl.contains("__global__"))?;
+    let arg = decl
+        .split("__launch_bounds__(")
+        .nth(1)?
+        .split(')')
+        .next()?
+        .trim();
+    let arg = arg.split(',').next()?.trim();
+    arg.parse().ok().or_else(|| {
+        let def = source.split(&format!("{arg} = ")).nth(1)?;
+        def.split(|c: char| !c.is_ascii_digit())
+            .next()?
+            .parse()
+            .ok()
+    })
+}
+
+/// The most threads per block a kernel using `registers` per thread can launch with on
+/// sm_80/sm_90 (64 Ki registers per block, allocated per warp in units of 256).
+fn register_limited_threads(registers: u32) -> u32 {
+    let per_warp = (registers.max(1) * 32).div_ceil(256) * 256;
+    (65536 / per_warp * 32).min(1024)
+}
+
+/// The block each launcher gives its kernels fits them: a whole number of warps, within
+/// the kernel's `__launch_bounds__` and (when nvcc built it) within what its registers
+/// allow on every target, which is what `CU_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK` will say
+/// on the GPU (checked there by `every_load_path_loads_every_module_on_the_gpu`).
+#[test]
+fn every_launch_fits_its_kernels_launch_bounds() {
+    let mut bounded = 0;
+    for k in launched() {
+        let threads = crate::ops::block_threads(k).unwrap_or(0);
+        assert!(
+            (32..=1024).contains(&threads) && threads.is_multiple_of(32),
+            "{k}: its launcher's block of {threads} threads is not 1..=32 whole warps"
+        );
+        let m = super::kernels::module_of(k).unwrap_or_else(|| panic!("{k}: no module"));
+        if let Some(bound) = launch_bounds(m.nvrtc_source, k) {
+            assert!(
+                threads <= bound,
+                "{k}: launched with {threads} threads but declares __launch_bounds__({bound})"
+            );
+            bounded += 1;
+        }
+        for r in parse_ptxas(m.ptxas_report).iter().filter(|r| r.kernel == k) {
+            assert!(
+                threads <= register_limited_threads(r.registers),
+                "{k} on {}: {} registers allow {} threads, its launcher uses {threads}",
+                r.target,
+                r.registers,
+                register_limited_threads(r.registers)
+            );
+        }
+    }
+    println!("{bounded} kernels declare __launch_bounds__; every launch fits");
+}
+
+#[test]
+fn launch_bounds_and_register_limits_parse() {
+    let src = "constexpr int kTc = 128;\nextern \"C\" __global__ void __launch_bounds__(256) a_fwd_f32(P p) { f(p); }\n\
+extern \"C\" __global__ void __launch_bounds__(kTc)\n    b_fwd_f32(P p) { g(p); }\n\
+extern \"C\" __global__ void c_fwd_f32(P p) { h(p); }\n";
+    assert_eq!(launch_bounds(src, "a_fwd_f32"), Some(256));
+    assert_eq!(launch_bounds(src, "b_fwd_f32"), Some(128));
+    assert_eq!(launch_bounds(src, "c_fwd_f32"), None);
+    assert_eq!(register_limited_threads(32), 1024);
+    assert_eq!(register_limited_threads(64), 1024);
+    assert_eq!(register_limited_threads(128), 512);
+    assert_eq!(register_limited_threads(255), 256);
+    assert_eq!(register_limited_threads(168), 384);
 }
 
 #[test]
@@ -170,12 +250,11 @@ fn parse_ptxas(report: &str) -> Vec<Resources> {
 #[test]
 fn ptxas_reports_no_spills() {
     let Some(version) = NVCC_VERSION else {
-        let why = "built without nvcc (kernels embedded for NVRTC only)";
-        assert!(
-            std::env::var("LORAFUSE_REQUIRE_NVCC").as_deref() != Ok("1"),
-            "LORAFUSE_REQUIRE_NVCC=1 but {why}"
+        crate::testing::skip(
+            "ptxas_reports_no_spills",
+            "built without nvcc (kernels embedded for NVRTC only)",
+            Some("LORAFUSE_REQUIRE_NVCC"),
         );
-        println!("ptxas_reports_no_spills: skipped ({why})");
         return;
     };
     println!("nvcc: {version}");

@@ -31,6 +31,86 @@ pub use matmul::{linear, matmul};
 
 use crate::{DType, Real, Result, Tensor};
 
+/// One launcher's kernels and the block size it gives each of them.
+struct Launcher {
+    /// Every kernel the launcher may launch.
+    kernels: &'static [&'static str],
+    /// Threads per block of a kernel of `kernels`.
+    threads: fn(&str) -> u32,
+}
+
+/// Every launcher of the crate (the ops, and the optimizer's fused AdamW). The device layer
+/// knows nothing of them: the tidy test checks that these lists name exactly the kernels
+/// `kernels/*.cu` defines, and the GPU tests that each kernel's `__launch_bounds__` admit
+/// the block its launcher gives it.
+const LAUNCHERS: [Launcher; 9] = [
+    Launcher {
+        kernels: attention::cuda::KERNELS,
+        threads: |_| attention::cuda::THREADS,
+    },
+    Launcher {
+        kernels: cross_entropy::cuda::KERNELS,
+        threads: |_| cross_entropy::cuda::THREADS,
+    },
+    Launcher {
+        kernels: dropout::cuda::KERNELS,
+        threads: |_| dropout::cuda::THREADS,
+    },
+    Launcher {
+        kernels: elementwise::cuda::KERNELS,
+        threads: |_| elementwise::cuda::THREADS,
+    },
+    Launcher {
+        kernels: embedding::cuda::KERNELS,
+        threads: |_| embedding::cuda::THREADS,
+    },
+    Launcher {
+        kernels: layer_norm::cuda::KERNELS,
+        threads: |_| layer_norm::cuda::THREADS as u32,
+    },
+    Launcher {
+        kernels: lora_matmul::cuda::KERNELS,
+        threads: lora_matmul_threads,
+    },
+    Launcher {
+        kernels: lora_merge::cuda::KERNELS,
+        threads: |_| lora_merge::cuda::THREADS as u32,
+    },
+    Launcher {
+        kernels: crate::optim::adamw::cuda::KERNELS,
+        threads: |_| crate::optim::adamw::cuda::THREADS,
+    },
+];
+
+/// The block size `lora_matmul`'s launcher picks for `kernel` (0 if it never picks it).
+fn lora_matmul_threads(kernel: &str) -> u32 {
+    use lora_matmul::Variant;
+    [DType::F32, DType::BF16, DType::F16]
+        .into_iter()
+        .flat_map(|dt| {
+            [Variant::Simt, Variant::TensorCore].map(|v| lora_matmul::cuda::kernel(dt, v))
+        })
+        .flatten()
+        .find(|&(name, _)| name == kernel)
+        .map_or(0, |(_, threads)| threads)
+}
+
+/// Every kernel symbol the crate's ops (and the optimizer) may launch, op by op.
+#[cfg_attr(not(test), allow(dead_code))] // read by the tidy test
+pub(crate) fn launched_kernels() -> impl Iterator<Item = &'static str> {
+    LAUNCHERS.iter().flat_map(|l| l.kernels.iter().copied())
+}
+
+/// The threads per block that `kernel`'s launcher gives it, if some op launches it: what
+/// the kernel's `__launch_bounds__` (and its registers) must admit.
+#[cfg_attr(not(test), allow(dead_code))] // read by the tidy and GPU tests
+pub(crate) fn block_threads(kernel: &str) -> Option<u32> {
+    LAUNCHERS
+        .iter()
+        .find(|l| l.kernels.contains(&kernel))
+        .map(|l| (l.threads)(kernel))
+}
+
 /// Runs `f` with the compute type of `dtype`: f64 for f64 tensors, f32 otherwise
 /// (bf16/f16 are widened on load and rounded once on store).
 pub(crate) fn with_real<R>(

@@ -55,7 +55,7 @@ pub(crate) const KERNELS: &[&str] = &[
 ];
 
 /// Threads per block (the header's launch geometry: 8 × 16).
-const THREADS: u32 = 128;
+pub(crate) const THREADS: u32 = 128;
 /// Rows of the tile a block owns (`kBR` in the `.cu`).
 pub(crate) const BR: usize = 32;
 /// The largest head dim the kernels take (`kTX · kGroups` in the `.cu`).

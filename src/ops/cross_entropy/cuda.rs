@@ -40,7 +40,7 @@ pub(crate) const KERNELS: &[&str] = &[
 ];
 
 /// Threads per block of every kernel in the file (the header's launch geometry).
-const THREADS: u32 = 256;
+pub(crate) const THREADS: u32 = 256;
 
 /// What the forward leaves on the device for the backward: the per-row `logsumexp` (f32)
 /// and the uploaded targets (i32), with the counts the kernels need.

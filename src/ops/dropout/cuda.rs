@@ -30,7 +30,7 @@ pub(crate) const KERNELS: &[&str] = &[
 ];
 
 /// Threads per block (the header's launch geometry).
-const THREADS: u32 = 256;
+pub(crate) const THREADS: u32 = 256;
 
 /// The masked scale of `x` (the forward on `x`, or the backward on the output gradient
 /// when `backward`), with `p ∈ [0, 1)` checked by the caller.

@@ -50,7 +50,7 @@ pub(crate) const KERNELS: &[&str] = &[
 ];
 
 /// Threads per block of every elementwise kernel (the header's launch geometry).
-const THREADS: u32 = 256;
+pub(crate) const THREADS: u32 = 256;
 
 /// The kernel-name suffix of a storage dtype.
 pub(crate) fn suffix(dtype: DType) -> Result<&'static str> {

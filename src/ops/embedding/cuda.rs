@@ -41,7 +41,7 @@ pub(crate) const KERNELS: &[&str] = &[
 ];
 
 /// Threads per block (the header's launch geometry).
-const THREADS: u32 = 256;
+pub(crate) const THREADS: u32 = 256;
 
 const OP: &str = "embedding";
 

@@ -45,7 +45,7 @@ pub(crate) const KERNELS: &[&str] = &[
 ];
 
 /// Threads per block and rows per block (one warp per row), the header's launch geometry.
-const THREADS: usize = 256;
+pub(crate) const THREADS: usize = 256;
 const WARPS: usize = THREADS / 32;
 
 const OP: &str = "layer_norm";

@@ -46,7 +46,7 @@ pub(crate) const KERNELS: &[&str] = &[
 ];
 
 /// Columns and rows of W per block (the header's launch geometry).
-const THREADS: usize = 256;
+pub(crate) const THREADS: usize = 256;
 const ROWS: usize = 32;
 
 fn kernel(dtype: DType) -> Result<&'static str> {

@@ -27,7 +27,7 @@ pub(crate) const KERNELS: &[&str] = &[
 ];
 
 /// Threads per block of the three kernels (the header's launch geometry).
-const THREADS: u32 = 256;
+pub(crate) const THREADS: u32 = 256;
 
 /// Elements per chunk (one block's unit of work) on a GPU.
 const CHUNK_CUDA: usize = 16384;
