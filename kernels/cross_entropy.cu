@@ -91,30 +91,124 @@ LF_UNROLL
     return r;
 }
 
-// The row's logsumexp (every thread gets it): max, then Σ exp(x − max), both fixed-order
-// block reductions.
-template <typename T>
-__device__ __forceinline__ float row_lse(const T* xr, long long v, float* red) {
-    float m = __uint_as_float(0xff800000u);  // −inf
-    for (long long j = threadIdx.x; j < v; j += kThreads) m = fmaxf(m, lf::to_f32(xr[j]));
-    m = block_reduce(m, red, true);
-    float s = 0.0f;
-    for (long long j = threadIdx.x; j < v; j += kThreads) s += expf(lf::to_f32(xr[j]) - m);
-    s = block_reduce(s, red, false);
-    return m + logf(s);
+// A running (max m, Σ exp(x − m)) of some logits: the online softmax's state.
+struct MaxSum {
+    float m, s;
+};
+
+// The state of the union of two sets: the larger max, each sum rescaled to it (a sum whose
+// max is the larger is kept as is: ·exp(0) = ·1 exactly). Symmetric to the bit
+// (merge(a, b) = merge(b, a)), so both lanes of a butterfly step agree.
+__device__ __forceinline__ MaxSum merge(MaxSum a, MaxSum b) {
+    const float m = fmaxf(a.m, b.m);
+    if (m == __uint_as_float(0xff800000u)) return {m, 0.0f};  // both empty (−inf)
+    const float sa = a.m == m ? a.s : a.s * expf(a.m - m);
+    const float sb = b.m == m ? b.s : b.s * expf(b.m - m);
+    return {m, sa + sb};
 }
 
-// One row's gradient c·(softmax − onehot), or zeros for an ignored row (t outside 0..v).
+// The block-wide merge of one state per thread in a fixed order (warp butterfly, then the 8
+// warps in order); every thread gets the result. `red` holds 2·kWarps floats.
+__device__ __forceinline__ MaxSum block_merge(MaxSum v, float* red) {
+LF_UNROLL
+    for (int o = 16; o > 0; o >>= 1) {
+        const MaxSum w = {__shfl_xor_sync(0xffffffffu, v.m, o), __shfl_xor_sync(0xffffffffu, v.s, o)};
+        v = merge(v, w);
+    }
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (lane == 0) {
+        red[warp] = v.m;
+        red[kWarps + warp] = v.s;
+    }
+    __syncthreads();
+    MaxSum r = {red[0], red[kWarps]};
+LF_UNROLL
+    for (int w = 1; w < kWarps; ++w) r = merge(r, {red[w], red[kWarps + w]});
+    __syncthreads();  // red may be reused at once
+    return r;
+}
+
+// Visits a row of v logits at `xr` as this thread's share: with `vec`, the scalar head up
+// to the first 16-byte boundary (< W elements: the odd stride V leaves each row at its own
+// offset), the aligned middle as 16-byte vectors (thread k: vectors k, k + 256, …; f_vec(j)
+// for the W elements from j), and the scalar tail; without `vec`, every element by f_one(j).
+template <typename T, typename One, typename Vec>
+__device__ __forceinline__ void for_row(const T* xr, long long v, bool vec, One f_one, Vec f_vec) {
+    constexpr int W = lf::vec16<T>::n;
+    long long head = v, nv = 0;
+    if (vec) {
+        const int mis = (int)((reinterpret_cast<unsigned long long>(xr) & 15ull) / sizeof(T));
+        head = mis == 0 ? 0 : (W - mis < v ? W - mis : v);
+        nv = (v - head) / W;
+    }
+    for (long long j = threadIdx.x; j < head; j += kThreads) f_one(j);
+    for (long long k = threadIdx.x; k < nv; k += kThreads) f_vec(head + k * W);
+    for (long long j = head + nv * W + threadIdx.x; j < v; j += kThreads) f_one(j);
+}
+
+// The row's logsumexp (every thread gets it): one pass of the online softmax (each thread's
+// running max and rescaled sum of exp, a vector at a time), then one fixed-order block merge.
+template <typename T>
+__device__ __forceinline__ float row_lse(const T* xr, long long v, float* red) {
+    constexpr int W = lf::vec16<T>::n;
+    MaxSum st = {__uint_as_float(0xff800000u), 0.0f};  // (−inf, 0): no logits yet
+    for_row(
+        xr, v, true,
+        [&](long long j) {
+            const float a = lf::to_f32(xr[j]);
+            const float m = fmaxf(st.m, a);
+            st.s = (st.m == m ? st.s : st.s * expf(st.m - m)) + expf(a - m);
+            st.m = m;
+        },
+        [&](long long j) {
+            float a[W];
+            lf::load16(xr + j, a);
+            float m = st.m;
+LF_UNROLL
+            for (int e = 0; e < W; ++e) m = fmaxf(m, a[e]);
+            float s = st.m == m ? st.s : st.s * expf(st.m - m);
+LF_UNROLL
+            for (int e = 0; e < W; ++e) s += expf(a[e] - m);
+            st = {m, s};
+        });
+    st = block_merge(st, red);
+    return st.m + logf(st.s);
+}
+
+// One row's gradient c·(softmax − onehot), or zeros for an ignored row (t outside 0..v):
+// vectorised where x and g share their offset within 16 bytes (always: the same row of
+// buffers of the same dtype, or in place).
 template <typename T>
 __device__ __forceinline__ void row_grad(const T* xr, T* gr, long long v, int t, float lse, float c) {
-    if (t < 0 || t >= v) {
-        for (long long j = threadIdx.x; j < v; j += kThreads) gr[j] = lf::from_f32<T>(0.0f);
-        return;
-    }
-    for (long long j = threadIdx.x; j < v; j += kThreads) {
-        const float e = expf(lf::to_f32(xr[j]) - lse);
-        gr[j] = lf::from_f32<T>((j == t ? e - 1.0f : e) * c);
-    }
+    constexpr int W = lf::vec16<T>::n;
+    const bool vec = ((reinterpret_cast<unsigned long long>(xr) ^
+                       reinterpret_cast<unsigned long long>(gr)) & 15ull) == 0;
+    const bool ignored = t < 0 || t >= v;
+    for_row(
+        xr, v, vec,
+        [&](long long j) {
+            if (ignored) {
+                gr[j] = lf::from_f32<T>(0.0f);
+            } else {
+                const float e = expf(lf::to_f32(xr[j]) - lse);
+                gr[j] = lf::from_f32<T>((j == t ? e - 1.0f : e) * c);
+            }
+        },
+        [&](long long j) {
+            float a[W];
+            if (ignored) {
+LF_UNROLL
+                for (int e = 0; e < W; ++e) a[e] = 0.0f;
+            } else {
+                lf::load16(xr + j, a);
+LF_UNROLL
+                for (int e = 0; e < W; ++e) {
+                    const float x = expf(a[e] - lse);
+                    a[e] = (j + e == t ? x - 1.0f : x) * c;
+                }
+            }
+            lf::store16(gr + j, a);
+        });
 }
 
 // c = gy / n_valid, 0 when no row counts.
@@ -125,7 +219,7 @@ __device__ __forceinline__ float grad_coef(const CrossEntropyParams& p) {
 // Per row: lse and the loss (lse kept for the backward).
 template <typename T>
 __device__ __forceinline__ void forward(const CrossEntropyParams& p) {
-    __shared__ float red[kWarps];
+    __shared__ float red[2 * kWarps];
     const T* x = static_cast<const T*>(p.x);
     for (long long row = blockIdx.x; row < p.rows; row += gridDim.x) {
         const T* xr = x + row * p.v;
@@ -143,7 +237,7 @@ __device__ __forceinline__ void forward(const CrossEntropyParams& p) {
 // out — the same operations as forward then backward, so the same bits.
 template <typename T>
 __device__ __forceinline__ void fused(const CrossEntropyParams& p) {
-    __shared__ float red[kWarps];
+    __shared__ float red[2 * kWarps];
     const T* x = static_cast<const T*>(p.x);
     T* gx = static_cast<T*>(p.out);
     const float c = grad_coef(p);

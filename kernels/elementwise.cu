@@ -54,22 +54,81 @@ __device__ __forceinline__ float gelu_grad(float x) {
     return 0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * dinner;
 }
 
-template <typename T>
-__device__ void add(const ElementwiseParams& p) {
-    const T* x = static_cast<const T*>(p.x);
-    const T* y = static_cast<const T*>(p.y);
-    T* out = static_cast<T*>(p.out);
-    for (lf::u64 i = lf::global_thread(); i < p.n; i += lf::grid_stride()) {
-        out[i] = lf::from_f32<T>(lf::to_f32(x[i]) + lf::to_f32(y[i]));
+// Vectorised maps: when every pointer is 16-byte aligned, thread k of the grid-stride loop
+// takes the vectors k, k + stride, … (W = lf::vec16<T>::n values each: one 16-byte load per
+// input, one store), then the n mod W tail elements one by one; otherwise every element
+// one by one. The per-element math (f) is the same on both paths, so the result is too.
+template <typename T, typename F>
+__device__ __forceinline__ void map1(const T* x, T* out, lf::u64 n, F f) {
+    constexpr int W = lf::vec16<T>::n;
+    lf::u64 done = 0;
+    if (lf::aligned16(x) && lf::aligned16(out)) {
+        const lf::u64 nv = n / W;
+        for (lf::u64 k = lf::global_thread(); k < nv; k += lf::grid_stride()) {
+            float a[W];
+            lf::load16(x + k * W, a);
+LF_UNROLL
+            for (int e = 0; e < W; ++e) a[e] = f(a[e]);
+            lf::store16(out + k * W, a);
+        }
+        done = nv * W;
     }
+    for (lf::u64 i = done + lf::global_thread(); i < n; i += lf::grid_stride())
+        out[i] = lf::from_f32<T>(f(lf::to_f32(x[i])));
+}
+
+template <typename T, typename F>
+__device__ __forceinline__ void map2(const T* x, const T* y, T* out, lf::u64 n, F f) {
+    constexpr int W = lf::vec16<T>::n;
+    lf::u64 done = 0;
+    if (lf::aligned16(x) && lf::aligned16(y) && lf::aligned16(out)) {
+        const lf::u64 nv = n / W;
+        for (lf::u64 k = lf::global_thread(); k < nv; k += lf::grid_stride()) {
+            float a[W], b[W];
+            lf::load16(x + k * W, a);
+            lf::load16(y + k * W, b);
+LF_UNROLL
+            for (int e = 0; e < W; ++e) a[e] = f(a[e], b[e]);
+            lf::store16(out + k * W, a);
+        }
+        done = nv * W;
+    }
+    for (lf::u64 i = done + lf::global_thread(); i < n; i += lf::grid_stride())
+        out[i] = lf::from_f32<T>(f(lf::to_f32(x[i]), lf::to_f32(y[i])));
 }
 
 template <typename T>
+__device__ void add(const ElementwiseParams& p) {
+    map2(static_cast<const T*>(p.x), static_cast<const T*>(p.y), static_cast<T*>(p.out), p.n,
+         [](float a, float b) { return a + b; });
+}
+
+// The bias vector of a grid-stride vector k starts at column (k·W) mod cols; the column of
+// the next one is this plus (stride·W) mod cols, wrapped once: no division in the loop.
+template <typename T>
 __device__ void bias_add(const ElementwiseParams& p) {
+    constexpr int W = lf::vec16<T>::n;
     const T* x = static_cast<const T*>(p.x);
     const T* b = static_cast<const T*>(p.y);
     T* out = static_cast<T*>(p.out);
-    for (lf::u64 i = lf::global_thread(); i < p.n; i += lf::grid_stride()) {
+    lf::u64 done = 0;
+    if (p.cols % W == 0 && lf::aligned16(x) && lf::aligned16(b) && lf::aligned16(out)) {
+        const lf::u64 nv = p.n / W;
+        const lf::u64 step = (lf::grid_stride() * W) % p.cols;
+        lf::u64 col = (lf::global_thread() * W) % p.cols;
+        for (lf::u64 k = lf::global_thread(); k < nv; k += lf::grid_stride()) {
+            float a[W], c[W];
+            lf::load16(x + k * W, a);
+            lf::load16(b + col, c);
+LF_UNROLL
+            for (int e = 0; e < W; ++e) a[e] = a[e] + c[e];
+            lf::store16(out + k * W, a);
+            col += step;
+            if (col >= p.cols) col -= p.cols;
+        }
+        done = nv * W;
+    }
+    for (lf::u64 i = done + lf::global_thread(); i < p.n; i += lf::grid_stride()) {
         out[i] = lf::from_f32<T>(lf::to_f32(x[i]) + lf::to_f32(b[i % p.cols]));
     }
 }
@@ -89,30 +148,21 @@ __device__ void bias_add_bwd(const ElementwiseParams& p) {
 
 template <typename T>
 __device__ void gelu_fwd(const ElementwiseParams& p) {
-    const T* x = static_cast<const T*>(p.x);
-    T* out = static_cast<T*>(p.out);
-    for (lf::u64 i = lf::global_thread(); i < p.n; i += lf::grid_stride()) {
-        out[i] = lf::from_f32<T>(gelu(lf::to_f32(x[i])));
-    }
+    map1(static_cast<const T*>(p.x), static_cast<T*>(p.out), p.n, [](float a) { return gelu(a); });
 }
 
 template <typename T>
 __device__ void gelu_bwd(const ElementwiseParams& p) {
-    const T* gy = static_cast<const T*>(p.x);
-    const T* x = static_cast<const T*>(p.y);
-    T* gx = static_cast<T*>(p.out);
-    for (lf::u64 i = lf::global_thread(); i < p.n; i += lf::grid_stride()) {
-        gx[i] = lf::from_f32<T>(lf::to_f32(gy[i]) * gelu_grad(lf::to_f32(x[i])));
-    }
+    // x = gy, y = the forward's input.
+    map2(static_cast<const T*>(p.x), static_cast<const T*>(p.y), static_cast<T*>(p.out), p.n,
+         [](float g, float a) { return g * gelu_grad(a); });
 }
 
 template <typename T>
 __device__ void scale(const ElementwiseParams& p) {
-    const T* x = static_cast<const T*>(p.x);
-    T* out = static_cast<T*>(p.out);
-    for (lf::u64 i = lf::global_thread(); i < p.n; i += lf::grid_stride()) {
-        out[i] = lf::from_f32<T>(p.alpha * lf::to_f32(x[i]));
-    }
+    const float alpha = p.alpha;
+    map1(static_cast<const T*>(p.x), static_cast<T*>(p.out), p.n,
+         [alpha](float a) { return alpha * a; });
 }
 
 template <typename From, typename To>

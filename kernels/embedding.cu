@@ -49,48 +49,91 @@ struct EmbeddingParams {
 
 namespace {
 
+// out[i, :] = wte[tokens[i], :] + wpe[i mod T, :] for the rows i = blockIdx.x, + gridDim.x, …;
+// the block's threads take the row's 16-byte vectors (W = lf::vec16<T>::n channels) when C
+// is a multiple of W and the three tables are 16-byte aligned (then every row is), else
+// its channels one by one. One 64-bit modulo per row, none per element.
 template <typename T>
 __device__ void forward(const EmbeddingParams& p) {
+    constexpr int W = lf::vec16<T>::n;
     const T* wte = static_cast<const T*>(p.wte);
     const T* wpe = static_cast<const T*>(p.wpe);
     T* out = static_cast<T*>(p.out);
-    const lf::u64 total = (lf::u64)p.n * (lf::u64)p.c;
-    for (lf::u64 k = lf::global_thread(); k < total; k += lf::grid_stride()) {
-        const lf::u64 i = k / (lf::u64)p.c, j = k % (lf::u64)p.c;
-        const lf::u64 tok = p.tokens[i], t = i % (lf::u64)p.seq;
-        out[k] = lf::from_f32<T>(lf::to_f32(wte[tok * p.c + j]) + lf::to_f32(wpe[t * p.c + j]));
+    const lf::u64 c = (lf::u64)p.c;
+    const bool vec = c % W == 0 && lf::aligned16(wte) && lf::aligned16(wpe) && lf::aligned16(out);
+    for (lf::u64 i = blockIdx.x; i < (lf::u64)p.n; i += gridDim.x) {
+        const T* e = wte + (lf::u64)p.tokens[i] * c;
+        const T* q = wpe + (i % (lf::u64)p.seq) * c;
+        T* o = out + i * c;
+        if (vec) {
+            for (lf::u64 j = (lf::u64)threadIdx.x * W; j < c; j += (lf::u64)blockDim.x * W) {
+                float a[W], b[W];
+                lf::load16(e + j, a);
+                lf::load16(q + j, b);
+LF_UNROLL
+                for (int k = 0; k < W; ++k) a[k] = a[k] + b[k];
+                lf::store16(o + j, a);
+            }
+        } else {
+            for (lf::u64 j = threadIdx.x; j < c; j += blockDim.x)
+                o[j] = lf::from_f32<T>(lf::to_f32(e[j]) + lf::to_f32(q[j]));
+        }
     }
 }
 
+// Table row u = blockIdx.x, + gridDim.x, … of the rows that want a gradient: u < V is
+// gwte[u] (when wanted; the sum over token u's positions in order), the rest gwpe[u − V]
+// (the sum over the batch); the block's threads take its channels, vectorised as the
+// forward (one f32 sum per channel either way: the same additions in the same order).
 template <typename T>
 __device__ void backward(const EmbeddingParams& p) {
+    constexpr int W = lf::vec16<T>::n;
     const T* gy = static_cast<const T*>(p.gy);
     const lf::u64 c = (lf::u64)p.c;
-    const lf::u64 nte = p.gwte ? (lf::u64)p.v * c : 0ull;
-    const lf::u64 npe = p.gwpe ? (lf::u64)p.p * c : 0ull;
-    for (lf::u64 k = lf::global_thread(); k < nte + npe; k += lf::grid_stride()) {
-        float s = 0.0f;
-        if (k < nte) {
-            const lf::u64 v = k / c, j = k % c;
-            for (long long q = p.offsets[v]; q < p.offsets[v + 1]; ++q)
-                s = __fadd_rn(s, lf::to_f32(gy[(lf::u64)p.order[q] * c + j]));
-            static_cast<T*>(p.gwte)[k] = lf::from_f32<T>(s);
+    const lf::u64 nte = p.gwte ? (lf::u64)p.v : 0ull;
+    const lf::u64 npe = p.gwpe ? (lf::u64)p.p : 0ull;
+    const bool vec = c % W == 0 && lf::aligned16(gy) && (!p.gwte || lf::aligned16(p.gwte)) &&
+                     (!p.gwpe || lf::aligned16(p.gwpe));
+    for (lf::u64 u = blockIdx.x; u < nte + npe; u += gridDim.x) {
+        // The gy rows to add, in order: gy[order[q0 + k]] (token rows) or gy[b·T + t].
+        const bool te = u < nte;
+        const lf::u64 t = te ? 0ull : u - nte;
+        const long long q0 = te ? p.offsets[u] : 0;
+        const long long terms = te ? p.offsets[u + 1] - q0 : (t < (lf::u64)p.seq ? p.batch : 0);
+        T* g = te ? static_cast<T*>(p.gwte) + u * c : static_cast<T*>(p.gwpe) + t * c;
+        if (vec) {
+            for (lf::u64 j = (lf::u64)threadIdx.x * W; j < c; j += (lf::u64)blockDim.x * W) {
+                float s[W];
+LF_UNROLL
+                for (int k = 0; k < W; ++k) s[k] = 0.0f;
+                for (long long q = 0; q < terms; ++q) {
+                    const lf::u64 row = te ? (lf::u64)p.order[q0 + q] : (lf::u64)q * p.seq + t;
+                    float a[W];
+                    lf::load16(gy + row * c + j, a);
+LF_UNROLL
+                    for (int k = 0; k < W; ++k) s[k] = __fadd_rn(s[k], a[k]);
+                }
+                lf::store16(g + j, s);
+            }
         } else {
-            const lf::u64 e = k - nte, t = e / c, j = e % c;
-            if (t < (lf::u64)p.seq)
-                for (long long b = 0; b < p.batch; ++b)
-                    s = __fadd_rn(s, lf::to_f32(gy[((lf::u64)b * p.seq + t) * c + j]));
-            static_cast<T*>(p.gwpe)[e] = lf::from_f32<T>(s);
+            for (lf::u64 j = threadIdx.x; j < c; j += blockDim.x) {
+                float s = 0.0f;
+                for (long long q = 0; q < terms; ++q) {
+                    const lf::u64 row = te ? (lf::u64)p.order[q0 + q] : (lf::u64)q * p.seq + t;
+                    s = __fadd_rn(s, lf::to_f32(gy[row * c + j]));
+                }
+                g[j] = lf::from_f32<T>(s);
+            }
         }
     }
 }
 
 }  // namespace
 
-extern "C" __global__ void embedding_fwd_f32(const EmbeddingParams p) { forward<float>(p); }
-extern "C" __global__ void embedding_fwd_bf16(const EmbeddingParams p) { forward<bf16>(p); }
-extern "C" __global__ void embedding_fwd_f16(const EmbeddingParams p) { forward<f16>(p); }
+extern "C" __global__ void __launch_bounds__(128) embedding_fwd_f32(const EmbeddingParams p) { forward<float>(p); }
+extern "C" __global__ void __launch_bounds__(128) embedding_fwd_bf16(const EmbeddingParams p) { forward<bf16>(p); }
+extern "C" __global__ void __launch_bounds__(128) embedding_fwd_f16(const EmbeddingParams p) { forward<f16>(p); }
 
-extern "C" __global__ void embedding_bwd_f32(const EmbeddingParams p) { backward<float>(p); }
-extern "C" __global__ void embedding_bwd_bf16(const EmbeddingParams p) { backward<bf16>(p); }
-extern "C" __global__ void embedding_bwd_f16(const EmbeddingParams p) { backward<f16>(p); }
+extern "C" __global__ void __launch_bounds__(128) embedding_bwd_f32(const EmbeddingParams p) { backward<float>(p); }
+extern "C" __global__ void __launch_bounds__(128) embedding_bwd_bf16(const EmbeddingParams p) { backward<bf16>(p); }
+extern "C" __global__ void __launch_bounds__(128) embedding_bwd_f16(const EmbeddingParams p) { backward<f16>(p); }

@@ -82,8 +82,83 @@ LF_UNROLL
     return v;
 }
 
+// Whether a row of C values of T can be held in registers as 16-byte vectors: C a
+// multiple of W = lf::vec16<T>::n (so every row starts 16-byte aligned when the base does)
+// and at most 32 lanes × kRegValues values.
+constexpr int kRegValues = 32;  // f32 values per lane for a row (C ≤ 1024)
 template <typename T>
-__device__ void forward(const LayerNormParams& p) {
+__device__ __forceinline__ bool row_in_registers(long long c, const void* a, const void* b,
+                                                 const void* d, const void* e) {
+    return c % lf::vec16<T>::n == 0 && c <= 32 * kRegValues && lf::aligned16(a) &&
+           lf::aligned16(b) && lf::aligned16(d) && lf::aligned16(e);
+}
+
+// The forward, row in registers: lane l holds the vectors l, l + 32, … of the row (a warp
+// reads 512 contiguous bytes per load instruction), sums, then the squared deviations from
+// the registers, then y; gamma and beta are read per row (from L1/L2).
+template <typename T>
+__device__ void forward_vec(const LayerNormParams& p) {
+    constexpr int W = lf::vec16<T>::n, NV = kRegValues / W;
+    const int lane = threadIdx.x & 31;
+    const long long warp = threadIdx.x >> 5;
+    const T* gamma = static_cast<const T*>(p.gamma);
+    const T* beta = static_cast<const T*>(p.beta);
+    const int nvec = (int)(p.c / W);
+    const float n = (float)p.c;
+    for (long long row = (long long)blockIdx.x * kWarps + warp; row < p.rows;
+         row += (long long)gridDim.x * kWarps) {
+        const T* x = static_cast<const T*>(p.x) + row * p.c;
+        T* y = static_cast<T*>(p.y) + row * p.c;
+        float v[NV][W];
+        float s = 0.0f;
+LF_UNROLL
+        for (int i = 0; i < NV; ++i) {
+            const int q = lane + 32 * i;
+            if (q < nvec) lf::load16(x + q * W, v[i]);
+        }
+LF_UNROLL
+        for (int i = 0; i < NV; ++i) {
+            if (lane + 32 * i < nvec) {
+LF_UNROLL
+                for (int e = 0; e < W; ++e) s += v[i][e];
+            }
+        }
+        const float m = warp_sum(s) / n;
+        float ss = 0.0f;
+LF_UNROLL
+        for (int i = 0; i < NV; ++i) {
+            if (lane + 32 * i < nvec) {
+LF_UNROLL
+                for (int e = 0; e < W; ++e) {
+                    const float d = v[i][e] - m;
+                    ss += d * d;
+                }
+            }
+        }
+        const float r = 1.0f / sqrtf(warp_sum(ss) / n + p.eps);
+LF_UNROLL
+        for (int i = 0; i < NV; ++i) {
+            const int q = lane + 32 * i;
+            if (q < nvec) {
+                float g[W], b[W];
+                lf::load16(gamma + q * W, g);
+                lf::load16(beta + q * W, b);
+LF_UNROLL
+                for (int e = 0; e < W; ++e) v[i][e] = (v[i][e] - m) * r * g[e] + b[e];
+                lf::store16(y + q * W, v[i]);
+            }
+        }
+        if (lane == 0) {
+            p.mean[row] = m;
+            p.rstd[row] = r;
+        }
+    }
+}
+
+// The scalar forward (any C, any alignment): three passes over the row from global memory
+// (the second and third from L1/L2), lanes striding over the channels.
+template <typename T>
+__device__ void forward_scalar(const LayerNormParams& p) {
     const int lane = threadIdx.x & 31;
     const long long warp = threadIdx.x >> 5;
     const T* gamma = static_cast<const T*>(p.gamma);
@@ -113,9 +188,72 @@ __device__ void forward(const LayerNormParams& p) {
     }
 }
 
-// gx, one warp per row; `block` counts the blocks of this role, `nblocks` of them.
 template <typename T>
-__device__ void backward_x(const LayerNormParams& p, long long block, long long nblocks) {
+__device__ void forward(const LayerNormParams& p) {
+    if (row_in_registers<T>(p.c, p.x, p.y, p.gamma, p.beta)) {
+        forward_vec<T>(p);
+    } else {
+        forward_scalar<T>(p);
+    }
+}
+
+// gx, row in registers (as forward_vec): x and d = gamma·gy held per lane, the two row
+// sums, then gx; one warp per row, `block` counts the blocks of this role, `nblocks`.
+template <typename T>
+__device__ void backward_x_vec(const LayerNormParams& p, long long block, long long nblocks) {
+    constexpr int W = lf::vec16<T>::n, NV = kRegValues / W;
+    const int lane = threadIdx.x & 31;
+    const long long warp = threadIdx.x >> 5;
+    const T* gamma = static_cast<const T*>(p.gamma);
+    const int nvec = (int)(p.c / W);
+    const float n = (float)p.c;
+    for (long long row = block * kWarps + warp; row < p.rows; row += nblocks * kWarps) {
+        const T* x = static_cast<const T*>(p.x) + row * p.c;
+        const T* gy = static_cast<const T*>(p.gy) + row * p.c;
+        T* gx = static_cast<T*>(p.gx) + row * p.c;
+        const float m = p.mean[row], r = p.rstd[row];
+        float xv[NV][W], dv[NV][W];
+LF_UNROLL
+        for (int i = 0; i < NV; ++i) {
+            const int q = lane + 32 * i;
+            if (q < nvec) {
+                lf::load16(x + q * W, xv[i]);
+                lf::load16(gy + q * W, dv[i]);
+            }
+        }
+        float sd = 0.0f, sdn = 0.0f;
+LF_UNROLL
+        for (int i = 0; i < NV; ++i) {
+            const int q = lane + 32 * i;
+            if (q < nvec) {
+                float g[W];
+                lf::load16(gamma + q * W, g);
+LF_UNROLL
+                for (int e = 0; e < W; ++e) {
+                    const float d = g[e] * dv[i][e];
+                    dv[i][e] = d;
+                    sd += d;
+                    sdn += d * ((xv[i][e] - m) * r);
+                }
+            }
+        }
+        const float mean_d = warp_sum(sd) / n, mean_dn = warp_sum(sdn) / n;
+LF_UNROLL
+        for (int i = 0; i < NV; ++i) {
+            const int q = lane + 32 * i;
+            if (q < nvec) {
+LF_UNROLL
+                for (int e = 0; e < W; ++e)
+                    xv[i][e] = (dv[i][e] - mean_d - (xv[i][e] - m) * r * mean_dn) * r;
+                lf::store16(gx + q * W, xv[i]);
+            }
+        }
+    }
+}
+
+// gx, scalar (any C, any alignment): one warp per row, lanes striding over the channels.
+template <typename T>
+__device__ void backward_x_scalar(const LayerNormParams& p, long long block, long long nblocks) {
     const int lane = threadIdx.x & 31;
     const long long warp = threadIdx.x >> 5;
     const T* gamma = static_cast<const T*>(p.gamma);
@@ -185,7 +323,11 @@ template <typename T>
 __device__ void backward(const LayerNormParams& p) {
     const long long b = blockIdx.x;
     if (b < p.row_blocks) {
-        backward_x<T>(p, b, p.row_blocks);
+        if (row_in_registers<T>(p.c, p.x, p.gy, p.gx, p.gamma)) {
+            backward_x_vec<T>(p, b, p.row_blocks);
+        } else {
+            backward_x_scalar<T>(p, b, p.row_blocks);
+        }
     } else {
         backward_chunks<T>(p, b - p.row_blocks, (long long)gridDim.x - p.row_blocks);
     }
