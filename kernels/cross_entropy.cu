@@ -24,14 +24,19 @@
 //                           gx may be x itself (in place: each thread reads an element
 //                           before it writes it, x[t] is read before a barrier), so the
 //                           logits' buffer becomes their gradient.
-// Reductions in a fixed order (no atomics): thread k of a block takes the elements
-// k, k + 256, … in order, then a warp butterfly (__shfl_xor_sync, 16 → 1) and the 8 warp
-// values in warp order; so a result does not depend on the grid, and two runs give the
-// same bits. The max/sum over a row and the mean are f32 like the CPU's, summed in another
-// order (the tests compare within tolerances); c = f32(gy)/f32(n_valid) equals the CPU's
-// f32(gy/n_valid in f64) exactly. Without a seed given up front the gradient is recomputed
-// in the backward from the saved lse (the forward cannot know gy); with one, the fused
-// kernel writes it at once and the logits need not live until the backward.
+// Reductions in a fixed order (no atomics): thread k of a block takes, in order, its head
+// element (k < the row's unaligned head), the 16-byte vectors k, k + 256, … of the aligned
+// middle and its tail element, keeping an online-softmax state (running max m and
+// Σ exp(x − m), rescaled by exp(m_old − m_new) once per vector); then a warp butterfly
+// (__shfl_xor_sync, 16 → 1) of the states, merged symmetrically so both lanes agree to the
+// bit, and the 8 warp states in warp order. So a result does not depend on the grid, two
+// runs give the same bits, and the fused kernel and fwd then bwd run the same code
+// (row_lse, row_grad): the same bits. The max/sum over a row and the mean are f32 like
+// the CPU's, in another order (the tests compare within tolerances); c = f32(gy)/
+// f32(n_valid) equals the CPU's f32(gy/n_valid in f64) exactly. Without a seed given up
+// front the gradient is recomputed in the backward from the saved lse (the forward cannot
+// know gy); with one, the fused kernel writes it at once and the logits need not live
+// until the backward.
 //
 // Shapes: x [N, V] row-major (any V ≥ 1; V = 50257 for GPT-2); targets [N] i32;
 // lse, losses [N] f32 (device scratch, lse kept for the backward); gy [] and out [] f32;
@@ -40,20 +45,33 @@
 // Dtypes: x and gx bf16, f16 or f32 (the suffix); the loss (out) and its gradient gy f32;
 // compute and accumulate f32; targets i32; lse and losses f32.
 //
-// FLOPs and bytes per call (s bytes per element): forward ~4·N·V FLOPs plus N·V exp, reads
-// x twice (the second pass per row mostly from L2: a row is s·V bytes, 100 KB for bf16 GPT-2)
-// → s·N·V bytes from DRAM; backward ~3·N·V FLOPs plus N·V exp, reads x and writes gx:
-// 2·s·N·V bytes; fused ~7·N·V FLOPs plus 2·N·V exp, reads x (its second and third pass per
-// row mostly from L2) and writes gx: 2·s·N·V bytes. Headline (bf16, N = 8192, V = 50257):
-// forward 0.82 GB → ~0.27 ms at the ~3.0 TB/s an H100 copies; backward 1.65 GB → ~0.55 ms;
-// fused 1.65 GB → ~0.55 ms, one DRAM pass over x fewer than forward + backward, and, in
-// place, no second [N, V] buffer (823 MB) at all. The mean kernel reads 4·N bytes.
+// Vectors: V = 50257 is odd, so row r starts at byte 2·r·V mod 16 (bf16): each row has a
+// scalar head of (8 − offset/2) mod 8 elements, ⌊(V − head)/8⌋ aligned 16-byte vectors and
+// a scalar tail (< 8); the gradient row shares the logits row's offset (same dtype and
+// stride, or in place), so its stores are vectors too (checked; scalar otherwise).
 //
-// Launch geometry: fwd, fused_fwd and bwd: 256 threads per block, one block per row in a grid-stride
-// loop over rows, grid = min(N, the launcher's cap); threads stride over the row's V
-// columns (coalesced). mean_fwd: one block of 256 threads. Static shared memory: 8 floats.
-// Not yet measured on a GPU; known gaps: one element per thread per access (no 16-byte
-// loads), and a small N leaves SMs idle (one block per row).
+// FLOPs and bytes per call (s bytes per element), GPT-2 124M, bf16, N = 8192, V = 50257
+// (s·N·V = 823 MB; floors at the measured copy bandwidth, ~3.0 TB/s H100 / ~4.3 TB/s H200):
+//   fwd: ~5·N·V FLOPs + N·V exp; ONE read of x (the online softmax): 823 MB → 0.27 ms H100
+//     / 0.19 ms H200 (it read x twice before).
+//   bwd: ~3·N·V FLOPs + N·V exp; reads x, writes gx: 1.65 GB → 0.55 ms / 0.38 ms.
+//   fused: both: two reads of x (the second hits L2 only when the rows in flight fit:
+//     ~1000 resident rows × 100 KB do not, so count it from DRAM) + one write: 2.47 GB →
+//     0.82 ms H100 / 0.57 ms H200 (before: 3 reads + 1 write, 3.29 GB, with 2-byte loads).
+//   Predicted ≥ 85 % of the floor (~0.97 ms H100 / ~0.68 ms H200 fused): 32 registers →
+//   8 blocks = 64 warps per SM, each thread a 16-byte load per iteration: ≥ 32 KB in flight
+//   per SM (vs ~25 KB needed); one block merge (2 barriers) per row of ~25 vector
+//   iterations per thread (6282 vectors / 256 threads). The exps are not free: ~22
+//   instructions per element over both passes ≈ 0.3 ms of issue on 132 SMs, under the
+//   memory time but not by much on an H200.
+//   In place, no second [N, V] buffer (823 MB) at all. The mean kernel reads 4·N bytes.
+//   Not measured on a GPU.
+//
+// Launch geometry: fwd, fused_fwd and bwd: 256 threads per block, one block per row in a
+// grid-stride loop over rows, grid = min(N, the launcher's cap); threads stride over the
+// row's vectors (coalesced: a warp reads 512 contiguous bytes). mean_fwd: one block of 256
+// threads. Static shared memory: 16 floats (the warps' states). Known gap: a small N
+// leaves SMs idle (one block per row).
 #include "common.cuh"
 
 // Rust twin: `CrossEntropyParams` in src/ops/cross_entropy/cuda.rs (a test checks the size).

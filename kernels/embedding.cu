@@ -17,20 +17,29 @@
 // Dtypes: wte, wpe, out, gy, gwte, gwpe all f32, bf16 or f16 (the suffix); the sums in
 // f32; each output rounded once (nearest even).
 //
-// FLOPs and bytes per call (s bytes per element): forward N·C FLOPs, 3·s·N·C + 4·N bytes;
-// backward N·C + B·T·C FLOPs, reads gy twice and writes both tables:
-// 2·s·N·C + s·(V + P)·C + 8·(N + V) bytes. Headline (bf16, B·T = 8·1024, C = 768,
-// V = 50257, P = 1024): forward ~38 MB → a floor of ~13 µs at the ~3.0 TB/s an H100
-// copies; backward ~25 MB (gy) + 79 MB (gwte, mostly zeros) → ~35 µs. Memory-bound.
+// FLOPs and bytes per call (s bytes per element), GPT-2 124M, bf16, N = 8·1024, C = 768,
+// V = 50257, P = 1024 (floors at ~3.0 TB/s H100 / ~4.3 TB/s H200 measured copy):
+//   forward N·C FLOPs; reads the N wte rows and N wpe rows, writes out, reads the tokens:
+//     3·s·N·C + 4·N = 37.8 MB → 12.6 µs / 8.8 µs (wpe is 1.6 MB, so its rows come mostly
+//     from L2: ~26.8 MB from DRAM). Predicted ≥ 80 %: a block per row, its threads on the
+//     row's 96 16-byte vectors (2 loads in flight each), ~30 registers → 16 blocks of 128
+//     per SM: ~49 KB in flight per SM; one 64-bit modulo per row (i mod T), none per
+//     element (it had a 64-bit div and two mods per element).
+//   backward N·C + B·T·C FLOPs; reads gy twice (the token sums gather its rows, the
+//     position sums walk the batch), writes both tables in full (gwte mostly zeros), reads
+//     the index: 2·s·N·C + s·(V + P)·C + 8·(N + V + 1) = 104 MB → 35 µs / 24 µs.
+//     Predicted ~80 %: zero rows are plain 16-byte stores; a token's row is a chain of
+//     (order[q], then gy row) loads, short for GPT-2 text (most tokens occur a few times
+//     in 8192) — a token repeated many times serialises on its block.
+//   Not measured on a GPU.
 //
-// Launch geometry: 1-D grid-stride loops, 256 threads per block, grid = min(ceil(work/256),
-// the launcher's cap); the result does not depend on the grid size.
-//   embedding_fwd: one thread per output element (i, j), j fastest (coalesced).
-//   embedding_bwd: one thread per table element: indices below V·C are gwte[v, j] (the
-//     thread walks token v's positions in order), the rest gwpe[t, j] (walks the batch);
-//     either range is skipped when its table needs no gradient. Threads of a warp share v
-//     (or t) and read consecutive j. Known gap: a rare token's rows cost as much as a
-//     frequent one's, and one thread serialises a token that occurs N times.
+// Launch geometry: 128 threads per block, one block per row (forward: token position i;
+// backward: table row u, gwte rows first, then gwpe rows), grid-stride over rows, grid =
+// min(rows, the launcher's cap); the result does not depend on the grid. The threads take
+// the row's 16-byte vectors (W = 16/s channels: 4 f32, 8 bf16/f16) when C is a multiple of
+// W and the tables are 16-byte aligned (then every row is), else its channels one by one;
+// either way each output element is one f32 sum in the reference's order. Either table's
+// rows are skipped when it needs no gradient.
 #include "common.cuh"
 
 // Rust twin: `EmbeddingParams` in src/ops/embedding/cuda.rs (a test checks the size).
