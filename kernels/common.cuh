@@ -133,6 +133,60 @@ __device__ __forceinline__ bool aligned16(const void* p) {
     return (reinterpret_cast<unsigned long long>(p) & 15ull) == 0;
 }
 
+// ---- 16-byte vectors of storage values (the memory-bound kernels) -----------------------
+// vec16<T>::n storage values fill 16 bytes (4 f32, 8 bf16/f16). load16(p, f) reads the n
+// values at `p` (16-byte aligned) with one vector load and widens them to f32, f[e] = p[e];
+// store16(p, f) rounds n f32 values to T (nearest even, as from_f32) and writes them with
+// one vector store. Element e sits in 32-bit word e / (n / 4), the lower index in the low
+// half, as in memory.
+template <typename T> struct vec16 { static constexpr int n = 16 / (int)sizeof(T); };
+
+__device__ __forceinline__ void unpack_word(unsigned w, float* f, const float*) {
+    f[0] = __uint_as_float(w);
+}
+__device__ __forceinline__ void unpack_word(unsigned w, float* f, const bf16*) {
+    f[0] = __bfloat162float(__ushort_as_bfloat16((unsigned short)(w & 0xFFFFu)));
+    f[1] = __bfloat162float(__ushort_as_bfloat16((unsigned short)(w >> 16)));
+}
+__device__ __forceinline__ void unpack_word(unsigned w, float* f, const f16*) {
+    f[0] = __half2float(__ushort_as_half((unsigned short)(w & 0xFFFFu)));
+    f[1] = __half2float(__ushort_as_half((unsigned short)(w >> 16)));
+}
+__device__ __forceinline__ unsigned pack_word(const float* f, const float*) {
+    return __float_as_uint(f[0]);
+}
+__device__ __forceinline__ unsigned pack_word(const float* f, const bf16*) {
+    return (unsigned)__bfloat16_as_ushort(__float2bfloat16_rn(f[0])) |
+           ((unsigned)__bfloat16_as_ushort(__float2bfloat16_rn(f[1])) << 16);
+}
+__device__ __forceinline__ unsigned pack_word(const float* f, const f16*) {
+    return (unsigned)__half_as_ushort(__float2half_rn(f[0])) |
+           ((unsigned)__half_as_ushort(__float2half_rn(f[1])) << 16);
+}
+
+template <typename T>
+__device__ __forceinline__ void load16(const T* p, float (&f)[vec16<T>::n]) {
+    constexpr int per = vec16<T>::n / 4;  // values per 32-bit word
+    uint4 u;
+    copy16(&u, p);
+    unpack_word(u.x, f + 0 * per, p);
+    unpack_word(u.y, f + 1 * per, p);
+    unpack_word(u.z, f + 2 * per, p);
+    unpack_word(u.w, f + 3 * per, p);
+}
+
+template <typename T>
+__device__ __forceinline__ void store16(T* p, const float (&f)[vec16<T>::n]) {
+    constexpr int per = vec16<T>::n / 4;
+    const T* tag = p;
+    uint4 u;
+    u.x = pack_word(f + 0 * per, tag);
+    u.y = pack_word(f + 1 * per, tag);
+    u.z = pack_word(f + 2 * per, tag);
+    u.w = pack_word(f + 3 * per, tag);
+    copy16(p, &u);
+}
+
 // ---- Tensor cores: one wrapper, two implementations --------------------------------------
 // mma_m16n8k16<T>(d, a, b, c): d = a·b + c for one 16×8×16 tile held by a whole warp, with
 // T = bf16 or f16 operands packed two per 32-bit register and f32 accumulators, in the

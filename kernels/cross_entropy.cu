@@ -24,14 +24,19 @@
 //                           gx may be x itself (in place: each thread reads an element
 //                           before it writes it, x[t] is read before a barrier), so the
 //                           logits' buffer becomes their gradient.
-// Reductions in a fixed order (no atomics): thread k of a block takes the elements
-// k, k + 256, … in order, then a warp butterfly (__shfl_xor_sync, 16 → 1) and the 8 warp
-// values in warp order; so a result does not depend on the grid, and two runs give the
-// same bits. The max/sum over a row and the mean are f32 like the CPU's, summed in another
-// order (the tests compare within tolerances); c = f32(gy)/f32(n_valid) equals the CPU's
-// f32(gy/n_valid in f64) exactly. Without a seed given up front the gradient is recomputed
-// in the backward from the saved lse (the forward cannot know gy); with one, the fused
-// kernel writes it at once and the logits need not live until the backward.
+// Reductions in a fixed order (no atomics): thread k of a block takes, in order, its head
+// element (k < the row's unaligned head), the 16-byte vectors k, k + 256, … of the aligned
+// middle and its tail element, keeping an online-softmax state (running max m and
+// Σ exp(x − m), rescaled by exp(m_old − m_new) once per vector); then a warp butterfly
+// (__shfl_xor_sync, 16 → 1) of the states, merged symmetrically so both lanes agree to the
+// bit, and the 8 warp states in warp order. So a result does not depend on the grid, two
+// runs give the same bits, and the fused kernel and fwd then bwd run the same code
+// (row_lse, row_grad): the same bits. The max/sum over a row and the mean are f32 like
+// the CPU's, in another order (the tests compare within tolerances); c = f32(gy)/
+// f32(n_valid) equals the CPU's f32(gy/n_valid in f64) exactly. Without a seed given up
+// front the gradient is recomputed in the backward from the saved lse (the forward cannot
+// know gy); with one, the fused kernel writes it at once and the logits need not live
+// until the backward.
 //
 // Shapes: x [N, V] row-major (any V ≥ 1; V = 50257 for GPT-2); targets [N] i32;
 // lse, losses [N] f32 (device scratch, lse kept for the backward); gy [] and out [] f32;
@@ -40,20 +45,33 @@
 // Dtypes: x and gx bf16, f16 or f32 (the suffix); the loss (out) and its gradient gy f32;
 // compute and accumulate f32; targets i32; lse and losses f32.
 //
-// FLOPs and bytes per call (s bytes per element): forward ~4·N·V FLOPs plus N·V exp, reads
-// x twice (the second pass per row mostly from L2: a row is s·V bytes, 100 KB for bf16 GPT-2)
-// → s·N·V bytes from DRAM; backward ~3·N·V FLOPs plus N·V exp, reads x and writes gx:
-// 2·s·N·V bytes; fused ~7·N·V FLOPs plus 2·N·V exp, reads x (its second and third pass per
-// row mostly from L2) and writes gx: 2·s·N·V bytes. Headline (bf16, N = 8192, V = 50257):
-// forward 0.82 GB → ~0.27 ms at the ~3.0 TB/s an H100 copies; backward 1.65 GB → ~0.55 ms;
-// fused 1.65 GB → ~0.55 ms, one DRAM pass over x fewer than forward + backward, and, in
-// place, no second [N, V] buffer (823 MB) at all. The mean kernel reads 4·N bytes.
+// Vectors: V = 50257 is odd, so row r starts at byte 2·r·V mod 16 (bf16): each row has a
+// scalar head of (8 − offset/2) mod 8 elements, ⌊(V − head)/8⌋ aligned 16-byte vectors and
+// a scalar tail (< 8); the gradient row shares the logits row's offset (same dtype and
+// stride, or in place), so its stores are vectors too (checked; scalar otherwise).
 //
-// Launch geometry: fwd, fused_fwd and bwd: 256 threads per block, one block per row in a grid-stride
-// loop over rows, grid = min(N, the launcher's cap); threads stride over the row's V
-// columns (coalesced). mean_fwd: one block of 256 threads. Static shared memory: 8 floats.
-// Not yet measured on a GPU; known gaps: one element per thread per access (no 16-byte
-// loads), and a small N leaves SMs idle (one block per row).
+// FLOPs and bytes per call (s bytes per element), GPT-2 124M, bf16, N = 8192, V = 50257
+// (s·N·V = 823 MB; floors at the measured copy bandwidth, ~3.0 TB/s H100 / ~4.3 TB/s H200):
+//   fwd: ~5·N·V FLOPs + N·V exp; ONE read of x (the online softmax): 823 MB → 0.27 ms H100
+//     / 0.19 ms H200 (it read x twice before).
+//   bwd: ~3·N·V FLOPs + N·V exp; reads x, writes gx: 1.65 GB → 0.55 ms / 0.38 ms.
+//   fused: both: two reads of x (the second hits L2 only when the rows in flight fit:
+//     ~1000 resident rows × 100 KB do not, so count it from DRAM) + one write: 2.47 GB →
+//     0.82 ms H100 / 0.57 ms H200 (before: 3 reads + 1 write, 3.29 GB, with 2-byte loads).
+//   Predicted ≥ 85 % of the floor (~0.97 ms H100 / ~0.68 ms H200 fused): 32 registers →
+//   8 blocks = 64 warps per SM, each thread a 16-byte load per iteration: ≥ 32 KB in flight
+//   per SM (vs ~25 KB needed); one block merge (2 barriers) per row of ~25 vector
+//   iterations per thread (6282 vectors / 256 threads). The exps are not free: ~22
+//   instructions per element over both passes ≈ 0.3 ms of issue on 132 SMs, under the
+//   memory time but not by much on an H200.
+//   In place, no second [N, V] buffer (823 MB) at all. The mean kernel reads 4·N bytes.
+//   Not measured on a GPU.
+//
+// Launch geometry: fwd, fused_fwd and bwd: 256 threads per block, one block per row in a
+// grid-stride loop over rows, grid = min(N, the launcher's cap); threads stride over the
+// row's vectors (coalesced: a warp reads 512 contiguous bytes). mean_fwd: one block of 256
+// threads. Static shared memory: 16 floats (the warps' states). Known gap: a small N
+// leaves SMs idle (one block per row).
 #include "common.cuh"
 
 // Rust twin: `CrossEntropyParams` in src/ops/cross_entropy/cuda.rs (a test checks the size).
@@ -91,30 +109,124 @@ LF_UNROLL
     return r;
 }
 
-// The row's logsumexp (every thread gets it): max, then Σ exp(x − max), both fixed-order
-// block reductions.
-template <typename T>
-__device__ __forceinline__ float row_lse(const T* xr, long long v, float* red) {
-    float m = __uint_as_float(0xff800000u);  // −inf
-    for (long long j = threadIdx.x; j < v; j += kThreads) m = fmaxf(m, lf::to_f32(xr[j]));
-    m = block_reduce(m, red, true);
-    float s = 0.0f;
-    for (long long j = threadIdx.x; j < v; j += kThreads) s += expf(lf::to_f32(xr[j]) - m);
-    s = block_reduce(s, red, false);
-    return m + logf(s);
+// A running (max m, Σ exp(x − m)) of some logits: the online softmax's state.
+struct MaxSum {
+    float m, s;
+};
+
+// The state of the union of two sets: the larger max, each sum rescaled to it (a sum whose
+// max is the larger is kept as is: ·exp(0) = ·1 exactly). Symmetric to the bit
+// (merge(a, b) = merge(b, a)), so both lanes of a butterfly step agree.
+__device__ __forceinline__ MaxSum merge(MaxSum a, MaxSum b) {
+    const float m = fmaxf(a.m, b.m);
+    if (m == __uint_as_float(0xff800000u)) return {m, 0.0f};  // both empty (−inf)
+    const float sa = a.m == m ? a.s : a.s * expf(a.m - m);
+    const float sb = b.m == m ? b.s : b.s * expf(b.m - m);
+    return {m, sa + sb};
 }
 
-// One row's gradient c·(softmax − onehot), or zeros for an ignored row (t outside 0..v).
+// The block-wide merge of one state per thread in a fixed order (warp butterfly, then the 8
+// warps in order); every thread gets the result. `red` holds 2·kWarps floats.
+__device__ __forceinline__ MaxSum block_merge(MaxSum v, float* red) {
+LF_UNROLL
+    for (int o = 16; o > 0; o >>= 1) {
+        const MaxSum w = {__shfl_xor_sync(0xffffffffu, v.m, o), __shfl_xor_sync(0xffffffffu, v.s, o)};
+        v = merge(v, w);
+    }
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (lane == 0) {
+        red[warp] = v.m;
+        red[kWarps + warp] = v.s;
+    }
+    __syncthreads();
+    MaxSum r = {red[0], red[kWarps]};
+LF_UNROLL
+    for (int w = 1; w < kWarps; ++w) r = merge(r, {red[w], red[kWarps + w]});
+    __syncthreads();  // red may be reused at once
+    return r;
+}
+
+// Visits a row of v logits at `xr` as this thread's share: with `vec`, the scalar head up
+// to the first 16-byte boundary (< W elements: the odd stride V leaves each row at its own
+// offset), the aligned middle as 16-byte vectors (thread k: vectors k, k + 256, …; f_vec(j)
+// for the W elements from j), and the scalar tail; without `vec`, every element by f_one(j).
+template <typename T, typename One, typename Vec>
+__device__ __forceinline__ void for_row(const T* xr, long long v, bool vec, One f_one, Vec f_vec) {
+    constexpr int W = lf::vec16<T>::n;
+    long long head = v, nv = 0;
+    if (vec) {
+        const int mis = (int)((reinterpret_cast<unsigned long long>(xr) & 15ull) / sizeof(T));
+        head = mis == 0 ? 0 : (W - mis < v ? W - mis : v);
+        nv = (v - head) / W;
+    }
+    for (long long j = threadIdx.x; j < head; j += kThreads) f_one(j);
+    for (long long k = threadIdx.x; k < nv; k += kThreads) f_vec(head + k * W);
+    for (long long j = head + nv * W + threadIdx.x; j < v; j += kThreads) f_one(j);
+}
+
+// The row's logsumexp (every thread gets it): one pass of the online softmax (each thread's
+// running max and rescaled sum of exp, a vector at a time), then one fixed-order block merge.
+template <typename T>
+__device__ __forceinline__ float row_lse(const T* xr, long long v, float* red) {
+    constexpr int W = lf::vec16<T>::n;
+    MaxSum st = {__uint_as_float(0xff800000u), 0.0f};  // (−inf, 0): no logits yet
+    for_row(
+        xr, v, true,
+        [&](long long j) {
+            const float a = lf::to_f32(xr[j]);
+            const float m = fmaxf(st.m, a);
+            st.s = (st.m == m ? st.s : st.s * expf(st.m - m)) + expf(a - m);
+            st.m = m;
+        },
+        [&](long long j) {
+            float a[W];
+            lf::load16(xr + j, a);
+            float m = st.m;
+LF_UNROLL
+            for (int e = 0; e < W; ++e) m = fmaxf(m, a[e]);
+            float s = st.m == m ? st.s : st.s * expf(st.m - m);
+LF_UNROLL
+            for (int e = 0; e < W; ++e) s += expf(a[e] - m);
+            st = {m, s};
+        });
+    st = block_merge(st, red);
+    return st.m + logf(st.s);
+}
+
+// One row's gradient c·(softmax − onehot), or zeros for an ignored row (t outside 0..v):
+// vectorised where x and g share their offset within 16 bytes (always: the same row of
+// buffers of the same dtype, or in place).
 template <typename T>
 __device__ __forceinline__ void row_grad(const T* xr, T* gr, long long v, int t, float lse, float c) {
-    if (t < 0 || t >= v) {
-        for (long long j = threadIdx.x; j < v; j += kThreads) gr[j] = lf::from_f32<T>(0.0f);
-        return;
-    }
-    for (long long j = threadIdx.x; j < v; j += kThreads) {
-        const float e = expf(lf::to_f32(xr[j]) - lse);
-        gr[j] = lf::from_f32<T>((j == t ? e - 1.0f : e) * c);
-    }
+    constexpr int W = lf::vec16<T>::n;
+    const bool vec = ((reinterpret_cast<unsigned long long>(xr) ^
+                       reinterpret_cast<unsigned long long>(gr)) & 15ull) == 0;
+    const bool ignored = t < 0 || t >= v;
+    for_row(
+        xr, v, vec,
+        [&](long long j) {
+            if (ignored) {
+                gr[j] = lf::from_f32<T>(0.0f);
+            } else {
+                const float e = expf(lf::to_f32(xr[j]) - lse);
+                gr[j] = lf::from_f32<T>((j == t ? e - 1.0f : e) * c);
+            }
+        },
+        [&](long long j) {
+            float a[W];
+            if (ignored) {
+LF_UNROLL
+                for (int e = 0; e < W; ++e) a[e] = 0.0f;
+            } else {
+                lf::load16(xr + j, a);
+LF_UNROLL
+                for (int e = 0; e < W; ++e) {
+                    const float x = expf(a[e] - lse);
+                    a[e] = (j + e == t ? x - 1.0f : x) * c;
+                }
+            }
+            lf::store16(gr + j, a);
+        });
 }
 
 // c = gy / n_valid, 0 when no row counts.
@@ -125,7 +237,7 @@ __device__ __forceinline__ float grad_coef(const CrossEntropyParams& p) {
 // Per row: lse and the loss (lse kept for the backward).
 template <typename T>
 __device__ __forceinline__ void forward(const CrossEntropyParams& p) {
-    __shared__ float red[kWarps];
+    __shared__ float red[2 * kWarps];
     const T* x = static_cast<const T*>(p.x);
     for (long long row = blockIdx.x; row < p.rows; row += gridDim.x) {
         const T* xr = x + row * p.v;
@@ -143,7 +255,7 @@ __device__ __forceinline__ void forward(const CrossEntropyParams& p) {
 // out — the same operations as forward then backward, so the same bits.
 template <typename T>
 __device__ __forceinline__ void fused(const CrossEntropyParams& p) {
-    __shared__ float red[kWarps];
+    __shared__ float red[2 * kWarps];
     const T* x = static_cast<const T*>(p.x);
     T* gx = static_cast<T*>(p.out);
     const float c = grad_coef(p);

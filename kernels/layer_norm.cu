@@ -27,24 +27,42 @@
 // Dtypes: x, gamma, beta, y, gy and the gradients all f32, bf16 or f16 (the suffix); mean
 // and rstd f32; compute and accumulate in f32; each output rounded once (nearest even).
 //
-// FLOPs and bytes per call (s bytes per element): forward ~8·R·C FLOPs, reads x twice and
-// gamma/beta, writes y: ~3·s·R·C bytes (the second read of x mostly from L1/L2); backward
-// ~20·R·C FLOPs, reads x and gy twice (gx pass and the parameter pass) and writes gx:
-// ~5·s·R·C bytes, plus the chunk sums (8·K·C bytes written and read back). Headline (bf16, R = 8·1024, C = 768): forward ~38 MB → a floor of
-// ~13 µs at the ~3.0 TB/s an H100 copies; backward ~63 MB → ~21 µs. Memory-bound.
+// FLOPs and bytes per call (s bytes per element) at GPT-2 124M's shape, bf16, R = 8·1024,
+// C = 768 (floors at the measured copy bandwidth, ~3.0 TB/s H100 / ~4.3 TB/s H200):
+//   forward ~8·R·C FLOPs; reads x once (the row stays in registers) and γ, β (1.5 KB each,
+//   L1/L2), writes y, mean, rstd: 2·s·R·C + 8·R = 25.2 MB → 8.4 µs H100 / 5.9 µs H200.
+//   Predicted ≥ 85 % of that (~9.9 µs / ~6.9 µs; the scalar kernel before: ~50–65 %):
+//   16-byte loads (a warp reads 512 contiguous bytes per instruction), 64 registers →
+//   4 blocks = 32 warps per SM, each warp with its whole row (1.5 KB) in flight: ~48 KB of
+//   loads in flight per SM against the ~25 KB Little's law asks (3.35 TB/s × ~1 µs / 132
+//   SMs); the statistics are two 5-step xor-shuffle trees per row, no barrier, no
+//   shared memory; 1024 blocks ≈ 1.9 waves of 528 (the second nearly full).
+//   backward ~20·R·C FLOPs; the gx blocks read x, gy (registers) and write gx:
+//   3·s·R·C = 37.7 MB → 12.6 µs H100 / 8.8 µs H200 (the floor); the chunk-sum blocks read
+//   x and gy a second time (25.2 MB, partly from L2: 50 MB on H100, 60 MB on H200) and
+//   write + read 2·2·4·K·C = 0.4 MB of chunk sums (K = 32). Predicted: the gx blocks at
+//   ≥ 85 % (93–101 registers → 2 blocks = 16 warps per SM, 3 KB per warp in flight: ~48 KB
+//   per SM); the whole backward ~50–60 % of the 37.7 MB floor (~22–25 µs H100): the
+//   chunk sums are K·C = 24576 chains of 256 dependent additions (96 blocks of 256
+//   threads, 16 loads in flight per thread with kBatch = 8) that start first and overlap
+//   the gx blocks, but their second read of x and gy stays. Known gap (next step): one
+//   pass, a block per chunk staging the rows' gy and gy·n in shared memory for the ordered
+//   sums, with smaller chunks (both sides) and a warp-parallel final pass.
+//   Not measured on a GPU.
 //
 // Launch geometry: 256-thread blocks of 8 warps.
 //   layer_norm_fwd: one warp per row, grid-stride over rows (grid = min(ceil(R/8), the
-//     launcher's cap)); lanes stride over the channels, coalesced.
-//   layer_norm_bwd: grid = row_blocks + chan_blocks (both ≥ 1 when there is work). Blocks
-//     below row_blocks compute gx, one warp per row as the forward (skipped when gx is not
-//     wanted: row_blocks = 0); the others take the (chunk, 256-channel group) units
-//     k·G + g in a grid-stride loop (G = ⌈C/256⌉), one thread per channel summing the
-//     chunk's ≤ 256 rows (coalesced across the warp): K·C threads' worth of work, where a
-//     single pass over all R rows would give only C threads (768 for GPT-2 small, R = 8192:
-//     8192 dependent adds each) — at that shape K·G = 96 units of 256 serial rows.
+//     launcher's cap)). The row in registers when C is a multiple of W = 16/s (4 f32,
+//     8 bf16/f16), C ≤ 1024 and x, y, γ, β are 16-byte aligned (then every row is): lane l
+//     holds the vectors l, l + 32, … (≤ 32 f32 values per lane); otherwise the scalar
+//     path (lanes stride over the channels, three passes over the row from L1/L2).
+//   layer_norm_bwd: grid = chan_blocks + row_blocks. The first chan_blocks blocks take the
+//     (chunk, 256-channel group) units k·G + g in a grid-stride loop (G = ⌈C/256⌉), one
+//     thread per channel summing the chunk's ≤ 256 rows in order (coalesced across the
+//     warp); the others compute gx, one warp per row as the forward (register or scalar
+//     path, the same test), skipped when gx is not wanted (row_blocks = 0).
 //   layer_norm_params_bwd: one thread per channel (grid-stride, ⌈C/256⌉ blocks up to the
-//     cap) adds the K chunk sums in order and rounds once. Not yet measured on a GPU.
+//     cap) adds the K chunk sums in order and rounds once.
 #include "common.cuh"
 
 // Rust twin: `LayerNormParams` in src/ops/layer_norm/cuda.rs (a test checks the size).
@@ -82,8 +100,83 @@ LF_UNROLL
     return v;
 }
 
+// Whether a row of C values of T can be held in registers as 16-byte vectors: C a
+// multiple of W = lf::vec16<T>::n (so every row starts 16-byte aligned when the base does)
+// and at most 32 lanes × kRegValues values.
+constexpr int kRegValues = 32;  // f32 values per lane for a row (C ≤ 1024)
 template <typename T>
-__device__ void forward(const LayerNormParams& p) {
+__device__ __forceinline__ bool row_in_registers(long long c, const void* a, const void* b,
+                                                 const void* d, const void* e) {
+    return c % lf::vec16<T>::n == 0 && c <= 32 * kRegValues && lf::aligned16(a) &&
+           lf::aligned16(b) && lf::aligned16(d) && lf::aligned16(e);
+}
+
+// The forward, row in registers: lane l holds the vectors l, l + 32, … of the row (a warp
+// reads 512 contiguous bytes per load instruction), sums, then the squared deviations from
+// the registers, then y; gamma and beta are read per row (from L1/L2).
+template <typename T>
+__device__ void forward_vec(const LayerNormParams& p) {
+    constexpr int W = lf::vec16<T>::n, NV = kRegValues / W;
+    const int lane = threadIdx.x & 31;
+    const long long warp = threadIdx.x >> 5;
+    const T* gamma = static_cast<const T*>(p.gamma);
+    const T* beta = static_cast<const T*>(p.beta);
+    const int nvec = (int)(p.c / W);
+    const float n = (float)p.c;
+    for (long long row = (long long)blockIdx.x * kWarps + warp; row < p.rows;
+         row += (long long)gridDim.x * kWarps) {
+        const T* x = static_cast<const T*>(p.x) + row * p.c;
+        T* y = static_cast<T*>(p.y) + row * p.c;
+        float v[NV][W];
+        float s = 0.0f;
+LF_UNROLL
+        for (int i = 0; i < NV; ++i) {
+            const int q = lane + 32 * i;
+            if (q < nvec) lf::load16(x + q * W, v[i]);
+        }
+LF_UNROLL
+        for (int i = 0; i < NV; ++i) {
+            if (lane + 32 * i < nvec) {
+LF_UNROLL
+                for (int e = 0; e < W; ++e) s += v[i][e];
+            }
+        }
+        const float m = warp_sum(s) / n;
+        float ss = 0.0f;
+LF_UNROLL
+        for (int i = 0; i < NV; ++i) {
+            if (lane + 32 * i < nvec) {
+LF_UNROLL
+                for (int e = 0; e < W; ++e) {
+                    const float d = v[i][e] - m;
+                    ss += d * d;
+                }
+            }
+        }
+        const float r = 1.0f / sqrtf(warp_sum(ss) / n + p.eps);
+LF_UNROLL
+        for (int i = 0; i < NV; ++i) {
+            const int q = lane + 32 * i;
+            if (q < nvec) {
+                float g[W], b[W];
+                lf::load16(gamma + q * W, g);
+                lf::load16(beta + q * W, b);
+LF_UNROLL
+                for (int e = 0; e < W; ++e) v[i][e] = (v[i][e] - m) * r * g[e] + b[e];
+                lf::store16(y + q * W, v[i]);
+            }
+        }
+        if (lane == 0) {
+            p.mean[row] = m;
+            p.rstd[row] = r;
+        }
+    }
+}
+
+// The scalar forward (any C, any alignment): three passes over the row from global memory
+// (the second and third from L1/L2), lanes striding over the channels.
+template <typename T>
+__device__ void forward_scalar(const LayerNormParams& p) {
     const int lane = threadIdx.x & 31;
     const long long warp = threadIdx.x >> 5;
     const T* gamma = static_cast<const T*>(p.gamma);
@@ -113,9 +206,72 @@ __device__ void forward(const LayerNormParams& p) {
     }
 }
 
-// gx, one warp per row; `block` counts the blocks of this role, `nblocks` of them.
 template <typename T>
-__device__ void backward_x(const LayerNormParams& p, long long block, long long nblocks) {
+__device__ void forward(const LayerNormParams& p) {
+    if (row_in_registers<T>(p.c, p.x, p.y, p.gamma, p.beta)) {
+        forward_vec<T>(p);
+    } else {
+        forward_scalar<T>(p);
+    }
+}
+
+// gx, row in registers (as forward_vec): x and d = gamma·gy held per lane, the two row
+// sums, then gx; one warp per row, `block` counts the blocks of this role, `nblocks`.
+template <typename T>
+__device__ void backward_x_vec(const LayerNormParams& p, long long block, long long nblocks) {
+    constexpr int W = lf::vec16<T>::n, NV = kRegValues / W;
+    const int lane = threadIdx.x & 31;
+    const long long warp = threadIdx.x >> 5;
+    const T* gamma = static_cast<const T*>(p.gamma);
+    const int nvec = (int)(p.c / W);
+    const float n = (float)p.c;
+    for (long long row = block * kWarps + warp; row < p.rows; row += nblocks * kWarps) {
+        const T* x = static_cast<const T*>(p.x) + row * p.c;
+        const T* gy = static_cast<const T*>(p.gy) + row * p.c;
+        T* gx = static_cast<T*>(p.gx) + row * p.c;
+        const float m = p.mean[row], r = p.rstd[row];
+        float xv[NV][W], dv[NV][W];
+LF_UNROLL
+        for (int i = 0; i < NV; ++i) {
+            const int q = lane + 32 * i;
+            if (q < nvec) {
+                lf::load16(x + q * W, xv[i]);
+                lf::load16(gy + q * W, dv[i]);
+            }
+        }
+        float sd = 0.0f, sdn = 0.0f;
+LF_UNROLL
+        for (int i = 0; i < NV; ++i) {
+            const int q = lane + 32 * i;
+            if (q < nvec) {
+                float g[W];
+                lf::load16(gamma + q * W, g);
+LF_UNROLL
+                for (int e = 0; e < W; ++e) {
+                    const float d = g[e] * dv[i][e];
+                    dv[i][e] = d;
+                    sd += d;
+                    sdn += d * ((xv[i][e] - m) * r);
+                }
+            }
+        }
+        const float mean_d = warp_sum(sd) / n, mean_dn = warp_sum(sdn) / n;
+LF_UNROLL
+        for (int i = 0; i < NV; ++i) {
+            const int q = lane + 32 * i;
+            if (q < nvec) {
+LF_UNROLL
+                for (int e = 0; e < W; ++e)
+                    xv[i][e] = (dv[i][e] - mean_d - (xv[i][e] - m) * r * mean_dn) * r;
+                lf::store16(gx + q * W, xv[i]);
+            }
+        }
+    }
+}
+
+// gx, scalar (any C, any alignment): one warp per row, lanes striding over the channels.
+template <typename T>
+__device__ void backward_x_scalar(const LayerNormParams& p, long long block, long long nblocks) {
     const int lane = threadIdx.x & 31;
     const long long warp = threadIdx.x >> 5;
     const T* gamma = static_cast<const T*>(p.gamma);
@@ -141,7 +297,10 @@ __device__ void backward_x(const LayerNormParams& p, long long block, long long 
 }
 
 // The chunk sums of ggamma and gbeta: unit u = k·G + g sums rows k·256 … of channels
-// g·256 + threadIdx.x in row order (the reference's operations) into partials.
+// g·256 + threadIdx.x in row order (the reference's operations) into partials. The rows are
+// loaded kBatch at a time before their (dependent) additions, so each thread has 2·kBatch
+// loads in flight instead of 2.
+constexpr int kBatch = 8;
 template <typename T>
 __device__ void backward_chunks(const LayerNormParams& p, long long block, long long nblocks) {
     const T* x = static_cast<const T*>(p.x);
@@ -153,7 +312,22 @@ __device__ void backward_chunks(const LayerNormParams& p, long long block, long 
         const long long r0 = k * kChunkRows;
         const long long r1 = r0 + kChunkRows < p.rows ? r0 + kChunkRows : p.rows;
         float gg = 0.0f, gb = 0.0f;
-        for (long long row = r0; row < r1; ++row) {
+        long long row = r0;
+        for (; row + kBatch <= r1; row += kBatch) {
+            float g[kBatch], xv[kBatch];
+LF_UNROLL
+            for (int i = 0; i < kBatch; ++i) {
+                g[i] = lf::to_f32(gy[(row + i) * p.c + j]);
+                xv[i] = lf::to_f32(x[(row + i) * p.c + j]);
+            }
+LF_UNROLL
+            for (int i = 0; i < kBatch; ++i) {
+                const float nrm = __fmul_rn(__fsub_rn(xv[i], p.mean[row + i]), p.rstd[row + i]);
+                gg = __fadd_rn(gg, __fmul_rn(g[i], nrm));
+                gb = __fadd_rn(gb, g[i]);
+            }
+        }
+        for (; row < r1; ++row) {
             const float g = lf::to_f32(gy[row * p.c + j]);
             const float nrm = __fmul_rn(__fsub_rn(lf::to_f32(x[row * p.c + j]), p.mean[row]), p.rstd[row]);
             gg = __fadd_rn(gg, __fmul_rn(g, nrm));
@@ -181,13 +355,18 @@ __device__ void params(const LayerNormParams& p) {
     }
 }
 
+// The chunk-sum blocks come first: they run longest (256 dependent rows per thread), so
+// they start in the first wave and the gx blocks fill the SMs around them.
 template <typename T>
 __device__ void backward(const LayerNormParams& p) {
     const long long b = blockIdx.x;
-    if (b < p.row_blocks) {
-        backward_x<T>(p, b, p.row_blocks);
+    const long long chan_blocks = (long long)gridDim.x - p.row_blocks;
+    if (b < chan_blocks) {
+        backward_chunks<T>(p, b, chan_blocks);
+    } else if (row_in_registers<T>(p.c, p.x, p.gy, p.gx, p.gamma)) {
+        backward_x_vec<T>(p, b - chan_blocks, p.row_blocks);
     } else {
-        backward_chunks<T>(p, b - p.row_blocks, (long long)gridDim.x - p.row_blocks);
+        backward_x_scalar<T>(p, b - chan_blocks, p.row_blocks);
     }
 }
 

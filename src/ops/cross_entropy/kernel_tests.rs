@@ -25,9 +25,15 @@ fn tol(dtype: DType) -> f64 {
 }
 
 /// `(rows, classes, logit offset)`.
-const CASES: [(usize, usize, f64); 8] = [
+/// V = 8, 64: every row 16-byte aligned for bf16/f16 (vectors only); 7, 63, 1000, 5003,
+/// 50257: rows at varying offsets (scalar heads and tails around the aligned vectors).
+const CASES: [(usize, usize, f64); 12] = [
     (1, 1, 0.0),
     (7, 3, 0.0),
+    (9, 7, 0.0),
+    (5, 8, 2.0),
+    (9, 63, 0.0),
+    (3, 1000, -3.0),
     (65, 257, 0.0),
     (7, 5003, 0.0),
     (3, 4099, 40.0),

@@ -52,6 +52,12 @@ pub(crate) const KERNELS: &[&str] = &[
 /// Threads per block of every elementwise kernel (the header's launch geometry).
 pub(crate) const THREADS: u32 = 256;
 
+/// The grid-stride work items of a vectorised kernel over `n` values of `dtype`: one per
+/// 16-byte vector (4 f32 or 8 bf16/f16 values), as `lf::vec16` in the kernels.
+fn vectors(n: usize, dtype: DType) -> usize {
+    n.div_ceil(16 / dtype.size_in_bytes())
+}
+
 /// The kernel-name suffix of a storage dtype.
 pub(crate) fn suffix(dtype: DType) -> Result<&'static str> {
     match dtype {
@@ -104,7 +110,7 @@ fn binary(op: &'static str, kernel: &str, x: &Tensor, y: &Tensor, cols: usize) -
         xd,
         x.dtype(),
         x.shape().clone(),
-        n,
+        vectors(n, x.dtype()),
         |out| ElementwiseParams {
             x: xd.device_ptr(),
             y: yd.device_ptr(),
@@ -132,12 +138,21 @@ pub(crate) fn gelu_bwd(x: &Tensor, gy: &Tensor) -> Result<Tensor> {
     binary("gelu_bwd", "gelu_bwd", gy, x, 0)
 }
 
-/// One-input kernels: `gelu_fwd`, `scale_fwd` (with `alpha`) and the casts.
-fn unary(op: &'static str, kernel: String, x: &Tensor, dtype: DType, alpha: f32) -> Result<Tensor> {
+/// One-input kernels: `gelu_fwd`, `scale_fwd` (with `alpha`) and the casts (`vectorised`:
+/// the kernel takes 16-byte vectors; the casts take one element per work item).
+fn unary(
+    op: &'static str,
+    kernel: String,
+    x: &Tensor,
+    dtype: DType,
+    alpha: f32,
+    vectorised: bool,
+) -> Result<Tensor> {
     let xs = x.storage();
     let xd = dev(&xs, op)?;
     let n = x.elem_count();
-    run(kernel, xd, dtype, x.shape().clone(), n, |out| {
+    let work = if vectorised { vectors(n, x.dtype()) } else { n };
+    run(kernel, xd, dtype, x.shape().clone(), work, |out| {
         ElementwiseParams {
             x: xd.device_ptr(),
             out,
@@ -156,13 +171,14 @@ pub(crate) fn gelu(x: &Tensor) -> Result<Tensor> {
         x,
         x.dtype(),
         0.0,
+        true,
     )
 }
 
 /// `c · x`, with `c` rounded to f32 (the kernels compute in f32).
 pub(crate) fn scale(x: &Tensor, c: f64) -> Result<Tensor> {
     let k = format!("scale_fwd_{}", suffix(x.dtype())?);
-    unary("scale", k, x, x.dtype(), c as f32)
+    unary("scale", k, x, x.dtype(), c as f32, true)
 }
 
 /// A copy converted to `dtype`, rounding once (nearest even).
@@ -171,7 +187,7 @@ pub(crate) fn cast(x: &Tensor, dtype: DType) -> Result<Tensor> {
         return x.deep_clone();
     }
     let k = format!("cast_fwd_{}_{}", suffix(x.dtype())?, suffix(dtype)?);
-    unary("cast", k, x, dtype, 0.0)
+    unary("cast", k, x, dtype, 0.0, false)
 }
 
 /// The bias gradient: column sums of `gy [rows, cols]`, rows in order.

@@ -126,10 +126,17 @@ fn kernels_equal_the_cpu_engine(device: &Device) {
         return;
     }
     let mut g = rng("elementwise_bitwise");
-    let (rows, cols) = (37, 129);
-    let x = rand_tensor(&mut g, [rows, cols], -6.0, 6.0);
-    let y = rand_tensor(&mut g, [rows, cols], -6.0, 6.0);
-    let b = rand_tensor(&mut g, [cols], -1.0, 1.0);
+    // 129 columns: the scalar bias path; 64 and 1000: 16-byte vectors of x and the bias
+    // (1000: for f32 only, 1000 mod 8 = 0 too, so every dtype) with a grid-stride wrap.
+    for (rows, cols) in [(37, 129), (9, 64), (5, 1000)] {
+        bitwise_at(device, &mut g, rows, cols);
+    }
+}
+
+fn bitwise_at(device: &Device, g: &mut impl rand::Rng, rows: usize, cols: usize) {
+    let x = rand_tensor(g, [rows, cols], -6.0, 6.0);
+    let y = rand_tensor(g, [rows, cols], -6.0, 6.0);
+    let b = rand_tensor(g, [cols], -1.0, 1.0);
     for dt in DTYPES {
         let (xd, yd, bd) = (on(&x, dt, device), on(&y, dt, device), on(&b, dt, device));
         let cpu = Device::Cpu;
@@ -167,6 +174,72 @@ fn kernels_equal_the_cpu_engine(device: &Device) {
     }
 }
 crate::test_device!(elementwise_bitwise, kernels_equal_the_cpu_engine);
+
+/// The vectorised kernels on buffers that are not 16-byte aligned (one element past an
+/// allocation's start, as a view would be): they take the scalar path and give the same
+/// bits as the aligned launch; the element before the view stays poisoned (NaN).
+fn misaligned_buffers(device: &Device) {
+    use crate::device::{Backend, LaunchConfig};
+    use crate::storage::{DeviceStorage, Storage};
+    if *device == Device::Cpu {
+        println!("misaligned_buffers on cpu: no kernels");
+        return;
+    }
+    let mut g = rng("elementwise_misaligned");
+    let backend = Backend::of(*device).unwrap();
+    let n = 1001;
+    for dt in DTYPES {
+        let es = dt.size_in_bytes() as u64;
+        let x = on(&rand_tensor(&mut g, [n + 1], -4.0, 4.0), dt, device);
+        let y = on(&rand_tensor(&mut g, [n + 1], -4.0, 4.0), dt, device);
+        // The aligned reference: the same values, from element 1 on, in fresh tensors.
+        let host = |t: &Tensor| t.to_vec_f64().unwrap()[1..].to_vec();
+        let xa = Tensor::from_vec_as(host(&x), [n], dt, device).unwrap();
+        let ya = Tensor::from_vec_as(host(&y), [n], dt, device).unwrap();
+        let cases = [
+            ("add_fwd", add(&xa, &ya).unwrap()),
+            ("gelu_fwd", gelu(&xa).unwrap()),
+            ("gelu_bwd", cuda::gelu_bwd(&ya, &xa).unwrap()),
+            ("scale_fwd", scale(&xa, 0.5).unwrap()),
+        ];
+        for (k, want) in cases {
+            let out = DeviceStorage::alloc(dt, n + 1, *device).unwrap();
+            let ptr = |t: &Tensor| match &*t.storage() {
+                Storage::Device(d) => d.device_ptr(),
+                Storage::Cpu(_) => unreachable!("a device tensor"),
+            };
+            let params = cuda::ElementwiseParams {
+                x: ptr(&x) + es,
+                y: if k == "gelu_fwd" || k == "scale_fwd" {
+                    0
+                } else {
+                    ptr(&y) + es
+                },
+                out: out.device_ptr() + es,
+                n: n as u64,
+                alpha: 0.5,
+                ..Default::default()
+            };
+            let cfg = LaunchConfig::grid_stride(n, 256, backend.max_blocks());
+            let name = format!("{k}_{}", cuda::suffix(dt).unwrap());
+            backend.launch(&name, &cfg, &params).unwrap();
+            let got = Tensor::from_storage(Storage::Device(out), Shape::from([n + 1]))
+                .unwrap()
+                .to_vec_f64()
+                .unwrap();
+            assert!(got[0].is_nan(), "{name}: wrote before its output");
+            let want = want.to_vec_f64().unwrap();
+            if let Some(i) = (0..n).find(|&i| got[i + 1].to_bits() != want[i].to_bits()) {
+                panic!(
+                    "{name} misaligned: element {i} is {:e}, aligned {:e}",
+                    got[i + 1],
+                    want[i]
+                );
+            }
+        }
+    }
+}
+crate::test_device!(elementwise_misaligned, misaligned_buffers);
 
 /// Casts of special values: ±0, ±inf, NaN, subnormals, overflow and halfway cases round
 /// as the `half` crate does (nearest even).

@@ -14,8 +14,15 @@ use rand::Rng;
 const DTYPES: [DType; 3] = [DType::F32, DType::BF16, DType::F16];
 
 /// (batch, seq, vocab, positions, channels).
-const SHAPES: [(usize, usize, usize, usize, usize); 6] = [
+/// C = 8, 64, 768, 1000: 16-byte vectors for every dtype; 772: vectors for f32 only;
+/// 1, 3, 7, 31, 33, 257: one channel at a time.
+const SHAPES: [(usize, usize, usize, usize, usize); 11] = [
     (1, 1, 1, 1, 1),
+    (2, 9, 20, 12, 8),
+    (3, 5, 11, 5, 64),
+    (1, 6, 9, 7, 7),
+    (2, 3, 6, 4, 772),
+    (1, 4, 6, 4, 1000),
     (1, 7, 5, 9, 3),
     (5, 13, 50, 16, 31),
     (2, 65, 300, 70, 768),

@@ -15,8 +15,12 @@ use crate::DType;
 const DTYPES: [DType; 3] = [DType::F32, DType::BF16, DType::F16];
 
 /// (rows, channels): rows past one and several 256-row chunks of the parameter sums
-/// (257, 600), channels past one 256-thread group.
-const SHAPES: [(usize, usize); 9] = [
+/// (257, 600), channels past one 256-thread group; then the register path's edges: C a
+/// multiple of the vector width (f32 4, bf16/f16 8: 8, 64, 768, 1000 — 1000/8 leaves lanes
+/// with fewer vectors) or not (1, 7, 63, and 772 = 768 + 4: vectors for f32 only, rows at
+/// 8-byte offsets for bf16/f16, so those take the scalar path), and past the 1024 values a
+/// warp holds (1040: scalar for every dtype).
+const SHAPES: [(usize, usize); 16] = [
     (1, 1),
     (7, 3),
     (65, 31),
@@ -26,6 +30,13 @@ const SHAPES: [(usize, usize); 9] = [
     (1, 768),
     (257, 5),
     (600, 300),
+    (9, 8),
+    (17, 64),
+    (5, 7),
+    (5, 63),
+    (3, 772),
+    (4, 1000),
+    (2, 1040),
 ];
 
 fn tol(dtype: DType) -> f64 {
