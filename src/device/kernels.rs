@@ -43,6 +43,7 @@ pub fn launched() -> impl Iterator<Item = &'static str> {
         crate::ops::layer_norm::cuda::KERNELS,
         crate::ops::lora_matmul::cuda::KERNELS,
         crate::ops::lora_merge::cuda::KERNELS,
+        crate::ops::lora_reduce::cuda::KERNELS,
         crate::optim::adamw::cuda::KERNELS,
     ]
     .into_iter()

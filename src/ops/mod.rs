@@ -16,6 +16,7 @@ pub(crate) mod layer_norm;
 mod lora_linear;
 pub(crate) mod lora_matmul;
 pub(crate) mod lora_merge;
+pub(crate) mod lora_reduce;
 mod matmul;
 pub mod profile;
 
@@ -27,6 +28,8 @@ pub use embedding::embedding;
 pub use layer_norm::layer_norm;
 pub use lora_linear::{lora_linear, LoraTerm};
 pub use lora_merge::{lora_merge, lora_merge_with};
+#[doc(hidden)]
+pub use lora_reduce::bench_token_reduce;
 pub use matmul::{linear, matmul};
 
 use crate::{DType, Real, Result, Tensor};
