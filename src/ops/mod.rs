@@ -16,6 +16,7 @@ pub(crate) mod layer_norm;
 mod lora_linear;
 pub(crate) mod lora_matmul;
 pub(crate) mod lora_merge;
+pub(crate) mod lora_reduce;
 mod matmul;
 pub mod profile;
 
@@ -27,6 +28,8 @@ pub use embedding::embedding;
 pub use layer_norm::layer_norm;
 pub use lora_linear::{lora_linear, LoraTerm};
 pub use lora_merge::{lora_merge, lora_merge_with};
+#[doc(hidden)]
+pub use lora_reduce::bench_token_reduce;
 pub use matmul::{linear, matmul};
 
 use crate::{DType, Real, Result, Tensor};
@@ -43,7 +46,7 @@ struct Launcher {
 /// knows nothing of them: the tidy test checks that these lists name exactly the kernels
 /// `kernels/*.cu` defines, and the GPU tests that each kernel's `__launch_bounds__` admit
 /// the block its launcher gives it.
-const LAUNCHERS: [Launcher; 9] = [
+const LAUNCHERS: [Launcher; 10] = [
     Launcher {
         kernels: attention::cuda::KERNELS,
         threads: |_| attention::cuda::THREADS,
@@ -75,6 +78,16 @@ const LAUNCHERS: [Launcher; 9] = [
     Launcher {
         kernels: lora_merge::cuda::KERNELS,
         threads: |_| lora_merge::cuda::THREADS as u32,
+    },
+    Launcher {
+        kernels: lora_reduce::cuda::KERNELS,
+        threads: |k| {
+            if k.starts_with("lora_reduce_sum_") {
+                lora_reduce::cuda::SUM_THREADS
+            } else {
+                lora_reduce::cuda::THREADS
+            }
+        },
     },
     Launcher {
         kernels: crate::optim::adamw::cuda::KERNELS,

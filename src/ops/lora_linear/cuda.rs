@@ -1,5 +1,6 @@
 //! The LoRA linear on the CUDA backend and the simulator: every product is one launch of
-//! the fused GEMM of `kernels/lora_matmul.cu` (see [`crate::ops::lora_matmul`]).
+//! the fused GEMM of `kernels/lora_matmul.cu` (see [`crate::ops::lora_matmul`]), but for
+//! `gA`, `gB` (below).
 //!
 //! ```text
 //! forward   suᵢ = sᵢ·x_lora·Aᵢᵀ                                    [M, r]  (saved)
@@ -11,11 +12,16 @@
 //!           gBᵢ = gy[:, colsᵢ]ᵀ·suᵢ,  gAᵢ = svᵢᵀ·x_lora,  gW0 = gyᵀ·x (only if tracked)
 //! ```
 //!
+//! `gA` and `gB` reduce over the M tokens into a small output: they run split-K
+//! ([`crate::ops::lora_reduce`]: token chunks, a fixed-order second pass) for ranks ≤ 64,
+//! and as the GEMM above beyond.
+//!
 //! The scale is folded into the saved `su` and into `sv`, so every fused product runs with
 //! `alpha = 1` and the rank-`r` extension rides on the base GEMM's reduction.
 
 use super::SavedTerm;
 use crate::ops::lora_matmul::{Extension, Gemm, Operand};
+use crate::ops::lora_reduce::TokenReduce;
 use crate::{Result, Tensor};
 
 /// Forward on a device: `y [.., N]` and each adapter's `s·u`.
@@ -148,27 +154,43 @@ pub(super) fn backward(
     let mut gb = Vec::with_capacity(terms.len());
     for (i, t) in terms.iter().enumerate() {
         // gB = gy[:, cols]ᵀ·su  [n_i, r]: A(i, p) = gy[p, n0 + i]
+        // Split-K over the tokens (`lora_reduce`) when a side is ≤ 64, else the GEMM.
         gb.push(if t.b.requires_grad() {
-            let gy_t = Operand::transposed(gy, n).at(t.cols.start);
-            Some(
-                Gemm::new(t.cols.len(), t.r, m, gy_t, Operand::rows(&sus[i], t.r))
-                    .run([t.cols.len(), t.r])?,
-            )
+            let w = t.cols.len();
+            let split = TokenReduce::new(
+                w,
+                t.r,
+                m,
+                Operand::rows(gy, n).at(t.cols.start),
+                Operand::rows(&sus[i], t.r),
+            );
+            Some(if split.plan().is_ok() {
+                split.run([w, t.r])?
+            } else {
+                let gy_t = Operand::transposed(gy, n).at(t.cols.start);
+                Gemm::new(w, t.r, m, gy_t, Operand::rows(&sus[i], t.r)).run([w, t.r])?
+            })
         } else {
             None
         });
         // gA = svᵀ·x_lora  [r, k]
         ga.push(match (&svs[i], t.a.requires_grad()) {
-            (Some(sv), true) => Some(
-                Gemm::new(
-                    t.r,
-                    k,
-                    m,
-                    Operand::transposed(sv, t.r),
-                    Operand::rows(xl, k),
-                )
-                .run([t.r, k])?,
-            ),
+            (Some(sv), true) => {
+                let split =
+                    TokenReduce::new(t.r, k, m, Operand::rows(sv, t.r), Operand::rows(xl, k));
+                Some(if split.plan().is_ok() {
+                    split.run([t.r, k])?
+                } else {
+                    Gemm::new(
+                        t.r,
+                        k,
+                        m,
+                        Operand::transposed(sv, t.r),
+                        Operand::rows(xl, k),
+                    )
+                    .run([t.r, k])?
+                })
+            }
             _ => None,
         });
     }
