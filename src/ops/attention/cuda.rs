@@ -52,6 +52,20 @@ pub(crate) const KERNELS: &[&str] = &[
     "attention_dkv_bwd_f32",
     "attention_dkv_bwd_bf16",
     "attention_dkv_bwd_f16",
+    "attention_tc64_fwd_bf16",
+    "attention_tc64_fwd_f16",
+    "attention_tc128_fwd_bf16",
+    "attention_tc128_fwd_f16",
+    "attention_delta_bwd_bf16",
+    "attention_delta_bwd_f16",
+    "attention_tc64_dq_bwd_bf16",
+    "attention_tc64_dq_bwd_f16",
+    "attention_tc128_dq_bwd_bf16",
+    "attention_tc128_dq_bwd_f16",
+    "attention_tc64_dkv_bwd_bf16",
+    "attention_tc64_dkv_bwd_f16",
+    "attention_tc128_dkv_bwd_bf16",
+    "attention_tc128_dkv_bwd_f16",
 ];
 
 /// Threads per block (the header's launch geometry: 8 × 16).
@@ -104,6 +118,53 @@ pub(crate) fn tile(kernel: Kernel, hd: usize) -> Result<(usize, usize)> {
         })
 }
 
+/// Rows a tensor-core block owns (`tc::kBM` in the `.cu`): 64 query rows (forward, dq) or
+/// 64 keys (dkv), 16 per warp.
+pub(crate) const TC_BM: usize = 64;
+/// Rows per block of `attention_delta_bwd` (8 threads per row).
+const DELTA_ROWS: usize = 16;
+
+/// The tensor-core (FlashAttention-2) kernels of one head dim: the inner tile of each
+/// (`bc` in the parameters), as instantiated in the `.cu`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct TcPath {
+    /// The head dim (64 or 128).
+    pub hd: usize,
+    /// Keys per K/V tile of the forward and of dq.
+    pub bc: usize,
+    /// Query rows per Q/gy tile of dkv.
+    pub bq: usize,
+}
+
+impl TcPath {
+    /// Dynamic shared bytes of the forward: Q [64, hd], 2 stages × (K, V) [bc, hd].
+    pub(crate) fn fwd_bytes(&self) -> usize {
+        2 * (TC_BM + 4 * self.bc) * self.hd
+    }
+    /// Of dq: stage 0 (K, V [bc, hd]), then one region for Q, gy [64, hd] (at the start)
+    /// and stage 1.
+    pub(crate) fn dq_bytes(&self) -> usize {
+        2 * (2 * self.bc + (2 * self.bc).max(2 * TC_BM)) * self.hd
+    }
+    /// Of dkv: K, V [64, hd], 2 stages × (Q, gy) [bq, hd].
+    pub(crate) fn dkv_bytes(&self) -> usize {
+        2 * (2 * TC_BM + 4 * self.bq) * self.hd
+    }
+}
+
+/// The tensor-core path for `dtype` at head dim `hd`, if there is one (bf16 and f16 at head
+/// dims 64 and 128); everything else runs on the SIMT kernels.
+pub(crate) fn tc_path(dtype: DType, hd: usize) -> Option<TcPath> {
+    if !matches!(dtype, DType::BF16 | DType::F16) {
+        return None;
+    }
+    match hd {
+        64 => Some(TcPath { hd, bc: 64, bq: 64 }),
+        128 => Some(TcPath { hd, bc: 32, bq: 16 }),
+        _ => None,
+    }
+}
+
 /// The device storage of a tensor's storage guard.
 fn dev(s: &Storage) -> Result<&DeviceStorage> {
     match s {
@@ -121,10 +182,22 @@ fn int(v: usize) -> Result<i64> {
 /// Grid (⌈T/BR⌉, H, B) and the shared bytes of `kernel`, validated against CUDA's limits;
 /// the parameters with `kernel`'s tile. Pointers are filled in by the caller.
 fn launch_setup(kernel: Kernel, d: Dims) -> Result<(LaunchConfig, AttentionParams)> {
+    let (bc, bytes) = tile(kernel, d.c / d.h)?;
+    grid_setup(d, BR, BR, bc, bytes)
+}
+
+/// Grid (⌈T/rows⌉, H, B) of 128 threads with `bytes` of dynamic shared memory, validated
+/// against CUDA's limits; the parameters with `br`, `bc`.
+fn grid_setup(
+    d: Dims,
+    rows: usize,
+    br: usize,
+    bc: usize,
+    bytes: usize,
+) -> Result<(LaunchConfig, AttentionParams)> {
     let hd = d.c / d.h;
-    let (bc, bytes) = tile(kernel, hd)?;
     let too_big = || Error::invalid(format!("{OP}: {d:?} exceeds the launch grid"));
-    let x = u32::try_from(d.t.div_ceil(BR))
+    let x = u32::try_from(d.t.div_ceil(rows))
         .ok()
         .filter(|&x| x < 1 << 31)
         .ok_or_else(too_big)?;
@@ -139,8 +212,7 @@ fn launch_setup(kernel: Kernel, d: Dims) -> Result<(LaunchConfig, AttentionParam
     let cfg = LaunchConfig {
         grid: [x, y, z],
         block: [THREADS, 1, 1],
-        // At most SMEM_BUDGET: fits a u32.
-        shared_bytes: bytes as u32,
+        shared_bytes: u32::try_from(bytes).map_err(|_| too_big())?,
     };
     let prm = AttentionParams {
         b: int(d.b)?,
@@ -148,7 +220,7 @@ fn launch_setup(kernel: Kernel, d: Dims) -> Result<(LaunchConfig, AttentionParam
         c: int(d.c)?,
         h: int(d.h)?,
         scale: (1.0 / (hd as f64).sqrt()) as f32,
-        br: BR as i32,
+        br: br as i32,
         bc: bc as i32,
         ..Default::default()
     };
@@ -198,7 +270,13 @@ pub(crate) fn forward(qkv: &Tensor, d: Dims) -> Result<(Tensor, Tensor)> {
     let dtype = qkv.dtype();
     let name = format!("attention_fwd_{}", suffix(dtype)?);
     expect("qkv", qkv, &[d.b, d.t, 3 * d.c], dtype, qkv)?;
-    let (cfg, prm) = launch_setup(Kernel::Fwd, d)?;
+    let (name, (cfg, prm)) = match tc_path(dtype, d.c / d.h) {
+        Some(tc) => (
+            format!("attention_tc{}_fwd_{}", tc.hd, suffix(dtype)?),
+            grid_setup(d, TC_BM, TC_BM, tc.bc, tc.fwd_bytes())?,
+        ),
+        None => (name, launch_setup(Kernel::Fwd, d)?),
+    };
     let qs = qkv.storage();
     let qd = dev(&qs)?;
     let y = DeviceStorage::alloc(dtype, d.b * d.t * d.c, qd.device())?;
@@ -235,8 +313,15 @@ pub(crate) fn backward(
     expect("y", y, &[d.b, d.t, d.c], dtype, qkv)?;
     expect("gy", gy, &[d.b, d.t, d.c], dtype, qkv)?;
     expect("lse", lse, &[d.b, d.h, d.t], DType::F32, qkv)?;
-    let (cfg_dq, prm_dq) = launch_setup(Kernel::Dq, d)?;
-    let (cfg_dkv, prm_dkv) = launch_setup(Kernel::Dkv, d)?;
+    let tc = tc_path(dtype, d.c / d.h);
+    let (cfg_dq, prm_dq) = match tc {
+        Some(tc) => grid_setup(d, TC_BM, TC_BM, tc.bc, tc.dq_bytes())?,
+        None => launch_setup(Kernel::Dq, d)?,
+    };
+    let (cfg_dkv, prm_dkv) = match tc {
+        Some(tc) => grid_setup(d, TC_BM, TC_BM, tc.bq, tc.dkv_bytes())?,
+        None => launch_setup(Kernel::Dkv, d)?,
+    };
     let (qs, ys, ls, gs) = (qkv.storage(), y.storage(), lse.storage(), gy.storage());
     let (qd, yd, ld, gd) = (dev(&qs)?, dev(&ys)?, dev(&ls)?, dev(&gs)?);
     let dqkv = DeviceStorage::alloc(dtype, d.b * d.t * 3 * d.c, qd.device())?;
@@ -252,6 +337,28 @@ pub(crate) fn backward(
             ..prm
         };
         let backend = qd.backend();
+        if let Some(tc) = tc {
+            // D first; then dk, dv per key block and dq per query block, both reading it
+            // (launches on one stream run in order).
+            let (cfg_d, prm_d) = grid_setup(d, DELTA_ROWS, DELTA_ROWS, 0, 0)?;
+            backend.launch(
+                &format!("attention_delta_bwd_{sfx}"),
+                &cfg_d,
+                &with_ptrs(prm_d),
+            )?;
+            let hd = tc.hd;
+            backend.launch(
+                &format!("attention_tc{hd}_dkv_bwd_{sfx}"),
+                &cfg_dkv,
+                &with_ptrs(prm_dkv),
+            )?;
+            backend.launch(
+                &format!("attention_tc{hd}_dq_bwd_{sfx}"),
+                &cfg_dq,
+                &with_ptrs(prm_dq),
+            )?;
+            return Tensor::from_storage(Storage::Device(dqkv), Shape::from([d.b, d.t, 3 * d.c]));
+        }
         backend.launch(&format!("attention_bwd_{sfx}"), &cfg_dq, &with_ptrs(prm_dq))?;
         // Launches on one stream run in order: D is complete before attention_dkv_bwd
         // reads it, and the scratch is freed in stream order after the launch.

@@ -103,6 +103,72 @@ fn attention_matches_the_reference(device: &Device) {
 }
 crate::test_device!(matches_reference, attention_matches_the_reference);
 
+/// The tensor-core (FlashAttention-2) kernels: bf16 and f16 at head dims 64 and 128, and
+/// 32 (no tensor-core instantiation: the SIMT kernels), over T = 1, 7, 63, 65, 127, 130
+/// (one to three 64-row blocks, partial K/V tiles of 64, 32 and 16 rows, the diagonal tile
+/// cut by T) and B = H = 2 at one T, forward and backward against the f64 reference with the
+/// usual tolerances, twice, bit for bit.
+fn attention_tensor_cores_match_the_reference(device: &Device) {
+    let mut r = rng("attention_tc");
+    let mut shapes = Vec::new();
+    for t in [1, 7, 63, 65, 127, 130] {
+        shapes.push((1, t, 64, 1));
+        shapes.push((1, t, 128, 1));
+    }
+    shapes.extend([(2, 65, 128, 2), (1, 65, 64, 2)]);
+    for (b, t, c, h) in shapes {
+        let x = rand_tensor(&mut r, [b, t, 3 * c], -2.0, 2.0);
+        let gy = rand_tensor(&mut r, [b, t, c], -1.0, 1.0);
+        for dtype in [DType::BF16, DType::F16] {
+            let path = cuda::tc_path(dtype, c / h).map_or("SIMT", |_| "tensor cores");
+            let name = format!("{device} {dtype} B{b} T{t} C{c} H{h} ({path})");
+            let (xd, gd) = (on(&x, dtype, device), on(&gy, dtype, device));
+            let (x64, g64) = (
+                on(&xd, DType::F64, &Device::Cpu),
+                on(&gd, DType::F64, &Device::Cpu),
+            );
+            let (y, gx) = run(&xd, &gd, h);
+            let (y64, gx64) = run(&x64, &g64, h);
+            assert_eq!(y.dims(), &[b, t, c], "{name}");
+            assert_eq!(gx.dims(), &[b, t, 3 * c], "{name}");
+            assert_close(
+                &format!("{name}: y"),
+                &y.to_vec_f64().unwrap(),
+                &y64.to_vec_f64().unwrap(),
+                tol(dtype),
+            );
+            assert_close(
+                &format!("{name}: dqkv"),
+                &gx.to_vec_f64().unwrap(),
+                &gx64.to_vec_f64().unwrap(),
+                tol(dtype),
+            );
+            let (y2, gx2) = run(&xd, &gd, h);
+            assert_eq!(bits(&y), bits(&y2), "{name}: y differs between runs");
+            assert_eq!(bits(&gx), bits(&gx2), "{name}: dqkv differs between runs");
+        }
+    }
+}
+crate::test_device!(tensor_cores, attention_tensor_cores_match_the_reference);
+
+/// Head dims 64 and 128 of bf16 and f16 take the tensor cores, everything else the SIMT
+/// kernels; every tensor-core kernel fits 48 KiB of dynamic shared memory (no opt-in).
+#[test]
+fn tensor_core_path_and_shared_memory() {
+    for dtype in [DType::BF16, DType::F16] {
+        for hd in [64, 128] {
+            let tc = cuda::tc_path(dtype, hd).unwrap();
+            for bytes in [tc.fwd_bytes(), tc.dq_bytes(), tc.dkv_bytes()] {
+                assert!(bytes <= cuda::SMEM_BUDGET, "{dtype} hd {hd}: {bytes} bytes");
+            }
+        }
+        for hd in [1, 16, 32, 63, 80, 96, 127] {
+            assert_eq!(cuda::tc_path(dtype, hd), None, "{dtype} hd {hd}");
+        }
+    }
+    assert_eq!(cuda::tc_path(DType::F32, 64), None);
+}
+
 fn attention_is_causal_and_handles_empty_inputs(device: &Device) {
     let mut r = rng("attention_kernel_causal");
     let (b, t, c, h, t0) = (2, 37, 12, 3, 20);
