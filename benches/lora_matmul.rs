@@ -14,13 +14,24 @@
 //! (bf16, M = 8192, K = N = 4096, r = 16). Without one, the `cuda` group prints `skipped`
 //! and a small f32 CPU group runs instead.
 //!
+//! `lora_matmul/gpt2/<gemm>` (GPU only; `skipped` without one): each GEMM of the GPT-2-124M
+//! LoRA step at M = 8192 tokens, bf16, r = 16 on the block linears — the forward `y` (the
+//! fused `lora_linear`: the base GEMM over K + r plus the skinny `s·x·Aᵀ`) and the
+//! backward `gx = gy·W0` (the base product, W0 n-contiguous) — for c_attn 768→2304,
+//! attn.c_proj 768→768, mlp.c_fc 768→3072, mlp.c_proj 3072→768 and lm_head 768→50257
+//! (no LoRA). Each prints its TFLOP/s and the fraction of the 800 TFLOP/s floor of
+//! `kernels/lora_matmul.cu`'s header, from a plain timed loop, before criterion's samples.
+//!
 //! `cargo bench --bench lora_matmul`; BENCHMARKS.md records the numbers.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use lorafuse::ops::{add, linear, lora_linear, scale, LoraTerm};
+use lorafuse::ops::{add, linear, lora_linear, matmul, scale, LoraTerm};
 use lorafuse::{DType, Device, Tape, Tensor};
 use rand::SeedableRng;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+/// The bf16 matrix rate the kernel header's floors assume (DESIGN §9: cuBLAS-class).
+const FLOOR_TFLOPS: f64 = 800.0;
 
 struct Shape {
     m: usize,
@@ -165,6 +176,131 @@ fn run_group(c: &mut Criterion, name: &str, device: Device, s: &Shape, cublas: b
     g.finish();
 }
 
+/// One GEMM of the GPT-2 step: `x [M, K]`, `W0 [N, K]`, LoRA rank `r` (0: none).
+struct StepGemm {
+    name: &'static str,
+    k: usize,
+    n: usize,
+    r: usize,
+}
+
+const GPT2_M: usize = 8192;
+const GPT2_GEMMS: [StepGemm; 5] = [
+    StepGemm {
+        name: "c_attn",
+        k: 768,
+        n: 2304,
+        r: 16,
+    },
+    StepGemm {
+        name: "attn.c_proj",
+        k: 768,
+        n: 768,
+        r: 16,
+    },
+    StepGemm {
+        name: "mlp.c_fc",
+        k: 768,
+        n: 3072,
+        r: 16,
+    },
+    StepGemm {
+        name: "mlp.c_proj",
+        k: 3072,
+        n: 768,
+        r: 16,
+    },
+    StepGemm {
+        name: "lm_head",
+        k: 768,
+        n: 50257,
+        r: 0,
+    },
+];
+
+/// Times `f` in a plain loop (3 warm-up calls, then `iters`), ending with a synchronize;
+/// prints TFLOP/s and the fraction of the floor.
+fn rate(label: &str, flops: u64, iters: u32, device: &Device, mut f: impl FnMut()) {
+    for _ in 0..3 {
+        f();
+    }
+    device.synchronize().expect("synchronize");
+    let t = Instant::now();
+    for _ in 0..iters {
+        f();
+    }
+    device.synchronize().expect("synchronize");
+    let s = t.elapsed().as_secs_f64() / f64::from(iters);
+    let tflops = flops as f64 / s / 1e12;
+    println!(
+        "{label}: {:.1} µs, {tflops:.1} TFLOP/s, {:.2} of the {FLOOR_TFLOPS} TFLOP/s floor",
+        s * 1e6,
+        tflops / FLOOR_TFLOPS
+    );
+}
+
+/// The `lora_matmul/gpt2/<gemm>` groups: forward `y` and backward `gx` of each GEMM.
+fn gpt2_groups(c: &mut Criterion, device: Device) {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    let m = GPT2_M;
+    for s in &GPT2_GEMMS {
+        let mut t = |dims: [usize; 2], bound: f64| {
+            Tensor::rand_uniform(-bound, bound, dims, DType::BF16, &device, &mut rng)
+                .expect("tensor")
+        };
+        let x = t([m, s.k], 1.0);
+        let w0 = t([s.n, s.k], (1.0 / s.k as f64).sqrt());
+        let gy = t([m, s.n], 1.0);
+        let lora = (s.r > 0).then(|| (t([s.r, s.k], 0.05), t([s.n, s.r], 0.1)));
+        let y = || match &lora {
+            Some((a, b)) => {
+                let term = LoraTerm {
+                    a,
+                    b,
+                    scale: SCALE,
+                    out_range: 0..s.n,
+                };
+                lora_linear(&x, None, &w0, None, &[term]).expect("y")
+            }
+            None => linear(&x, &w0, None).expect("y"),
+        };
+        let gx = || matmul(&gy, &w0).expect("gx");
+        // y: the base over K + r and s·x·Aᵀ; gx: the base product.
+        let y_flops = 2 * (m * s.n * (s.k + s.r) + m * s.r * s.k) as u64;
+        let gx_flops = 2 * (m * s.k * s.n) as u64;
+        let name = format!("lora_matmul/gpt2/{}", s.name);
+        let id = format!("M{m}_K{}_N{}_r{}_bf16", s.k, s.n, s.r);
+        let sync = || device.synchronize().expect("synchronize");
+        rate(&format!("{name}/y/{id}"), y_flops, 20, &device, || {
+            y();
+        });
+        rate(&format!("{name}/gx/{id}"), gx_flops, 20, &device, || {
+            gx();
+        });
+        let mut g = c.benchmark_group(&name);
+        g.sample_size(10)
+            .warm_up_time(Duration::from_millis(500))
+            .measurement_time(Duration::from_secs(1));
+        g.throughput(Throughput::Elements(y_flops));
+        g.bench_function(BenchmarkId::new("y", &id), |bch| {
+            bch.iter(|| {
+                let out = y();
+                sync();
+                out
+            })
+        });
+        g.throughput(Throughput::Elements(gx_flops));
+        g.bench_function(BenchmarkId::new("gx", &id), |bch| {
+            bch.iter(|| {
+                let out = gx();
+                sync();
+                out
+            })
+        });
+        g.finish();
+    }
+}
+
 fn benches(c: &mut Criterion) {
     let gpu = Device::Cuda(0);
     match gpu.unavailable_reason() {
@@ -188,8 +324,12 @@ fn benches(c: &mut Criterion) {
                 }
             };
             run_group(c, "lora_matmul/cuda", gpu, &headline, cublas);
+            gpt2_groups(c, gpu);
         }
-        Some(reason) => println!("lora_matmul/cuda: skipped ({reason})"),
+        Some(reason) => {
+            println!("lora_matmul/cuda: skipped ({reason})");
+            println!("lora_matmul/gpt2: skipped ({reason})");
+        }
     }
     let small = Shape {
         m: 512,

@@ -42,34 +42,112 @@ pub(crate) const KERNELS: &[&str] = &[
     "lora_matmul_fwd_f32",
     "lora_matmul_fwd_bf16",
     "lora_matmul_fwd_f16",
-    "lora_matmul_tc_fwd_bf16",
-    "lora_matmul_tc_fwd_f16",
+    "lora_matmul_tc128_fwd_bf16",
+    "lora_matmul_tc128_fwd_f16",
+    "lora_matmul_tc64_fwd_bf16",
+    "lora_matmul_tc64_fwd_f16",
 ];
 
-/// The tile of C one block computes (the header's launch geometry).
-const TILE: usize = 64;
+/// The SIMT kernel: one 64×64 tile of C per block (`blockIdx.x` the tile column,
+/// `blockIdx.y` the tile row), 256 threads.
+const SIMT_TILE: usize = 64;
 const SIMT_THREADS: u32 = 256;
-const TC_THREADS: u32 = 128;
 
-/// The kernel for `dtype` and `variant`, and its block size.
-pub(crate) fn kernel(dtype: DType, variant: Variant) -> Result<(&'static str, u32)> {
+/// The two tensor-core configurations of the header: the tile of C per block, the
+/// threads, the dynamic shared memory (3 stages of A and B k-tiles, 32 deep, 2 bytes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct TcConfig {
+    pub tile: usize,
+    pub threads: u32,
+    pub smem: u32,
+}
+
+/// 128×128 tiles, 8 warps, 48 KiB.
+pub(crate) const TC_LARGE: TcConfig = TcConfig {
+    tile: 128,
+    threads: 256,
+    smem: 3 * (128 + 128) * 32 * 2,
+};
+/// 64×64 tiles, 4 warps, 24 KiB.
+pub(crate) const TC_SMALL: TcConfig = TcConfig {
+    tile: 64,
+    threads: 128,
+    smem: 3 * (64 + 64) * 32 * 2,
+};
+
+/// The streaming multiprocessors of an H100 SXM / H200: the wave the heuristic fills.
+const SMS: usize = 132;
+
+/// The tile heuristic (the header's): 128×128 tiles when M and N both exceed 64 and the
+/// 128×128 grid has at least one wave of tiles (`SMS`); 64×64 tiles otherwise, so the
+/// skinny LoRA products (`N = r` or `M = r`) and small shapes still spread over the SMs.
+/// `LORAFUSE_GEMM_TILE=128` or `=64` pins one tile for every shape (an A/B switch for GPU
+/// runs).
+pub(crate) fn tc_config(m: usize, n: usize) -> TcConfig {
+    static PINNED: std::sync::OnceLock<Option<TcConfig>> = std::sync::OnceLock::new();
+    let pinned = PINNED.get_or_init(|| match std::env::var("LORAFUSE_GEMM_TILE").as_deref() {
+        Ok("128") => Some(TC_LARGE),
+        Ok("64") => Some(TC_SMALL),
+        _ => None,
+    });
+    if let Some(c) = pinned {
+        return *c;
+    }
+    if m > 64 && n > 64 && m.div_ceil(128) * n.div_ceil(128) >= SMS {
+        TC_LARGE
+    } else {
+        TC_SMALL
+    }
+}
+
+/// How one launch runs: the kernel, its block size, shared memory and tile.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Plan {
+    pub name: &'static str,
+    pub threads: u32,
+    pub smem: u32,
+    /// `None` for the SIMT kernel (2-D grid); the tensor-core tile otherwise (1-D grid of
+    /// rasterized tiles).
+    pub tc: Option<TcConfig>,
+}
+
+/// The kernel for `dtype`, `variant` and the output shape `[m, n]`.
+pub(crate) fn plan(dtype: DType, variant: Variant, m: usize, n: usize) -> Result<Plan> {
     let tc = match variant {
-        Variant::Auto => dtype != DType::F32,
-        Variant::Simt => false,
-        Variant::TensorCore => true,
+        Variant::Auto if dtype != DType::F32 => Some(tc_config(m, n)),
+        Variant::Auto | Variant::Simt => None,
+        Variant::TensorCore => Some(tc_config(m, n)),
+        Variant::TensorCore128 => Some(TC_LARGE),
+        Variant::TensorCore64 => Some(TC_SMALL),
     };
-    Ok(match (dtype, tc) {
-        (DType::F32, false) => ("lora_matmul_fwd_f32", SIMT_THREADS),
-        (DType::BF16, false) => ("lora_matmul_fwd_bf16", SIMT_THREADS),
-        (DType::F16, false) => ("lora_matmul_fwd_f16", SIMT_THREADS),
-        (DType::BF16, true) => ("lora_matmul_tc_fwd_bf16", TC_THREADS),
-        (DType::F16, true) => ("lora_matmul_tc_fwd_f16", TC_THREADS),
+    let name = match (dtype, tc.map(|c| c.tile)) {
+        (DType::F32, None) => "lora_matmul_fwd_f32",
+        (DType::BF16, None) => "lora_matmul_fwd_bf16",
+        (DType::F16, None) => "lora_matmul_fwd_f16",
+        (DType::BF16, Some(128)) => "lora_matmul_tc128_fwd_bf16",
+        (DType::F16, Some(128)) => "lora_matmul_tc128_fwd_f16",
+        (DType::BF16, Some(_)) => "lora_matmul_tc64_fwd_bf16",
+        (DType::F16, Some(_)) => "lora_matmul_tc64_fwd_f16",
         (dt, _) => {
             return Err(Error::Unsupported {
                 op: "lora_matmul",
-                msg: format!("no {dt} kernel"),
+                msg: format!("no {dt} kernel for {variant:?}"),
             })
         }
+    };
+    Ok(match tc {
+        Some(c) => Plan {
+            name,
+            threads: c.threads,
+            smem: c.smem,
+            tc: Some(c),
+        },
+        None => Plan {
+            name,
+            threads: SIMT_THREADS,
+            smem: 0,
+            tc: None,
+        },
     })
 }
 
@@ -94,7 +172,7 @@ pub(crate) fn launch(g: &Gemm<'_>, c: &Tensor, accumulate: bool) -> Result<()> {
         return Ok(());
     }
     let dtype = c.dtype();
-    let (name, threads) = kernel(dtype, g.variant)?;
+    let plan = plan(dtype, g.variant, g.m, g.n)?;
     let (a2, b2, a2_rs, a2_cs, b2_rs, b2_cs, k2, n0, n1) = match &g.ext {
         Some(e) if e.k2 > 0 && !e.cols.is_empty() => (
             address(&e.a2)?,
@@ -109,14 +187,26 @@ pub(crate) fn launch(g: &Gemm<'_>, c: &Tensor, accumulate: bool) -> Result<()> {
         ),
         _ => (0, 0, 0, 0, 0, 0, 0, 0, 0),
     };
-    let grid_x = g.n.div_ceil(TILE);
-    let grid_y = g.m.div_ceil(TILE);
-    let grid_y = u32::try_from(grid_y)
-        .ok()
-        .filter(|&y| y <= 65_535)
-        .ok_or_else(|| Error::invalid(format!("lora_matmul: {} rows exceed the grid", g.m)))?;
-    let grid_x = u32::try_from(grid_x)
-        .map_err(|_| Error::invalid(format!("lora_matmul: {} columns exceed the grid", g.n)))?;
+    let too_big = || Error::invalid(format!("lora_matmul: [{}, {}] exceeds the grid", g.m, g.n));
+    let grid = match plan.tc {
+        // One block per tile, the tile order rasterized by the kernel: a 1-D grid.
+        Some(tc) => {
+            let tiles = g.m.div_ceil(tc.tile).checked_mul(g.n.div_ceil(tc.tile));
+            let x = tiles
+                .and_then(|t| u32::try_from(t).ok())
+                .filter(|&t| t <= i32::MAX as u32)
+                .ok_or_else(too_big)?;
+            [x, 1, 1]
+        }
+        None => {
+            let y = u32::try_from(g.m.div_ceil(SIMT_TILE))
+                .ok()
+                .filter(|&y| y <= 65_535)
+                .ok_or_else(too_big)?;
+            let x = u32::try_from(g.n.div_ceil(SIMT_TILE)).map_err(|_| too_big())?;
+            [x, y, 1]
+        }
+    };
     let cs = c.storage();
     let cd: &DeviceStorage = match &*cs {
         Storage::Device(d) => d,
@@ -156,9 +246,9 @@ pub(crate) fn launch(g: &Gemm<'_>, c: &Tensor, accumulate: bool) -> Result<()> {
         accumulate: accumulate as i32,
     };
     let cfg = LaunchConfig {
-        grid: [grid_x, grid_y, 1],
-        block: [threads, 1, 1],
-        shared_bytes: 0,
+        grid,
+        block: [plan.threads, 1, 1],
+        shared_bytes: plan.smem,
     };
-    cd.backend().launch(name, &cfg, &params)
+    cd.backend().launch(plan.name, &cfg, &params)
 }

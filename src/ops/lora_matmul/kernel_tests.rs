@@ -25,6 +25,8 @@ fn tol(dtype: DType) -> f64 {
 /// `dtype` on `device`, with the dense f64 values it holds (after rounding).
 struct Mat {
     t: Tensor,
+    /// Elements before the matrix in its tensor (a misaligned view when odd).
+    offset: usize,
     transposed: bool,
     rows: usize,
     cols: usize,
@@ -40,6 +42,19 @@ impl Mat {
         dtype: DType,
         device: &Device,
     ) -> Mat {
+        Mat::at(g, rows, cols, transposed, 0, dtype, device)
+    }
+
+    /// The same, stored `offset` elements into its tensor.
+    fn at(
+        g: &mut impl Rng,
+        rows: usize,
+        cols: usize,
+        transposed: bool,
+        offset: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Mat {
         let logical: Vec<f64> = (0..rows * cols)
             .map(|_| g.random_range(-1.0..1.0))
             .collect();
@@ -50,13 +65,10 @@ impl Mat {
         } else {
             logical
         };
-        let dims = if transposed {
-            [cols, rows]
-        } else {
-            [rows, cols]
-        };
-        let t = Tensor::from_vec_as(stored, dims, dtype, device).unwrap();
-        let back = t.to_vec_f64().unwrap();
+        let mut full: Vec<f64> = (0..offset).map(|_| g.random_range(-1.0..1.0)).collect();
+        full.extend(stored);
+        let t = Tensor::from_vec_as(full, [offset + rows * cols], dtype, device).unwrap();
+        let back = t.to_vec_f64().unwrap()[offset..].to_vec();
         let dense = if transposed {
             (0..rows * cols)
                 .map(|e| back[(e % cols) * rows + e / cols])
@@ -66,6 +78,7 @@ impl Mat {
         };
         Mat {
             t,
+            offset,
             transposed,
             rows,
             cols,
@@ -75,9 +88,9 @@ impl Mat {
 
     fn operand(&self) -> Operand<'_> {
         if self.transposed {
-            Operand::transposed(&self.t, self.rows)
+            Operand::transposed(&self.t, self.rows).at(self.offset)
         } else {
-            Operand::rows(&self.t, self.cols)
+            Operand::rows(&self.t, self.cols).at(self.offset)
         }
     }
 }
@@ -183,6 +196,76 @@ fn reference(
     out
 }
 
+/// How the four operands of a case are stored: transposed or not, and how many elements
+/// into their tensors (odd: a misaligned base, the tensor-core kernel's fallback loader).
+#[derive(Clone, Copy, Debug, Default)]
+struct Layout {
+    t: [bool; 4],
+    offset: [usize; 4],
+}
+
+impl Layout {
+    fn transposed(ta: bool, tb: bool, ta2: bool, tb2: bool) -> Layout {
+        Layout {
+            t: [ta, tb, ta2, tb2],
+            offset: [0; 4],
+        }
+    }
+}
+
+/// Runs one case on `device` and compares it with the f64 reference.
+fn check_case(
+    device: &Device,
+    g: &mut impl Rng,
+    dtype: DType,
+    variant: Variant,
+    c: &Case,
+    l: Layout,
+) {
+    let a = Mat::at(g, c.m, c.k, l.t[0], l.offset[0], dtype, device);
+    let b = Mat::at(g, c.k, c.n, l.t[1], l.offset[1], dtype, device);
+    let a2 = Mat::at(g, c.m, c.k2, l.t[2], l.offset[2], dtype, device);
+    let b2 = Mat::at(g, c.k2, c.cols.len(), l.t[3], l.offset[3], dtype, device);
+    let bias = Mat::new(g, 1, c.n, false, dtype, device);
+    let c0 = Mat::new(g, c.m, c.n, false, dtype, device);
+    let alpha = 0.75;
+    let mut gemm = Gemm::new(c.m, c.n, c.k, a.operand(), b.operand()).alpha(alpha);
+    gemm.variant = variant;
+    if c.k2 > 0 {
+        gemm = gemm.ext(Extension {
+            a2: a2.operand(),
+            b2: b2.operand(),
+            k2: c.k2,
+            cols: c.cols.clone(),
+        });
+    }
+    if c.bias {
+        gemm = gemm.bias(Some(&bias.t));
+    }
+    let got = if c.accumulate {
+        gemm.accumulate_into(&c0.t).unwrap();
+        c0.t.to_vec_f64().unwrap()
+    } else {
+        gemm.run([c.m, c.n]).unwrap().to_vec_f64().unwrap()
+    };
+    let want = reference(
+        c,
+        &a,
+        &b,
+        &a2,
+        &b2,
+        c.bias.then_some(&bias.dense[..]),
+        c.accumulate.then_some(&c0.dense[..]),
+        alpha,
+    );
+    assert_close(
+        &format!("{device} {dtype} {variant:?} {c:?} {l:?}"),
+        &got,
+        &want,
+        tol(dtype),
+    );
+}
+
 fn products_match_the_reference(device: &Device) {
     let mut g = rng("lora_matmul_products");
     for dtype in DTYPES {
@@ -207,57 +290,169 @@ fn products_match_the_reference(device: &Device) {
                     g.random::<bool>(),
                 );
                 let (ta, tb) = layout.unwrap_or((ta, tb));
-                let a = Mat::new(&mut g, c.m, c.k, ta, dtype, device);
-                let b = Mat::new(&mut g, c.k, c.n, tb, dtype, device);
-                let a2 = Mat::new(&mut g, c.m, c.k2, ta2, dtype, device);
-                let b2 = Mat::new(&mut g, c.k2, c.cols.len(), tb2, dtype, device);
-                let bias = Mat::new(&mut g, 1, c.n, false, dtype, device);
-                let c0 = Mat::new(&mut g, c.m, c.n, false, dtype, device);
-                let alpha = 0.75;
-                let mut gemm = Gemm::new(c.m, c.n, c.k, a.operand(), b.operand()).alpha(alpha);
-                gemm.variant = variant;
-                if c.k2 > 0 {
-                    gemm = gemm.ext(Extension {
-                        a2: a2.operand(),
-                        b2: b2.operand(),
-                        k2: c.k2,
-                        cols: c.cols.clone(),
-                    });
-                }
-                if c.bias {
-                    gemm = gemm.bias(Some(&bias.t));
-                }
-                let got = if c.accumulate {
-                    gemm.accumulate_into(&c0.t).unwrap();
-                    c0.t.to_vec_f64().unwrap()
-                } else {
-                    gemm.run([c.m, c.n]).unwrap().to_vec_f64().unwrap()
-                };
-                let want = reference(
+                check_case(
+                    device,
+                    &mut g,
+                    dtype,
+                    variant,
                     &c,
-                    &a,
-                    &b,
-                    &a2,
-                    &b2,
-                    c.bias.then_some(&bias.dense[..]),
-                    c.accumulate.then_some(&c0.dense[..]),
-                    alpha,
-                );
-                assert_close(
-                    &format!(
-                        "{device} {dtype} {variant:?} {c:?} (A{} B{})",
-                        if ta { "ᵀ" } else { "" },
-                        if tb { "ᵀ" } else { "" }
-                    ),
-                    &got,
-                    &want,
-                    tol(dtype),
+                    Layout::transposed(ta, tb, ta2, tb2),
                 );
             }
         }
     }
 }
 crate::test_device!(products, products_match_the_reference);
+
+/// The two tensor-core tiles (forced: 128×128 with 8 warps, 64×64 with 4) in every
+/// layout of the four operands — A k- or m-contiguous, B k- or n-contiguous, the same for
+/// A2/B2 — on a shape whose strides are multiples of 8 (every k-tile by cp.async) and
+/// whose edges are not whole tiles: M 136, N 72 (partial tiles in both), K 40 (a
+/// zero-filled half k-tile), K2 16 over the columns 8..64 (across the 64-wide tile
+/// boundary). bf16 and f16 alternate over the 16 layouts, the other way round per tile,
+/// so each (tile, layout) runs once and each (tile, dtype) eight times.
+fn tensor_core_tiles_in_every_layout(device: &Device) {
+    let mut g = rng("lora_matmul_tc_layouts");
+    let c = Case {
+        bias: true,
+        ..case(136, 72, 40, 16, 8..64)
+    };
+    for (v, variant) in [Variant::TensorCore128, Variant::TensorCore64]
+        .into_iter()
+        .enumerate()
+    {
+        for bits in 0..16usize {
+            let dtype = [DType::BF16, DType::F16][(bits + v) % 2];
+            let l = Layout::transposed(bits & 1 != 0, bits & 2 != 0, bits & 4 != 0, bits & 8 != 0);
+            let c = Case {
+                accumulate: bits % 3 == 0,
+                ..c.clone()
+            };
+            check_case(device, &mut g, dtype, variant, &c, l);
+        }
+    }
+}
+crate::test_device!(tc_layouts, tensor_core_tiles_in_every_layout);
+
+/// Odd shapes on both tensor-core tiles: M, N, K from {1, 7, 63, 65, 127, 129, 200} and
+/// K2 from {0, 1, 16, 64}, extensions straddling chunk and tile boundaries, random
+/// layouts; strides that are not multiples of 8 take the fallback loader and the
+/// element-wise epilogue. A covering subset, not the product (the simulator is slow).
+fn tensor_core_odd_shapes(device: &Device) {
+    let mut g = rng("lora_matmul_tc_odd");
+    let shapes = [
+        (
+            Variant::TensorCore128,
+            DType::BF16,
+            case(129, 65, 7, 1, 3..65),
+            true,
+            false,
+        ),
+        (
+            Variant::TensorCore128,
+            DType::F16,
+            case(200, 129, 65, 0, 0..0),
+            true,
+            true,
+        ),
+        (
+            Variant::TensorCore128,
+            DType::BF16,
+            case(1, 63, 200, 16, 60..63),
+            false,
+            false,
+        ),
+        (
+            Variant::TensorCore128,
+            DType::F16,
+            case(127, 200, 1, 64, 0..200),
+            false,
+            true,
+        ),
+        (
+            Variant::TensorCore64,
+            DType::F16,
+            case(7, 200, 63, 64, 0..129),
+            false,
+            true,
+        ),
+        (
+            Variant::TensorCore64,
+            DType::BF16,
+            case(65, 1, 127, 16, 0..1),
+            true,
+            false,
+        ),
+        (
+            Variant::TensorCore64,
+            DType::F16,
+            case(63, 7, 129, 1, 2..5),
+            true,
+            true,
+        ),
+        (
+            Variant::TensorCore64,
+            DType::BF16,
+            case(129, 127, 200, 16, 1..127),
+            false,
+            false,
+        ),
+    ];
+    for (variant, dtype, c, bias, accumulate) in shapes {
+        let c = Case {
+            bias,
+            accumulate,
+            ..c
+        };
+        let l = Layout::transposed(g.random(), g.random(), g.random(), g.random());
+        check_case(device, &mut g, dtype, variant, &c, l);
+    }
+}
+crate::test_device!(tc_odd_shapes, tensor_core_odd_shapes);
+
+/// Misaligned operands (an odd offset: the base is not 16-byte aligned) take the
+/// fallback loader, each operand alone and all at once, in both tiles; the rest of the
+/// operands stay on cp.async. Shape aligned as in `tc_layouts`, so only the offset
+/// decides the path.
+fn tensor_core_misaligned_operands(device: &Device) {
+    let mut g = rng("lora_matmul_tc_misaligned");
+    let c = Case {
+        accumulate: true,
+        ..case(136, 72, 40, 16, 8..64)
+    };
+    let offsets = [
+        [1, 0, 0, 0],
+        [0, 3, 0, 0],
+        [0, 0, 5, 0],
+        [0, 0, 0, 7],
+        [1, 1, 1, 1],
+    ];
+    for (v, variant) in [Variant::TensorCore128, Variant::TensorCore64]
+        .into_iter()
+        .enumerate()
+    {
+        for (o, offset) in offsets.into_iter().enumerate() {
+            let dtype = [DType::BF16, DType::F16][(o + v) % 2];
+            let t = [o % 2 == 0, o % 3 == 0, o >= 2, v == 1];
+            check_case(device, &mut g, dtype, variant, &c, Layout { t, offset });
+        }
+    }
+}
+crate::test_device!(tc_misaligned, tensor_core_misaligned_operands);
+
+/// The tile heuristic of the header: 128×128 tiles for one wave or more of them, 64×64
+/// for small or skinny products.
+#[test]
+fn tile_heuristic() {
+    use cuda::{tc_config, TC_LARGE, TC_SMALL};
+    assert_eq!(tc_config(8192, 4096), TC_LARGE);
+    assert_eq!(tc_config(8192, 768), TC_LARGE); // 64 × 6 = 384 tiles
+    assert_eq!(tc_config(8192, 50257), TC_LARGE);
+    assert_eq!(tc_config(8192, 16), TC_SMALL); // s·u: N = r
+    assert_eq!(tc_config(16, 768), TC_SMALL); // gA: M = r
+    assert_eq!(tc_config(1024, 1024), TC_SMALL); // 64 tiles < 132
+    assert_eq!(TC_LARGE.smem, 48 * 1024);
+}
 
 /// A view reaching outside its tensor, mixed dtypes and an f32 tensor-core request are
 /// errors, not launches.
@@ -272,9 +467,15 @@ fn bad_input_is_an_error(device: &Device) {
     let mixed = Gemm::new(4, 4, 8, Operand::rows(&a, 8), Operand::rows(&f, 4));
     assert!(matches!(mixed.run([4, 4]), Err(Error::DType { .. })));
     let af = Tensor::zeros([4, 8], DType::F32, device).unwrap();
-    let mut tc = Gemm::new(4, 4, 8, Operand::rows(&af, 8), Operand::rows(&f, 4));
-    tc.variant = Variant::TensorCore;
-    assert!(matches!(tc.run([4, 4]), Err(Error::Unsupported { .. })));
+    for v in [
+        Variant::TensorCore,
+        Variant::TensorCore128,
+        Variant::TensorCore64,
+    ] {
+        let mut tc = Gemm::new(4, 4, 8, Operand::rows(&af, 8), Operand::rows(&f, 4));
+        tc.variant = v;
+        assert!(matches!(tc.run([4, 4]), Err(Error::Unsupported { .. })));
+    }
     assert!(ok.run([5, 4]).is_err());
 }
 crate::test_device!(bad_input, bad_input_is_an_error);

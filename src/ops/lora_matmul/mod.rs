@@ -99,13 +99,17 @@ pub(crate) struct Extension<'a> {
 /// Which kernel computes the product.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Variant {
-    /// Tensor cores for bf16/f16, SIMT for f32 — unless `LORAFUSE_GEMM=simt` asks for the
-    /// SIMT kernel everywhere (an A/B switch for GPU runs).
+    /// Tensor cores for bf16/f16 (the tile chosen per shape by [`cuda::tc_config`]), SIMT
+    /// for f32.
     Auto,
     /// The SIMT kernel for every dtype.
     Simt,
-    /// Tensor cores (bf16/f16 only).
+    /// Tensor cores (bf16/f16 only), the tile chosen per shape.
     TensorCore,
+    /// Tensor cores with 128×128 tiles (8 warps), whatever the shape.
+    TensorCore128,
+    /// Tensor cores with 64×64 tiles (4 warps), whatever the shape.
+    TensorCore64,
 }
 
 /// One product: `C [m, n] = alpha·(A·B + A2·B2) (+ bias)`, into a new tensor or added
@@ -124,13 +128,23 @@ pub(crate) struct Gemm<'a> {
 }
 
 impl Variant {
-    /// The default variant: `Simt` when `LORAFUSE_GEMM=simt`, else `Auto`.
+    /// The default variant: `Simt` when `LORAFUSE_GEMM=simt`, else `Auto` (an A/B switch
+    /// for GPU runs; `LORAFUSE_GEMM_TILE=128|64` pins the tensor-core tile, see
+    /// [`cuda::tc_config`]).
     pub fn from_env() -> Variant {
         static V: std::sync::OnceLock<Variant> = std::sync::OnceLock::new();
         *V.get_or_init(|| match std::env::var("LORAFUSE_GEMM").as_deref() {
             Ok("simt") => Variant::Simt,
             _ => Variant::Auto,
         })
+    }
+
+    /// Whether this variant insists on the tensor cores.
+    fn tensor_cores_only(self) -> bool {
+        matches!(
+            self,
+            Variant::TensorCore | Variant::TensorCore128 | Variant::TensorCore64
+        )
     }
 }
 
@@ -215,7 +229,7 @@ impl<'a> Gemm<'a> {
         if !self.alpha.is_finite() {
             return Err(Error::invalid(format!("{OP}: alpha {}", self.alpha)));
         }
-        if self.variant == Variant::TensorCore && dtype == DType::F32 {
+        if self.variant.tensor_cores_only() && dtype == DType::F32 {
             return Err(Error::Unsupported {
                 op: OP,
                 msg: "the tensor-core kernel takes bf16/f16 operands".into(),
