@@ -101,11 +101,12 @@ fn lora_matmul_threads(kernel: &str) -> u32 {
     [DType::F32, DType::BF16, DType::F16]
         .into_iter()
         .flat_map(|dt| {
-            [Variant::Simt, Variant::TensorCore].map(|v| lora_matmul::cuda::kernel(dt, v))
+            [Variant::Simt, Variant::TensorCore128, Variant::TensorCore64]
+                .map(|v| lora_matmul::cuda::plan(dt, v, 1, 1))
         })
         .flatten()
-        .find(|&(name, _)| name == kernel)
-        .map_or(0, |(_, threads)| threads)
+        .find(|p| p.name == kernel)
+        .map_or(0, |p| p.threads)
 }
 
 /// Every kernel symbol the crate's ops (and the optimizer) may launch, op by op.
