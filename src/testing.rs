@@ -225,10 +225,12 @@ pub fn skip_line(n: usize, test: &str, why: &str, require: Option<&str>) -> Stri
 
 /// The line printed when a process that skipped `n` tests exits.
 pub fn skip_summary(n: usize) -> String {
-    format!(
-        "lorafuse: {n} test{} of this binary did not run (SKIPPED above) and were reported `ok` by the harness\n",
-        if n == 1 { "" } else { "s" }
-    )
+    let (tests, them) = if n == 1 {
+        ("test", "it")
+    } else {
+        ("tests", "them")
+    };
+    format!("lorafuse: {n} {tests} of this binary did not run (SKIPPED above); the harness counts {them} as passed\n")
 }
 
 extern "C" fn print_skip_summary() {
@@ -287,4 +289,30 @@ macro_rules! test_device {
             }
         }
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn skip_lines_name_the_test_and_the_first_says_why() {
+        let first = skip_line(
+            1,
+            "x::cuda on cuda:0",
+            "no GPU",
+            Some("LORAFUSE_REQUIRE_GPU"),
+        );
+        assert_eq!(
+            first,
+            "lorafuse: SKIPPED x::cuda on cuda:0: no GPU; LORAFUSE_REQUIRE_GPU=1 makes it fail\n"
+        );
+        assert_eq!(skip_line(2, "y", "no GPU", None), "lorafuse: SKIPPED y\n");
+        assert_eq!(
+            skip_line(1, "y", "no cuBLAS", None),
+            "lorafuse: SKIPPED y: no cuBLAS\n"
+        );
+        assert!(skip_summary(1).contains("1 test of this binary did not run"));
+        assert!(skip_summary(3).contains("3 tests of this binary did not run"));
+    }
 }
