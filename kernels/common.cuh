@@ -119,9 +119,12 @@ template <> __device__ __forceinline__ f16 round_to<f16>(float x, bool stochasti
 }
 
 // Copies 16 bytes between 16-byte-aligned addresses: one vector load/store on a GPU; a
-// memcpy in the simulator (no type punning for the host compiler to misread).
+// memcpy in the simulator (no type punning for the host compiler to misread), which fails
+// the launch if either address is misaligned, as the GPU faults.
 __device__ __forceinline__ void copy16(void* dst, const void* src) {
 #if defined(LORAFUSE_SIM)
+    lf_sim::require_aligned(dst, 16, "copy16 destination");
+    lf_sim::require_aligned(src, 16, "copy16 source");
     memcpy(dst, src, 16);
 #else
     *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);

@@ -32,8 +32,19 @@
 // A GNU attribute rather than alignas: CUDA code puts __align__ wherever a GNU attribute may go.
 #define __align__(n) __attribute__((aligned(n)))
 // Blocks of a launch run one after another and launches are serialised, so one static per
-// declaration is exactly "this block's shared memory". Dynamic shared memory: LF_DYNAMIC_SMEM.
+// declaration is exactly "this block's shared memory". The statics live in the section
+// `lf_sim_shared`, which the runtime fills with 0xFF bytes (NaN) before every block, as CUDA
+// leaves shared memory uninitialised. Not under AddressSanitizer: GCC gives globals in a
+// named section no red zones, and the ASan build is there to catch overflows of these arrays.
+// (g++ rejects, with "section type conflict", a translation unit that mixes a `__shared__` in
+// an inline function or template of a NAMED namespace with one in a kernel or an anonymous
+// namespace: keep kernel helpers in an anonymous namespace, as every kernel here does.)
+// Dynamic shared memory: LF_DYNAMIC_SMEM.
+#if defined(__SANITIZE_ADDRESS__)
 #define __shared__ static
+#else
+#define __shared__ static __attribute__((section("lf_sim_shared")))
+#endif
 
 // ---- Vector types (CUDA's layouts and alignments) ----------------------------------------
 
@@ -114,9 +125,15 @@ void* dynamic_smem();
 // access, so the simulator makes it a launch error too.
 void require_aligned(const void* p, size_t align, const char* what);
 
-// cp.async (common.cuh's lf::cp_async16 / cp_async_commit / cp_async_wait<N>): a 16-byte
-// copy of `src_bytes` bytes (the rest zero-filled) into this thread's current group; the
-// group closes at commit; wait(n) completes all but this thread's newest n groups.
+// cp.async (common.cuh's lf::cp_async16 / cp_async_commit / cp_async_wait<N>), as the PTX
+// ISA defines cp.async / commit_group / wait_group, per simulated thread: cp_async16 reads
+// the `src_bytes` source bytes (the rest of the 16 zero-filled) at the issue, fills the 16
+// destination bytes with 0xFF (NaN) and adds the copy to the thread's open group; commit
+// closes the open group (an empty one too); wait(n) lands the captured bytes of every
+// committed group but the thread's newest n. Copies never committed are covered by no wait.
+// Whatever is still pending when the thread exits is dropped (its destination keeps the
+// poison): no other thread may read it, since only the issuer's wait covers a copy. Both addresses must be 16-byte
+// aligned and the destination in this block's shared memory (else the launch fails).
 void cp_async16(void* dst, const void* src, int src_bytes);
 void cp_async_commit();
 void cp_async_wait(int n);

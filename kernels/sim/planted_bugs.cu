@@ -314,3 +314,169 @@ extern "C" __global__ void sim_selftest_convert(const SimTestParams p) {
         back[4 * i + 3] = __half22float2(__floats2half2_rn(0.0f, x)).y;
     }
 }
+
+// ---- Planted bugs of the stricter model: cp.async, warp-serial barriers, block order,
+// ---- alignment, stale shared memory, the dynamic shared memory opt-in ----------------------
+
+// cp.async into static shared memory. in: f32[512]; out: f32[8 · 64]. One block of 64 threads
+// (2 warps). Thread t copies in[4t..4t+3] into tile 0 and in[256 + 4t..] into tile 1 (16 bytes
+// each, src_bytes = 16, or `arg` in mode 5), one commit group per tile, then, by `mode`:
+//   0  wait<0>, __syncthreads(), read both tiles                    (control: correct)
+//   1  __syncthreads() but no wait, read both tiles                 (planted: NaN)
+//   2  wait<1> (too large: only tile 0's group has landed), read both (planted: tile 1 NaN)
+//   3  wait<1>, read tile 0 only; tile 1 reads as written by wait<0> at the end (control)
+//   4  tile 1's copy never committed, then wait<0>: it is covered by no wait (planted: NaN)
+//   5  as 0 with src_bytes = arg: the rest of each 16 bytes zero-filled (control)
+//   6  a misaligned destination, 7  a misaligned source, 8  a destination in global memory
+//      (launch errors)
+// out[8t + k] = tile 0 of thread (t + 1) % 64 (k < 4), tile 1 (k >= 4): both warps' data.
+extern "C" __global__ void sim_planted_cp_async_f32(const SimTestParams p) {
+    __shared__ __align__(16) float tile[2][256];
+    const float* in = static_cast<const float*>(p.in);
+    float* out = static_cast<float*>(p.out);
+    const unsigned t = threadIdx.x, u = (t + 1) % 64;
+    const int bytes = p.mode == 5 ? p.arg : 16;
+    float* dst0 = &tile[0][4 * t];
+    const float* src0 = in + 4 * t;
+    if (p.mode == 6) dst0 += 1;
+    if (p.mode == 7) src0 += 1;
+    if (p.mode == 8) dst0 = out + 4 * t;
+    lf::cp_async16(dst0, src0, bytes);
+    lf::cp_async_commit();
+    lf::cp_async16(&tile[1][4 * t], in + 256 + 4 * t, bytes);
+    if (p.mode != 4) lf::cp_async_commit();
+    if (p.mode == 0 || p.mode == 4 || p.mode == 5) lf::cp_async_wait<0>();
+    if (p.mode == 2 || p.mode == 3) lf::cp_async_wait<1>();
+    __syncthreads();
+    for (int k = 0; k < 4; ++k) out[8 * t + k] = tile[0][4 * u + k];
+    if (p.mode == 3) {
+        lf::cp_async_wait<0>();
+        __syncthreads();
+    }
+    for (int k = 0; k < 4; ++k) out[8 * t + 4 + k] = tile[1][4 * u + k];
+}
+
+// A tiled block reduction with the loop-ending barrier optional, the shape of every GEMM's
+// k-loop: per tile, the block stages 128 values in shared memory, __syncthreads(), every thread
+// adds all 128 (other warps' values included), then __syncthreads() again — only when
+// barrier = 1. in: f32[n], n a multiple of 128; out: f32[128], each thread's total (the sum of
+// in). One block of 128 threads (4 warps). Without the second barrier the first warp to finish
+// a tile overwrites its part of it with the next tile while the other warps still read it: the
+// warp-serial schedule makes that happen on every run.
+extern "C" __global__ void sim_planted_tiled_sum_f32(const SimTestParams p) {
+    __shared__ float tile[128];
+    const float* in = static_cast<const float*>(p.in);
+    const unsigned t = threadIdx.x;
+    float acc = 0.0f;
+    for (lf::u64 k0 = 0; k0 < p.n; k0 += 128) {
+        tile[t] = in[k0 + t];
+        __syncthreads();
+        for (unsigned j = 0; j < 128; ++j) acc += tile[(t + j) % 128];
+        if (p.barrier) __syncthreads();
+    }
+    static_cast<float*>(p.out)[t] = acc;
+}
+
+// Thread 0 of each block writes one value to shared memory, every thread reads it; the
+// __syncthreads() between only when barrier = 1. in: f32[gridDim.x]; out: f32[grid threads],
+// out[g] = in[blockIdx.x]. Blocks of 64 threads or more (2+ warps): warp 0 never runs first,
+// so without the barrier another warp reads the (poisoned) value before it is written.
+extern "C" __global__ void sim_planted_broadcast_f32(const SimTestParams p) {
+    __shared__ float value;
+    if (threadIdx.x == 0) value = static_cast<const float*>(p.in)[blockIdx.x];
+    if (p.barrier) __syncthreads();
+    static_cast<float*>(p.out)[lf::global_thread()] = value;
+}
+
+// out: f32[gridDim.x]. mode 1 (planted): block b > 0 writes out[b] = out[b - 1] + 1, block 0
+// writes 0 — right only if the blocks run in order. mode 0 (control): out[b] = b. Thread 0 of
+// each block writes; any block size.
+extern "C" __global__ void sim_planted_block_chain_f32(const SimTestParams p) {
+    float* out = static_cast<float*>(p.out);
+    if (threadIdx.x != 0) return;
+    const unsigned b = blockIdx.x;
+    out[b] = p.mode == 1 && b > 0 ? out[b - 1] + 1.0f : float(b);
+}
+
+// Misaligned 16-byte accesses. One block of 32 threads; in: f32[256] (16-byte aligned), out:
+// u32[32 · 4]. Every lane copies 16 bytes of in into shared memory with lf::copy16, then the
+// warp loads them with ldmatrix_x4 and ldmatrix_x2 (bf16 bits) and writes its registers. By
+// `mode`: 0 all aligned (control); 1 copy16 from in + 1 float; 2 copy16 to a misaligned
+// shared address; 3 lane 5's ldmatrix_x4 row address 8 bytes off; 4 lane 3's ldmatrix_x2 row
+// address 4 bytes off (launch errors).
+extern "C" __global__ void sim_planted_misaligned(const SimTestParams p) {
+    __shared__ __align__(16) bf16 rows[32 * 8 + 8];
+    const float* in = static_cast<const float*>(p.in);
+    unsigned* out = static_cast<unsigned*>(p.out);
+    const unsigned lane = threadIdx.x;
+    const float* src = in + 4 * lane + (p.mode == 1 ? 1 : 0);
+    bf16* dst = rows + 8 * lane + (p.mode == 2 ? 2 : 0);
+    lf::copy16(dst, src);
+    __syncwarp();
+    const bf16* row4 = rows + 8 * lane + (p.mode == 3 && lane == 5 ? 4 : 0);
+    const bf16* row2 = rows + 8 * lane + (p.mode == 4 && lane == 3 ? 2 : 0);
+    unsigned r4[4], r2[2];
+    lf::ldmatrix_x4(r4, row4);
+    lf::ldmatrix_x2(r2, row2);
+    out[4 * lane + 0] = r4[0];
+    out[4 * lane + 1] = r4[3];
+    out[4 * lane + 2] = r2[0];
+    out[4 * lane + 3] = r2[1];
+}
+
+// Static shared memory between blocks. out: f32[grid threads]; blocks of 64 threads.
+// mode 1 (planted): out[g] = s[tid] read before any write, then s[tid] = blockIdx.x + 1 (so a
+// block that inherited the previous block's array would read that). mode 0 (control):
+// s[tid] = blockIdx.x + tid, __syncthreads(), out[g] = s[(tid + 1) % 64].
+extern "C" __global__ void sim_planted_stale_static_smem_f32(const SimTestParams p) {
+    __shared__ float s[64];
+    float* out = static_cast<float*>(p.out);
+    const unsigned t = threadIdx.x;
+    if (p.mode == 1) {
+        out[lf::global_thread()] = s[t];
+        s[t] = float(blockIdx.x + 1);
+        return;
+    }
+    s[t] = float(blockIdx.x + t);
+    __syncthreads();
+    out[lf::global_thread()] = s[(t + 1) % 64];
+}
+
+// Dynamic shared memory of any size: n = its floats. out: f32[blockDim.x]; one block.
+// d[i] = i over the whole buffer, __syncthreads(), out[t] = d[n - 1 - t].
+extern "C" __global__ void sim_selftest_big_smem_f32(const SimTestParams p) {
+    LF_DYNAMIC_SMEM(float, d);
+    for (lf::u64 i = threadIdx.x; i < p.n; i += blockDim.x) d[i] = float(i);
+    __syncthreads();
+    static_cast<float*>(p.out)[threadIdx.x] = d[p.n - 1 - threadIdx.x];
+}
+
+// The ldmatrix forms against the PTX ISA's definition. One block of 32 threads; out:
+// u32[384]. Shared memory holds four 8×8 matrices of 16-bit values, M_j[r][c] = 1 + 64j + 8r + c
+// (raw bits), row r of matrix j at the scrambled row slot (5·(8j + r)) % 32 of a 32×16 array
+// (16-byte aligned rows, 8 values used), so that only the row addresses tie rows to matrices.
+// Lane l passes the address of row l % 8 of matrix l / 8; for the .x2 forms lanes 16..31 pass
+// a bogus (misaligned, unmapped) address, which ldmatrix ignores. out[base + 4l + j] (x4) and
+// out[base + 2l + j] (x2) with base 0: x4, 128: x4.trans, 256: x2, 320: x2.trans.
+extern "C" __global__ void sim_selftest_ldmatrix(const SimTestParams p) {
+    __shared__ __align__(16) bf16 m[32 * 16];
+    unsigned* out = static_cast<unsigned*>(p.out);
+    const unsigned l = threadIdx.x;
+    for (unsigned jr = 0; jr < 32; ++jr) {  // lane l writes column l % 8 of half the rows
+        if (jr % 4 != l / 8) continue;
+        const unsigned slot = (5 * jr) % 32, c = l % 8;
+        m[slot * 16 + c] = __ushort_as_bfloat16((unsigned short)(1 + 64 * (jr / 8) + 8 * (jr % 8) + c));
+    }
+    __syncthreads();
+    const bf16* row = m + ((5 * l) % 32) * 16;
+    const bf16* row2 = l < 16 ? row : reinterpret_cast<const bf16*>(static_cast<unsigned long long>(0x13));
+    unsigned r[4];
+    lf::ldmatrix_x4(r, row);
+    for (int j = 0; j < 4; ++j) out[4 * l + j] = r[j];
+    lf::ldmatrix_x4_trans(r, row);
+    for (int j = 0; j < 4; ++j) out[128 + 4 * l + j] = r[j];
+    lf::ldmatrix_x2(r, row2);
+    for (int j = 0; j < 2; ++j) out[256 + 2 * l + j] = r[j];
+    lf::ldmatrix_x2_trans(r, row2);
+    for (int j = 0; j < 2; ++j) out[320 + 2 * l + j] = r[j];
+}

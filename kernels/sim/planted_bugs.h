@@ -1,7 +1,7 @@
 // planted_bugs.h — the parameter struct of the simulator's test kernels (planted_bugs.cu),
 // and the output record of sim_selftest_atomics, shared with the C++ drivers that launch
 // them (victim_main.cpp, selftest_main.cpp). Rust twins, when the crate's tests launch these
-// kernels: `#[repr(C)]` structs with the same fields (pointers as u64); SimTestParams is 40
+// kernels: `#[repr(C)]` structs with the same fields (pointers as u64); SimTestParams is 48
 // bytes, SimAtomicsOut 48, both 8-byte aligned.
 #pragma once
 
@@ -12,7 +12,10 @@ struct SimTestParams {
     unsigned long long n;  // elements (per kernel: see its comment)
     int oob;               // sim_planted_oob_write_f32: 1 writes out[n], one past the end;
                            // sim_planted_smem_oob_f32: 1 / 2 overflow static / dynamic shared
-    int barrier;           // sim_planted_missing_barrier_f32: 1 keeps the __syncthreads()
+    int barrier;           // sim_planted_missing_barrier_f32 (and the other barrier kernels):
+                           // 1 keeps the __syncthreads()
+    int mode;              // which variant of a planted kernel runs (per kernel: its comment)
+    int arg;               // a small integer argument (per kernel)
 };
 
 // What sim_selftest_atomics accumulates over its n threads (g = global thread id); the

@@ -4,9 +4,18 @@
 // Execution model (README.md has the long form):
 //   * launches are serialised by one mutex; a persistent pool of worker threads runs them,
 //     worker i being the thread with linear id i (x fastest, then y, z) of every block;
-//   * the blocks of a grid run one after another in linear block order, the threads of a
-//     block concurrently; a gate that all workers pass between blocks resets the block's
-//     state, so the `static` shared arrays and the barrier are reused safely;
+//   * the blocks of a grid run one after another, in a seeded random order (a permutation
+//     per launch, never the identity when there are two blocks or more); a gate that all
+//     workers pass between blocks resets the block's state and poisons its shared memory
+//     (static and dynamic: 0xFF bytes);
+//   * within a block the warps run ONE AT A TIME (warp-serial scheduling): the running warp's
+//     lanes run concurrently (so warp collectives work) until each of them waits in
+//     __syncthreads or has exited; then the next warp of the phase's order (a seeded
+//     permutation, drawn again after every barrier, in which warp 0 never runs first) runs.
+//     A warp that runs past a missing barrier therefore reads or overwrites shared memory
+//     before the others, deterministically. The hand-over ("baton") is a raw futex on a
+//     relaxed atomic, which ThreadSanitizer does not see as synchronisation, so a missing
+//     barrier is still a data race to it;
 //   * __syncthreads is a block barrier on which a thread that returned from the kernel
 //     counts as arrived (it drops out, as on Volta and later);
 //   * a warp is 32 consecutive linear ids; a warp collective waits for every lane of its
@@ -15,25 +24,42 @@
 //   * __activemask is a convergence point: it waits until no lane of the warp is running
 //     (each has exited, waits in __syncthreads or a collective, or is in __activemask too)
 //     and returns the lanes in __activemask, so early-returned lanes drop out of the mask
-//     however the OS schedules the threads.
+//     however the OS schedules the threads;
+//   * cp.async (lf::cp_async16) follows the PTX ISA: a copy's source is read at the issue,
+//     its destination holds poison until the cp_async_wait that covers its group.
 //
 // Failure: the first error of a launch (a check here, __trap, a C++ exception) is recorded,
 // `failed` is set, and every waiter of the block is woken (barrier and warp generation
-// counters are bumped); woken waiters, and any thread reaching a barrier or collective
-// later, see `failed` and unwind with `Abort`. The remaining blocks are not run.
+// counters are bumped, every warp is handed the baton); woken waiters, and any thread
+// reaching a barrier or collective later, see `failed` and unwind with `Abort`. The
+// remaining blocks are not run.
 //
-// Synchronisation uses only std::mutex and std::atomic (waits through atomic::wait), so
-// ThreadSanitizer sees every happens-before edge the simulator creates.
+// Synchronisation uses std::mutex and std::atomic (waits through atomic::wait), so
+// ThreadSanitizer sees every happens-before edge the simulator creates — except the warp
+// baton, deliberately (see above): it orders nothing a kernel could rely on.
 #include <algorithm>
 #include <array>
+#include <chrono>
+#include <climits>
 #include <cstdarg>
 #include <cstdio>
+#include <cstdlib>
+#include <deque>
 #include <exception>
+#include <map>
 #include <mutex>
+#include <numeric>
+#include <random>
 #include <stdexcept>
 #include <string>
 #include <thread>
 #include <vector>
+
+#if defined(__linux__)
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 #include "lf_sim.h"
 
@@ -43,6 +69,12 @@ struct LfSimDim {
 
 extern "C" const lf_sim::KernelEntry* const* lf_sim_kernel_table();
 
+// Static __shared__ arrays live in the section lf_sim_shared (lf_sim.h), except in the
+// AddressSanitizer build; the linker defines these two symbols around it. Weak, so that a
+// build with no such array links too (both are then null).
+extern "C" __attribute__((weak)) unsigned char __start_lf_sim_shared[];
+extern "C" __attribute__((weak)) unsigned char __stop_lf_sim_shared[];
+
 namespace {
 
 using lf_sim::detail::WarpOp;
@@ -51,7 +83,12 @@ constexpr uint32_t kMaxThreadsPerBlock = 1024;
 constexpr uint32_t kMaxBlockDim[3] = {1024, 1024, 64};
 constexpr uint32_t kMaxGridDim[3] = {0x7fffffffu, 65535, 65535};
 constexpr size_t kMaxDynamicSmem = 227 * 1024;
+// Above this a kernel needs an opt-in (lf_sim_set_max_dynamic_smem), as on CUDA
+// (cuFuncSetAttribute(CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES)).
+constexpr size_t kDefaultDynamicSmem = 48 * 1024;
 constexpr uint32_t kNoPhase = 0xffffffffu;
+// A warp's baton value once the launch failed: every waiter wakes and unwinds.
+constexpr uint32_t kFailGo = 0xffffffffu;
 
 // Unwinds a simulated thread out of its kernel once the launch has failed.
 struct Abort {};
@@ -69,6 +106,60 @@ std::string format(const char* fmt, ...) {
 template <class T>
 void wait_while_equal(const std::atomic<T>& a, T old) {
     while (a.load(std::memory_order_acquire) == old) a.wait(old, std::memory_order_acquire);
+}
+
+// The warp baton's wait and wake: a raw futex on the atomic's word, invisible to
+// ThreadSanitizer (std::atomic::wait's waiter pool would create happens-before edges
+// between unrelated waiters and hide the very races the warp-serial schedule exposes).
+void baton_wait(std::atomic<uint32_t>& a, uint32_t old) {
+#if defined(__linux__)
+    static_assert(sizeof(std::atomic<uint32_t>) == sizeof(uint32_t));
+    syscall(SYS_futex, reinterpret_cast<uint32_t*>(&a), FUTEX_WAIT_PRIVATE, old, nullptr, nullptr, 0);
+#else
+    a.wait(old, std::memory_order_relaxed);
+#endif
+}
+void baton_wake(std::atomic<uint32_t>& a) {
+#if defined(__linux__)
+    syscall(SYS_futex, reinterpret_cast<uint32_t*>(&a), FUTEX_WAKE_PRIVATE, INT_MAX, nullptr, nullptr, 0);
+#else
+    a.notify_all();
+#endif
+}
+
+// splitmix64: the seeded orders of blocks and warps.
+uint64_t mix64(uint64_t z) {
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+struct Rng {
+    uint64_t state = 0;
+    uint64_t next() { return mix64(state += 0x9E3779B97F4A7C15ull); }
+    // Uniform in [0, n), n > 0 (the modulo bias is irrelevant here).
+    uint64_t below(uint64_t n) { return next() % n; }
+};
+
+// The process's seed: LORAFUSE_SIM_SEED (decimal or 0x-hex) if set, else random.
+uint64_t process_seed() {
+    static const uint64_t seed = [] {
+        if (const char* e = std::getenv("LORAFUSE_SIM_SEED"); e != nullptr && *e != '\0')
+            return uint64_t(std::strtoull(e, nullptr, 0));
+        std::random_device rd;
+        uint64_t t = uint64_t(std::chrono::steady_clock::now().time_since_epoch().count());
+        return mix64((uint64_t(rd()) << 32 | rd()) ^ t);
+    }();
+    return seed;
+}
+
+// Whether warps run one at a time (the default) or all at once (LORAFUSE_SIM_WARPS=concurrent,
+// the old model: faster on many cores, but a missing barrier then shows only by luck).
+bool serial_warps() {
+    static const bool serial = [] {
+        const char* e = std::getenv("LORAFUSE_SIM_WARPS");
+        return e == nullptr || std::strcmp(e, "concurrent") != 0;
+    }();
+    return serial;
 }
 
 const char* op_name(WarpOp op) {
@@ -134,6 +225,9 @@ struct Warp {
     unsigned present = 0;  // lanes that exist (a last, partial warp has fewer)
     unsigned exited = 0;
     std::atomic<uint32_t> epoch{0};  // bumped and notified when any collective completes
+    // The warp baton: the scheduling epoch in which this warp was last handed the block (or
+    // kFailGo). Written under the barrier's mutex, read relaxed (see baton_wait).
+    std::atomic<uint32_t> go{0};
     Lane lanes[32];
 
     void reset(unsigned lanes_present) {
@@ -180,8 +274,12 @@ struct Warp {
     }
 };
 
-// __syncthreads for one block. Arrivals are counted under a mutex; waiters sleep on the
-// phase counter, which the last arrival (or a failure) bumps.
+// __syncthreads and the warp-serial schedule for one block. Arrivals, exits and the
+// schedule are kept under one mutex. Every thread, when it (re)starts running — at the block's
+// start and after each barrier — waits for its warp's baton (`Warp::go` equal to the
+// scheduling epoch it waits for); the running warp hands the baton on when each of its live
+// lanes waits in the barrier or has exited; the last arrival completes the barrier, starts a
+// new epoch with a new order and hands the baton to that order's first warp.
 class BlockBarrier {
 public:
     struct Result {
@@ -189,15 +287,45 @@ public:
         uint32_t arrived;  // threads that took part (the block's threads not yet exited)
     };
 
-    void reset(uint32_t threads) {
+    // A new block of `threads` threads over `warp_count` warps: returns its first epoch, in
+    // which the first warp of a fresh order holds the baton. Called when no thread runs.
+    uint32_t reset(uint32_t threads, Warp* warps, uint32_t warp_count, Rng* rng) {
         expected_ = threads;
         arrived_ = passed_ = 0;
+        warps_ = warps;
+        rng_ = rng;
+        failed_ = false;
+        live_.assign(warp_count, 0);
+        blocked_.assign(warp_count, 0);
+        for (uint32_t w = 0; w < warp_count; ++w) live_[w] = std::min<uint32_t>(32, threads - 32 * w);
+        new_epoch_locked();
+        return epoch_;
     }
     uint32_t phase() const { return phase_.load(std::memory_order_acquire); }
     // Throws Abort if the launch failed before or while waiting.
-    Result arrive_and_wait(bool predicate, const std::atomic<bool>& failed);
-    // A thread that returned from the kernel: later phases no longer wait for it.
-    void drop();
+    Result arrive_and_wait(uint32_t warp, bool predicate, const std::atomic<bool>& failed);
+    // A thread of `warp` returned from the kernel: later phases no longer wait for it.
+    void drop(uint32_t warp);
+    // Waits until `warp` holds the baton of scheduling epoch `epoch`; throws Abort on failure.
+    void wait_turn(uint32_t warp, uint32_t epoch, const std::atomic<bool>& failed) {
+        if (!serial_warps()) return;
+        std::atomic<uint32_t>& go = warps_[warp].go;
+        for (;;) {
+            uint32_t g = go.load(std::memory_order_relaxed);
+            if (g == epoch) return;
+            if (g == kFailGo || failed.load(std::memory_order_relaxed)) throw Abort{};
+            baton_wait(go, g);
+        }
+    }
+    // The launch failed: every warp gets the baton (its waiters wake and unwind).
+    void fail_all() {
+        std::lock_guard lock(mu_);
+        failed_ = true;
+        for (size_t w = 0; w < live_.size(); ++w) {
+            warps_[w].go.store(kFailGo, std::memory_order_relaxed);
+            baton_wake(warps_[w].go);
+        }
+    }
     void wake_all() {
         phase_.fetch_add(1, std::memory_order_release);
         phase_.notify_all();
@@ -208,41 +336,103 @@ private:
         result_ = Result{passed_, arrived_};
         arrived_ = passed_ = 0;
         phase_.fetch_add(1, std::memory_order_release);
+        std::fill(blocked_.begin(), blocked_.end(), 0u);
+        new_epoch_locked();
+    }
+    // A new scheduling epoch: a fresh order of the warps, in which warp 0 does not run first
+    // when another warp has live lanes (so "warp 0 writes, the others read" and "warp 0
+    // reads, the others overwrite" without a barrier both go wrong every time); the first
+    // warp with live lanes gets the baton.
+    void new_epoch_locked() {
+        ++epoch_;
+        if (epoch_ == kFailGo || epoch_ == 0) epoch_ = 1;
+        const uint32_t n = uint32_t(live_.size());
+        order_.resize(n);
+        for (uint32_t i = 0; i < n; ++i) order_[i] = i;
+        for (uint32_t i = n; i > 1; --i) std::swap(order_[i - 1], order_[rng_->below(i)]);
+        pos_ = 0;
+        while (pos_ < n && live_[order_[pos_]] == 0) ++pos_;
+        if (pos_ < n && order_[pos_] == 0) {
+            for (uint32_t q = pos_ + 1; q < n; ++q) {
+                if (live_[order_[q]] != 0) {
+                    std::swap(order_[pos_], order_[q]);
+                    break;
+                }
+            }
+        }
+        if (pos_ < n) give_locked(order_[pos_]);
+    }
+    // Hands the baton on if the running warp has no running lane left.
+    void advance_locked() {
+        const uint32_t n = uint32_t(order_.size());
+        while (pos_ < n && blocked_[order_[pos_]] >= live_[order_[pos_]]) {
+            if (++pos_ < n && live_[order_[pos_]] != 0) give_locked(order_[pos_]);
+        }
+    }
+    void give_locked(uint32_t w) {
+        if (failed_) return;
+        warps_[w].go.store(epoch_, std::memory_order_relaxed);
+        baton_wake(warps_[w].go);
     }
 
     std::mutex mu_;
     uint32_t expected_ = 0, arrived_ = 0, passed_ = 0;
     Result result_{};
     std::atomic<uint32_t> phase_{0};
+    // The schedule (under mu_).
+    Warp* warps_ = nullptr;
+    Rng* rng_ = nullptr;
+    bool failed_ = false;
+    std::vector<uint32_t> live_;     // per warp: lanes not exited
+    std::vector<uint32_t> blocked_;  // per warp: lanes waiting in this phase's barrier
+    std::vector<uint32_t> order_;    // this epoch's order of the warps
+    uint32_t pos_ = 0;               // the running warp: order_[pos_]
+    uint32_t epoch_ = 0;
 };
 
-BlockBarrier::Result BlockBarrier::arrive_and_wait(bool predicate, const std::atomic<bool>& failed) {
+BlockBarrier::Result BlockBarrier::arrive_and_wait(uint32_t warp, bool predicate,
+                                                   const std::atomic<bool>& failed) {
     std::unique_lock lock(mu_);
     uint32_t phase = phase_.load(std::memory_order_acquire);
     if (failed.load(std::memory_order_acquire)) throw Abort{};
+    uint32_t next_epoch = epoch_ + 1;
+    if (next_epoch == kFailGo || next_epoch == 0) next_epoch = 1;
     ++arrived_;
     passed_ += predicate;
+    ++blocked_[warp];
     if (arrived_ == expected_) {
         complete_locked();
-        Result r = result_;
         lock.unlock();
         phase_.notify_all();
-        return r;
+    } else {
+        advance_locked();
+        lock.unlock();
     }
-    lock.unlock();
-    wait_while_equal(phase_, phase);
+    if (serial_warps()) {
+        wait_turn(warp, next_epoch, failed);
+        // The baton orders nothing (for ThreadSanitizer); the barrier's phase does.
+        while (phase_.load(std::memory_order_acquire) == phase) {
+            if (failed.load(std::memory_order_acquire)) throw Abort{};
+            std::this_thread::yield();
+        }
+    } else {
+        wait_while_equal(phase_, phase);
+    }
     if (failed.load(std::memory_order_acquire)) throw Abort{};
     // Stable until the next phase completes, which needs this thread to arrive again.
     return result_;
 }
 
-void BlockBarrier::drop() {
+void BlockBarrier::drop(uint32_t warp) {
     std::unique_lock lock(mu_);
     --expected_;
+    --live_[warp];
     if (arrived_ != 0 && arrived_ == expected_) {
         complete_locked();
         lock.unlock();
         phase_.notify_all();
+    } else {
+        advance_locked();
     }
 }
 
@@ -256,12 +446,27 @@ struct Launch {
     uint64_t blocks = 0;
     size_t smem_bytes = 0;
 
-    uint64_t block_id = 0;
+    uint64_t block_id = 0;  // the position in the run order, not the block's index
+    uint64_t block_index = 0;  // the linear index of the block at block_id
+    uint32_t block_epoch = 0;  // the scheduling epoch the block starts in
     bool finished = false;
     std::unique_ptr<void, void (*)(void*)> dyn_smem{nullptr, nullptr};
     BlockBarrier barrier;
     std::unique_ptr<Warp[]> warps;
     uint32_t warp_count = 0;
+
+    // The seeded orders: one Rng per launch; the block order as a table (grids up to
+    // kMaxPermTable blocks) or an affine map i -> (a·i + c) mod blocks with gcd(a, blocks) = 1.
+    Rng rng;
+    std::vector<uint32_t> block_perm;
+    uint64_t perm_a = 1, perm_c = 0;
+
+    // Draws the block order: a permutation, never the identity for two blocks or more.
+    void draw_block_order();
+    uint64_t block_at(uint64_t i) const {
+        if (!block_perm.empty()) return block_perm[i];
+        return uint64_t((unsigned __int128)i * perm_a % blocks + perm_c) % blocks;
+    }
 
     std::mutex gate_mu;
     uint32_t gate_arrived = 0;
@@ -281,12 +486,34 @@ struct Launch {
     void record_failure(const std::string& what);
 };
 
+constexpr uint64_t kMaxPermTable = uint64_t(1) << 22;
+
+void Launch::draw_block_order() {
+    if (blocks <= kMaxPermTable) {
+        block_perm.resize(blocks);
+        for (uint32_t i = 0; i < blocks; ++i) block_perm[i] = i;
+        for (uint64_t i = blocks; i > 1; --i) std::swap(block_perm[i - 1], block_perm[rng.below(i)]);
+        bool identity = true;
+        for (uint32_t i = 0; i < blocks && identity; ++i) identity = block_perm[i] == i;
+        if (identity && blocks > 1) std::swap(block_perm[0], block_perm[1]);
+        return;
+    }
+    perm_c = rng.below(blocks);
+    do {
+        perm_a = 1 + rng.below(blocks - 1);
+    } while (std::gcd(perm_a, blocks) != 1 || (perm_a == 1 && perm_c == 0));
+}
+
 bool Launch::start_block() {
-    barrier.reset(threads);
+    block_index = block_at(block_id);
     for (uint32_t w = 0; w < warp_count; ++w) {
         uint32_t lanes = std::min<uint32_t>(32, threads - 32 * w);
         warps[w].reset(lanes == 32 ? 0xffffffffu : (1u << lanes) - 1);
     }
+    block_epoch = barrier.reset(threads, warps.get(), warp_count, &rng);
+    // CUDA leaves shared memory uninitialised: poison every static __shared__ array.
+    unsigned char *s0 = __start_lf_sim_shared, *s1 = __stop_lf_sim_shared;
+    if (s0 != nullptr && s1 > s0) std::memset(s0, 0xff, size_t(s1 - s0));
     dyn_smem.reset();
     try {
         void* p = ::operator new(smem_bytes, std::align_val_t{16});
@@ -330,6 +557,7 @@ void Launch::record_failure(const std::string& what) {
         }
     }
     failed.store(true, std::memory_order_release);
+    barrier.fail_all();
     barrier.wake_all();
     for (uint32_t w = 0; w < warp_count; ++w) warps[w].wake_all();
 }
@@ -339,6 +567,7 @@ struct ThreadCtx {
     Launch* launch;
     Warp* warp;
     unsigned lane;
+    uint32_t warp_index;
 };
 thread_local ThreadCtx* tl_ctx = nullptr;
 
@@ -377,7 +606,7 @@ void enter_syncthreads(ThreadCtx& c) {
 BlockBarrier::Result syncthreads(int predicate) {
     ThreadCtx& c = ctx("__syncthreads()");
     enter_syncthreads(c);
-    return c.launch->barrier.arrive_and_wait(predicate != 0, c.launch->failed);
+    return c.launch->barrier.arrive_and_wait(c.warp_index, predicate != 0, c.launch->failed);
 }
 
 // The checks a lane's collective must pass before it joins its warp's exchange; "" if none
@@ -422,10 +651,47 @@ std::string check_collective(const Launch& L, const Warp& w, unsigned me, WarpOp
     return {};
 }
 
+// One simulated thread's cp.async copies (PTX: cp.async, cp.async.commit_group,
+// cp.async.wait_group). A copy reads its source at the issue (the 16 bytes it will write:
+// src_bytes of the source, zeros after) and fills its destination with poison; the bytes
+// land at the cp_async_wait that covers its group. Copies not yet committed belong to no
+// group, so no wait covers them (as in PTX). Copies still pending when the thread exits
+// are dropped (see finish).
+struct CpAsyncCopy {
+    unsigned char* dst;
+    unsigned char bytes[16];
+};
+struct CpAsyncState {
+    std::vector<CpAsyncCopy> open;                   // issued since the last commit
+    std::deque<std::vector<CpAsyncCopy>> committed;  // oldest group first
+
+    static void land(std::vector<CpAsyncCopy>& group) {
+        for (const CpAsyncCopy& c : group) std::memcpy(c.dst, c.bytes, 16);
+        group.clear();
+    }
+    // cp.async.wait_group n: every committed group but the newest n has landed.
+    void wait(size_t n) {
+        while (committed.size() > n) {
+            land(committed.front());
+            committed.pop_front();
+        }
+    }
+    // At the thread's exit: whatever is still pending is dropped, never landing. No correct
+    // kernel can tell (only the issuing thread's own wait covers a copy, and it has exited),
+    // while landing the copies then would let a lane that reads a neighbour's destination
+    // before the wait see the data whenever that neighbour happens to exit first.
+    void finish() {
+        open.clear();
+        committed.clear();
+    }
+};
+thread_local CpAsyncState tl_cp_async;
+
 // A thread returned from (or unwound out of) the kernel. Never throws: it runs in every case.
 void exit_thread(ThreadCtx& c) noexcept {
     Launch& L = *c.launch;
     Warp& w = *c.warp;
+    tl_cp_async.finish();
     std::string err;
     bool completed;
     {
@@ -443,21 +709,22 @@ void exit_thread(ThreadCtx& c) noexcept {
     }
     if (completed) w.wake_all();
     if (!err.empty() && !L.failed.load(std::memory_order_acquire)) L.record_failure(err);
-    L.barrier.drop();
+    L.barrier.drop(c.warp_index);
 }
 
 // Runs one worker's thread of every block of `L`.
 void run_thread(Launch& L, uint32_t tid) {
-    ThreadCtx c{&L, &L.warps[tid / 32], tid % 32};
+    ThreadCtx c{&L, &L.warps[tid / 32], tid % 32, tid / 32};
     tl_ctx = &c;
     threadIdx = uint3{tid % L.block.x, tid / L.block.x % L.block.y, tid / (L.block.x * L.block.y)};
     blockDim = L.block;
     gridDim = L.grid;
     do {
-        uint64_t b = L.block_id;
+        uint64_t b = L.block_index;
         blockIdx = uint3{unsigned(b % L.grid.x), unsigned(b / L.grid.x % L.grid.y),
                          unsigned(b / (uint64_t(L.grid.x) * L.grid.y))};
         try {
+            L.barrier.wait_turn(c.warp_index, L.block_epoch, L.failed);
             L.entry->invoke(L.entry->fn, L.params.data());
         } catch (const Abort&) {
             // the launch failed; the error is recorded
@@ -516,6 +783,9 @@ private:
 };
 
 std::mutex g_launch_mutex;
+// Per kernel, the dynamic shared memory it has been opted in to beyond kDefaultDynamicSmem
+// (lf_sim_set_max_dynamic_smem); under g_launch_mutex.
+std::map<const lf_sim::KernelEntry*, size_t> g_smem_opt_in;
 
 Pool& pool() {
     static Pool* p = new Pool;
@@ -583,18 +853,44 @@ void lf_sim::require_aligned(const void* p, size_t align, const char* what) {
         fail(format("misaligned %s: address %p is not %zu-byte aligned", what, p, align).c_str());
 }
 
-// First version: the copy happens at the issue (the wait is then trivially satisfied).
-// TODO(sim): defer the copy to the covering wait and poison the destination until then.
+// Whether [p, p + bytes) lies in this block's shared memory: its dynamic buffer, or the static
+// __shared__ section (when the build has one: not under AddressSanitizer). Unknown (true)
+// when the build has no static section.
+static bool in_shared(const Launch& L, const void* p, size_t bytes) {
+    auto a = reinterpret_cast<uintptr_t>(p);
+    auto d = reinterpret_cast<uintptr_t>(L.dyn_smem.get());
+    if (d != 0 && a >= d && a + bytes <= d + L.smem_bytes) return true;
+#if defined(__SANITIZE_ADDRESS__)
+    return true;
+#else
+    auto s0 = reinterpret_cast<uintptr_t>(__start_lf_sim_shared);
+    auto s1 = reinterpret_cast<uintptr_t>(__stop_lf_sim_shared);
+    return a >= s0 && a + bytes <= s1;
+#endif
+}
+
 void lf_sim::cp_async16(void* dst, const void* src, int src_bytes) {
+    ThreadCtx& c = ctx("cp.async");
     require_aligned(dst, 16, "cp.async destination");
     require_aligned(src, 16, "cp.async source");
     if (src_bytes < 0 || src_bytes > 16) fail(format("cp.async: src_bytes %d outside 0..16", src_bytes).c_str());
-    unsigned char tmp[16] = {};
-    std::memcpy(tmp, src, size_t(src_bytes));
-    std::memcpy(dst, tmp, 16);
+    if (!in_shared(*c.launch, dst, 16))
+        fail(format("cp.async destination %p is not in this block's shared memory", dst).c_str());
+    CpAsyncCopy copy{static_cast<unsigned char*>(dst), {}};
+    std::memcpy(copy.bytes, src, size_t(src_bytes));
+    std::memset(dst, 0xff, 16);  // poison until the covering wait
+    tl_cp_async.open.push_back(copy);
 }
-void lf_sim::cp_async_commit() {}
-void lf_sim::cp_async_wait(int) {}
+void lf_sim::cp_async_commit() {
+    ctx("cp.async.commit_group");
+    tl_cp_async.committed.push_back(std::move(tl_cp_async.open));
+    tl_cp_async.open.clear();
+}
+void lf_sim::cp_async_wait(int n) {
+    ctx("cp.async.wait_group");
+    if (n < 0) fail(format("cp.async.wait_group %d: negative", n).c_str());
+    tl_cp_async.wait(size_t(n));
+}
 
 void __syncthreads() { syncthreads(0); }
 int __syncthreads_count(int predicate) { return int(syncthreads(predicate).passed); }
@@ -696,6 +992,17 @@ extern "C" int32_t lf_sim_launch(const char* kernel, LfSimDim grid, LfSimDim blo
         if (!bad.empty()) return report(err, err_cap, bad);
 
         std::lock_guard lock(g_launch_mutex);
+        if (dynamic_smem_bytes > kDefaultDynamicSmem) {
+            auto it = g_smem_opt_in.find(entry);
+            size_t allowed = it == g_smem_opt_in.end() ? kDefaultDynamicSmem : it->second;
+            if (dynamic_smem_bytes > allowed) {
+                return report(err, err_cap,
+                              format("kernel `%s`: %zu bytes of dynamic shared memory exceed the %zu it may use "
+                                     "(above 48 KiB a kernel needs an opt-in: "
+                                     "Backend::opt_in_dynamic_shared, as cuFuncSetAttribute on CUDA)",
+                                     kernel, dynamic_smem_bytes, allowed));
+            }
+        }
         auto L = std::make_unique<Launch>();
         L->entry = entry;
         L->params.assign(static_cast<const unsigned char*>(params),
@@ -707,6 +1014,13 @@ extern "C" int32_t lf_sim_launch(const char* kernel, LfSimDim grid, LfSimDim blo
         L->smem_bytes = dynamic_smem_bytes;
         L->warp_count = (L->threads + 31) / 32;
         L->warps = std::make_unique<Warp[]>(L->warp_count);
+        // The orders depend on the seed, the kernel and its geometry only, so that with
+        // LORAFUSE_SIM_SEED set a launch runs the same way whatever ran before it.
+        uint64_t h = process_seed();
+        for (const char* q = kernel; *q != '\0'; ++q) h = mix64(h ^ uint8_t(*q));
+        for (uint32_t v : {grid.x, grid.y, grid.z, block.x, block.y, block.z}) h = mix64(h ^ v);
+        L->rng.state = mix64(h ^ dynamic_smem_bytes);
+        L->draw_block_order();
         if (!L->start_block()) return report(err, err_cap, L->error);
         pool().run(*L);
         return L->failed.load(std::memory_order_acquire) ? report(err, err_cap, L->error) : 0;
@@ -714,6 +1028,27 @@ extern "C" int32_t lf_sim_launch(const char* kernel, LfSimDim grid, LfSimDim blo
         return report(err, err_cap, std::string("simulator: ") + e.what());
     }
 }
+
+// Lets `kernel` use up to `bytes` of dynamic shared memory (above the default 48 KiB, at
+// most 227 KiB): the simulator's twin of cuFuncSetAttribute(MAX_DYNAMIC_SHARED_SIZE_BYTES).
+// Returns 0, or nonzero with a message in `err`.
+extern "C" int32_t lf_sim_set_max_dynamic_smem(const char* kernel, size_t bytes, char* err, size_t err_cap) {
+    if (kernel == nullptr) return report(err, err_cap, "lf_sim_set_max_dynamic_smem: null kernel name");
+    const lf_sim::KernelEntry* entry = find_kernel(kernel);
+    if (entry == nullptr) return report(err, err_cap, format("unknown kernel `%s`", kernel));
+    if (bytes > kMaxDynamicSmem) {
+        return report(err, err_cap,
+                      format("kernel `%s`: cannot opt in to %zu bytes of dynamic shared memory (at most %zu)",
+                             kernel, bytes, kMaxDynamicSmem));
+    }
+    std::lock_guard lock(g_launch_mutex);
+    size_t& allowed = g_smem_opt_in.try_emplace(entry, kDefaultDynamicSmem).first->second;
+    allowed = std::max(allowed, bytes);
+    return 0;
+}
+
+// The seed of this process's block and warp orders (LORAFUSE_SIM_SEED, or a random one).
+extern "C" uint64_t lf_sim_seed(void) { return process_seed(); }
 
 extern "C" size_t lf_sim_kernel_count(void) {
     size_t n = 0;

@@ -723,6 +723,42 @@ impl CudaBackend {
             .map_err(cuda_err("cuStreamSynchronize"))
     }
 
+    /// Lets kernel `name` use up to `bytes` of dynamic shared memory per block
+    /// (`cuFuncSetAttribute(CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES)`): launches with
+    /// more than the default 48 KiB fail without it. Fails if the device allows less.
+    pub(crate) fn opt_in_dynamic_shared(&self, name: &str, bytes: u32) -> Result<()> {
+        let kernel_err = |msg: String| Error::Kernel {
+            kernel: name.to_string(),
+            msg,
+        };
+        let k = self.kernel(name)?;
+        if bytes <= k.max_dynamic_smem.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        if bytes > self.max_smem_optin {
+            return Err(kernel_err(format!(
+                "cannot opt in to {bytes} bytes of dynamic shared memory: the device allows at \
+                 most {} per block",
+                self.max_smem_optin
+            )));
+        }
+        self.bind()?;
+        let attr = i32::try_from(bytes).unwrap_or(i32::MAX);
+        k.func
+            .set_attribute(
+                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                attr,
+            )
+            .map_err(|e| {
+                kernel_err(format!(
+                    "opting in to {bytes} bytes of dynamic shared memory failed: {}",
+                    describe(e)
+                ))
+            })?;
+        k.max_dynamic_smem.fetch_max(bytes, Ordering::Relaxed);
+        Ok(())
+    }
+
     /// Launches kernel `name` (defined by some `kernels/*.cu`; its module is loaded on
     /// first use) with its one by-value parameter struct `params`, a `#[repr(C)]` twin of
     /// the kernel's struct. Checks that the struct's size is the kernel's parameter size,
@@ -747,24 +783,15 @@ impl CudaBackend {
             )));
         }
         check_config(cfg, k.max_threads, self.max_smem_optin).map_err(&kernel_err)?;
-        self.bind()?;
-        if cfg.shared_bytes > k.max_dynamic_smem.load(Ordering::Relaxed) {
-            let bytes = i32::try_from(cfg.shared_bytes).unwrap_or(i32::MAX);
-            k.func
-                .set_attribute(
-                    CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                    bytes,
-                )
-                .map_err(|e| {
-                    kernel_err(format!(
-                        "opting in to {} bytes of dynamic shared memory failed: {}",
-                        cfg.shared_bytes,
-                        describe(e)
-                    ))
-                })?;
-            k.max_dynamic_smem
-                .fetch_max(cfg.shared_bytes, Ordering::Relaxed);
+        let allowed = k.max_dynamic_smem.load(Ordering::Relaxed);
+        if cfg.shared_bytes > allowed {
+            return Err(kernel_err(format!(
+                "{} bytes of dynamic shared memory exceed the {allowed} it may use (above 48 KiB a \
+                 kernel needs an opt-in: Backend::opt_in_dynamic_shared)",
+                cfg.shared_bytes
+            )));
         }
+        self.bind()?;
         let mut args = [params as *const P as *mut c_void];
         let [gx, gy, gz] = cfg.grid;
         let [bx, by, bz] = cfg.block;

@@ -288,6 +288,18 @@ impl Backend {
         }
     }
 
+    /// Lets `kernel` use up to `bytes` of dynamic shared memory per block. Above 48 KiB a
+    /// launch needs this first, on CUDA (`cuFuncSetAttribute` with
+    /// `CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES`) and on the simulator alike (a
+    /// recorded per-kernel maximum); both check it at launch. Idempotent; the maximum only
+    /// grows.
+    pub(crate) fn opt_in_dynamic_shared(&self, kernel: &str, bytes: u32) -> Result<()> {
+        match self {
+            Backend::Sim => sim::opt_in_dynamic_shared(kernel, bytes),
+            Backend::Cuda(c) => c.opt_in_dynamic_shared(kernel, bytes),
+        }
+    }
+
     /// Launches `kernel` with one by-value `#[repr(C)]` parameter struct.
     pub(crate) fn launch<P: bytemuck::Pod>(
         &self,

@@ -44,6 +44,13 @@ extern "C" {
         err: *mut c_char,
         err_cap: usize,
     ) -> i32;
+    fn lf_sim_set_max_dynamic_smem(
+        kernel: *const c_char,
+        bytes: usize,
+        err: *mut c_char,
+        err_cap: usize,
+    ) -> i32;
+    fn lf_sim_seed() -> u64;
 }
 
 // The registry's introspection, for the tidy and size tests.
@@ -199,6 +206,43 @@ pub(crate) fn launch<P: bytemuck::Pod>(kernel: &str, cfg: &LaunchConfig, params:
         return Err(err(text));
     }
     check_red_zones(&guard).map_err(err)
+}
+
+/// Records that `kernel` may use up to `bytes` of dynamic shared memory (the simulator's
+/// twin of `cuFuncSetAttribute(MAX_DYNAMIC_SHARED_SIZE_BYTES)`); without it a launch with
+/// more than 48 KiB fails.
+pub(crate) fn opt_in_dynamic_shared(kernel: &str, bytes: u32) -> Result<()> {
+    let err = |msg: String| Error::Kernel {
+        kernel: kernel.to_string(),
+        msg,
+    };
+    let name = CString::new(kernel).map_err(|_| err("kernel name contains NUL".into()))?;
+    let mut msg = vec![0u8; 512];
+    // SAFETY: `name` is NUL-terminated and outlives the call; `msg` is a writable buffer of
+    // `msg.len()` bytes; the call reads and writes nothing else of ours.
+    let rc = unsafe {
+        lf_sim_set_max_dynamic_smem(
+            name.as_ptr(),
+            bytes as usize,
+            msg.as_mut_ptr().cast(),
+            msg.len(),
+        )
+    };
+    if rc != 0 {
+        let text = CStr::from_bytes_until_nul(&msg)
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        return Err(err(text));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+/// The seed of this process's block and warp orders: `LORAFUSE_SIM_SEED` if it was set
+/// (decimal or `0x` hex), else a random one. Set it to replay a run's orders.
+pub(crate) fn seed() -> u64 {
+    // SAFETY: reads a value computed once; no arguments.
+    unsafe { lf_sim_seed() }
 }
 
 /// Every live buffer's red zones still hold their pattern, or which buffer was overrun.

@@ -2,7 +2,10 @@
 //! in process, through the same `Backend::launch` the ops use (red zones, traps, asserts,
 //! warp-mask errors), and in child processes built with AddressSanitizer and
 //! ThreadSanitizer (an out-of-bounds write, a shared-memory race from a missing barrier),
-//! each next to its clean control.
+//! each next to its clean control; and the stricter execution model (`cp.async` that lands
+//! only at its wait, warp-serial scheduling that makes a missing barrier wrong on every run,
+//! a seeded random block order, misaligned 16-byte accesses, poisoned static shared memory,
+//! the dynamic shared memory opt-in, the `ldmatrix` layouts of the PTX ISA).
 
 use super::{Backend, DeviceBuffer, LaunchConfig};
 use crate::Error;
@@ -17,6 +20,8 @@ struct SimTestParams {
     n: u64,
     oob: i32,
     barrier: i32,
+    mode: i32,
+    arg: i32,
 }
 
 /// Twin of `SimAtomicsOut` in `kernels/sim/planted_bugs.h`.
@@ -302,4 +307,362 @@ fn thread_sanitizer_reports_the_race_of_a_missing_barrier() {
         ok && !text.contains("ThreadSanitizer"),
         "the control must be clean: {text}"
     );
+}
+
+// ---- The stricter execution model ---------------------------------------------------------
+
+fn u32_buffer(len: usize) -> DeviceBuffer {
+    Backend::Sim.alloc(len * 4).unwrap()
+}
+
+fn read_u32(b: &DeviceBuffer) -> Vec<u32> {
+    let mut v = vec![0u32; b.len() / 4];
+    Backend::Sim
+        .read(b, bytemuck::cast_slice_mut(&mut v))
+        .unwrap();
+    v
+}
+
+/// Fills `b` with NaN bytes again, as a fresh buffer holds, so one launch cannot pass on
+/// what an earlier one left.
+fn poison(b: &mut DeviceBuffer) {
+    Backend::Sim.memset(b, super::sim::POISON_BYTE).unwrap();
+}
+
+fn launch_err(kernel: &str, cfg: &LaunchConfig, p: &SimTestParams) -> String {
+    let e = Backend::Sim.launch(kernel, cfg, p).unwrap_err();
+    assert!(matches!(e, Error::Kernel { .. }), "{e}");
+    e.to_string()
+}
+
+#[test]
+fn cp_async_lands_only_at_the_wait_that_covers_it() {
+    let input: Vec<f32> = (0..512).map(|i| i as f32 + 1.0).collect();
+    let inb = f32_buffer(&input);
+    let mut out = Backend::Sim.alloc(8 * 64 * 4).unwrap();
+    let run = |out: &mut DeviceBuffer, mode: i32, arg: i32| {
+        poison(out);
+        let p = SimTestParams {
+            out: out.device_ptr(),
+            input: inb.device_ptr(),
+            mode,
+            arg,
+            ..Default::default()
+        };
+        Backend::Sim
+            .launch("sim_planted_cp_async_f32", &cfg(1, 64, 0), &p)
+            .map(|()| read_f32(out))
+    };
+    // out[8t + k]: tile 0 (k < 4) and tile 1 (k >= 4) as copied by thread (t + 1) % 64.
+    let want = |t: usize, k: usize, bytes: usize| -> f32 {
+        let u = (t + 1) % 64;
+        let (tile, kk) = (k / 4, k % 4);
+        if 4 * kk < bytes {
+            input[256 * tile + 4 * u + kk]
+        } else {
+            0.0
+        }
+    };
+    for (mode, arg, bytes) in [(0, 0, 16), (3, 0, 16), (5, 8, 8), (5, 0, 0), (5, 12, 12)] {
+        let got = run(&mut out, mode, arg).unwrap();
+        for t in 0..64 {
+            for k in 0..8 {
+                assert_eq!(
+                    got[8 * t + k],
+                    want(t, k, bytes),
+                    "control mode {mode} (src_bytes {bytes}): thread {t}, k {k}"
+                );
+            }
+        }
+    }
+    // Read before any wait; wait<1> when the newest group is needed; a copy never committed:
+    // the data read is the destination's poison (NaN), so a kernel test would fail.
+    for (mode, nan_from) in [(1, 0), (2, 4), (4, 4)] {
+        let got = run(&mut out, mode, 0).unwrap();
+        for t in 0..64 {
+            for k in 0..8 {
+                assert_eq!(
+                    got[8 * t + k].is_nan(),
+                    k >= nan_from,
+                    "planted mode {mode}: thread {t}, k {k}: {}",
+                    got[8 * t + k]
+                );
+            }
+        }
+    }
+    for (mode, needle) in [
+        (6, "misaligned cp.async destination"),
+        (7, "misaligned cp.async source"),
+        (8, "not in this block's shared memory"),
+    ] {
+        let msg = run(&mut out, mode, 0).unwrap_err().to_string();
+        assert!(
+            msg.contains("sim_planted_cp_async_f32") && msg.contains(needle),
+            "mode {mode}: {msg}"
+        );
+    }
+}
+
+#[test]
+fn a_missing_barrier_between_warps_gives_a_wrong_result_on_every_run() {
+    println!("simulator seed {:#x}", super::sim::seed());
+    // The tiled loop whose loop-ending barrier is missing (the k-loop of a GEMM).
+    let n = 4 * 128;
+    let input: Vec<f32> = (0..n).map(|i| (i % 97) as f32).collect();
+    let total: f32 = input.iter().sum();
+    let inb = f32_buffer(&input);
+    let out = Backend::Sim.alloc(128 * 4).unwrap();
+    let p = |barrier| SimTestParams {
+        out: out.device_ptr(),
+        input: inb.device_ptr(),
+        n: n as u64,
+        barrier,
+        ..Default::default()
+    };
+    for run in 0..5 {
+        Backend::Sim
+            .launch("sim_planted_tiled_sum_f32", &cfg(1, 128, 0), &p(1))
+            .unwrap();
+        assert!(
+            read_f32(&out).iter().all(|&v| v == total),
+            "control, run {run}"
+        );
+        Backend::Sim
+            .launch("sim_planted_tiled_sum_f32", &cfg(1, 128, 0), &p(0))
+            .unwrap();
+        let wrong = read_f32(&out).iter().filter(|&&v| v != total).count();
+        assert!(
+            wrong > 0,
+            "planted (no loop-ending barrier), run {run}: all right"
+        );
+    }
+    // Thread 0 writes, every thread reads: warp 0 never runs first.
+    let blocks = 3u32;
+    let vals: Vec<f32> = (0..blocks).map(|b| b as f32 + 0.5).collect();
+    let inb = f32_buffer(&vals);
+    let mut out = Backend::Sim.alloc(blocks as usize * 64 * 4).unwrap();
+    for run in 0..5 {
+        for barrier in [1, 0] {
+            poison(&mut out);
+            let p = SimTestParams {
+                out: out.device_ptr(),
+                input: inb.device_ptr(),
+                barrier,
+                ..Default::default()
+            };
+            Backend::Sim
+                .launch("sim_planted_broadcast_f32", &cfg(blocks, 64, 0), &p)
+                .unwrap();
+            let got = read_f32(&out);
+            let right = (0..got.len()).all(|g| got[g] == vals[g / 64]);
+            assert_eq!(
+                right,
+                barrier == 1,
+                "broadcast, barrier {barrier}, run {run}"
+            );
+        }
+    }
+    // The block-wide reversal (the ThreadSanitizer victim) is wrong in-process too.
+    let input: Vec<f32> = (0..256).map(|i| i as f32).collect();
+    let inb = f32_buffer(&input);
+    let out = Backend::Sim.alloc(256 * 4).unwrap();
+    for run in 0..3 {
+        for barrier in [1, 0] {
+            let p = SimTestParams {
+                out: out.device_ptr(),
+                input: inb.device_ptr(),
+                n: 256,
+                barrier,
+                ..Default::default()
+            };
+            Backend::Sim
+                .launch("sim_planted_missing_barrier_f32", &cfg(1, 256, 0), &p)
+                .unwrap();
+            let got = read_f32(&out);
+            let right = (0..256).all(|i| got[i] == (255 - i) as f32);
+            assert_eq!(
+                right,
+                barrier == 1,
+                "reversal, barrier {barrier}, run {run}"
+            );
+        }
+    }
+}
+
+#[test]
+fn blocks_run_in_a_seeded_random_order_so_an_inter_block_dependency_fails() {
+    println!("simulator seed {:#x}", super::sim::seed());
+    for blocks in [2u32, 3, 7, 64] {
+        let mut out = Backend::Sim.alloc(blocks as usize * 4).unwrap();
+        let want: Vec<f32> = (0..blocks).map(|b| b as f32).collect();
+        for run in 0..4 {
+            for mode in [0, 1] {
+                poison(&mut out);
+                let p = SimTestParams {
+                    out: out.device_ptr(),
+                    mode,
+                    ..Default::default()
+                };
+                Backend::Sim
+                    .launch("sim_planted_block_chain_f32", &cfg(blocks, 32, 0), &p)
+                    .unwrap();
+                let right = read_f32(&out) == want;
+                assert_eq!(
+                    right,
+                    mode == 0,
+                    "{blocks} blocks, mode {mode} (1: block b reads block b-1), run {run}"
+                );
+            }
+        }
+    }
+    // One block: nothing to reorder; the chain is right.
+    let out = Backend::Sim.alloc(4).unwrap();
+    let p = SimTestParams {
+        out: out.device_ptr(),
+        mode: 1,
+        ..Default::default()
+    };
+    Backend::Sim
+        .launch("sim_planted_block_chain_f32", &cfg(1, 32, 0), &p)
+        .unwrap();
+    assert_eq!(read_f32(&out), vec![0.0]);
+}
+
+#[test]
+fn misaligned_copy16_and_ldmatrix_fail_the_launch() {
+    let input: Vec<f32> = (0..256).map(|i| i as f32).collect();
+    let inb = f32_buffer(&input);
+    let out = u32_buffer(32 * 4);
+    let p = |mode| SimTestParams {
+        out: out.device_ptr(),
+        input: inb.device_ptr(),
+        mode,
+        ..Default::default()
+    };
+    Backend::Sim
+        .launch("sim_planted_misaligned", &cfg(1, 32, 0), &p(0))
+        .unwrap();
+    for (mode, needle) in [
+        (1, "misaligned copy16 source"),
+        (2, "misaligned copy16 destination"),
+        (3, "misaligned ldmatrix row address"),
+        (4, "misaligned ldmatrix row address"),
+    ] {
+        let msg = launch_err("sim_planted_misaligned", &cfg(1, 32, 0), &p(mode));
+        assert!(
+            msg.contains(needle) && msg.contains("16-byte aligned"),
+            "mode {mode}: {msg}"
+        );
+    }
+    // The lanes named: lane 5 for the x4 load, lane 3 for the x2 load.
+    let msg = launch_err("sim_planted_misaligned", &cfg(1, 32, 0), &p(3));
+    assert!(msg.contains("thread (5,0,0)"), "{msg}");
+    let msg = launch_err("sim_planted_misaligned", &cfg(1, 32, 0), &p(4));
+    assert!(msg.contains("thread (3,0,0)"), "{msg}");
+}
+
+#[test]
+fn static_shared_memory_is_poisoned_before_every_block() {
+    let blocks = 3u32;
+    let mut out = Backend::Sim.alloc(blocks as usize * 64 * 4).unwrap();
+    poison(&mut out);
+    let p = |mode| SimTestParams {
+        out: out.device_ptr(),
+        mode,
+        ..Default::default()
+    };
+    Backend::Sim
+        .launch(
+            "sim_planted_stale_static_smem_f32",
+            &cfg(blocks, 64, 0),
+            &p(0),
+        )
+        .unwrap();
+    let got = read_f32(&out);
+    for g in 0..got.len() {
+        let (b, t) = (g / 64, g % 64);
+        assert_eq!(got[g], (b + (t + 1) % 64) as f32, "control, thread {g}");
+    }
+    // Read before written: every block sees 0xFF bytes, not zeros, not the previous block's
+    // values (or the previous launch's).
+    for _ in 0..2 {
+        Backend::Sim
+            .launch(
+                "sim_planted_stale_static_smem_f32",
+                &cfg(blocks, 64, 0),
+                &p(1),
+            )
+            .unwrap();
+        let bits: Vec<u32> = read_f32(&out).iter().map(|v| v.to_bits()).collect();
+        assert!(bits.iter().all(|&b| b == u32::MAX), "{bits:x?}");
+    }
+}
+
+#[test]
+fn more_than_48_kib_of_dynamic_shared_memory_needs_the_opt_in() {
+    let kernel = "sim_selftest_big_smem_f32";
+    let bytes = 64 * 1024u32;
+    let floats = (bytes / 4) as u64;
+    let out = Backend::Sim.alloc(128 * 4).unwrap();
+    let p = |n| SimTestParams {
+        out: out.device_ptr(),
+        n,
+        ..Default::default()
+    };
+    // 48 KiB needs nothing.
+    Backend::Sim
+        .launch(kernel, &cfg(1, 128, 48 * 1024), &p(12 * 1024))
+        .unwrap();
+    let msg = launch_err(kernel, &cfg(1, 128, bytes), &p(floats));
+    assert!(
+        msg.contains("65536 bytes of dynamic shared memory") && msg.contains("opt-in"),
+        "{msg}"
+    );
+    Backend::Sim.opt_in_dynamic_shared(kernel, bytes).unwrap();
+    Backend::Sim
+        .launch(kernel, &cfg(1, 128, bytes), &p(floats))
+        .unwrap();
+    let got = read_f32(&out);
+    assert!((0..128).all(|t| got[t] == (floats - 1 - t as u64) as f32));
+    // Beyond the opt-in, and beyond what any GPU has, still fail.
+    let msg = launch_err(kernel, &cfg(1, 128, bytes + 16), &p(floats));
+    assert!(msg.contains("opt-in"), "{msg}");
+    let e = Backend::Sim
+        .opt_in_dynamic_shared(kernel, 228 * 1024)
+        .unwrap_err();
+    assert!(e.to_string().contains("at most"), "{e}");
+    assert!(Backend::Sim
+        .opt_in_dynamic_shared("no_such_kernel", 1)
+        .is_err());
+}
+
+#[test]
+fn ldmatrix_forms_follow_the_ptx_isa_layouts() {
+    let out = u32_buffer(384);
+    let p = SimTestParams {
+        out: out.device_ptr(),
+        ..Default::default()
+    };
+    Backend::Sim
+        .launch("sim_selftest_ldmatrix", &cfg(1, 32, 0), &p)
+        .unwrap();
+    let got = read_u32(&out);
+    // M_j[r][c] as the kernel stored it; a register packs the lower column (or row) low.
+    let m = |j: usize, r: usize, c: usize| (1 + 64 * j + 8 * r + c) as u32;
+    let pack = |lo: u32, hi: u32| lo | hi << 16;
+    for l in 0..32 {
+        let (row, col) = (l / 4, 2 * (l % 4));
+        for j in 0..4 {
+            // Non-transposed: (row l/4, columns 2(l%4), 2(l%4)+1) of matrix j.
+            let plain = pack(m(j, row, col), m(j, row, col + 1));
+            // .trans: (rows 2(l%4), 2(l%4)+1, column l/4) of matrix j.
+            let trans = pack(m(j, col, row), m(j, col + 1, row));
+            assert_eq!(got[4 * l + j], plain, "x4, lane {l}, r[{j}]");
+            assert_eq!(got[128 + 4 * l + j], trans, "x4.trans, lane {l}, r[{j}]");
+            if j < 2 {
+                assert_eq!(got[256 + 2 * l + j], plain, "x2, lane {l}, r[{j}]");
+                assert_eq!(got[320 + 2 * l + j], trans, "x2.trans, lane {l}, r[{j}]");
+            }
+        }
+    }
 }

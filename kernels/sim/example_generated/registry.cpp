@@ -19,6 +19,14 @@ extern "C" const lf_sim::KernelEntry lf_sim_entry_sim_selftest_dynamic_smem_f32;
 extern "C" const lf_sim::KernelEntry lf_sim_entry_sim_selftest_block_reduce_f32;
 extern "C" const lf_sim::KernelEntry lf_sim_entry_sim_selftest_geometry;
 extern "C" const lf_sim::KernelEntry lf_sim_entry_sim_selftest_convert;
+extern "C" const lf_sim::KernelEntry lf_sim_entry_sim_planted_cp_async_f32;
+extern "C" const lf_sim::KernelEntry lf_sim_entry_sim_planted_tiled_sum_f32;
+extern "C" const lf_sim::KernelEntry lf_sim_entry_sim_planted_broadcast_f32;
+extern "C" const lf_sim::KernelEntry lf_sim_entry_sim_planted_block_chain_f32;
+extern "C" const lf_sim::KernelEntry lf_sim_entry_sim_planted_misaligned;
+extern "C" const lf_sim::KernelEntry lf_sim_entry_sim_planted_stale_static_smem_f32;
+extern "C" const lf_sim::KernelEntry lf_sim_entry_sim_selftest_big_smem_f32;
+extern "C" const lf_sim::KernelEntry lf_sim_entry_sim_selftest_ldmatrix;
 static const lf_sim::KernelEntry* const lf_sim_table[] = {
     &lf_sim_entry_sim_planted_oob_write_f32,
     &lf_sim_entry_sim_planted_missing_barrier_f32,
@@ -37,6 +45,14 @@ static const lf_sim::KernelEntry* const lf_sim_table[] = {
     &lf_sim_entry_sim_selftest_block_reduce_f32,
     &lf_sim_entry_sim_selftest_geometry,
     &lf_sim_entry_sim_selftest_convert,
+    &lf_sim_entry_sim_planted_cp_async_f32,
+    &lf_sim_entry_sim_planted_tiled_sum_f32,
+    &lf_sim_entry_sim_planted_broadcast_f32,
+    &lf_sim_entry_sim_planted_block_chain_f32,
+    &lf_sim_entry_sim_planted_misaligned,
+    &lf_sim_entry_sim_planted_stale_static_smem_f32,
+    &lf_sim_entry_sim_selftest_big_smem_f32,
+    &lf_sim_entry_sim_selftest_ldmatrix,
     nullptr,
 };
 extern "C" const lf_sim::KernelEntry* const* lf_sim_kernel_table() { return lf_sim_table; }
