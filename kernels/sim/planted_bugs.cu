@@ -27,6 +27,19 @@
 //                                    that needs them: a deadlock on a GPU, an error here.
 //   sim_planted_cpp_exception        thread g == n throws a C++ exception (simulator only:
 //                                    device code cannot throw; launch error).
+//   sim_planted_cp_async_f32         reads before the covering cp.async wait, wait<N> too large,
+//                                    an uncommitted copy (NaN); misaligned or non-shared
+//                                    addresses (launch errors); mode 0/3/5 are controls.
+//   sim_planted_tiled_sum_f32        a tile loop without its loop-ending barrier (warp-serial
+//                                    schedule: wrong on every run); barrier = 1 is the control.
+//   sim_planted_broadcast_f32        thread 0 writes, all read, no barrier (wrong every run).
+//   sim_planted_block_chain_f32      block b reads block b - 1's output (the random block
+//                                    order breaks it every run); mode 0 is the control.
+//   sim_planted_misaligned           misaligned copy16 / ldmatrix row addresses (launch errors).
+//   sim_planted_stale_static_smem_f32  static shared memory read before written (poison, not
+//                                    the previous block's values).
+// Self-tests of the stricter model: sim_selftest_big_smem_f32 (the >48 KiB opt-in),
+// sim_selftest_ldmatrix (the four ldmatrix forms against the PTX ISA's layouts).
 #include <cassert>
 #if defined(LORAFUSE_SIM)
 #include <stdexcept>

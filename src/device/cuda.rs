@@ -726,6 +726,7 @@ impl CudaBackend {
     /// Lets kernel `name` use up to `bytes` of dynamic shared memory per block
     /// (`cuFuncSetAttribute(CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES)`): launches with
     /// more than the default 48 KiB fail without it. Fails if the device allows less.
+    #[cfg_attr(not(test), allow(dead_code))]
     pub(crate) fn opt_in_dynamic_shared(&self, name: &str, bytes: u32) -> Result<()> {
         let kernel_err = |msg: String| Error::Kernel {
             kernel: name.to_string(),

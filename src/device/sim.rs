@@ -44,13 +44,13 @@ extern "C" {
         err: *mut c_char,
         err_cap: usize,
     ) -> i32;
+    #[cfg_attr(not(test), allow(dead_code))]
     fn lf_sim_set_max_dynamic_smem(
         kernel: *const c_char,
         bytes: usize,
         err: *mut c_char,
         err_cap: usize,
     ) -> i32;
-    fn lf_sim_seed() -> u64;
 }
 
 // The registry's introspection, for the tidy and size tests.
@@ -59,6 +59,7 @@ extern "C" {
     fn lf_sim_kernel_count() -> usize;
     fn lf_sim_kernel_name(i: usize) -> *const c_char;
     fn lf_sim_param_bytes(kernel: *const c_char) -> usize;
+    fn lf_sim_seed() -> u64;
 }
 
 /// Live buffers by the address of their first data byte: the red-zone checker walks them.
@@ -211,6 +212,7 @@ pub(crate) fn launch<P: bytemuck::Pod>(kernel: &str, cfg: &LaunchConfig, params:
 /// Records that `kernel` may use up to `bytes` of dynamic shared memory (the simulator's
 /// twin of `cuFuncSetAttribute(MAX_DYNAMIC_SHARED_SIZE_BYTES)`); without it a launch with
 /// more than 48 KiB fails.
+#[cfg_attr(not(test), allow(dead_code))]
 pub(crate) fn opt_in_dynamic_shared(kernel: &str, bytes: u32) -> Result<()> {
     let err = |msg: String| Error::Kernel {
         kernel: kernel.to_string(),

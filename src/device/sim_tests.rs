@@ -578,10 +578,9 @@ fn static_shared_memory_is_poisoned_before_every_block() {
             &p(0),
         )
         .unwrap();
-    let got = read_f32(&out);
-    for g in 0..got.len() {
+    for (g, &v) in read_f32(&out).iter().enumerate() {
         let (b, t) = (g / 64, g % 64);
-        assert_eq!(got[g], (b + (t + 1) % 64) as f32, "control, thread {g}");
+        assert_eq!(v, (b + (t + 1) % 64) as f32, "control, thread {g}");
     }
     // Read before written: every block sees 0xFF bytes, not zeros, not the previous block's
     // values (or the previous launch's).
