@@ -301,7 +301,7 @@ fn the_plan_fills_the_gpu_at_the_gpt2_and_headline_shapes() {
         (3000, 2, 1 << 20),
     ] {
         let p = plan(m, n, t).unwrap();
-        assert!(p.chunk % CHUNK_MIN == 0 && (CHUNK_MIN..=CHUNK_MAX).contains(&p.chunk));
+        assert!(p.chunk.is_multiple_of(CHUNK_MIN) && (CHUNK_MIN..=CHUNK_MAX).contains(&p.chunk));
         assert_eq!(p.chunks, t.div_ceil(p.chunk));
     }
     assert!(plan(65, 65, 10).is_none());
