@@ -26,17 +26,18 @@
 // bytes per call (s bytes per element): s·M·(big + small) read once from DRAM (the floor:
 //   L is read exactly once, block (c, tile) reads its own slab; R, M·small·s, is re-read by
 //   every tile from L2), plus the workspace 4·chunks·big·small written and read back
-//   (L2-resident, ≤ 5 MB at these shapes), plus s·big·small written.
+//   (L2-resident: 2.1 MB for GPT-2's gA, 4.7 MB gB, 8.4 MB at the headline), plus
+//   s·big·small written.
 //   GPT-2 124M c_attn (M = 8192, K = 768, N = 2304, r = 16, bf16):
-//     gA: 0.20 GFLOP, 12.6 MB of x → floor 2.9–4.2 µs at 4.3–3.0 TB/s;
-//     gB: 0.60 GFLOP, 37.7 MB of gy → floor 8.8–12.6 µs.
+//     gA: 0.20 GFLOP, 12.6 MB of x (+0.26 MB sv) → floor 3.0–4.3 µs at 4.3–3.0 TB/s;
+//     gB: 0.60 GFLOP, 37.7 MB of gy (+0.26 MB su) → floor 8.9–12.7 µs.
 //   Headline (M = 8192, K = N = 4096, r = 16, bf16): gA and gB each 1.07 GFLOP and 67 MB
-//     (x or gy) → floor 15.6–22.4 µs (the FLOPs take ≤ 2 µs even at mma.sync rates).
+//     (x or gy) → floor 15.7–22.5 µs (the FLOPs take ≤ 2 µs even at mma.sync rates).
 //   Expected: 60–75 % of the copy-bandwidth floor (GPT-2: gA ~6 µs, gB ~15 µs; headline
 //   ~26 µs each, second pass included) against ~200 µs for each on the 64×64-tile GEMM,
 //   which runs 12–64 blocks through 256 dependent, unpipelined k-tiles. Why not 100 %: a
 //   block lives for only 2–8 k-tiles, so its pipeline prologue (one DRAM latency) is
-//   exposed once per block (hidden only by the 4–8 co-resident blocks), the workspace
+//   exposed once per block (hidden only by the 4 co-resident blocks), the workspace
 //   round trip adds 10–30 % L2 traffic, and the second pass is a launch of its own
 //   (~2 µs). Loads per byte: every L element arrives by one 16-byte cp.async (8 values)
 //   and is read from shared memory once per k16 step by one ldmatrix.x4.trans; a 64-row
@@ -45,14 +46,17 @@
 // Launch geometry (partials): grid (chunks, ceil(big/64)), 128 threads. Chunk heuristic
 //   (src/ops/lora_reduce/mod.rs, `plan`): chunk = clamp(round_up(ceil(M·tiles/528), 64),
 //   64, 256) tokens, chunks = ceil(M/chunk), so tiles·chunks comes to ~528 = 4 blocks per
-//   SM on 132 SMs or more where M allows (GPT-2 gA: 12 tiles × 43 chunks of 192 = 516 blocks; gB: 36 ×
-//   32 of 256 = 1152; headline: 64 × 32 = 2048). A block computes its 64×small tile over its
-//   chunk in k-tiles of 32 tokens: tensor cores: 4 warps, 16 rows each, small rounded up to
-//   16 columns (mma n8 pairs), a 3-stage cp.async pipeline (one barrier per k-tile) into
-//   padded shared tiles [32 tokens][72] (row stride 144 B: the 8 rows of an ldmatrix hit
-//   distinct banks); SIMT f32: 8×4 outputs per thread (rows ty + 8u, columns tx + 16w),
-//   2 stages. Operands whose contiguous dimension is not a multiple of 8 (4 for f32) or
-//   whose base is not 16-byte aligned go through an element-wise path into the same tiles.
+//   SM on 132 SMs or more where M allows (GPT-2 gA: 12 tiles × 43 chunks of 192 = 516
+//   blocks; gB: 36 × 32 of 256 = 1152; headline: 64 × 32 = 2048). A block computes its
+//   64×small tile over its chunk in k-tiles of 32 tokens: tensor cores: 4 warps, 16 rows
+//   each, small rounded up to 16 columns (mma n8 pairs), a 3-stage cp.async pipeline (one
+//   barrier per k-tile) into padded shared tiles [32 tokens][72] (row stride 144 B: the 8
+//   rows of an ldmatrix hit distinct banks); SIMT f32: 8×4 outputs per thread (rows
+//   ty + 8u, columns tx + 16w), 2 stages. ptxas: 128 registers (tensor cores; 4 blocks
+//   of 128 threads per SM), 27.6 KB static shared; SIMT 122/101 (sm_80/sm_90), 36.9 KB;
+//   second pass 32. Operands whose contiguous dimension is not a multiple of 8 (4 for
+//   f32) or whose base is not 16-byte aligned go through an element-wise path into the
+//   same tiles.
 //   Second pass: 256 threads, one output element per thread (grid-stride), workspace read
 //   along its contiguous dimension, chunks added in index order. No atomics: deterministic.
 #include "common.cuh"

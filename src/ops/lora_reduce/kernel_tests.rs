@@ -146,7 +146,25 @@ fn reference(c: &Case, l: &View, r: &View, alpha: f64, c0: Option<&[f64]>) -> Ve
     out
 }
 
+/// Asserts that two buffers hold the same bits, naming the first difference.
+fn assert_bits<T: Copy + PartialEq + std::fmt::Debug>(what: &str, got: &[T], want: &[T]) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths differ");
+    if let Some(i) = (0..got.len()).find(|&i| got[i] != want[i]) {
+        let n = got.iter().zip(want).filter(|(a, b)| a != b).count();
+        panic!(
+            "{what}: {n} of {} elements differ, first at {i}: {:?} vs {:?}",
+            got.len(),
+            got[i],
+            want[i]
+        );
+    }
+}
+
 fn bits(v: &[f64]) -> Vec<u64> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+fn bits32(v: &[f32]) -> Vec<u32> {
     v.iter().map(|x| x.to_bits()).collect()
 }
 
@@ -219,25 +237,39 @@ fn reductions_match_the_twin_and_the_reference(device: &Device) {
                 cpu::finish(&ws, &plan, alpha as f32, old32.as_deref()),
                 dtype,
             );
-            assert_eq!(
-                bits(&got),
-                bits(&twin),
-                "{name}: second pass vs the twin's sum"
+            assert_bits(
+                &format!("{name}: second pass vs the twin's sum"),
+                &bits(&got),
+                &bits(&twin),
             );
             if dtype == DType::F32 {
-                // SIMT: the partials themselves are the twin's token-order fma chains.
+                // SIMT: the partials are the twin's token-order fma chains, so the whole
+                // result is the twin's too.
                 let p = cpu::partials(&red, &plan).unwrap();
-                let pb: Vec<u32> = p.iter().map(|x| x.to_bits()).collect();
-                let wb: Vec<u32> = ws.iter().map(|x| x.to_bits()).collect();
-                assert_eq!(wb, pb, "{name}: SIMT partials vs the twin");
+                assert_bits(
+                    &format!("{name}: SIMT partials vs the twin"),
+                    &bits32(&ws),
+                    &bits32(&p),
+                );
+                let old = c0
+                    .as_ref()
+                    .map(|v| Tensor::from_vec_as(v.clone(), [c.m, c.n], dtype, &Device::Cpu))
+                    .transpose()
+                    .unwrap();
+                let whole = rounded(cpu::reduce(&red, &plan, old.as_ref()).unwrap(), dtype);
+                assert_bits(
+                    &format!("{name}: SIMT result vs the twin"),
+                    &bits(&got),
+                    &bits(&whole),
+                );
             }
             // Twice: bitwise identical.
             let (again, ws2) = device_run(&red, c0.as_deref(), dtype);
-            assert_eq!(bits(&again), bits(&got), "{name}: a second run differs");
-            let same_ws = ws2.iter().zip(&ws).all(|(a, b)| a.to_bits() == b.to_bits());
-            assert!(
-                same_ws && ws2.len() == ws.len(),
-                "{name}: a second workspace differs"
+            assert_bits(&format!("{name}: a second run"), &bits(&again), &bits(&got));
+            assert_bits(
+                &format!("{name}: a second workspace"),
+                &bits32(&ws2),
+                &bits32(&ws),
             );
         }
     }
@@ -269,7 +301,7 @@ fn the_plan_fills_the_gpu_at_the_gpt2_and_headline_shapes() {
         (3000, 2, 1 << 20),
     ] {
         let p = plan(m, n, t).unwrap();
-        assert!(p.chunk % CHUNK_MIN == 0 && (CHUNK_MIN..=CHUNK_MAX).contains(&p.chunk));
+        assert!(p.chunk.is_multiple_of(CHUNK_MIN) && (CHUNK_MIN..=CHUNK_MAX).contains(&p.chunk));
         assert_eq!(p.chunks, t.div_ceil(p.chunk));
     }
     assert!(plan(65, 65, 10).is_none());
