@@ -728,8 +728,8 @@ template <typename T, int HD, int BC>
 __device__ __forceinline__ void backward_dq(const AttentionParams& p) {
     check<HD, BC>(p);
     LF_DYNAMIC_SMEM(T, sm);
-    T* st[2] = {sm, sm + 2 * BC * HD};
-    T* qs = st[1];
+    T* const st1 = sm + 2 * BC * HD;  // stage s at sm + s·2·BC·HD
+    T* qs = st1;
     T* gs = qs + kBM * HD;
     const long long t = p.t, c = p.c, ldg = 3 * c;
     const long long qb = (long long)gridDim.x - 1 - blockIdx.x;
@@ -744,8 +744,8 @@ __device__ __forceinline__ void backward_dq(const AttentionParams& p) {
     load_async<T, HD, kBM>(qs, base, ldg, i0, t);
     load_async<T, HD, kBM>(gs, gybase, c, i0, t);
     lf::cp_async_commit();
-    load_async<T, HD, BC>(st[0], base + c, ldg, 0, t);
-    load_async<T, HD, BC>(st[0] + BC * HD, base + 2 * c, ldg, 0, t);
+    load_async<T, HD, BC>(sm, base + c, ldg, 0, t);
+    load_async<T, HD, BC>(sm + BC * HD, base + 2 * c, ldg, 0, t);
     lf::cp_async_commit();
     float lse2[2], dd[2];
     LF_UNROLL
@@ -769,7 +769,7 @@ __device__ __forceinline__ void backward_dq(const AttentionParams& p) {
     for (int d = 0; d < HD / 8; ++d) dq[d][0] = dq[d][1] = dq[d][2] = dq[d][3] = 0.0f;
     for (int n = 0; n < ntiles; ++n) {
         if (n + 1 < ntiles) {
-            T* nk = st[(n + 1) & 1];
+            T* nk = sm + ((n + 1) & 1) * 2 * BC * HD;
             load_async<T, HD, BC>(nk, base + c, ldg, (long long)(n + 1) * BC, t);
             load_async<T, HD, BC>(nk + BC * HD, base + 2 * c, ldg, (long long)(n + 1) * BC, t);
             lf::cp_async_commit();
@@ -778,7 +778,7 @@ __device__ __forceinline__ void backward_dq(const AttentionParams& p) {
             lf::cp_async_wait<0>();
         }
         __syncthreads();  // stage n & 1 is in
-        const T* ks = st[n & 1];
+        const T* ks = sm + (n & 1) * 2 * BC * HD;
         const T* vs = ks + BC * HD;
         float s[BC / 8][4], dp[BC / 8][4];
         LF_UNROLL
@@ -802,7 +802,7 @@ __device__ __forceinline__ void backward_dq(const AttentionParams& p) {
         gemm_xb<T, HD, BC>(dq, s, ks);
         __syncthreads();  // every warp is done with stage n & 1
     }
-    store_rows<T, HD>(dq, p.scale, st[0] + warp * 16 * HD,
+    store_rows<T, HD>(dq, p.scale, sm + warp * 16 * HD,
                       static_cast<T*>(p.out) + b * t * ldg + h * HD, ldg, rw, t);
 }
 
@@ -816,7 +816,7 @@ __device__ __forceinline__ void backward_dkv(const AttentionParams& p) {
     LF_DYNAMIC_SMEM(T, sm);
     T* ks = sm;
     T* vs = ks + kBM * HD;
-    T* st[2] = {vs + kBM * HD, vs + kBM * HD + 2 * BQ * HD};
+    T* const st0 = vs + kBM * HD;  // stage s at st0 + s·2·BQ·HD
     const long long t = p.t, c = p.c, ldg = 3 * c;
     const long long j0 = (long long)blockIdx.x * kBM, h = blockIdx.y, b = blockIdx.z;
     const long long bh = (b * p.h + h) * t;
@@ -828,8 +828,8 @@ __device__ __forceinline__ void backward_dkv(const AttentionParams& p) {
     const int ntiles = (int)((t - j0 + BQ - 1) / BQ);  // query tiles j0, j0 + BQ, … < t
     load_async<T, HD, kBM>(ks, base + c, ldg, j0, t);
     load_async<T, HD, kBM>(vs, base + 2 * c, ldg, j0, t);
-    load_async<T, HD, BQ>(st[0], base, ldg, j0, t);
-    load_async<T, HD, BQ>(st[0] + BQ * HD, gybase, c, j0, t);
+    load_async<T, HD, BQ>(st0, base, ldg, j0, t);
+    load_async<T, HD, BQ>(st0 + BQ * HD, gybase, c, j0, t);
     lf::cp_async_commit();
     const float sl2 = p.scale * kLog2e;
     float dk[HD / 8][4], dv[HD / 8][4];
@@ -839,7 +839,7 @@ __device__ __forceinline__ void backward_dkv(const AttentionParams& p) {
     for (int n = 0; n < ntiles; ++n) {
         const long long i0 = j0 + (long long)n * BQ;
         if (n + 1 < ntiles) {
-            T* nq = st[(n + 1) & 1];
+            T* nq = st0 + ((n + 1) & 1) * 2 * BQ * HD;
             load_async<T, HD, BQ>(nq, base, ldg, i0 + BQ, t);
             load_async<T, HD, BQ>(nq + BQ * HD, gybase, c, i0 + BQ, t);
             lf::cp_async_commit();
@@ -859,7 +859,7 @@ __device__ __forceinline__ void backward_dkv(const AttentionParams& p) {
             }
         }
         __syncthreads();  // stage n & 1 (and K, V the first time) is in
-        const T* qs = st[n & 1];
+        const T* qs = st0 + (n & 1) * 2 * BQ * HD;
         const T* gs = qs + BQ * HD;
         // Warp-uniform: a tile wholly above the warp's keys' diagonal contributes nothing.
         if (i0 + BQ - 1 >= kw) {

@@ -5,6 +5,11 @@
 //! and then `attention_dkv_bwd` (dk, dv), each writing its own columns of the fused
 //! `dqkv [B, T, 3C]`. Nothing of size `T²` is allocated.
 //!
+//! bf16 and f16 at head dims 64 and 128 take the tensor-core (FlashAttention-2) kernels
+//! instead ([`tc_path`]): `attention_tc{hd}_fwd` (64 query rows per block), and for the
+//! backward `attention_delta_bwd` (D), `attention_tc{hd}_dkv_bwd` (64 keys per block) and
+//! `attention_tc{hd}_dq_bwd` (64 query rows per block), all within 48 KiB of shared memory.
+//!
 //! Tiles: every block owns [`BR`] rows and loops over tiles of `bc` rows, `bc` the largest of
 //! 32, 16 and 8 whose dynamic shared memory fits [`SMEM_BUDGET`] (chosen per kernel from the
 //! head dim, see [`tile`]). Head dims up to [`MAX_HEAD_DIM`] are supported (the kernels keep

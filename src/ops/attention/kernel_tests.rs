@@ -6,7 +6,9 @@
 //! (fresh buffers are poisoned), so an element a kernel forgets to write fails the
 //! comparison; two runs must agree bit for bit (no atomics, fixed reduction order). On a
 //! device also: the forward keeps O(T) bytes for the backward (no `[B, H, T, T]` tensor),
-//! and the launcher rejects bad inputs with an error.
+//! and the launcher rejects bad inputs with an error. The tensor-core kernels (bf16/f16 at
+//! hd 64 and 128) have their own sweep over T = 1, 7, 63, 65, 127, 130 and a small
+//! multi-tile test for the planted-bug checks.
 
 use super::*;
 use crate::testing::{assert_close, rand_tensor, rng};
@@ -103,20 +105,11 @@ fn attention_matches_the_reference(device: &Device) {
 }
 crate::test_device!(matches_reference, attention_matches_the_reference);
 
-/// The tensor-core (FlashAttention-2) kernels: bf16 and f16 at head dims 64 and 128, and
-/// 32 (no tensor-core instantiation: the SIMT kernels), over T = 1, 7, 63, 65, 127, 130
-/// (one to three 64-row blocks, partial K/V tiles of 64, 32 and 16 rows, the diagonal tile
-/// cut by T) and B = H = 2 at one T, forward and backward against the f64 reference with the
-/// usual tolerances, twice, bit for bit.
-fn attention_tensor_cores_match_the_reference(device: &Device) {
-    let mut r = rng("attention_tc");
-    let mut shapes = Vec::new();
-    for t in [1, 7, 63, 65, 127, 130] {
-        shapes.push((1, t, 64, 1));
-        shapes.push((1, t, 128, 1));
-    }
-    shapes.extend([(2, 65, 128, 2), (1, 65, 64, 2)]);
-    for (b, t, c, h) in shapes {
+/// Forward and backward of `(b, t, c, h)` in bf16 and f16 against the f64 reference with
+/// the usual tolerances, twice, bit for bit.
+fn check_tc_shapes(device: &Device, seed: &str, shapes: &[(usize, usize, usize, usize)]) {
+    let mut r = rng(seed);
+    for &(b, t, c, h) in shapes {
         let x = rand_tensor(&mut r, [b, t, 3 * c], -2.0, 2.0);
         let gy = rand_tensor(&mut r, [b, t, c], -1.0, 1.0);
         for dtype in [DType::BF16, DType::F16] {
@@ -148,6 +141,34 @@ fn attention_tensor_cores_match_the_reference(device: &Device) {
             assert_eq!(bits(&gx), bits(&gx2), "{name}: dqkv differs between runs");
         }
     }
+}
+
+/// The tensor-core (FlashAttention-2) kernels over several tiles of every kind: hd 64 at
+/// T = 130 (three 64-row blocks and K/V tiles, Q/gy tiles of 64, the last cut by T) and
+/// hd 128 at T = 65 (K/V tiles of 32, dkv query tiles of 16, two blocks): the cp.async
+/// pipelines turn over more than once, the softmax rescales. Small enough for the
+/// planted-bug checks (the header of `kernels/attention.cu`).
+fn attention_tensor_core_pipelines(device: &Device) {
+    check_tc_shapes(
+        device,
+        "attention_tc_pipeline",
+        &[(1, 130, 64, 1), (1, 65, 128, 1)],
+    );
+}
+crate::test_device!(tc_pipelines, attention_tensor_core_pipelines);
+
+/// The tensor-core kernels at every edge: bf16 and f16 at head dims 64 and 128, and 32 (no
+/// tensor-core instantiation: the SIMT kernels), over T = 1, 7, 63, 65, 127, 130 (one to
+/// three 64-row blocks, partial K/V tiles of 64, 32 and 16 rows, the diagonal tile cut by
+/// T), and B = H = 2 at one T.
+fn attention_tensor_cores_match_the_reference(device: &Device) {
+    let mut shapes = Vec::new();
+    for t in [1, 7, 63, 65, 127, 130] {
+        shapes.push((1, t, 64, 1));
+        shapes.push((1, t, 128, 1));
+    }
+    shapes.extend([(2, 65, 128, 2), (1, 65, 64, 2)]);
+    check_tc_shapes(device, "attention_tc", &shapes);
 }
 crate::test_device!(tensor_cores, attention_tensor_cores_match_the_reference);
 

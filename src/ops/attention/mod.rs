@@ -9,7 +9,9 @@
 //! flash-attention style: the forward runs over key tiles with an online softmax and saves
 //! only the logsumexp `lse [B, H, T]` (f32) besides its output `y`; the backward recomputes
 //! `P` tile by tile from `qkv` and `lse` and runs as two deterministic kernels (dq per
-//! query tile, then dk and dv per key tile), so no `T²` buffer exists at any point (at the
+//! query tile, then dk and dv per key tile; for bf16/f16 at head dims 64 and 128 the
+//! FlashAttention-2 tensor-core kernels: D = rowsum(gy ⊙ y), dk and dv per key block, dq per
+//! query block), so no `T²` buffer exists at any point (at the
 //! GPT-2 124M shape `B=8, H=12, T=1024`, P would be 403 MB per layer; lse is 0.39 MB).
 //! The backward reads the `y` this op returned (the tape keeps a handle to it, which costs
 //! no memory since the caller holds it too): it must not be modified in place before the
