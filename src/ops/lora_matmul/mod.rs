@@ -98,6 +98,8 @@ pub(crate) struct Extension<'a> {
 
 /// Which kernel computes the product.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+// The forced tensor-core variants are chosen by the kernel tests only.
+#[cfg_attr(not(test), allow(dead_code))]
 pub(crate) enum Variant {
     /// Tensor cores for bf16/f16 (the tile chosen per shape by [`cuda::tc_config`]), SIMT
     /// for f32.
