@@ -123,7 +123,7 @@ void* dynamic_smem();
 // Fails the launch ("misaligned <what>: address 0x… is not <align>-byte aligned") unless
 // `p` is `align`-byte aligned: the GPU faults on a misaligned vector, ldmatrix or cp.async
 // access, so the simulator makes it a launch error too.
-void require_aligned(const void* p, size_t align, const char* what);
+__attribute__((access(none, 1))) void require_aligned(const void* p, size_t align, const char* what);
 
 // cp.async (common.cuh's lf::cp_async16 / cp_async_commit / cp_async_wait<N>), as the PTX
 // ISA defines cp.async / commit_group / wait_group, per simulated thread: cp_async16 reads
