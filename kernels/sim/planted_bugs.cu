@@ -340,8 +340,7 @@ extern "C" __global__ void sim_selftest_convert(const SimTestParams p) {
 //   3  wait<1>, read tile 0 only; tile 1 reads as written by wait<0> at the end (control)
 //   4  tile 1's copy never committed, then wait<0>: it is covered by no wait (planted: NaN)
 //   5  as 0 with src_bytes = arg: the rest of each 16 bytes zero-filled (control)
-//   6  a misaligned destination, 7  a misaligned source, 8  a destination in global memory
-//      (launch errors)
+//   6  a misaligned destination, 7  a misaligned source (launch errors)
 // out[8t + k] = tile 0 of thread (t + 1) % 64 (k < 4), tile 1 (k >= 4): both warps' data.
 extern "C" __global__ void sim_planted_cp_async_f32(const SimTestParams p) {
     __shared__ __align__(16) float tile[2][256];
@@ -353,7 +352,6 @@ extern "C" __global__ void sim_planted_cp_async_f32(const SimTestParams p) {
     const float* src0 = in + 4 * t;
     if (p.mode == 6) dst0 += 1;
     if (p.mode == 7) src0 += 1;
-    if (p.mode == 8) dst0 = out + 4 * t;
     lf::cp_async16(dst0, src0, bytes);
     lf::cp_async_commit();
     lf::cp_async16(&tile[1][4 * t], in + 256 + 4 * t, bytes);

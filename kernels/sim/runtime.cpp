@@ -853,29 +853,15 @@ void lf_sim::require_aligned(const void* p, size_t align, const char* what) {
         fail(format("misaligned %s: address %p is not %zu-byte aligned", what, p, align).c_str());
 }
 
-// Whether [p, p + bytes) lies in this block's shared memory: its dynamic buffer, or the static
-// __shared__ section (when the build has one: not under AddressSanitizer). Unknown (true)
-// when the build has no static section.
-static bool in_shared(const Launch& L, const void* p, size_t bytes) {
-    auto a = reinterpret_cast<uintptr_t>(p);
-    auto d = reinterpret_cast<uintptr_t>(L.dyn_smem.get());
-    if (d != 0 && a >= d && a + bytes <= d + L.smem_bytes) return true;
-#if defined(__SANITIZE_ADDRESS__)
-    return true;
-#else
-    auto s0 = reinterpret_cast<uintptr_t>(__start_lf_sim_shared);
-    auto s1 = reinterpret_cast<uintptr_t>(__stop_lf_sim_shared);
-    return a >= s0 && a + bytes <= s1;
-#endif
-}
-
 void lf_sim::cp_async16(void* dst, const void* src, int src_bytes) {
     ThreadCtx& c = ctx("cp.async");
     require_aligned(dst, 16, "cp.async destination");
     require_aligned(src, 16, "cp.async source");
     if (src_bytes < 0 || src_bytes > 16) fail(format("cp.async: src_bytes %d outside 0..16", src_bytes).c_str());
-    if (!in_shared(*c.launch, dst, 16))
-        fail(format("cp.async destination %p is not in this block's shared memory", dst).c_str());
+    // The destination is not checked to be shared memory: g++ places a template's static
+    // __shared__ arrays in .bss, not in lf_sim_shared (README: known limits), so the runtime
+    // cannot tell them from global memory.
+    (void)c;
     CpAsyncCopy copy{static_cast<unsigned char*>(dst), {}};
     std::memcpy(copy.bytes, src, size_t(src_bytes));
     std::memset(dst, 0xff, 16);  // poison until the covering wait
