@@ -142,6 +142,11 @@ run() {
         local skipped
         skipped="$(grep -c '^lorafuse: SKIPPED' "$log")"
         (( skipped > 0 )) && summary="$summary; $skipped SKIPPED (see log)"
+        # A bench without a GPU prints `<group>/cuda: skipped (...)` and exits 0.
+        if [[ $rc -eq 0 && "$name" == bench-* ]] && grep -q '/cuda: skipped' "$log"; then
+            rc=1
+            summary="the GPU group did not run: $(grep -m1 '/cuda: skipped' "$log" | cut -c1-80)"
+        fi
         case $rc in
             0) result=ok ;;
             124 | 137) result=TIMEOUT; summary="after ${limit}s; $summary" ;;
