@@ -47,10 +47,10 @@
 //   * mma.sync m16n8k16 on an H100 peaks at ~60–70 % of the wgmma rate (~600–660 TFLOP/s),
 //     and a CUTLASS-sm80-style kernel reaches ~85–90 % of that with a 3-stage cp.async
 //     pipeline, ldmatrix from conflict-free swizzled tiles and one barrier per k-tile;
-//   * occupancy (ptxas, nvcc 13.0): tc128 uses ~171 registers × 256 threads and 48 KiB
+//   * occupancy (ptxas, nvcc 13.0): tc128 uses 170 registers × 256 threads and 48 KiB
 //     of dynamic shared memory → 1 block (8 warps) per SM (registers bind: 2 blocks would
 //     need ≤ 128, which spills); the 3 stages in flight, not extra warps, hide the load
-//     latency. tc64: ~123–127 registers × 128 threads, 24 KiB → 4 blocks per SM;
+//     latency. tc64: 123 (sm_90) – 127 (sm_80) registers × 128 threads, 24 KiB → 4 blocks per SM;
 //   * shared-memory bandwidth is the tight spot: per k16 step a 64×32 warp tile loads
 //     4 ldmatrix.x4 of A + 2 of B = 3 KiB for 16 mma = 64 KFLOP, 0.047 B/FLOP; at the
 //     mma.sync rate (~2700 FLOP/clk/SM) that is ~126 B/clk of the 128 B/clk an SM's
