@@ -83,6 +83,7 @@ for line in sys.stdin:
     cp "$here/gpu-runner.sh" "$out/gpu-runner.sh"
     cp "$repo/bench/pytorch/lora_kernels_gpu.py" "$out/lora_kernels_gpu.py"
     cp "$repo/bench/pytorch/train_step_gpu.py" "$out/train_step_gpu.py"
+    cp "$repo/bench/pytorch/step_kernels_gpu.py" "$out/step_kernels_gpu.py"
     git rev-parse HEAD > "$out/COMMIT" 2>/dev/null || true
     echo "built $(date -u +%FT%TZ) on $(uname -srm), $(ldd --version 2>&1 | head -1)" > "$out/BUILD"
     local bytes
@@ -281,12 +282,19 @@ for p in nvidia.__path__:
         fi
 
         # --- the other benches and the PyTorch side by side ---------------------------
+        # The step's kernels at the GPT-2 124M shapes (issue 12): each GEMM, attention,
+        # the split-K LoRA reductions and the memory-bound passes.
+        [[ -x bin/bench-lora_matmul ]] && step bench-lora_matmul-gpt2 75 bin/bench-lora_matmul lora_matmul/gpt2 "${crit[@]}"
+        [[ -x bin/bench-attention ]] && step bench-attention 45 bin/bench-attention attention/cuda "${crit[@]}"
+        [[ -x bin/bench-lora_reduce ]] && step bench-lora_reduce 45 bin/bench-lora_reduce lora_reduce/cuda "${crit[@]}"
+        [[ -x bin/bench-membound ]] && step bench-membound 60 bin/bench-membound membound "${crit[@]}"
         [[ -x bin/bench-adamw ]] && step bench-adamw 45 bin/bench-adamw adamw/cuda "${crit[@]}"
         [[ -x bin/bench-merge ]] && step bench-merge 45 bin/bench-merge merge/cuda "${crit[@]}"
         if timeout 60 python3 -c "import torch, peft" > /dev/null 2>&1; then
             step side-by-side 90 python3 lora_kernels_gpu.py --criterion "$CRITERION_HOME"
             step side-by-side-train 90 python3 train_step_gpu.py --criterion "$CRITERION_HOME" \
                 --ours-log logs/bench-train_step.log
+            step side-by-side-kernels 90 python3 step_kernels_gpu.py --criterion "$CRITERION_HOME"
         else
             row side-by-side FAIL 0 "python3 with torch and peft not found"
         fi
@@ -298,7 +306,7 @@ for p in nvidia.__path__:
     printf '%s\n' "${rows[@]}"
     printf '%-30s %-11s %5ss  %s\n' total "$( ((failed)) && echo FAIL || echo ok)" "$total" \
         "budget ${budget}s ($( ((quick)) && echo run --quick || echo run)); logs in $here/logs"
-    for f in logs/side-by-side.log logs/side-by-side-train.log; do
+    for f in logs/side-by-side.log logs/side-by-side-train.log logs/side-by-side-kernels.log; do
         if [[ -f "$f" ]]; then
             echo
             grep -v '^RESULT ' "$f"

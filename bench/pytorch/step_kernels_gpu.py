@@ -7,19 +7,21 @@ d_model C 768, 12 heads of hd 64, vocabulary V 50257, bf16 activations, LoRA r 1
 
     gemm/<linear>/fwd      F.linear(x [M, K], W [N, K])            (cuBLAS)  2·M·N·K FLOPs
     gemm/<linear>/bwd_dx   gy [M, N] @ W [N, K]                    (cuBLAS)  2·M·N·K FLOPs
-    attention/fwd, /bwd    F.scaled_dot_product_attention, causal  (FlashAttention-2)
-    layer_norm/fwd, /bwd   F.layer_norm over C                               bytes moved
+    attention/fwd, /fwd_bwd  F.scaled_dot_product_attention, causal (FlashAttention-2)
+    layer_norm/fwd, /fwd_bwd F.layer_norm over C                              bytes moved
     cross_entropy/fused    F.cross_entropy under bf16 autocast, forward + backward
-    embedding/fwd, /bwd    wte[ids] + wpe
-    gelu/fwd, /bwd         F.gelu(approximate="tanh") over [M, 4C]
+    embedding/fwd, /fwd_bwd  wte[ids] + wpe
+    gelu/fwd, /fwd_bwd     F.gelu(approximate="tanh") over [M, 4C]
     adamw/lora             torch.optim.AdamW(fused=True) over the 24 LoRA tensors (f32)
     ceiling/copy           dst.copy_(src), 1 GiB: the bandwidth ceiling (read + write)
     ceiling/matmul         8192^3 bf16 matmul: the tensor-core ceiling
 
 Each row prints the median time of --iters CUDA-event-timed calls, its rate (TFLOP/s for
 products, GB/s for passes), the fraction of the measured ceiling, and, when CRITERION_HOME
-holds a criterion estimate for the matching lorafuse bench id (OURS below), ours and the
-ratio torch / ours (> 1: we are faster). A missing number says `missing`, never a guess.
+holds a criterion estimate for the matching lorafuse benchmark (OURS below: the gpt2 groups
+of benches/lora_matmul.rs, benches/attention.rs, benches/membound.rs), ours and the ratio
+torch / ours (> 1: we are faster). The AdamW row has no counterpart of ours at this tensor
+list (benches/adamw.rs updates GPT-2's 148 tensors). A missing number says `missing`, never a guess.
 The last line is `RESULT {json}` for tools.
 
 `--device cpu --scale 64` is a dry run on a machine without a GPU (shapes divided by the
@@ -44,21 +46,23 @@ LINEARS = {  # name: (in K, out N) of GPT-2's linears, plus the tied LM head
     "mlp_c_proj": (4 * C, C),
     "lm_head": (C, V),
 }
-# lorafuse's criterion ids for the same kernels (group/function as criterion writes them);
-# a row whose id has no estimate prints `missing`.
+# lorafuse's criterion benchmarks for the same kernels, by the prefix of their full id (as
+# criterion records it in new/benchmark.json); a row whose benchmark has no estimate in
+# CRITERION_HOME prints `missing`.
+GEMM_NAMES = {"c_attn": "c_attn", "attn_c_proj": "attn.c_proj", "mlp_c_fc": "mlp.c_fc",
+              "mlp_c_proj": "mlp.c_proj", "lm_head": "lm_head"}
 OURS = {
-    **{f"gemm/{n}/fwd": f"lora_matmul_step/cuda/{n}_fwd" for n in LINEARS},
-    **{f"gemm/{n}/bwd_dx": f"lora_matmul_step/cuda/{n}_bwd_dx" for n in LINEARS},
-    "attention/fwd": "attention/cuda/fwd",
-    "attention/bwd": "attention/cuda/bwd",
-    "layer_norm/fwd": "membound/cuda/layer_norm_fwd",
-    "layer_norm/bwd": "membound/cuda/layer_norm_bwd",
-    "cross_entropy/fused": "membound/cuda/cross_entropy_fused",
-    "embedding/fwd": "membound/cuda/embedding_fwd",
-    "embedding/bwd": "membound/cuda/embedding_bwd",
-    "gelu/fwd": "membound/cuda/gelu_fwd",
-    "gelu/bwd": "membound/cuda/gelu_bwd",
-    "adamw/lora": "adamw/cuda/multi_tensor",
+    **{f"gemm/{n}/fwd": f"lora_matmul/gpt2/{g}/y/" for n, g in GEMM_NAMES.items()},
+    **{f"gemm/{n}/bwd_dx": f"lora_matmul/gpt2/{g}/gx/" for n, g in GEMM_NAMES.items()},
+    "attention/fwd": "attention/cuda/fwd/",
+    "attention/fwd_bwd": "attention/cuda/fwd_bwd/",
+    "layer_norm/fwd": "membound/layer_norm_fwd",
+    "layer_norm/fwd_bwd": "membound/layer_norm_fwd_bwd",
+    "cross_entropy/fused": "membound/cross_entropy_fused",
+    "embedding/fwd": "membound/embedding_fwd",
+    "embedding/fwd_bwd": "membound/embedding_fwd_bwd",
+    "gelu/fwd": "membound/gelu_fwd",
+    "gelu/fwd_bwd": "membound/gelu_fwd_bwd",
 }
 
 
@@ -86,16 +90,28 @@ def timer(device):
     return time_ms
 
 
-def criterion_ms(home, bench_id):
-    """Our mean time in ms for a criterion id, or None."""
-    if not home:
-        return None
-    path = os.path.join(home, *bench_id.split("/"), "new", "estimates.json")
-    try:
-        with open(path) as f:
-            return json.load(f)["mean"]["point_estimate"] / 1e6
-    except (OSError, KeyError, ValueError):
-        return None
+def criterion_estimates(home):
+    """{full id: mean ms} of every benchmark under CRITERION_HOME (empty when absent)."""
+    out = {}
+    if not home or not os.path.isdir(home):
+        return out
+    for root, _dirs, files in os.walk(home):
+        if os.path.basename(root) != "new" or "benchmark.json" not in files:
+            continue
+        try:
+            with open(os.path.join(root, "benchmark.json")) as f:
+                full_id = json.load(f)["full_id"]
+            with open(os.path.join(root, "estimates.json")) as f:
+                out[full_id] = json.load(f)["mean"]["point_estimate"] / 1e6
+        except (OSError, KeyError, ValueError):
+            continue
+    return out
+
+
+def ours_ms(estimates, prefix):
+    """Our time for the first benchmark whose id starts with `prefix`, or None."""
+    hits = sorted(k for k in estimates if k.startswith(prefix))
+    return estimates[hits[0]] if hits else None
 
 
 def main():
@@ -146,24 +162,23 @@ def main():
     att_flops = 4 * bsz * H * t * t * hd // 2  # causal: half the T x T products
     row("attention/fwd", time_ms(lambda: F.scaled_dot_product_attention(q, kk, vv, is_causal=True), w, it),
         att_flops, "FLOP")
-    o = F.scaled_dot_product_attention(q, kk, vv, is_causal=True)
-    go = torch.randn_like(o)
+    go = torch.randn(bsz, H, t, hd, dtype=dt, device=dev)
 
-    def att_bwd():
-        q.grad = kk.grad = vv.grad = None
-        torch.autograd.grad(o, (q, kk, vv), go, retain_graph=True)
-    row("attention/bwd", time_ms(att_bwd, w, it), int(2.5 * att_flops), "FLOP")
-    del q, kk, vv, o, go
+    def att_fwd_bwd():
+        o = F.scaled_dot_product_attention(q, kk, vv, is_causal=True)
+        torch.autograd.grad(o, (q, kk, vv), go)
+    row("attention/fwd_bwd", time_ms(att_fwd_bwd, w, it), int(3.5 * att_flops), "FLOP")
+    del q, kk, vv, go
 
     esz = torch.finfo(dt).bits // 8
     x = torch.randn(m, C, dtype=dt, device=dev, requires_grad=True)
     g, b = torch.ones(C, dtype=dt, device=dev, requires_grad=True), torch.zeros(C, dtype=dt, device=dev, requires_grad=True)
     row("layer_norm/fwd", time_ms(lambda: F.layer_norm(x, (C,), g, b), w, it), 2 * m * C * esz, "B")
-    yln = F.layer_norm(x, (C,), g, b)
-    gy = torch.randn_like(yln)
-    row("layer_norm/bwd", time_ms(lambda: torch.autograd.grad(yln, (x, g, b), gy, retain_graph=True), w, it),
-        3 * m * C * esz, "B")
-    del x, yln, gy
+    gy = torch.randn(m, C, dtype=dt, device=dev)
+    row("layer_norm/fwd_bwd",
+        time_ms(lambda: torch.autograd.grad(F.layer_norm(x, (C,), g, b), (x, g, b), gy), w, it),
+        5 * m * C * esz, "B")
+    del x, gy
 
     logits = torch.randn(m, v, dtype=dt, device=dev, requires_grad=True)
     tgt = torch.randint(0, v, (m,), device=dev)
@@ -181,19 +196,20 @@ def main():
     pos = torch.arange(t, device=dev)
     row("embedding/fwd", time_ms(lambda: F.embedding(ids, wte) + F.embedding(pos, wpe), w, it),
         2 * m * C * esz, "B")
-    e = F.embedding(ids, wte) + F.embedding(pos, wpe)
-    ge = torch.randn_like(e)
-    row("embedding/bwd", time_ms(lambda: torch.autograd.grad(e, (wte, wpe), ge, retain_graph=True), w, it),
-        m * C * esz + (v + t) * C * esz, "B")
-    del wte, wpe, e, ge
+    ge = torch.randn(bsz, t, C, dtype=dt, device=dev)
+    row("embedding/fwd_bwd",
+        time_ms(lambda: torch.autograd.grad(F.embedding(ids, wte) + F.embedding(pos, wpe), (wte, wpe), ge),
+                w, it),
+        3 * m * C * esz + (v + t) * C * esz, "B")
+    del wte, wpe, ge
 
     h = torch.randn(m, 4 * C, dtype=dt, device=dev, requires_grad=True)
     row("gelu/fwd", time_ms(lambda: F.gelu(h, approximate="tanh"), w, it), 2 * h.numel() * esz, "B")
-    gh = F.gelu(h, approximate="tanh")
-    gg = torch.randn_like(gh)
-    row("gelu/bwd", time_ms(lambda: torch.autograd.grad(gh, h, gg, retain_graph=True), w, it),
-        3 * h.numel() * esz, "B")
-    del h, gh, gg
+    gg = torch.randn_like(h)
+    row("gelu/fwd_bwd",
+        time_ms(lambda: torch.autograd.grad(F.gelu(h, approximate="tanh"), h, gg), w, it),
+        5 * h.numel() * esz, "B")
+    del h, gg
 
     params = []
     for _ in range(12):
@@ -205,6 +221,7 @@ def main():
     n_par = sum(p.numel() for p in params)
     row("adamw/lora", time_ms(opt.step, w, it), n_par * 16, "B")  # p, g, m, v: read + write
 
+    estimates = criterion_estimates(a.criterion)
     copy_bw = rows[0]["work"] / (rows[0]["ms"] * 1e-3)
     mm_rate = rows[1]["work"] / (rows[1]["ms"] * 1e-3)
     print(f"device {torch.cuda.get_device_name() if dev == 'cuda' else 'cpu'}, torch {torch.__version__}, "
@@ -215,7 +232,7 @@ def main():
         ceil = mm_rate if r["unit"] == "FLOP" else copy_bw
         r["fraction_of_ceiling"] = rate / ceil
         rate_s = f"{rate / 1e12:.1f} TFLOP/s" if r["unit"] == "FLOP" else f"{rate / 1e9:.0f} GB/s"
-        ours = criterion_ms(a.criterion, OURS[r["name"]]) if r["name"] in OURS else None
+        ours = ours_ms(estimates, OURS[r["name"]]) if r["name"] in OURS else None
         r["ours_ms"] = ours
         ours_s = f"{ours:.3f}" if ours is not None else ("missing" if r["name"] in OURS else "-")
         ratio = f"{r['ms'] / ours:.2f}" if ours else "-"
