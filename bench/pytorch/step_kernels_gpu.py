@@ -31,12 +31,15 @@ scale, f32; rates meaningless), so the script itself is checked without a GPU.
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
+
+# One timer for every side-by-side script (CUDA events, median): the bundle carries both
+# files in one folder, as bench/pytorch/ does.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from lora_kernels_gpu import timer  # noqa: E402
 
 B, T, C, H, V, R = 8, 1024, 768, 12, 50257, 16
 LINEARS = {  # name: (in K, out N) of GPT-2's linears, plus the tied LM head
@@ -64,30 +67,6 @@ OURS = {
     "gelu/fwd": "membound/gelu_fwd",
     "gelu/fwd_bwd": "membound/gelu_fwd_bwd",
 }
-
-
-def timer(device):
-    def time_ms(fn, warmup, iters):
-        for _ in range(warmup):
-            fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-            times = []
-            for _ in range(iters):
-                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                s.record()
-                fn()
-                e.record()
-                e.synchronize()
-                times.append(s.elapsed_time(e))
-            return statistics.median(times)
-        times = []
-        for _ in range(iters):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(times)
-    return time_ms
 
 
 def criterion_estimates(home):
