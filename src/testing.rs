@@ -65,6 +65,17 @@ pub fn closeness(got: &[f64], want: &[f64]) -> Closeness {
     }
 }
 
+/// DESIGN §6's rel-L2 tolerance for a kernel's `dtype` outputs against the f64 reference:
+/// f32 SIMT 1e-5, bf16 operands 1e-2, f16 2e-3 (f64: 1e-12).
+pub fn rel_l2_tolerance(dtype: DType) -> f64 {
+    match dtype {
+        DType::F32 => 1e-5,
+        DType::BF16 => 1e-2,
+        DType::F16 => 2e-3,
+        DType::F64 => 1e-12,
+    }
+}
+
 /// Panics unless `‖got − want‖ / ‖want‖ ≤ tol` and `got` holds no NaN/inf where `want`
 /// is finite. The message names the rel-L2, the max abs error and its index, and the
 /// first non-finite index.

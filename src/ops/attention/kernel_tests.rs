@@ -30,16 +30,7 @@ const SHAPES: [(usize, usize, usize, usize); 10] = [
     (1, 40, 128, 1),
 ];
 
-/// Rel-L2 tolerance against the f64 reference on the same rounded inputs: only the f32
-/// compute and the one output rounding differ.
-fn tol(dtype: DType) -> f64 {
-    match dtype {
-        DType::F32 => 1e-5,
-        DType::BF16 => 1e-2,
-        DType::F16 => 2e-3,
-        DType::F64 => 1e-12,
-    }
-}
+use crate::testing::rel_l2_tolerance as tol;
 
 /// `t`'s values as a tensor of `dtype` on `device`.
 fn on(t: &Tensor, dtype: DType, device: &Device) -> Tensor {

@@ -12,15 +12,7 @@ use crate::Tape;
 const SIZES: [usize; 9] = [0, 1, 7, 63, 65, 127, 1000, 2049, 4099];
 const DTYPES: [DType; 3] = [DType::F32, DType::BF16, DType::F16];
 
-/// DESIGN §6's rel-L2 tolerance for results stored in `dtype` against the f64 reference.
-fn tol(dtype: DType) -> f64 {
-    match dtype {
-        DType::F32 => 1e-5,
-        DType::BF16 => 1e-2,
-        DType::F16 => 2e-3,
-        DType::F64 => 1e-12,
-    }
-}
+use crate::testing::rel_l2_tolerance as tol;
 
 /// `t`'s values as a tensor of `dtype` on `device`.
 fn on(t: &Tensor, dtype: DType, device: &Device) -> Tensor {

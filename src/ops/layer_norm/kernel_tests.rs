@@ -39,14 +39,7 @@ const SHAPES: [(usize, usize); 16] = [
     (2, 1040),
 ];
 
-fn tol(dtype: DType) -> f64 {
-    match dtype {
-        DType::F32 => 1e-5,
-        DType::BF16 => 1e-2,
-        DType::F16 => 2e-3,
-        DType::F64 => 1e-12,
-    }
-}
+use crate::testing::rel_l2_tolerance as tol;
 
 /// `t`'s values as a tensor of `dtype` on `device`.
 fn on(t: &Tensor, dtype: DType, device: &Device) -> Tensor {

@@ -214,15 +214,7 @@ fn a_frozen_base_weight_costs_no_weight_gradient_gemm() {
     println!("full: {full_counts:?}, lora: {lora_counts:?}");
 }
 
-/// DESIGN §6's rel-L2 tolerance for `dtype` results against the f64 reference.
-fn tol(dtype: DType) -> f64 {
-    match dtype {
-        DType::F32 => 1e-5,
-        DType::BF16 => 1e-2,
-        DType::F16 => 2e-3,
-        DType::F64 => 1e-12,
-    }
-}
+use crate::testing::rel_l2_tolerance as tol;
 
 /// One configuration of the op: shape, adapters (rank, scale, output columns), a separate
 /// LoRA input (PEFT's dropout path), a bias, a tracked `W0`.

@@ -11,15 +11,7 @@ use rand::Rng;
 
 const DTYPES: [DType; 3] = [DType::F32, DType::BF16, DType::F16];
 
-/// DESIGN §6's rel-L2 tolerance for `dtype` outputs (f32 SIMT, bf16/f16 operands).
-fn tol(dtype: DType) -> f64 {
-    match dtype {
-        DType::F32 => 1e-5,
-        DType::BF16 => 1e-2,
-        DType::F16 => 2e-3,
-        DType::F64 => 1e-12,
-    }
-}
+use crate::testing::rel_l2_tolerance as tol;
 
 /// A random logical `rows × cols` matrix stored row-major or transposed, as a tensor of
 /// `dtype` on `device`, with the dense f64 values it holds (after rounding).

@@ -15,15 +15,7 @@ use rand::Rng;
 
 const DTYPES: [DType; 3] = [DType::F32, DType::BF16, DType::F16];
 
-/// DESIGN §6's rel-L2 tolerance for `dtype` outputs.
-fn tol(dtype: DType) -> f64 {
-    match dtype {
-        DType::F32 => 1e-5,
-        DType::BF16 => 1e-2,
-        DType::F16 => 2e-3,
-        DType::F64 => 1e-12,
-    }
-}
+use crate::testing::rel_l2_tolerance as tol;
 
 /// A `rows × cols` row-major view at column offset `offset` of a `rows × width` tensor,
 /// with the dense f64 values of the view (after rounding to the dtype).
