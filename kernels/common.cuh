@@ -402,14 +402,21 @@ __device__ __forceinline__ void cp_async_commit() {
 #endif
 }
 
+// In the simulator the wait is a mutation site named by its caller's file and line (lf_sim.h).
+#if defined(LORAFUSE_SIM)
+template <int N>
+__device__ __forceinline__ void cp_async_wait(const char* lf_file = __builtin_FILE(),
+                                              unsigned lf_line = __builtin_LINE()) {
+    lf_sim::cp_async_wait(N, lf_file, lf_line);
+}
+#else
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
-#if defined(LORAFUSE_SIM)
-    lf_sim::cp_async_wait(N);
-#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 #endif
 }
+#endif
 
 template <typename T>
 __device__ __forceinline__ void mma_m16n8k16(float d[4], const unsigned a[4], const unsigned b[2],

@@ -131,12 +131,20 @@ __attribute__((access(none, 1))) void require_aligned(const void* p, size_t alig
 // destination bytes with 0xFF (NaN) and adds the copy to the thread's open group; commit
 // closes the open group (an empty one too); wait(n) lands the captured bytes of every
 // committed group but the thread's newest n. Copies never committed are covered by no wait.
-// Whatever is still pending when the thread exits is dropped (its destination keeps the
-// poison): no other thread may read it, since only the issuer's wait covers a copy. Both addresses must be 16-byte
+// A thread that exits with a copy still pending (committed or not) fails the launch: on a GPU
+// it may land in shared memory that the next block already uses. Both addresses must be 16-byte
 // aligned and the destination in this block's shared memory (else the launch fails).
 void cp_async16(void* dst, const void* src, int src_bytes);
 void cp_async_commit();
-void cp_async_wait(int n);
+void cp_async_wait(int n, const char* file, unsigned line);
+
+// Mutation sites (src/device/sim.rs, `mutation`): every __syncthreads() and
+// lf::cp_async_wait<N>() is a site, named by the file and line of its call (default
+// arguments, evaluated where the kernel calls it). A launch can record the sites it reaches,
+// and can run with one site deleted (the "mutant"), so a test proves that deleting any
+// barrier or wait of a kernel fails it. True when the launch's mutant deletes this site.
+enum SiteKind : int { kSiteBarrier = 0, kSiteCpAsyncWait = 1 };
+bool site_deleted(SiteKind kind, const char* file, unsigned line);
 
 // One kernel of the registry; build.rs generates one per `extern "C" __global__` symbol.
 struct KernelEntry {
@@ -176,7 +184,7 @@ KernelEntry make_entry(const char* name, void (*fn)(P)) {
 
 // ---- Barriers, fences, __trap ---------------------------------------------------------------
 
-void __syncthreads();
+void __syncthreads(const char* lf_file = __builtin_FILE(), unsigned lf_line = __builtin_LINE());
 int __syncthreads_count(int predicate);
 int __syncthreads_and(int predicate);
 int __syncthreads_or(int predicate);

@@ -27,9 +27,10 @@
 //                                    that needs them: a deadlock on a GPU, an error here.
 //   sim_planted_cpp_exception        thread g == n throws a C++ exception (simulator only:
 //                                    device code cannot throw; launch error).
-//   sim_planted_cp_async_f32         reads before the covering cp.async wait, wait<N> too large,
-//                                    an uncommitted copy (NaN); misaligned or non-shared
-//                                    addresses (launch errors); mode 0/3/5 are controls.
+//   sim_planted_cp_async_f32         reads before the covering cp.async wait, wait<N> too large
+//                                    (NaN); an uncommitted copy, a copy in flight at the exit,
+//                                    misaligned addresses (launch errors); mode 0/3/5 are
+//                                    controls.
 //   sim_planted_tiled_sum_f32        a tile loop without its loop-ending barrier (warp-serial
 //                                    schedule: wrong on every run); barrier = 1 is the control.
 //   sim_planted_broadcast_f32        thread 0 writes, all read, no barrier (wrong every run).
@@ -338,9 +339,13 @@ extern "C" __global__ void sim_selftest_convert(const SimTestParams p) {
 //   1  __syncthreads() but no wait, read both tiles                 (planted: NaN)
 //   2  wait<1> (too large: only tile 0's group has landed), read both (planted: tile 1 NaN)
 //   3  wait<1>, read tile 0 only; tile 1 reads as written by wait<0> at the end (control)
-//   4  tile 1's copy never committed, then wait<0>: it is covered by no wait (planted: NaN)
+//   4  tile 1's copy never committed, then wait<0>: it is covered by no wait, and the thread
+//      exits with it in flight (planted: launch error)
 //   5  as 0 with src_bytes = arg: the rest of each 16 bytes zero-filled (control)
 //   6  a misaligned destination, 7  a misaligned source (launch errors)
+//   8  as 3 without the final wait: exits with tile 1's copy in flight (launch error)
+// Modes 1 and 2 end with a barrier and wait<0>, so they exit clean and show only the early
+// reads' NaN.
 // out[8t + k] = tile 0 of thread (t + 1) % 64 (k < 4), tile 1 (k >= 4): both warps' data.
 extern "C" __global__ void sim_planted_cp_async_f32(const SimTestParams p) {
     __shared__ __align__(16) float tile[2][256];
@@ -357,7 +362,7 @@ extern "C" __global__ void sim_planted_cp_async_f32(const SimTestParams p) {
     lf::cp_async16(&tile[1][4 * t], in + 256 + 4 * t, bytes);
     if (p.mode != 4) lf::cp_async_commit();
     if (p.mode == 0 || p.mode == 4 || p.mode == 5) lf::cp_async_wait<0>();
-    if (p.mode == 2 || p.mode == 3) lf::cp_async_wait<1>();
+    if (p.mode == 2 || p.mode == 3 || p.mode == 8) lf::cp_async_wait<1>();
     __syncthreads();
     for (int k = 0; k < 4; ++k) out[8 * t + k] = tile[0][4 * u + k];
     if (p.mode == 3) {
@@ -365,6 +370,10 @@ extern "C" __global__ void sim_planted_cp_async_f32(const SimTestParams p) {
         __syncthreads();
     }
     for (int k = 0; k < 4; ++k) out[8 * t + 4 + k] = tile[1][4 * u + k];
+    if (p.mode == 1 || p.mode == 2) {
+        __syncthreads();  // every read done before any copy lands
+        lf::cp_async_wait<0>();
+    }
 }
 
 // A tiled block reduction with the loop-ending barrier optional, the shape of every GEMM's

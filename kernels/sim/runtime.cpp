@@ -49,6 +49,8 @@
 #include <map>
 #include <mutex>
 #include <numeric>
+#include <set>
+#include <tuple>
 #include <random>
 #include <stdexcept>
 #include <string>
@@ -478,6 +480,15 @@ struct Launch {
 
     std::atomic<uint32_t> running{0};  // workers still in this launch
 
+    // Mutation testing (lf_sim.h): the one site this launch deletes (kind -1: none), and
+    // whether it records the sites its threads reach.
+    int mutant_kind = -1;
+    std::string mutant_file;
+    unsigned mutant_line = 0;
+    bool record_sites = false;
+    std::mutex sites_mu;
+    std::set<std::tuple<int, std::string, unsigned>> sites;
+
     // Prepares block `block_id`; false (with the error recorded) if it cannot.
     bool start_block();
     // Every worker calls this after its thread of the block is done; the last one moves
@@ -676,10 +687,16 @@ struct CpAsyncState {
             committed.pop_front();
         }
     }
-    // At the thread's exit: whatever is still pending is dropped, never landing. No correct
-    // kernel can tell (only the issuing thread's own wait covers a copy, and it has exited),
-    // while landing the copies then would let a lane that reads a neighbour's destination
-    // before the wait see the data whenever that neighbour happens to exit first.
+    // Copies issued and not yet landed (committed or not).
+    size_t pending() const {
+        size_t n = open.size();
+        for (const auto& g : committed) n += g.size();
+        return n;
+    }
+    // At the thread's exit: whatever is still pending is dropped, never landing (exit_thread
+    // fails the launch if any is): landing the copies then would let a lane that reads a
+    // neighbour's destination before the wait see the data whenever that neighbour happens
+    // to exit first.
     void finish() {
         open.clear();
         committed.clear();
@@ -691,8 +708,15 @@ thread_local CpAsyncState tl_cp_async;
 void exit_thread(ThreadCtx& c) noexcept {
     Launch& L = *c.launch;
     Warp& w = *c.warp;
-    tl_cp_async.finish();
+    // A copy still in flight at the exit may land, on a GPU, in shared memory that the next
+    // block on the SM already uses: every copy must be covered by a wait before the thread
+    // ends (an empty group need not be).
     std::string err;
+    if (size_t n = tl_cp_async.pending()) {
+        err = format("exits with %zu cp.async cop%s still in flight (no cp_async_wait covers %s)", n,
+                     n == 1 ? "y" : "ies", n == 1 ? "it" : "them");
+    }
+    tl_cp_async.finish();
     bool completed;
     {
         std::lock_guard lock(w.mu);
@@ -872,13 +896,26 @@ void lf_sim::cp_async_commit() {
     tl_cp_async.committed.push_back(std::move(tl_cp_async.open));
     tl_cp_async.open.clear();
 }
-void lf_sim::cp_async_wait(int n) {
+void lf_sim::cp_async_wait(int n, const char* file, unsigned line) {
     ctx("cp.async.wait_group");
     if (n < 0) fail(format("cp.async.wait_group %d: negative", n).c_str());
+    if (site_deleted(kSiteCpAsyncWait, file, line)) return;
     tl_cp_async.wait(size_t(n));
 }
 
-void __syncthreads() { syncthreads(0); }
+bool lf_sim::site_deleted(SiteKind kind, const char* file, unsigned line) {
+    Launch& L = *ctx("a barrier or cp.async wait").launch;
+    if (L.record_sites) {
+        std::lock_guard lock(L.sites_mu);
+        L.sites.emplace(int(kind), file, line);
+    }
+    return L.mutant_kind == int(kind) && L.mutant_line == line && L.mutant_file == file;
+}
+
+void __syncthreads(const char* lf_file, unsigned lf_line) {
+    if (lf_sim::site_deleted(lf_sim::kSiteBarrier, lf_file, lf_line)) return;
+    syncthreads(0);
+}
 int __syncthreads_count(int predicate) { return int(syncthreads(predicate).passed); }
 int __syncthreads_and(int predicate) {
     BlockBarrier::Result r = syncthreads(predicate);
@@ -961,6 +998,21 @@ lf_sim::detail::WarpResult lf_sim::detail::warp_collective(WarpOp op, unsigned m
     return WarpResult{me.out, me.ballot};
 }
 
+// ---- Mutation testing: the launching (host) thread's settings -------------------------------
+
+// Set by lf_sim_set_mutant / lf_sim_record_sites on the thread that launches, and copied into
+// each of its launches, so that tests running side by side in one process do not see each
+// other's mutants.
+struct HostMutation {
+    int kind = -1;
+    std::string file;
+    unsigned line = 0;
+    bool record = false;
+    // (kernel, kind, file, line) of every site the recorded launches reached, in order.
+    std::vector<std::tuple<std::string, int, std::string, unsigned>> recorded;
+};
+thread_local HostMutation tl_host_mutation;
+
 // ---- The C ABI -------------------------------------------------------------------------------
 
 extern "C" int32_t lf_sim_launch(const char* kernel, LfSimDim grid, LfSimDim block, size_t dynamic_smem_bytes,
@@ -1007,8 +1059,21 @@ extern "C" int32_t lf_sim_launch(const char* kernel, LfSimDim grid, LfSimDim blo
         for (uint32_t v : {grid.x, grid.y, grid.z, block.x, block.y, block.z}) h = mix64(h ^ v);
         L->rng.state = mix64(h ^ dynamic_smem_bytes);
         L->draw_block_order();
+        const HostMutation& hm = tl_host_mutation;
+        L->mutant_kind = hm.kind;
+        L->mutant_file = hm.file;
+        L->mutant_line = hm.line;
+        L->record_sites = hm.record;
         if (!L->start_block()) return report(err, err_cap, L->error);
         pool().run(*L);
+        if (hm.record) {
+            std::set<std::tuple<std::string, int, std::string, unsigned>> seen(
+                tl_host_mutation.recorded.begin(), tl_host_mutation.recorded.end());
+            for (const auto& [kind, file, line] : L->sites) {
+                auto site = std::make_tuple(std::string(entry->name), kind, file, line);
+                if (seen.insert(site).second) tl_host_mutation.recorded.push_back(site);
+            }
+        }
         return L->failed.load(std::memory_order_acquire) ? report(err, err_cap, L->error) : 0;
     } catch (const std::exception& e) {
         return report(err, err_cap, std::string("simulator: ") + e.what());
@@ -1044,4 +1109,39 @@ extern "C" size_t lf_sim_kernel_count(void) {
 
 extern "C" const char* lf_sim_kernel_name(size_t i) {
     return i < lf_sim_kernel_count() ? lf_sim_kernel_table()[i]->name : nullptr;
+}
+
+// Deletes the site (kind 0: __syncthreads, 1: cp.async wait; `file` and `line` as recorded)
+// in every later launch from the calling thread; kind < 0 deletes none. Returns 0, or
+// nonzero with a message in `err`.
+extern "C" int32_t lf_sim_set_mutant(int32_t kind, const char* file, uint32_t line, char* err, size_t err_cap) {
+    if (kind > 1) return report(err, err_cap, format("lf_sim_set_mutant: unknown site kind %d", kind));
+    if (kind >= 0 && file == nullptr) return report(err, err_cap, "lf_sim_set_mutant: null file");
+    tl_host_mutation.kind = kind < 0 ? -1 : kind;
+    tl_host_mutation.file = kind < 0 ? std::string() : std::string(file);
+    tl_host_mutation.line = kind < 0 ? 0 : line;
+    return 0;
+}
+
+// Starts (on != 0: the record emptied first) or stops recording the sites that the calling
+// thread's launches reach.
+extern "C" void lf_sim_record_sites(int32_t on) {
+    if (on != 0) tl_host_mutation.recorded.clear();
+    tl_host_mutation.record = on != 0;
+}
+
+// The number of distinct (kernel, site) pairs recorded.
+extern "C" size_t lf_sim_recorded_site_count(void) { return tl_host_mutation.recorded.size(); }
+
+// Recorded site `i`: its kernel, kind, file and line. The strings live until the next
+// lf_sim_record_sites(1) on this thread. Returns 0, or -1 when `i` is out of range.
+extern "C" int32_t lf_sim_recorded_site(size_t i, const char** kernel, int32_t* kind, const char** file,
+                                        uint32_t* line) {
+    if (i >= tl_host_mutation.recorded.size()) return -1;
+    const auto& [k, kd, f, l] = tl_host_mutation.recorded[i];
+    *kernel = k.c_str();
+    *kind = kd;
+    *file = f.c_str();
+    *line = l;
+    return 0;
 }

@@ -57,6 +57,8 @@ pub mod kernels;
 mod memory;
 pub(crate) mod sim;
 #[cfg(test)]
+pub(crate) mod sim_mutation;
+#[cfg(test)]
 mod sim_tests;
 mod staging;
 #[cfg(test)]

@@ -375,9 +375,9 @@ fn cp_async_lands_only_at_the_wait_that_covers_it() {
             }
         }
     }
-    // Read before any wait; wait<1> when the newest group is needed; a copy never committed:
-    // the data read is the destination's poison (NaN), so a kernel test would fail.
-    for (mode, nan_from) in [(1, 0), (2, 4), (4, 4)] {
+    // Read before any wait; wait<1> when the newest group is needed: the data read is the
+    // destination's poison (NaN), so a kernel test would fail.
+    for (mode, nan_from) in [(1, 0), (2, 4)] {
         let got = run(&mut out, mode, 0).unwrap();
         for t in 0..64 {
             for k in 0..8 {
@@ -390,7 +390,11 @@ fn cp_async_lands_only_at_the_wait_that_covers_it() {
             }
         }
     }
+    // A copy never committed (no wait covers it), a copy no wait covered before the exit:
+    // the thread ends with it in flight, which may land in the next block's shared memory.
     for (mode, needle) in [
+        (4, "exits with 1 cp.async copy still in flight"),
+        (8, "exits with 1 cp.async copy still in flight"),
         (6, "misaligned cp.async destination"),
         (7, "misaligned cp.async source"),
     ] {
@@ -663,4 +667,75 @@ fn ldmatrix_forms_follow_the_ptx_isa_layouts() {
             }
         }
     }
+}
+
+/// The mutation harness (`sim_mutation`) finds a kernel's sites and proves them
+/// load-bearing: the tiled sum's loop barrier and the cp.async kernel's wait fail their
+/// probes when deleted; a probe that checks nothing leaves its sites alive, and the
+/// harness says so, naming them.
+#[test]
+fn the_mutation_harness_deletes_each_site_and_names_the_survivors() {
+    use super::sim_mutation::{assert_every_site_is_load_bearing, SiteKind};
+    let n = 4 * 128;
+    let input: Vec<f32> = (0..n).map(|i| (i % 97) as f32).collect();
+    let total: f32 = input.iter().sum();
+    let inb = f32_buffer(&input);
+    let out = Backend::Sim.alloc(128 * 4).unwrap();
+    let p = SimTestParams {
+        out: out.device_ptr(),
+        input: inb.device_ptr(),
+        n: n as u64,
+        barrier: 1,
+        ..Default::default()
+    };
+    let launch = || {
+        Backend::Sim
+            .launch("sim_planted_tiled_sum_f32", &cfg(1, 128, 0), &p)
+            .unwrap()
+    };
+    let checked = || {
+        launch();
+        assert!(read_f32(&out).iter().all(|&v| v == total));
+    };
+    let sites =
+        assert_every_site_is_load_bearing("tiled sum", &["sim_planted_tiled_sum"], &[&checked]);
+    assert!(
+        sites.iter().all(|s| s.kind == SiteKind::Barrier),
+        "{sites:?}"
+    );
+
+    // The cp.async control (mode 0: copy, commit, wait<0>, barrier, read).
+    let cp_out = Backend::Sim.alloc(8 * 64 * 4).unwrap();
+    let cp_in = f32_buffer(&(0..512).map(|i| i as f32 + 1.0).collect::<Vec<_>>());
+    let cp = SimTestParams {
+        out: cp_out.device_ptr(),
+        input: cp_in.device_ptr(),
+        mode: 0,
+        arg: 16,
+        ..Default::default()
+    };
+    let cp_checked = || {
+        Backend::Sim
+            .launch("sim_planted_cp_async_f32", &cfg(1, 64, 0), &cp)
+            .unwrap();
+        assert!(read_f32(&cp_out).iter().all(|v| v.is_finite()));
+    };
+    let sites =
+        assert_every_site_is_load_bearing("cp.async", &["sim_planted_cp_async"], &[&cp_checked]);
+    assert!(
+        sites.iter().any(|s| s.kind == SiteKind::CpAsyncWait),
+        "{sites:?}"
+    );
+
+    // A probe that checks nothing: every site survives, and the failure names them.
+    let err = std::panic::catch_unwind(|| {
+        assert_every_site_is_load_bearing("unchecked", &["sim_planted_tiled_sum"], &[&launch])
+    })
+    .expect_err("a probe that checks nothing must leave its sites alive");
+    let msg = err.downcast_ref::<String>().cloned().unwrap_or_default();
+    assert!(
+        msg.contains("__syncthreads() at planted_bugs.cu:")
+            && msg.contains("sim_planted_tiled_sum_f32"),
+        "{msg}"
+    );
 }

@@ -432,6 +432,47 @@ fn tensor_core_misaligned_operands(device: &Device) {
 }
 crate::test_device!(tc_misaligned, tensor_core_misaligned_operands);
 
+/// Every `__syncthreads()` and `cp_async_wait` the GEMM kernels reach is load-bearing:
+/// with any one deleted (the simulator's mutation sites), this small probe fails. It runs
+/// both tensor-core tiles over 5 k-tiles with the extension, bias and accumulate, in the
+/// plain and the transposed layouts (the `ldmatrix.trans` loads), a misaligned operand (the
+/// fallback loader) and the SIMT kernel.
+#[test]
+fn every_barrier_and_wait_is_load_bearing() {
+    let c = Case {
+        bias: true,
+        accumulate: true,
+        ..case(136, 72, 160, 16, 8..64)
+    };
+    let plain = Layout::default();
+    let all_t = Layout::transposed(true, true, true, true);
+    let misaligned = Layout {
+        t: [false, true, false, true],
+        offset: [1, 0, 0, 3],
+    };
+    let probe = |variant: Variant, dtype: DType, l: Layout| {
+        let c = c.clone();
+        move || {
+            let mut g = rng("lora_matmul_mutants");
+            check_case(&Device::Sim, &mut g, dtype, variant, &c, l);
+        }
+    };
+    let probes = [
+        probe(Variant::TensorCore128, DType::BF16, plain),
+        probe(Variant::TensorCore128, DType::F16, all_t),
+        probe(Variant::TensorCore64, DType::BF16, all_t),
+        probe(Variant::TensorCore64, DType::F16, misaligned),
+        probe(Variant::TensorCore128, DType::BF16, misaligned),
+        probe(Variant::Simt, DType::F32, plain),
+    ];
+    let probes: Vec<&dyn Fn()> = probes.iter().map(|p| p as &dyn Fn()).collect();
+    crate::device::sim_mutation::assert_every_site_is_load_bearing(
+        "lora_matmul",
+        &["lora_matmul_tc128", "lora_matmul_tc64", "lora_matmul_fwd"],
+        &probes,
+    );
+}
+
 /// The tile heuristic of the header: 128×128 tiles for one wave or more of them, 64×64
 /// for small or skinny products.
 #[test]

@@ -326,3 +326,47 @@ fn params_match_the_kernels() {
         );
     }
 }
+
+/// Every `__syncthreads()` and `cp_async_wait` of the reduction kernels is load-bearing:
+/// with any one deleted (the simulator's mutation sites), this small probe fails. It runs
+/// the tensor-core partials over several k-tiles of tokens (bf16, 16-byte operands) and the
+/// SIMT partials (f32), each with the second pass.
+#[test]
+fn every_barrier_and_wait_is_load_bearing() {
+    let probe = |dtype: DType, c: Case| {
+        move || {
+            let mut g = rng("lora_reduce_mutants");
+            let device = Device::Sim;
+            let l = View::new(&mut g, c.t, c.m, c.l_width, c.l_off, dtype, &device);
+            let r = View::new(&mut g, c.t, c.n, c.r_width, c.r_off, dtype, &device);
+            let c0: Option<Vec<f64>> = c.accumulate.then(|| {
+                let v: Vec<f64> = (0..c.m * c.n).map(|_| g.random_range(-1.0..1.0)).collect();
+                Tensor::from_vec_as(v, [c.m, c.n], dtype, &Device::Cpu)
+                    .unwrap()
+                    .to_vec_f64()
+                    .unwrap()
+            });
+            let red = TokenReduce::new(c.m, c.n, c.t, l.operand(), r.operand()).alpha(0.75);
+            let want = reference(&c, &l, &r, 0.75, c0.as_deref());
+            let (got, _) = device_run(&red, c0.as_deref(), dtype);
+            assert_close(&format!("{dtype} {c:?}"), &got, &want, tol(dtype));
+        }
+    };
+    let probes = [
+        probe(DType::BF16, dense(300, 16, 136)),
+        probe(
+            DType::F16,
+            Case {
+                accumulate: true,
+                ..dense(200, 72, 8)
+            },
+        ),
+        probe(DType::F32, dense(130, 8, 65)),
+    ];
+    let probes: Vec<&dyn Fn()> = probes.iter().map(|p| p as &dyn Fn()).collect();
+    crate::device::sim_mutation::assert_every_site_is_load_bearing(
+        "lora_reduce",
+        &["lora_reduce_"],
+        &probes,
+    );
+}
