@@ -165,11 +165,13 @@ fn parse_jsonl(text: &str) -> std::result::Result<Vec<Record>, String> {
             (false, false, true) => {
                 return Err(format!("line {n}: \"completion\" without \"prompt\""))
             }
-            _ => return Err(format!(
+            _ => {
+                return Err(format!(
                 "line {n}: \"text\" together with \"prompt\"/\"completion\": a line is {} or {}",
                 JsonlForm::Text.describe(),
                 JsonlForm::PromptCompletion.describe()
-            )),
+            ))
+            }
         };
         match form {
             None => form = Some((this, n)),
@@ -230,7 +232,10 @@ mod tests {
 
     fn write(dir: &Path, name: &str, bytes: impl AsRef<[u8]>) -> std::path::PathBuf {
         let p = dir.join(name);
-        std::fs::File::create(&p).unwrap().write_all(bytes.as_ref()).unwrap();
+        std::fs::File::create(&p)
+            .unwrap()
+            .write_all(bytes.as_ref())
+            .unwrap();
         p
     }
 
