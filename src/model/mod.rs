@@ -15,6 +15,11 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 use std::path::Path;
 
+mod generate;
+mod kv_cache;
+pub use generate::{Sampler, SamplingConfig};
+pub use kv_cache::KvCache;
+
 /// The adapter weights file written by [`Gpt2::save_adapters`] (PEFT's name).
 pub const ADAPTER_WEIGHTS_FILE: &str = "adapter_model.safetensors";
 /// The adapter config file written by [`Gpt2::save_adapters`] (PEFT's name).
@@ -681,7 +686,10 @@ impl Gpt2 {
     }
 
     /// Greedy decoding: extends each of `batch` prompts (`batch·len` ids) by `n_new`
-    /// tokens, running with no tape. Returns the new tokens, `batch·n_new` ids.
+    /// tokens (the argmax, ties to the lowest id), running with no tape on the key/value
+    /// cache ([`Gpt2::forward_cached`]): one prefill, then one position per token. Returns
+    /// the new tokens, `batch·n_new` ids. `len + n_new ≤ n_positions + 1` (the last token
+    /// is never fed back).
     pub fn generate_greedy(&self, prompts: &[u32], batch: usize, n_new: usize) -> Result<Vec<u32>> {
         if batch == 0 || prompts.is_empty() || !prompts.len().is_multiple_of(batch) {
             return Err(Error::invalid(format!(
@@ -696,29 +704,7 @@ impl Gpt2 {
                 self.config.n_positions
             )));
         }
-        let mut seqs: Vec<Vec<u32>> = prompts.chunks(prompt_len).map(|c| c.to_vec()).collect();
-        let v = self.config.vocab_size;
-        for len in prompt_len..prompt_len + n_new {
-            let flat: Vec<u32> = seqs.iter().flatten().copied().collect();
-            let logits = self
-                .forward(&flat, batch, len, ForwardOptions::default())?
-                .to_vec_f32()?;
-            for (bi, s) in seqs.iter_mut().enumerate() {
-                let row = &logits[(bi * len + len - 1) * v..(bi * len + len) * v];
-                let best = row
-                    .iter()
-                    .enumerate()
-                    .fold(
-                        (0, f32::NEG_INFINITY),
-                        |acc, (j, &x)| if x > acc.1 { (j, x) } else { acc },
-                    );
-                s.push(best.0 as u32);
-            }
-        }
-        Ok(seqs
-            .iter()
-            .flat_map(|s| s[s.len() - n_new..].to_vec())
-            .collect())
+        self.greedy_cached(prompts, batch, n_new)
     }
 }
 
