@@ -35,6 +35,7 @@
 #![warn(missing_docs)]
 
 pub mod checkpoint;
+pub mod cli;
 pub mod data;
 pub mod device;
 mod dtype;
