@@ -72,11 +72,14 @@ fn model(device: &Device, dtype: DType, lora_seed: Option<u64>) -> Gpt2 {
     m
 }
 
+/// One parameter's optimizer state as bits: m, v and the master weights.
+type StateBits = (Vec<u32>, Vec<u32>, Option<Vec<u32>>);
+
 /// Everything a step depends on, as bits.
 #[derive(Debug, PartialEq)]
 struct Snapshot {
     params: Vec<(String, Vec<u64>)>,
-    optimizer: Vec<(Vec<u32>, Vec<u32>, Option<Vec<u32>>)>,
+    optimizer: Vec<StateBits>,
     steps: usize,
     optimizer_steps: u64,
     scaler: Option<(u64, u32, u32, u64)>,

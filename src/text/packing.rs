@@ -184,18 +184,18 @@ impl Sequences {
     /// Checks that every input and target id is below `model_vocab` (the model's
     /// `vocab_size`): an id past the embedding is an error naming it and its sequence.
     pub fn check_vocab(&self, model_vocab: usize) -> Result<()> {
-        let bad = |(i, &id): (usize, &u32)| (id as usize >= model_vocab).then_some((i, id));
-        let target_ids = self
+        let past = |id: u32| id as usize >= model_vocab;
+        let input = self.inputs.iter().position(|&id| past(id));
+        let target = self
             .targets
             .iter()
-            .filter(|&&t| t != IGNORE_INDEX)
-            .map(|&t| t as u32);
-        let worst = self
-            .inputs
-            .iter()
-            .enumerate()
-            .find_map(bad)
-            .or_else(|| target_ids.enumerate().find_map(|(i, id)| bad((i, &id))));
+            .position(|&t| t != IGNORE_INDEX && past(t as u32));
+        let worst = match (input, target) {
+            (Some(i), Some(t)) if t < i => Some((t, self.targets[t] as u32)),
+            (Some(i), _) => Some((i, self.inputs[i])),
+            (None, Some(t)) => Some((t, self.targets[t] as u32)),
+            (None, None) => None,
+        };
         match worst {
             None => Ok(()),
             Some((i, id)) => Err(Error::invalid(format!(
@@ -530,6 +530,19 @@ mod tests {
         );
         let err = s.check_vocab(5).unwrap_err().to_string();
         assert!(err.contains("token id 5 (sequence 1)"), "{err}");
+        // An offending id that only appears as a target (after masked targets) is found
+        // in its own sequence.
+        let e = [ex(
+            &[1, 2, 3, 4, 5, 6, 7, 70],
+            &[true, false, true, true, true, true, true, true],
+        )];
+        let s = pack(&e, 3, 0).unwrap();
+        assert_eq!(
+            (s.targets(0), s.targets(2)),
+            (&[I, 3, 4][..], &[70, I, I][..])
+        );
+        let err = s.check_vocab(50).unwrap_err().to_string();
+        assert!(err.contains("token id 70 (sequence 2)"), "{err}");
     }
 
     #[test]

@@ -826,7 +826,7 @@ fn prune(run_dir: &Path, current: &Path, keep: usize) -> Result<()> {
         .into_iter()
         .filter(|(_, p)| p != current)
         .collect();
-    others.sort_by(|a, b| b.0.cmp(&a.0));
+    others.sort_by_key(|o| std::cmp::Reverse(o.0));
     for (step, path) in others.into_iter().skip(keep - 1) {
         let doomed = run_dir.join(format!(".{CHECKPOINT_PREFIX}{step}.del.tmp"));
         let fail = |e: Error| {

@@ -43,6 +43,36 @@
 //! `checkpoint-<step>` or a complete one. Names starting with `.checkpoint-` and ending
 //! in `.tmp` are leftovers of an interrupted save: [`latest_checkpoint`] ignores them
 //! and the next save removes them. One process saves into a run directory at a time.
+//!
+//! ```
+//! use lorafuse::checkpoint::Gpt2Config;
+//! use lorafuse::lora::LoraConfig;
+//! use lorafuse::model::Gpt2;
+//! use lorafuse::train::{diff_hyper_params, latest_checkpoint, read_checkpoint_state, TrainConfig, Trainer};
+//! use lorafuse::{DType, Device};
+//! let cfg = Gpt2Config { vocab_size: 16, n_positions: 8, n_embd: 16, n_layer: 1, n_head: 2, layer_norm_epsilon: 1e-5 };
+//! let base = || -> lorafuse::Result<Gpt2> { Gpt2::new_random(&cfg, DType::F32, &Device::Cpu, 0) };
+//! let tc = TrainConfig { warmup_steps: 2, total_steps: 10, ..Default::default() };
+//! let (tokens, targets) = (vec![1u32, 2, 3, 4], vec![2i32, 3, 4, 5]);
+//!
+//! let mut model = base()?;
+//! model.attach_lora(&LoraConfig { r: 2, ..Default::default() }, 1)?;
+//! let mut t = Trainer::new(model, &tc)?;
+//! t.step(&tokens, &targets, 1, 4)?;
+//! let run = tempfile::tempdir()?;
+//! let saved = t.save_checkpoint(run.path(), &serde_json::json!({"cursor": 4}), Some(3))?;
+//! let next = t.step(&tokens, &targets, 1, 4)?;
+//!
+//! // Later, in another process: the newest checkpoint, its hyper-parameters, the resume.
+//! let ckpt = latest_checkpoint(run.path())?.expect("one checkpoint");
+//! assert_eq!(ckpt, saved);
+//! let state = read_checkpoint_state(&ckpt)?;
+//! assert!(diff_hyper_params(&state.hyper_params, &t.hyper_params()).is_empty());
+//! let (mut again, extra) = Trainer::resume(base()?, &tc, &ckpt)?; // adapters from the checkpoint
+//! assert_eq!((again.steps(), extra["cursor"].as_u64()), (1, Some(4)));
+//! assert_eq!(again.step(&tokens, &targets, 1, 4)?.loss.to_bits(), next.loss.to_bits());
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 
 mod checkpoint;
 mod state;

@@ -1649,6 +1649,83 @@ mod tests {
         );
     }
 
+    /// `load_state` refuses a state that does not fit, before changing anything, and
+    /// takes one that fits over exactly (the next step equals the source's).
+    #[test]
+    fn load_state_checks_its_input() {
+        let a = Tensor::from_vec(vec![1.0f32, 2.0], [2], &CPU).unwrap();
+        let h = Tensor::from_vec(vec![bf16::ONE; 3], [3], &CPU).unwrap();
+        let mut opt = AdamW::new(vec![a.clone(), h.clone()], AdamWConfig::default()).unwrap();
+        let f32s = |n: usize| vec![0.5f32; n];
+        let ok_a = ParamStateOwned::F32 {
+            m: f32s(2),
+            v: f32s(2),
+            master: None,
+        };
+        let ok_h = ParamStateOwned::F32 {
+            m: f32s(3),
+            v: f32s(3),
+            master: Some(f32s(3)),
+        };
+        let bad_cases = [
+            (vec![ok_a.clone()], "1 parameter states for 2"),
+            (
+                vec![
+                    ParamStateOwned::F32 {
+                        m: f32s(3),
+                        v: f32s(2),
+                        master: None,
+                    },
+                    ok_h.clone(),
+                ],
+                "moments of 3 and 2",
+            ),
+            (
+                vec![
+                    ParamStateOwned::F32 {
+                        m: f32s(2),
+                        v: f32s(2),
+                        master: Some(f32s(2)),
+                    },
+                    ok_h.clone(),
+                ],
+                "only bf16/f16",
+            ),
+            (
+                vec![
+                    ok_a.clone(),
+                    ParamStateOwned::F32 {
+                        m: f32s(3),
+                        v: f32s(3),
+                        master: None,
+                    },
+                ],
+                "no master copy",
+            ),
+            (
+                vec![
+                    ParamStateOwned::F64 {
+                        m: vec![0.0; 2],
+                        v: vec![0.0; 2],
+                    },
+                    ok_h.clone(),
+                ],
+                "f64 moments",
+            ),
+        ];
+        let before = snapshot(&opt);
+        for (states, needle) in bad_cases {
+            let e = opt.load_state(3, &states).unwrap_err().to_string();
+            assert!(e.contains(needle), "{e}");
+            assert_eq!(snapshot(&opt), before);
+            assert_eq!(opt.step_count(), 0);
+        }
+        opt.load_state(3, &[ok_a.clone(), ok_h.clone()]).unwrap();
+        assert_eq!(opt.step_count(), 3);
+        assert_eq!(opt.state_to_host(0).unwrap(), Some(ok_a));
+        assert_eq!(opt.state_to_host(1).unwrap(), Some(ok_h));
+    }
+
     #[test]
     fn param_without_gradient_is_untouched() {
         let a = Tensor::from_vec(vec![1.0f32, 2.0], [2], &CPU).unwrap();
