@@ -668,3 +668,50 @@ fn the_cache_checks_its_model_and_its_room() {
         assert!(foreign.is_empty());
     }
 }
+
+/// Decoding speed on the CPU, cached vs the full recompute (prints, asserts nothing):
+/// `cargo test --lib decode_timing -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn decode_timing() {
+    use std::time::Instant;
+    let cfg = Gpt2Config {
+        vocab_size: 2048,
+        n_positions: 512,
+        n_embd: 256,
+        n_layer: 4,
+        n_head: 4,
+        layer_norm_epsilon: 1e-5,
+    };
+    let m = Gpt2::new_random(&cfg, DType::F32, &Device::Cpu, 7).unwrap();
+    let mut g = StdRng::seed_from_u64(7);
+    let (p, n) = (256, 32);
+    let prompt: Vec<u32> = (0..p)
+        .map(|_| g.random_range(0..cfg.vocab_size as u32))
+        .collect();
+    let t = Instant::now();
+    let cached = m.generate_greedy(&prompt, 1, n).unwrap();
+    let cached_s = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    let full = greedy_full_recompute(&m, &prompt, 1, n);
+    let full_s = t.elapsed().as_secs_f64();
+    assert_eq!(cached, full);
+    // The per-token cost of the cache alone: steps after the prefill.
+    let mut cache = m.new_kv_cache(1, p + n).unwrap();
+    let t = Instant::now();
+    m.forward_cached(&mut cache, &prompt, 1, p).unwrap();
+    let prefill_s = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    for &tok in &cached {
+        m.forward_cached(&mut cache, &[tok], 1, 1).unwrap();
+    }
+    let step_ms = t.elapsed().as_secs_f64() * 1e3 / n as f64;
+    println!(
+        "CPU f32, L4 C256 H4 V2048, prompt {p} + {n} greedy tokens ({} threads): cached {:.1} tok/s ({cached_s:.3} s), full recompute {:.1} tok/s ({full_s:.3} s): {:.1}x; prefill {:.1} ms, one cached step {step_ms:.2} ms",
+        rayon::current_num_threads(),
+        n as f64 / cached_s,
+        n as f64 / full_s,
+        full_s / cached_s,
+        prefill_s * 1e3,
+    );
+}
