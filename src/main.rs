@@ -34,7 +34,7 @@ enum Command {
     Demo(DemoArgs),
     /// Fine-tune a GPT-2 directory on your text with LoRA: crash-safe checkpoints,
     /// `--resume`, held-out evaluation, a PEFT adapter at the end.
-    Train(cli::TrainArgs),
+    Train(Box<cli::TrainArgs>),
     /// Loss and perplexity of a model (with an adapter or not) on text.
     Eval(cli::EvalArgs),
     /// Generate text from a prompt (KV cache, streamed; greedy at temperature 0).

@@ -54,7 +54,13 @@ pub(crate) fn mean_loss(model: &Gpt2, seqs: &Sequences, batch: usize) -> Result<
         if count == 0 {
             continue;
         }
-        let loss = model.loss(&b.tokens, &b.targets, b.batch, b.seq, ForwardOptions::default())?;
+        let loss = model.loss(
+            &b.tokens,
+            &b.targets,
+            b.batch,
+            b.seq,
+            ForwardOptions::default(),
+        )?;
         sum += loss.to_vec_f64()?[0] * count as f64;
         n += count;
     }

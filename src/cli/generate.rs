@@ -23,13 +23,13 @@ pub struct GenerateArgs {
     #[arg(long, default_value_t = 64)]
     pub max_new_tokens: usize,
     /// Softmax temperature; 0 is greedy.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     pub temperature: f64,
     /// Sample from the k most likely tokens only; 0 turns it off.
     #[arg(long, default_value_t = 0)]
     pub top_k: usize,
     /// Sample from the most likely tokens up to this probability mass, in (0, 1].
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     pub top_p: f64,
     /// The sampling seed.
     #[arg(long, default_value_t = 0)]

@@ -135,7 +135,11 @@ pub fn run_inspect(args: &InspectArgs) -> Result<AdapterReport> {
     if !c["lorafuse_targets"].is_null() {
         println!("  lorafuse_targets {}", c["lorafuse_targets"]);
     }
-    println!("  {} parameters in {} modules", rep.parameters, rep.modules.len());
+    println!(
+        "  {} parameters in {} modules",
+        rep.parameters,
+        rep.modules.len()
+    );
     println!(
         "  {:<40} {:>5} {:>12} {:>12} {:>12}",
         "module", "rank", "in × out", "‖B·A‖_F", "‖ΔW‖_F"
@@ -170,6 +174,10 @@ mod tests {
             }
         }
         let got = ba_frobenius(&a, &b, r, inp, out);
-        assert!((got - direct.sqrt()).abs() < 1e-12, "{got} vs {}", direct.sqrt());
+        assert!(
+            (got - direct.sqrt()).abs() < 1e-12,
+            "{got} vs {}",
+            direct.sqrt()
+        );
     }
 }

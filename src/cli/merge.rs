@@ -54,7 +54,11 @@ pub fn run_merge(args: &MergeArgs) -> Result<PathBuf> {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    let tmp = parent.join(format!(".{}.tmp-{}", name.to_string_lossy(), std::process::id()));
+    let tmp = parent.join(format!(
+        ".{}.tmp-{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
     let build = |tmp: &Path| -> Result<()> {
         std::fs::create_dir_all(tmp).map_err(|e| checkpoint::io_err(tmp, e))?;
         model.save(tmp)?;

@@ -85,11 +85,11 @@ pub struct TrainOptions {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub steps: Option<usize>,
     /// Passes over the training sequences, when --steps is not given. [default: 1]
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub epochs: Option<f64>,
     /// Peak learning rate (linear warmup, then cosine to a tenth of it). [default: 2e-4]
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lr: Option<f64>,
     /// Warmup steps. [default: 5 % of the steps]
@@ -97,11 +97,11 @@ pub struct TrainOptions {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub warmup: Option<usize>,
     /// AdamW's decoupled weight decay. [default: 0]
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub weight_decay: Option<f64>,
     /// Global gradient-norm clipping; 0 turns it off. [default: 1]
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_grad_norm: Option<f64>,
     /// LoRA rank. [default: 8]
@@ -109,7 +109,7 @@ pub struct TrainOptions {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rank: Option<usize>,
     /// LoRA alpha (the scale is alpha/rank, alpha/√rank with --rslora). [default: 16]
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub alpha: Option<f64>,
     /// LoRA targets, comma separated: c_attn, c_attn.q, c_attn.k, c_attn.v, attn.c_proj,
@@ -118,7 +118,7 @@ pub struct TrainOptions {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub targets: Option<String>,
     /// Dropout on the adapters' input, in [0, 1). [default: 0]
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dropout: Option<f64>,
     /// rsLoRA scaling (alpha/√rank).
@@ -135,7 +135,7 @@ pub struct TrainOptions {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub seed: Option<u64>,
     /// Fraction of the sequences held out for evaluation, in [0, 1). [default: 0.05]
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub val_fraction: Option<f64>,
     /// Evaluate the held-out loss every N steps (and at the end); 0: only at the end.
@@ -151,6 +151,27 @@ pub struct TrainOptions {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub keep: Option<usize>,
+}
+
+impl TrainOptions {
+    /// Non-finite numbers are refused here, before they reach JSON (which has no NaN).
+    fn check_finite(&self) -> Result<()> {
+        let floats = [
+            ("epochs", self.epochs),
+            ("lr", self.lr),
+            ("weight-decay", self.weight_decay),
+            ("max-grad-norm", self.max_grad_norm),
+            ("alpha", self.alpha),
+            ("dropout", self.dropout),
+            ("val-fraction", self.val_fraction),
+        ];
+        for (name, v) in floats {
+            if let Some(v) = v.filter(|v| !v.is_finite()) {
+                return Err(Error::invalid(format!("--{name} must be finite, got {v}")));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// A run's options, resolved and saved in `RUN/run.json`.
@@ -333,7 +354,8 @@ fn parse_run_config(v: Value, path: &Path) -> Result<RunConfig> {
 
 fn read_json(path: &Path) -> Result<Value> {
     let text = std::fs::read_to_string(path).map_err(|e| checkpoint::io_err(path, e))?;
-    serde_json::from_str(&text).map_err(|e| Error::format(path.display().to_string(), e.to_string()))
+    serde_json::from_str(&text)
+        .map_err(|e| Error::format(path.display().to_string(), e.to_string()))
 }
 
 /// The new run's directory: created if missing; an error if it holds anything.
@@ -382,6 +404,7 @@ fn truncate_metrics(path: &Path, step: usize) -> Result<()> {
 /// Runs `lorafuse train` (see [`TrainArgs`]).
 pub fn run_train(args: &TrainArgs) -> Result<TrainSummary> {
     let start = Instant::now();
+    args.opts.check_finite()?;
     // The run's options, the directory and the checkpoint to start from.
     let (cfg, run_dir, ckpt) = match &args.resume {
         Some(run_dir) => {
@@ -430,7 +453,9 @@ pub fn run_train(args: &TrainArgs) -> Result<TrainSummary> {
                 .clone()
                 .ok_or_else(|| Error::invalid("--model DIR is required (or --resume RUN)"))?;
             if args.data.is_empty() {
-                return Err(Error::invalid("--data FILE... is required (or --resume RUN)"));
+                return Err(Error::invalid(
+                    "--data FILE... is required (or --resume RUN)",
+                ));
             }
             let out = args
                 .out
@@ -479,8 +504,10 @@ pub fn run_train(args: &TrainArgs) -> Result<TrainSummary> {
     let (mut trainer, mut cursor, resumed_from) = match &ckpt {
         Some(ckpt) => {
             let (trainer, extra) = Trainer::resume(model, &tcfg, ckpt)?;
-            let cursor: BatchCursor = serde_json::from_value(extra["cursor"].clone())
-                .map_err(|e| Error::format(ckpt.display().to_string(), format!("data cursor: {e}")))?;
+            let cursor: BatchCursor =
+                serde_json::from_value(extra["cursor"].clone()).map_err(|e| {
+                    Error::format(ckpt.display().to_string(), format!("data cursor: {e}"))
+                })?;
             let at = trainer.steps();
             (trainer, cursor, at)
         }
@@ -584,7 +611,10 @@ pub fn run_train(args: &TrainArgs) -> Result<TrainSummary> {
                     &mut metrics,
                     json!({"step": step, "val_loss": v, "val_ppl": v.exp()}),
                 )?;
-                bar.println(format!("step {step}: held-out loss {v:.4}, perplexity {:.2}", v.exp()));
+                bar.println(format!(
+                    "step {step}: held-out loss {v:.4}, perplexity {:.2}",
+                    v.exp()
+                ));
             }
         }
         if cfg.save_every > 0 && step % cfg.save_every == 0 && step < steps {
@@ -627,7 +657,11 @@ pub fn run_train(args: &TrainArgs) -> Result<TrainSummary> {
     let adapter = save_adapter_dir(&trainer, &run_dir)?;
     let s = summary(val_loss, Some(adapter.clone()));
     println!();
-    println!("{:<28} {}", "steps", format_args!("{step} ({} this call)", step - resumed_from));
+    println!(
+        "{:<28} {}",
+        "steps",
+        format_args!("{step} ({} this call)", step - resumed_from)
+    );
     println!("{:<28} {:.4}", "final training loss", loss);
     match val_loss {
         Some(v) => println!("{:<28} {v:.4} (perplexity {:.2})", "held-out loss", v.exp()),
@@ -637,7 +671,11 @@ pub fn run_train(args: &TrainArgs) -> Result<TrainSummary> {
     println!("{:<28} {trainable}", "trainable parameters");
     println!("{:<28} {}", "adapter (PEFT format)", adapter.display());
     println!("{:<28} {}", "checkpoint", checkpoint.display());
-    println!("{:<28} {:.1} s", "total time", start.elapsed().as_secs_f64());
+    println!(
+        "{:<28} {:.1} s",
+        "total time",
+        start.elapsed().as_secs_f64()
+    );
     Ok(s)
 }
 

@@ -29,8 +29,9 @@ pub const TRAINER_STATE_VERSION: u32 = 1;
 /// `n` never aborts. The files are written in this order: the adapters
 /// (`adapter_config.json` and `adapter_model.safetensors`, together, counting 2) and/or
 /// the base weights (`config.json` and `model.safetensors`, 2), `optimizer.safetensors`,
-/// `trainer_state.json`. It exists to test crash safety (a process killed in the middle
-/// of a save); a value that is not a number is an error of the save.
+/// `trainer_state.json`. `n@k` aborts only the save of step `k` (so that an earlier
+/// checkpoint exists). It exists to test crash safety (a process killed in the middle of
+/// a save); a value that is not of these forms is an error of the save.
 pub const ABORT_IN_SAVE_ENV: &str = "LORAFUSE_TEST_ABORT_IN_SAVE";
 
 /// The `format` metadata of `optimizer.safetensors`.
@@ -305,14 +306,19 @@ thread_local! {
 }
 
 /// The value of [`ABORT_IN_SAVE_ENV`] (`None`: unset): the number of files after which
-/// a save aborts.
-pub(super) fn parse_abort_hook(v: Option<&str>) -> Result<Option<usize>> {
+/// a save aborts, and the only step whose save does (`None`: every save).
+pub(super) fn parse_abort_hook(v: Option<&str>) -> Result<Option<(usize, Option<usize>)>> {
     v.map(|v| {
-        v.trim().parse::<usize>().map_err(|_| {
+        let bad = || {
             Error::invalid(format!(
-                "{ABORT_IN_SAVE_ENV}={v:?}: expected a number of files (a test hook)"
+                "{ABORT_IN_SAVE_ENV}={v:?}: expected a number of files, or files@step (a test hook)"
             ))
-        })
+        };
+        let (files, step) = match v.trim().split_once('@') {
+            Some((f, s)) => (f, Some(s.trim().parse::<usize>().map_err(|_| bad())?)),
+            None => (v.trim(), None),
+        };
+        Ok((files.trim().parse::<usize>().map_err(|_| bad())?, step))
     })
     .transpose()
 }
@@ -324,10 +330,13 @@ struct SaveHook {
 }
 
 impl SaveHook {
-    fn new(tmp: &Path) -> Result<Self> {
+    fn new(tmp: &Path, step: usize) -> Result<Self> {
         let v = std::env::var_os(ABORT_IN_SAVE_ENV);
+        let hook = parse_abort_hook(v.as_deref().map(|v| v.to_string_lossy()).as_deref())?;
         Ok(SaveHook {
-            abort_after: parse_abort_hook(v.as_deref().map(|v| v.to_string_lossy()).as_deref())?,
+            abort_after: hook
+                .filter(|&(_, at)| at.is_none_or(|k| k == step))
+                .map(|(files, _)| files),
             tmp: tmp.to_path_buf(),
         })
     }
@@ -432,7 +441,7 @@ impl Trainer {
     /// Every file of a checkpoint, into the (empty) directory `tmp`, each synced, then
     /// `tmp` itself.
     fn write_files(&self, tmp: &Path, names: &[String], extra: &Value) -> Result<()> {
-        let hook = SaveHook::new(tmp)?;
+        let hook = SaveHook::new(tmp, self.steps())?;
         let mut n = 0;
         hook.files_written(n)?;
         let adapters = self.model.lora_config().is_some();

@@ -600,8 +600,10 @@ fn saving_after_the_trainable_set_changed_is_refused() {
 fn the_abort_hook_value_is_parsed() {
     use super::checkpoint::parse_abort_hook;
     assert_eq!(parse_abort_hook(None).unwrap(), None);
-    assert_eq!(parse_abort_hook(Some("3")).unwrap(), Some(3));
-    assert_eq!(parse_abort_hook(Some(" 0 ")).unwrap(), Some(0));
+    assert_eq!(parse_abort_hook(Some("3")).unwrap(), Some((3, None)));
+    assert_eq!(parse_abort_hook(Some(" 0 ")).unwrap(), Some((0, None)));
+    assert_eq!(parse_abort_hook(Some("2@4")).unwrap(), Some((2, Some(4))));
+    assert!(parse_abort_hook(Some("2@x")).is_err());
     let e = parse_abort_hook(Some("two")).unwrap_err().to_string();
     assert!(e.contains(ABORT_IN_SAVE_ENV) && e.contains("two"), "{e}");
 }
