@@ -52,12 +52,12 @@
 //
 // Vectors: row r starts at byte s·r·ld mod 16; each row has a scalar head of
 // (W − offset/s) mod W elements (W = 16/s), aligned 16-byte vectors and a scalar tail
-// (< W). Padded (ld = 50304, a multiple of 64) every row is aligned: no head; the logsumexp
-// reads ⌊V/8⌋ = 6282 bf16 vectors and a 1-element tail, the gradient writes ld/8 = 6288
-// vectors (the one across column V masked, the 5 past it zeros without a load) and no
-// tail. Unpadded (ld = V = 50257, odd) the rows sit at varying offsets, heads and tails
-// included. The gradient row shares the logits row's offset (same dtype and stride, or in
-// place), so its stores are vectors too (checked; scalar otherwise).
+// (< W), over the first V columns. Padded (ld = 50304, a multiple of 64) every row is
+// aligned: no head; the logsumexp and the gradient read ⌊V/8⌋ = 6282 bf16 vectors and a
+// 1-element tail, the gradient writes those and then 47 scalar zeros into the padding
+// columns (one thread each). Unpadded (ld = V = 50257, odd) the rows sit at varying
+// offsets, heads included. The gradient row shares the logits row's offset (same dtype and
+// stride, or in place), so its stores are vectors too (checked; scalar otherwise).
 //
 // FLOPs and bytes per call (s bytes per element), GPT-2 124M, bf16, N = 8192, V = 50257,
 // ld = Vp = 50304 (s·N·V = 823.4 MB read per pass, s·N·Vp = 824.2 MB written: the padding
@@ -70,15 +70,15 @@
 //     ~1000 resident rows × 100 KB do not, so count it from DRAM) + one write: 2.47 GB →
 //     0.82 ms H100 / 0.57 ms H200 (before: 3 reads + 1 write, 3.29 GB, with 2-byte loads).
 //   The padding's point is downstream: the [N, Vp] gradient's 16-byte-aligned rows let the
-//   LM head's backward GEMMs (gx = gx_logits·wte, gwte = gx_logitsᵀ·x) take the
+//   LM head's backward GEMMs (gx = glogits·wte, gwte = glogitsᵀ·x) take the
 //   tensor-core kernel's cp.async loads instead of its element-wise fallback.
-//   Predicted ≥ 85 % of the floor (~0.97 ms H100 / ~0.68 ms H200 fused): 32 registers →
+//   Predicted ≥ 85 % of the floor (~0.97 ms H100 / ~0.68 ms H200 fused): ≤ 32 registers →
 //   8 blocks = 64 warps per SM, each thread a 16-byte load per iteration: ≥ 32 KB in flight
 //   per SM (vs ~25 KB needed); one block merge (2 barriers) per row of ~25 vector
 //   iterations per thread (6282 vectors / 256 threads). The exps are not free: ~22
 //   instructions per element over both passes ≈ 0.3 ms of issue on 132 SMs, under the
 //   memory time but not by much on an H200.
-//   In place, no second [N, V] buffer (823 MB) at all. The mean kernel reads 4·N bytes.
+//   In place, no second [N, Vp] buffer (824 MB) at all. The mean kernel reads 4·N bytes.
 //   Not measured on a GPU.
 //
 // Launch geometry: fwd, fused_fwd and bwd: 256 threads per block, one block per row in a
@@ -208,11 +208,11 @@ LF_UNROLL
     return st.m + logf(st.s);
 }
 
-// One row's gradient over its ld columns: c·(softmax − onehot) in the first v, exactly 0
-// in the padding columns v..ld (never computed from them: they may hold anything, NaN
-// included) and on the whole of an ignored row (t outside 0..v); vectorised where x and g
-// share their offset within 16 bytes (always: the same row of buffers of the same dtype,
-// or in place).
+// One row's gradient over its ld columns: c·(softmax − onehot) in the first v (zeros for
+// the whole of an ignored row: t outside 0..v), vectorised where x and g share their
+// offset within 16 bytes (always: the same row of buffers of the same dtype, or in place);
+// then exactly 0 in the padding columns v..ld, which are never read (they may hold
+// anything, NaN included): ld − v < 64 scalar stores, one per thread.
 template <typename T>
 __device__ __forceinline__ void row_grad(const T* xr, T* gr, long long v, long long ld, int t,
                                          float lse, float c) {
@@ -221,9 +221,9 @@ __device__ __forceinline__ void row_grad(const T* xr, T* gr, long long v, long l
                        reinterpret_cast<unsigned long long>(gr)) & 15ull) == 0;
     const bool ignored = t < 0 || t >= v;
     for_row(
-        xr, ld, vec,
+        xr, v, vec,
         [&](long long j) {
-            if (ignored || j >= v) {
+            if (ignored) {
                 gr[j] = lf::from_f32<T>(0.0f);
             } else {
                 const float e = expf(lf::to_f32(xr[j]) - lse);
@@ -232,20 +232,20 @@ __device__ __forceinline__ void row_grad(const T* xr, T* gr, long long v, long l
         },
         [&](long long j) {
             float a[W];
-            if (ignored || j >= v) {
+            if (ignored) {
 LF_UNROLL
                 for (int e = 0; e < W; ++e) a[e] = 0.0f;
             } else {
                 lf::load16(xr + j, a);
-                const long long valid = v - j;  // > 0; < W only in the vector across column v
 LF_UNROLL
                 for (int e = 0; e < W; ++e) {
                     const float x = expf(a[e] - lse);
-                    a[e] = e < valid ? (j + e == t ? x - 1.0f : x) * c : 0.0f;
+                    a[e] = (j + e == t ? x - 1.0f : x) * c;
                 }
             }
             lf::store16(gr + j, a);
         });
+    for (long long j = v + threadIdx.x; j < ld; j += kThreads) gr[j] = lf::from_f32<T>(0.0f);
 }
 
 // c = gy / n_valid, 0 when no row counts.

@@ -175,10 +175,10 @@ impl TcLoad {
     /// allocation.
     fn of(byte_offset: usize, os: usize, ks: usize, o_lo: usize) -> TcLoad {
         const VEC: usize = 8; // kVec: bf16/f16 values per 16 bytes
-        let aligned = byte_offset % 16 == 0;
-        if ks == 1 && os % VEC == 0 && aligned {
+        let aligned = byte_offset.is_multiple_of(16);
+        if ks == 1 && os.is_multiple_of(VEC) && aligned {
             TcLoad::KContiguous
-        } else if os == 1 && ks % VEC == 0 && o_lo % VEC == 0 && aligned {
+        } else if os == 1 && ks.is_multiple_of(VEC) && o_lo.is_multiple_of(VEC) && aligned {
             TcLoad::OuterContiguous
         } else {
             TcLoad::Fallback
@@ -231,7 +231,7 @@ pub(crate) fn tc_path(g: &Gemm<'_>) -> TcPath {
                     load(&e.b2, e.b2.col_stride, e.b2.row_stride, e.cols.start),
                 )
             }),
-        vector_epilogue: g.n % 8 == 0,
+        vector_epilogue: g.n.is_multiple_of(8),
     }
 }
 

@@ -477,7 +477,7 @@ fn tc_load_follows_the_kernels_tc_mode() {
         if o_lo == 0 {
             assert_eq!(p.a, b2, "B2 with its columns from 0 is loaded as A is");
         }
-        if o_lo % 8 != 0 && p.a == OuterContiguous {
+        if !o_lo.is_multiple_of(8) && p.a == OuterContiguous {
             assert_eq!(
                 b2, Fallback,
                 "B2 in the O layout needs b2_n0 a multiple of 8"
