@@ -124,11 +124,7 @@ fn train(
     args: &DemoArgs,
     lr: f64,
 ) -> Result<(Gpt2, Phase)> {
-    let trainable = model
-        .trainable_params()
-        .iter()
-        .map(|(_, t)| t.elem_count())
-        .sum();
+    let trainable = model.trainable_param_count();
     let cfg = TrainConfig {
         lr,
         min_lr: lr / 10.0,

@@ -154,6 +154,8 @@ impl Gpt2 {
                 cache.max_len, cfg.n_positions
             )));
         }
+        // Token ids below V: `wte`'s padding rows are not tokens.
+        super::vocab::check_tokens(cfg, tokens)?;
         let opts = ForwardOptions::default();
         let eps = cfg.layer_norm_epsilon;
         // Checks the tokens before anything is appended: a failed call leaves the cache as
@@ -177,7 +179,10 @@ impl Gpt2 {
         }
         let x = ops::layer_norm(&x, &self.ln_f.weight, &self.ln_f.bias, eps)?;
         let x = ops::reshape(&x, [batch * n_new, cfg.n_embd])?;
-        ops::linear(&x, &self.wte, None).map(Some)
+        // The real vocabulary's logits only: `wte`'s padding rows are not tokens.
+        super::vocab::Head::Vocab
+            .apply(cfg, &x, &self.wte)
+            .map(Some)
     }
 
     /// The cache fits this model: its layers, heads, head dim, dtype and device.

@@ -22,7 +22,10 @@ mod matmul;
 pub mod profile;
 
 pub use attention::causal_attention;
-pub use cross_entropy::{cross_entropy, cross_entropy_fused, IGNORE_INDEX};
+pub use cross_entropy::{
+    cross_entropy, cross_entropy_fused, cross_entropy_fused_padded, cross_entropy_padded,
+    IGNORE_INDEX,
+};
 pub use decode_attention::{decode_attention, kv_cache_tensor};
 pub use dropout::{dropout, dropout_mask_value};
 pub use elementwise::{add, bias_add, cast, gelu, reshape, scale};
@@ -32,6 +35,7 @@ pub use lora_linear::{lora_linear, LoraTerm};
 pub use lora_merge::{lora_merge, lora_merge_with};
 #[doc(hidden)]
 pub use lora_reduce::bench_token_reduce;
+pub(crate) use matmul::linear_rows;
 pub use matmul::{linear, matmul};
 
 use crate::{DType, Real, Result, Tensor};
