@@ -617,6 +617,41 @@ fn bad_input_is_an_error(device: &Device) {
 }
 crate::test_device!(bad_input, bad_input_is_an_error);
 
+/// `run_zero_padded`: the product in the first `m·n` elements of a larger output, the rest
+/// exactly 0 (the output starts zeroed, not poisoned), the same values as `run`; an output
+/// smaller than `m·n` is an error.
+fn zero_padded_output(device: &Device) {
+    let mut g = rng("lora_matmul_zero_padded");
+    for dtype in DTYPES {
+        let (m, n, k) = (13, 24, 40);
+        let a = Mat::new(&mut g, m, k, false, dtype, device);
+        let b = Mat::new(&mut g, k, n, true, dtype, device);
+        let gemm = || {
+            Gemm::new(
+                m,
+                n,
+                k,
+                Operand::rows(&a.t, k),
+                Operand::transposed(&b.t, k),
+            )
+        };
+        let want = gemm().run([m, n]).unwrap().to_vec_f64().unwrap();
+        let got = gemm().run_zero_padded([m + 3, n]).unwrap();
+        assert_eq!(got.dims(), &[m + 3, n]);
+        let got = got.to_vec_f64().unwrap();
+        assert_eq!(&got[..m * n], &want[..], "{device} {dtype}");
+        assert!(
+            got[m * n..].iter().all(|x| x.to_bits() == 0),
+            "{device} {dtype}: the padding is not +0"
+        );
+        assert!(matches!(
+            gemm().run_zero_padded([m * n - 1]),
+            Err(Error::Shape { .. })
+        ));
+    }
+}
+crate::test_device!(zero_padded, zero_padded_output);
+
 #[test]
 fn params_match_the_kernels() {
     for k in cuda::KERNELS {
