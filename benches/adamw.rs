@@ -1,10 +1,11 @@
 //! The multi-tensor AdamW step (`kernels/adamw.cu`) on a GPU, against DESIGN §10's
 //! baseline, the measured device copy bandwidth.
 //!
-//! The list is GPT-2 124M's parameter tensors (148 tensors, 124.4 M elements; full fine-tuning,
-//! the optimizer's worst case), bf16 parameters with f32 gradients. Per element a step moves
-//! 34 bytes: the norm pass reads the f32 gradient (4), the update reads the gradient (4),
-//! reads and writes the f32 master, m and v (24) and writes the bf16 parameter (2).
+//! The list is GPT-2 124M's parameter tensors (148 tensors, 124.5 M elements with wte's
+//! padding; full fine-tuning, the optimizer's worst case), bf16 parameters with f32
+//! gradients. Per element a step moves 34 bytes: the norm pass reads the f32 gradient (4),
+//! the update reads the gradient (4), reads and writes the f32 master, m and v (24) and
+//! writes the bf16 parameter (2).
 //!
 //! - `adamw/cuda/multi_tensor`: one [`AdamW::step`]: three launches for the whole list,
 //!   the step state read back at the end (80 bytes; that read is the synchronisation);
@@ -22,9 +23,10 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use lorafuse::optim::{AdamW, AdamWConfig, StepOptions};
 use lorafuse::{DType, Device, Gradients, Tensor};
 
-/// GPT-2 124M's tensors: token and position embeddings, 12 blocks, the final LayerNorm.
+/// GPT-2 124M's tensors: token (its 50257 rows padded to 50304, as the model keeps them)
+/// and position embeddings, 12 blocks, the final LayerNorm.
 fn gpt2_124m_shapes() -> Vec<Vec<usize>> {
-    let (d, vocab, ctx, layers) = (768, 50257, 1024, 12);
+    let (d, vocab, ctx, layers) = (768, 50304, 1024, 12);
     let mut s = vec![vec![vocab, d], vec![ctx, d]];
     for _ in 0..layers {
         s.extend([

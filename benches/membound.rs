@@ -1,13 +1,14 @@
 //! The memory-bound kernels on a GPU at GPT-2 124M's shapes (bf16, B·T = 8·1024 tokens,
-//! C = 768, V = 50257, the MLP's 4·C = 3072), against the device copy bandwidth measured in
-//! the same run (DESIGN §10's baseline).
+//! C = 768, V = 50257 padded to Vp = 50304 as the model keeps it, the MLP's 4·C = 3072),
+//! against the device copy bandwidth measured in the same run (DESIGN §10's baseline).
 //!
 //! - `membound/layer_norm_fwd`: `layer_norm` of x [8192, 768];
 //! - `membound/layer_norm_fwd_bwd`: the same, tracked, then the backward (gx, gγ, gβ);
-//! - `membound/cross_entropy_fused`: `cross_entropy_fused` of logits [8192, 50257] in place
-//!   (forward and gradient; the gradient becomes the next iteration's logits);
+//! - `membound/cross_entropy_fused`: `cross_entropy_fused_padded` of the model's logits
+//!   [8192, 50304] over their 50257 classes, in place (forward and gradient; the gradient
+//!   becomes the next iteration's logits);
 //! - `membound/embedding_fwd`, `membound/embedding_fwd_bwd`: the token + position lookup,
-//!   then with both tables' gradients (gwte [50257, 768] is written in full);
+//!   then with both tables' gradients (gwte [50304, 768] is written in full);
 //! - `membound/gelu_fwd`, `membound/gelu_fwd_bwd`: tanh-GELU of [8192, 3072];
 //! - `membound/add`: the residual add of two [8192, 768];
 //! - `membound/device_copy`: [`Tensor::copy_from`] of 256 MiB (read + write).
@@ -17,7 +18,7 @@
 //! `membound/cuda: skipped (<reason>)` and runs nothing. `cargo bench --bench membound`.
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use lorafuse::ops::{add, cross_entropy_fused, embedding, gelu, layer_norm};
+use lorafuse::ops::{add, cross_entropy_fused_padded, embedding, gelu, layer_norm};
 use lorafuse::{DType, Device, Tape, Tensor};
 use rand::{Rng, SeedableRng};
 use std::time::Instant;
@@ -26,6 +27,8 @@ const B: usize = 8;
 const T: usize = 1024;
 const C: usize = 768;
 const V: usize = 50257;
+/// The model's padded vocabulary (`Gpt2Config::padded_vocab_size`).
+const VP: usize = 50304;
 const N: usize = B * T;
 
 fn rand(shape: &[usize], lo: f64, hi: f64, device: &Device, seed: u64) -> Tensor {
@@ -113,13 +116,14 @@ fn bench_cuda(c: &mut Criterion, dev: Device) {
         let mut rng = rand::rngs::StdRng::seed_from_u64(5);
         let targets: Vec<i32> = (0..N).map(|_| rng.random_range(0..V as i32)).collect();
         let seed = Tensor::full(1.0, [], DType::F32, &dev).expect("seed");
-        let mut logits = Some(rand(&[N, V], -4.0, 4.0, &dev, 6));
-        let bytes = 3 * s2 * n * V as u64 + 12 * n;
+        let mut logits = Some(rand(&[N, VP], -4.0, 4.0, &dev, 6));
+        // Two reads of the classes, one write of the padded row.
+        let bytes = s2 * n * (2 * V + VP) as u64 + 12 * n;
         case(c, "cross_entropy_fused", bytes, copy_gbs, || {
             let tape = Tape::new();
             let x = logits.take().expect("logits").track(&tape);
             let id = x.id();
-            let loss = cross_entropy_fused(x, &targets, &seed).expect("ce");
+            let loss = cross_entropy_fused_padded(x, &targets, V, &seed).expect("ce");
             let g = tape
                 .backward_with(&loss, seed.clone())
                 .expect("ce backward");
@@ -129,7 +133,7 @@ fn bench_cuda(c: &mut Criterion, dev: Device) {
         println!(
             "membound/cross_entropy_fused: (1 read + 1 write, the floor with the second pass \
              from L2, is {:.0} MB)",
-            2.0 * (s2 * n * V as u64) as f64 / 1e6
+            (s2 * n * (V + VP) as u64) as f64 / 1e6
         );
     }
 
@@ -138,11 +142,11 @@ fn bench_cuda(c: &mut Criterion, dev: Device) {
     {
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
         let toks: Vec<u32> = (0..N).map(|_| rng.random_range(0..V as u32)).collect();
-        let wte = rand(&[V, C], -1.0, 1.0, &dev, 8);
+        let wte = rand(&[VP, C], -1.0, 1.0, &dev, 8);
         let wpe = rand(&[T, C], -1.0, 1.0, &dev, 9);
         let gy = rand(&[B, T, C], -1.0, 1.0, &dev, 10);
         let fwd = 3 * s2 * n * cc + 4 * n;
-        let bwd = 2 * s2 * n * cc + s2 * (V + T) as u64 * cc + 8 * (n + V as u64 + 1);
+        let bwd = 2 * s2 * n * cc + s2 * (VP + T) as u64 * cc + 8 * (n + VP as u64 + 1);
         case(c, "embedding_fwd", fwd, copy_gbs, || {
             embedding(&toks, B, T, &wte, &wpe).expect("embedding");
             sync();

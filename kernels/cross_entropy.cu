@@ -2,8 +2,11 @@
 // logsumexp and loss, their mean in a fixed order, and the logits gradient.
 //
 // Math (the CPU reference is src/ops/cross_entropy/cpu.rs: `row_lse`, `loss_sum`,
-// `backward`; N rows of V logits, targets t[r] ∈ 0..V or the ignore index −100 (checked on
-// the host), n_valid = the number of non-ignored rows, counted on the host):
+// `backward`; N rows of ld ≥ V logits of which the first V are the classes and the columns
+// V..ld padding (GPT-2's vocabulary padded to a multiple of 64 for the LM head's GEMMs; ld
+// = V without padding), targets t[r] ∈ 0..V or the ignore index −100 (checked on the
+// host), n_valid = the number of non-ignored rows, counted on the host; j runs over 0..V
+// only: a padding column is never read into a max, a sum or a loss, whatever it holds):
 //   cross_entropy_fwd:      m[r] = max_j x[r, j];  s[r] = Σ_j exp(x[r, j] − m[r])
 //                           lse[r] = m[r] + ln s[r]                             (lse =)
 //                           loss[r] = lse[r] − x[r, t[r]], 0 for an ignored row (losses =)
@@ -13,8 +16,10 @@
 //                           scale of 2^16 back)                                   (out =)
 //   cross_entropy_bwd:      c = gy / n_valid (gy: the incoming gradient of L, a device
 //                           f32 scalar, read on the device; 0 when n_valid = 0)
-//                           gx[r, j] = c·(exp(x[r, j] − lse[r]) − [j = t[r]]),
-//                           0 for the whole of an ignored row                     (gx =)
+//                           gx[r, j] = c·(exp(x[r, j] − lse[r]) − [j = t[r]]) for j < V,
+//                           gx[r, j] = 0 exactly for V ≤ j < ld (the padding: its GEMM
+//                           gradients gwte[j] = Σ_r gx[r, j]·x_r are then 0 too), and 0
+//                           for the whole of an ignored row                       (gx =)
 //   cross_entropy_fused_fwd: forward and gradient in one pass over each row, for training,
 //                           where the backward's seed gy (1, or the loss scale S) is a
 //                           device scalar known before the forward: lse[r] and loss[r] as
@@ -38,33 +43,42 @@
 // know gy); with one, the fused kernel writes it at once and the logits need not live
 // until the backward.
 //
-// Shapes: x [N, V] row-major (any V ≥ 1; V = 50257 for GPT-2); targets [N] i32;
-// lse, losses [N] f32 (device scratch, lse kept for the backward); gy [] and out [] f32;
-// gx [N, V] T.
+// Shapes: x [N, ld] row-major (any 1 ≤ V ≤ ld; GPT-2: V = 50257, ld = Vp = 50304);
+// targets [N] i32; lse, losses [N] f32 (device scratch, lse kept for the backward); gy []
+// and out [] f32; gx [N, ld] T.
 //
 // Dtypes: x and gx bf16, f16 or f32 (the suffix); the loss (out) and its gradient gy f32;
 // compute and accumulate f32; targets i32; lse and losses f32.
 //
-// Vectors: V = 50257 is odd, so row r starts at byte 2·r·V mod 16 (bf16): each row has a
-// scalar head of (8 − offset/2) mod 8 elements, ⌊(V − head)/8⌋ aligned 16-byte vectors and
-// a scalar tail (< 8); the gradient row shares the logits row's offset (same dtype and
+// Vectors: row r starts at byte s·r·ld mod 16; each row has a scalar head of
+// (W − offset/s) mod W elements (W = 16/s), aligned 16-byte vectors and a scalar tail
+// (< W), over the first V columns. Padded (ld = 50304, a multiple of 64) every row is
+// aligned: no head; the logsumexp and the gradient read ⌊V/8⌋ = 6282 bf16 vectors and a
+// 1-element tail, the gradient writes those and then 47 scalar zeros into the padding
+// columns (one thread each). Unpadded (ld = V = 50257, odd) the rows sit at varying
+// offsets, heads included. The gradient row shares the logits row's offset (same dtype and
 // stride, or in place), so its stores are vectors too (checked; scalar otherwise).
 //
-// FLOPs and bytes per call (s bytes per element), GPT-2 124M, bf16, N = 8192, V = 50257
-// (s·N·V = 823 MB; floors at the measured copy bandwidth, ~3.0 TB/s H100 / ~4.3 TB/s H200):
+// FLOPs and bytes per call (s bytes per element), GPT-2 124M, bf16, N = 8192, V = 50257,
+// ld = Vp = 50304 (s·N·V = 823.4 MB read per pass, s·N·Vp = 824.2 MB written: the padding
+// adds 0.09 % to the writes and nothing to the reads; floors at the measured copy
+// bandwidth, ~3.0 TB/s H100 / ~4.3 TB/s H200):
 //   fwd: ~5·N·V FLOPs + N·V exp; ONE read of x (the online softmax): 823 MB → 0.27 ms H100
 //     / 0.19 ms H200 (it read x twice before).
 //   bwd: ~3·N·V FLOPs + N·V exp; reads x, writes gx: 1.65 GB → 0.55 ms / 0.38 ms.
 //   fused: both: two reads of x (the second hits L2 only when the rows in flight fit:
 //     ~1000 resident rows × 100 KB do not, so count it from DRAM) + one write: 2.47 GB →
 //     0.82 ms H100 / 0.57 ms H200 (before: 3 reads + 1 write, 3.29 GB, with 2-byte loads).
-//   Predicted ≥ 85 % of the floor (~0.97 ms H100 / ~0.68 ms H200 fused): 32 registers →
+//   The padding's point is downstream: the [N, Vp] gradient's 16-byte-aligned rows let the
+//   LM head's backward GEMMs (gx = glogits·wte, gwte = glogitsᵀ·x) take the
+//   tensor-core kernel's cp.async loads instead of its element-wise fallback.
+//   Predicted ≥ 85 % of the floor (~0.97 ms H100 / ~0.68 ms H200 fused): ≤ 32 registers →
 //   8 blocks = 64 warps per SM, each thread a 16-byte load per iteration: ≥ 32 KB in flight
 //   per SM (vs ~25 KB needed); one block merge (2 barriers) per row of ~25 vector
 //   iterations per thread (6282 vectors / 256 threads). The exps are not free: ~22
 //   instructions per element over both passes ≈ 0.3 ms of issue on 132 SMs, under the
 //   memory time but not by much on an H200.
-//   In place, no second [N, V] buffer (823 MB) at all. The mean kernel reads 4·N bytes.
+//   In place, no second [N, Vp] buffer (824 MB) at all. The mean kernel reads 4·N bytes.
 //   Not measured on a GPU.
 //
 // Launch geometry: fwd, fused_fwd and bwd: 256 threads per block, one block per row in a
@@ -82,8 +96,9 @@ struct CrossEntropyParams {
     float* losses;        // [rows]: written by fwd, read by mean_fwd
     const float* gy;      // bwd: the scalar gradient of the loss (f32)
     void* out;            // mean_fwd: the loss scalar (f32); bwd: gx [rows, v] (T)
-    long long rows, v;
+    long long rows, v;    // rows; classes per row (the first v columns)
     long long n_valid;    // non-ignored rows
+    long long ld;         // row stride of x and gx (elements, ≥ v): columns v..ld are padding
 };
 
 namespace {
@@ -193,11 +208,14 @@ LF_UNROLL
     return st.m + logf(st.s);
 }
 
-// One row's gradient c·(softmax − onehot), or zeros for an ignored row (t outside 0..v):
-// vectorised where x and g share their offset within 16 bytes (always: the same row of
-// buffers of the same dtype, or in place).
+// One row's gradient over its ld columns: c·(softmax − onehot) in the first v (zeros for
+// the whole of an ignored row: t outside 0..v), vectorised where x and g share their
+// offset within 16 bytes (always: the same row of buffers of the same dtype, or in place);
+// then exactly 0 in the padding columns v..ld, which are never read (they may hold
+// anything, NaN included): ld − v < 64 scalar stores, one per thread.
 template <typename T>
-__device__ __forceinline__ void row_grad(const T* xr, T* gr, long long v, int t, float lse, float c) {
+__device__ __forceinline__ void row_grad(const T* xr, T* gr, long long v, long long ld, int t,
+                                         float lse, float c) {
     constexpr int W = lf::vec16<T>::n;
     const bool vec = ((reinterpret_cast<unsigned long long>(xr) ^
                        reinterpret_cast<unsigned long long>(gr)) & 15ull) == 0;
@@ -227,6 +245,7 @@ LF_UNROLL
             }
             lf::store16(gr + j, a);
         });
+    for (long long j = v + threadIdx.x; j < ld; j += kThreads) gr[j] = lf::from_f32<T>(0.0f);
 }
 
 // c = gy / n_valid, 0 when no row counts.
@@ -240,7 +259,7 @@ __device__ __forceinline__ void forward(const CrossEntropyParams& p) {
     __shared__ float red[2 * kWarps];
     const T* x = static_cast<const T*>(p.x);
     for (long long row = blockIdx.x; row < p.rows; row += gridDim.x) {
-        const T* xr = x + row * p.v;
+        const T* xr = x + row * p.ld;
         const float lse = row_lse(xr, p.v, red);
         if (threadIdx.x == 0) {
             const int t = p.targets[row];
@@ -260,12 +279,12 @@ __device__ __forceinline__ void fused(const CrossEntropyParams& p) {
     T* gx = static_cast<T*>(p.out);
     const float c = grad_coef(p);
     for (long long row = blockIdx.x; row < p.rows; row += gridDim.x) {
-        const T* xr = x + row * p.v;
+        const T* xr = x + row * p.ld;
         const float lse = row_lse(xr, p.v, red);
         const int t = p.targets[row];
         if (threadIdx.x == 0) p.losses[row] = (t >= 0 && t < p.v) ? lse - lf::to_f32(xr[t]) : 0.0f;
         __syncthreads();  // x[t] is read before anyone overwrites it (gx may be x itself)
-        row_grad(xr, gx + row * p.v, p.v, t, lse, c);
+        row_grad(xr, gx + row * p.ld, p.v, p.ld, t, lse, c);
     }
 }
 
@@ -285,7 +304,7 @@ __device__ __forceinline__ void backward(const CrossEntropyParams& p) {
     T* gx = static_cast<T*>(p.out);
     const float c = grad_coef(p);
     for (long long row = blockIdx.x; row < p.rows; row += gridDim.x)
-        row_grad(x + row * p.v, gx + row * p.v, p.v, p.targets[row], p.lse[row], c);
+        row_grad(x + row * p.ld, gx + row * p.ld, p.v, p.ld, p.targets[row], p.lse[row], c);
 }
 
 }  // namespace

@@ -36,8 +36,10 @@
 //     attn.c_proj 768   9.9 GFLOP    384 tiles     9.9 GFLOP  384 tiles     26 MB   12 µs
 //     mlp.c_fc 768→3072 39.5 GFLOP  1536 tiles    38.9 GFLOP  384 tiles     68 MB   49 µs
 //     mlp.c_proj 3072→768 38.9 GFLOP 384 tiles    39.5 GFLOP 1536 tiles     68 MB   49 µs
-//     lm_head 768→50257 632 GFLOP  25152 tiles   632 GFLOP    384 tiles    913 MB  790 µs
-//     (tiles: 128×128; ×12 layers for the block linears; per step ≈ 2·(12·118 + 632)
+//     lm_head 768→50304 633 GFLOP  25152 tiles   633 GFLOP    384 tiles    914 MB  791 µs
+//     (lm_head: the vocabulary V = 50257 padded to Vp = 50304 = 393·128, a multiple of 64,
+//     by the model: +0.09 % FLOPs, the same tiles. tiles: 128×128; ×12 layers for the
+//     block linears; per step ≈ 2·(12·118 + 633)
 //     GFLOP ≈ 4.1 TFLOP of y/gx GEMMs → a floor of ~5.1 ms.) The skinny products (s·u,
 //     s·v: N = r; gA, gB: M = r or N = r) are bandwidth-bound: 2·s·M·K bytes, e.g. x of
 //     12 MiB at the GPT-2 shape → ~4 µs at 3 TB/s; they take the 64×64 tile (issue 12
@@ -57,15 +59,16 @@
 //     shared memory delivers, so the tile is at the edge (a 64×64 warp tile, 0.031 B/FLOP,
 //     is the next step if a GPU run shows LSU-bound mma issue);
 //   * waves: the 384-tile products (attn.c_proj, the gx of c_attn/c_fc/lm_head) are 2.9
-//     waves of 132 SMs at 1 block/SM (~3 % tail loss); the 50257-wide lm_head's partial
-//     last tile column costs 0.2 %.
-//   Below that: the lm_head backward gx = glogits·wte reads glogits with row stride
-//   50257 (not a multiple of 8 elements: no 16-byte copies), which takes the fallback
-//   loader below (element loads staged in registers, latency exposed): expect ~0.2–0.3 of
-//   the floor for that one product (~3 ms instead of ~0.8 ms) until the vocabulary is
-//   padded to a multiple of 64 (50304) at the model level — the planned fix, the lead's
-//   decision; the forward lm_head reads wte (stride 768) and only its epilogue goes
-//   element by element (ldc 50257).
+//     waves of 132 SMs at 1 block/SM (~3 % tail loss); the lm_head's 393 tile columns are
+//     full (50304 = 393·128).
+//   An operand that is not 16-byte loadable (below: a stride that is not a multiple of 8
+//   elements) takes the fallback loader (element loads staged in registers, latency
+//   exposed): ~0.2–0.3 of the floor. The unpadded vocabulary did that to the lm_head's
+//   backward (glogits with row stride 50257: gx = glogits·wte and, under full
+//   fine-tuning, gwte = glogitsᵀ·x, ~3 ms each instead of ~0.8 ms) and to its forward's
+//   epilogue (ldc 50257); with the padded stride 50304 all three lm_head products load
+//   every operand by cp.async and store vectors (the host twin `tc_path` in
+//   src/ops/lora_matmul/cuda.rs, checked at these shapes by a planning test).
 //
 // Launch geometry:
 //   SIMT: grid (ceil(N/64), ceil(M/64)), 256 threads (16×16, 4×4 outputs each, k-tile 16).
@@ -93,7 +96,9 @@
 //     K, K2 and outside B2's columns), so aligned operands (16-byte-aligned base, strides
 //     multiples of 8 elements, for B2 in the O layout b2_n0 a multiple of 8) have no
 //     element-wise path. Other operands take a correct fallback: element loads into
-//     registers, bounds-checked, stored into the same swizzled layout.
+//     registers, bounds-checked, stored into the same swizzled layout. The choice is
+//     `tc_mode` below, per operand at run time; its host twin is `TcLoad::of` in
+//     src/ops/lora_matmul/cuda.rs (keep the two in step).
 //   Epilogue: after the last wait and a barrier, the accumulators are staged in f32
 //     through the pipeline's shared memory (tc128 in two 64-row slices of 33 KiB), then
 //     each thread writes 8 consecutive outputs: alpha·acc + bias + C (accumulate) rounded

@@ -158,6 +158,20 @@ impl Gpt2Config {
         Ok(())
     }
 
+    /// The vocabulary rounded up to a multiple of 64 (llm.c's `padded_vocab_size`: GPT-2's
+    /// 50257 becomes 50304): the rows of the model's `wte` ([`crate::model::Gpt2::wte`])
+    /// and the columns of its internal logits. At a multiple of 64 every row of the
+    /// `[tokens, Vp]` logits and their gradient is 16-byte aligned (for 2-byte dtypes; 64
+    /// also keeps the 64- and 128-wide GEMM tiles whole where it can), so the LM head's
+    /// three GEMMs take the tensor-core kernel's `cp.async` loads instead of its
+    /// element-wise fallback. Rows `V..Vp` of `wte` are zero and no token id reaches them;
+    /// the loss ignores the logits' padding columns
+    /// ([`crate::ops::cross_entropy_padded`]); checkpoints keep exactly `V` rows.
+    pub fn padded_vocab_size(&self) -> usize {
+        const MULTIPLE: usize = 64;
+        self.vocab_size.next_multiple_of(MULTIPLE)
+    }
+
     /// The per-head width `n_embd / n_head`.
     pub fn head_dim(&self) -> usize {
         self.n_embd / self.n_head.max(1)
@@ -235,7 +249,8 @@ impl ParamSpec {
 
 /// Every parameter of a GPT-2 LM (tied head), in canonical order: `wte`, `wpe`, then per
 /// block `ln_1`, `attn.c_attn`, `attn.c_proj`, `ln_2`, `mlp.c_fc`, `mlp.c_proj` (weight
-/// before bias), then `ln_f`.
+/// before bias), then `ln_f`. `wte` is `[V, C]`, as checkpoints hold it; the model keeps
+/// it padded to [`Gpt2Config::padded_vocab_size`] rows.
 pub fn gpt2_param_specs(cfg: &Gpt2Config) -> Vec<ParamSpec> {
     let (v, p, c) = (cfg.vocab_size, cfg.n_positions, cfg.n_embd);
     let mut s = Vec::with_capacity(4 + 12 * cfg.n_layer);
@@ -458,7 +473,9 @@ pub fn load_gpt2(dir_or_file: &Path, dtype: DType) -> Result<(Gpt2Config, Vec<(S
 /// Saves a GPT-2 checkpoint into `dir` (created if needed): `config.json` and
 /// `model.safetensors` in the original GPT-2 layout (no prefix, no `lm_head.weight`,
 /// `Conv1D` weights as `[in, out]`), elements converted to `dtype`. `params` must hold
-/// exactly the names of [`gpt2_param_specs`] (any order), each with its internal shape.
+/// exactly the names of [`gpt2_param_specs`] (any order), each with its internal shape;
+/// `wte.weight` may also come padded, `[`[`Gpt2Config::padded_vocab_size`]`, C]` as the
+/// model keeps it: its first `V` rows are written, so the file has transformers' `[V, C]`.
 /// Both files are written atomically.
 pub fn save_gpt2(
     dir: &Path,
@@ -503,15 +520,22 @@ pub fn save_gpt2(
             list(&extra)
         )));
     }
+    let padded_wte = [cfg.padded_vocab_size(), cfg.n_embd];
     for s in &specs {
         let t = given[s.name.as_str()];
-        if t.dims() != s.shape.as_slice() {
+        let padded = s.name == "wte.weight" && t.dims() == padded_wte;
+        if t.dims() != s.shape.as_slice() && !padded {
             return Err(Error::shape(
                 "save_gpt2",
                 format!(
-                    "{}: expected internal shape {:?}, got {}",
+                    "{}: expected internal shape {:?}{}, got {}",
                     s.name,
                     s.shape,
+                    if s.name == "wte.weight" {
+                        format!(" (or the padded {padded_wte:?})")
+                    } else {
+                        String::new()
+                    },
                     t.shape()
                 ),
             ));
@@ -522,6 +546,8 @@ pub fn save_gpt2(
     for s in &specs {
         let t = given[s.name.as_str()];
         let mut data = tensor_to_storage(t, dtype)?;
+        // A padded wte: its first V rows.
+        truncate_storage(&mut data, s.shape.iter().product());
         if s.conv1d {
             // Internal [out, in] -> file [in, out].
             data = transpose_storage(&data, s.shape[0], s.shape[1]);
@@ -719,6 +745,16 @@ fn tensor_to_storage(t: &Tensor, dtype: DType) -> Result<CpuStorage> {
         DType::BF16 => CpuStorage::BF16(t.to_vec()?),
         DType::F16 => CpuStorage::F16(t.to_vec()?),
     })
+}
+
+/// Keeps the first `n` elements (no-op when there are no more).
+fn truncate_storage(s: &mut CpuStorage, n: usize) {
+    match s {
+        CpuStorage::F32(v) => v.truncate(n),
+        CpuStorage::F64(v) => v.truncate(n),
+        CpuStorage::BF16(v) => v.truncate(n),
+        CpuStorage::F16(v) => v.truncate(n),
+    }
 }
 
 /// One tensor ready to be written.

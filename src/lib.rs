@@ -12,7 +12,8 @@
 //! - [`lora`]: PEFT-compatible adapters (r, α, rsLoRA, targets, merge/unmerge);
 //! - [`model`]: GPT-2 with GPT-2's parameter names and safetensors layout;
 //! - [`optim`]: mixed-precision AdamW, loss scaling, clipping, schedules;
-//! - [`data`]: the synthetic tasks of the demo.
+//! - [`data`]: the synthetic tasks of the demo;
+//! - [`text`]: GPT-2's tokenizer, text datasets, packing and the resumable batch cursor.
 //!
 //! ```
 //! use lorafuse::{ops, Device, DType, Tape, Tensor};
@@ -34,6 +35,7 @@
 #![warn(missing_docs)]
 
 pub mod checkpoint;
+pub mod cli;
 pub mod data;
 pub mod device;
 mod dtype;
@@ -48,6 +50,7 @@ pub mod storage;
 mod tape;
 mod tensor;
 pub mod testing;
+pub mod text;
 pub mod train;
 
 /// The README's examples run as doctests.

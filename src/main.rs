@@ -6,12 +6,13 @@
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use lorafuse::checkpoint::Gpt2Config;
+use lorafuse::cli;
 use lorafuse::data::{is_exact, Batch, Task, TaskGen, MIN_VOCAB};
 use lorafuse::lora::{LoraConfig, LoraTarget};
 use lorafuse::model::{ForwardOptions, Gpt2};
 use lorafuse::testing::closeness;
 use lorafuse::train::{TrainConfig, Trainer};
-use lorafuse::{DType, Device, Result};
+use lorafuse::{DType, Result};
 use std::time::Instant;
 
 #[derive(Parser)]
@@ -31,6 +32,17 @@ struct Cli {
 enum Command {
     /// Pretrain on task A, then LoRA vs full fine-tuning on task B (the default).
     Demo(DemoArgs),
+    /// Fine-tune a GPT-2 directory on your text with LoRA: crash-safe checkpoints,
+    /// `--resume`, held-out evaluation, a PEFT adapter at the end.
+    Train(Box<cli::TrainArgs>),
+    /// Loss and perplexity of a model (with an adapter or not) on text.
+    Eval(cli::EvalArgs),
+    /// Generate text from a prompt (KV cache, streamed; greedy at temperature 0).
+    Generate(cli::GenerateArgs),
+    /// Merge an adapter into a GPT-2 directory, written as transformers loads it.
+    Merge(cli::MergeArgs),
+    /// An adapter's config, targets, ranks, parameter count and per-module norms.
+    Inspect(cli::InspectArgs),
 }
 
 #[derive(Args, Clone)]
@@ -69,12 +81,17 @@ struct DemoArgs {
 const K: usize = 8;
 
 fn main() {
-    let cli = Cli::parse();
-    let args = match cli.command {
-        Some(Command::Demo(a)) => a,
-        None => cli.demo,
+    let parsed = Cli::parse();
+    let result = match parsed.command {
+        Some(Command::Demo(a)) => demo(&a),
+        None => demo(&parsed.demo),
+        Some(Command::Train(a)) => cli::run_train(&a).map(drop),
+        Some(Command::Eval(a)) => cli::run_eval(&a).map(drop),
+        Some(Command::Generate(a)) => cli::run_generate(&a, &mut std::io::stdout()).map(drop),
+        Some(Command::Merge(a)) => cli::run_merge(&a).map(drop),
+        Some(Command::Inspect(a)) => cli::run_inspect(&a).map(drop),
     };
-    if let Err(e) = demo(&args) {
+    if let Err(e) = result {
         eprintln!("error: {e}");
         std::process::exit(1);
     }
@@ -107,11 +124,7 @@ fn train(
     args: &DemoArgs,
     lr: f64,
 ) -> Result<(Gpt2, Phase)> {
-    let trainable = model
-        .trainable_params()
-        .iter()
-        .map(|(_, t)| t.elem_count())
-        .sum();
+    let trainable = model.trainable_param_count();
     let cfg = TrainConfig {
         lr,
         min_lr: lr / 10.0,
@@ -169,25 +182,33 @@ fn accuracy(model: &Gpt2, gen: &TaskGen, args: &DemoArgs) -> Result<f64> {
     Ok(hits as f64 / held.batch as f64)
 }
 
-/// The device to run on and why: `auto` takes the first GPU when the driver and a GPU are
-/// present and the CPU otherwise; a named device must be usable.
-fn pick_device(name: &str) -> Result<(Device, String)> {
-    if name == "auto" {
-        let gpu = Device::Cuda(0);
-        return Ok(match gpu.unavailable_reason() {
-            None => (gpu, "auto: a GPU is present".into()),
-            Some(why) => (Device::Cpu, format!("auto: no GPU, {why}")),
-        });
+/// Range checks of the demo's numeric options.
+fn check_demo_args(args: &DemoArgs) -> Result<()> {
+    let positive = [
+        ("batch", args.batch),
+        ("rank", args.rank),
+        ("heldout", args.heldout),
+        ("finetune-steps", args.finetune_steps),
+    ];
+    for (name, v) in positive {
+        if v == 0 {
+            return Err(lorafuse::Error::InvalidArgument(format!(
+                "--{name} must be ≥ 1, got 0"
+            )));
+        }
     }
-    let device = Device::parse(name)?;
-    if let Some(reason) = device.unavailable_reason() {
-        return Err(lorafuse::Error::DeviceUnavailable { device, reason });
+    if !(args.alpha.is_finite() && args.alpha > 0.0) {
+        return Err(lorafuse::Error::InvalidArgument(format!(
+            "--alpha must be finite and > 0, got {}",
+            args.alpha
+        )));
     }
-    Ok((device, "--device".into()))
+    Ok(())
 }
 
 fn demo(args: &DemoArgs) -> Result<()> {
-    let (device, why) = pick_device(&args.device)?;
+    check_demo_args(args)?;
+    let (device, why) = cli::pick_device(&args.device)?;
     let cfg = model_config();
     let targets = args
         .targets

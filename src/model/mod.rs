@@ -5,6 +5,13 @@
 //! inside the model every linear weight is `[out, in]` (the `nn.Linear` layout the LoRA
 //! kernels take), transposed from GPT-2's Conv1D `[in, out]` at load and save.
 //!
+//! The token embedding is kept padded: `wte [Vp, C]` with `Vp` =
+//! [`Gpt2Config::padded_vocab_size`] (50304 for GPT-2's 50257) and rows `V..Vp` zero, so
+//! the training step's LM head runs on `[tokens, Vp]` logits whose 16-byte-aligned rows the
+//! tensor-core GEMMs load at full speed; the loss ignores the padding columns and
+//! [`Gpt2::forward`] returns the `[tokens, V]` logits of the real vocabulary
+//! (`vocab.rs`).
+//!
 //! The model never touches device code: it is written in terms of [`crate::ops`] only.
 
 use crate::checkpoint::{self, gpt2_param_specs, Gpt2Config};
@@ -14,6 +21,11 @@ use crate::{DType, Device, Error, Result, Tape, Tensor};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use std::path::Path;
+
+mod generate;
+mod kv_cache;
+pub use generate::{Sampler, SamplingConfig};
+pub use kv_cache::KvCache;
 
 /// The adapter weights file written by [`Gpt2::save_adapters`] (PEFT's name).
 pub const ADAPTER_WEIGHTS_FILE: &str = "adapter_model.safetensors";
@@ -94,7 +106,10 @@ pub struct ForwardOptions<'a> {
 pub struct Gpt2 {
     /// Sizes.
     pub config: Gpt2Config,
-    /// Token embedding `[V, C]`, also the LM head.
+    /// Token embedding `[Vp, C]`, also the LM head: `Vp` =
+    /// [`Gpt2Config::padded_vocab_size`] rows, of which the last `Vp − V` are zero (no
+    /// token id reaches them, the loss ignores their logits, and under full fine-tuning
+    /// their gradient is exactly 0, so AdamW keeps them 0). Checkpoints hold the first `V`.
     pub wte: Tensor,
     /// Position embedding `[P, C]`.
     pub wpe: Tensor,
@@ -144,7 +159,9 @@ impl Gpt2 {
     }
 
     /// Builds a model from named parameters in internal layout (names and shapes as
-    /// [`checkpoint::gpt2_param_specs`]), e.g. from [`checkpoint::load_gpt2`].
+    /// [`checkpoint::gpt2_param_specs`]), e.g. from [`checkpoint::load_gpt2`]. `wte.weight`
+    /// `[V, C]` is padded with zero rows to [`Gpt2Config::padded_vocab_size`] (a copy); one
+    /// already `[Vp, C]` (a model's own [`Gpt2::named_params`]) is taken as it is.
     pub fn from_params(config: &Gpt2Config, params: Vec<(String, Tensor)>) -> Result<Self> {
         config.validate()?;
         let specs = gpt2_param_specs(config);
@@ -167,6 +184,9 @@ impl Gpt2 {
             let t = map
                 .remove(name)
                 .ok_or_else(|| Error::invalid(format!("missing parameter {name}")))?;
+            if name == "wte.weight" {
+                return vocab::padded_wte(config, t);
+            }
             if t.dims() != spec.shape.as_slice() {
                 return Err(Error::shape(
                     "gpt2",
@@ -416,7 +436,9 @@ impl Gpt2 {
         self.wte.device()
     }
 
-    /// The base parameters with GPT-2's names, in checkpoint order.
+    /// The base parameters with GPT-2's names, in checkpoint order (`wte.weight` padded,
+    /// `[Vp, C]`: see [`Gpt2::wte`]; [`checkpoint::save_gpt2`] and [`Gpt2::from_params`]
+    /// take it so).
     pub fn named_params(&self) -> Vec<(String, Tensor)> {
         let mut v = vec![
             ("wte.weight".to_string(), self.wte.clone()),
@@ -560,16 +582,35 @@ impl Gpt2 {
         v
     }
 
-    /// Number of base parameters plus adapter parameters.
+    /// Number of base parameters plus adapter parameters (the checkpoint's: `wte`'s
+    /// `V·C`, not its padding).
     pub fn param_count(&self) -> usize {
         self.named_params()
             .iter()
             .chain(self.lora_params().iter())
             .map(|(_, t)| t.elem_count())
-            .sum()
+            .sum::<usize>()
+            - self.vocab_padding_elems()
     }
 
-    /// Logits `[batch·seq, V]` for `tokens` (`batch·seq` ids, row-major).
+    /// Number of elements of [`Gpt2::trainable_params`], less `wte`'s padding rows under
+    /// full fine-tuning (they hold no parameter: their gradient is always 0).
+    pub fn trainable_param_count(&self) -> usize {
+        let n: usize = self
+            .trainable_params()
+            .iter()
+            .map(|(_, t)| t.elem_count())
+            .sum();
+        if self.full_finetune {
+            n - self.vocab_padding_elems()
+        } else {
+            n
+        }
+    }
+
+    /// Logits `[batch·seq, V]` for `tokens` (`batch·seq` ids, row-major, each below `V`):
+    /// the real vocabulary's, computed from `wte`'s first `V` rows (no `[batch·seq, Vp]`
+    /// buffer). [`Gpt2::loss`] and [`Gpt2::loss_fused`] run on the padded logits instead.
     pub fn forward(
         &self,
         tokens: &[u32],
@@ -577,7 +618,21 @@ impl Gpt2 {
         seq: usize,
         opts: ForwardOptions<'_>,
     ) -> Result<Tensor> {
+        self.logits(tokens, batch, seq, opts, vocab::Head::Vocab)
+    }
+
+    /// The transformer and the LM head: the logits `[batch·seq, V]` or, for the loss,
+    /// `[batch·seq, Vp]` (`head`).
+    fn logits(
+        &self,
+        tokens: &[u32],
+        batch: usize,
+        seq: usize,
+        opts: ForwardOptions<'_>,
+        head: vocab::Head,
+    ) -> Result<Tensor> {
         let cfg = &self.config;
+        vocab::check_tokens(cfg, tokens)?;
         let tape = opts.tape;
         let base = |t: &Tensor| match tape {
             Some(tape) if self.full_finetune => t.track(tape),
@@ -600,7 +655,7 @@ impl Gpt2 {
         }
         let x = ops::layer_norm(&x, &base(&self.ln_f.weight), &base(&self.ln_f.bias), eps)?;
         let x = ops::reshape(&x, [batch * seq, cfg.n_embd])?;
-        ops::linear(&x, &wte, None)
+        head.apply(cfg, &x, &wte)
     }
 
     fn apply_linear(
@@ -650,7 +705,9 @@ impl Gpt2 {
     }
 
     /// Mean cross-entropy of the next-token predictions against `targets` (one per
-    /// token; [`ops::IGNORE_INDEX`] skips a position).
+    /// token; [`ops::IGNORE_INDEX`] skips a position). Runs on the padded logits
+    /// `[batch·seq, Vp]` ([`ops::cross_entropy_padded`] over their first `V` columns): the
+    /// loss of [`Gpt2::forward`]'s logits, with no narrowing copy.
     pub fn loss(
         &self,
         tokens: &[u32],
@@ -659,14 +716,15 @@ impl Gpt2 {
         seq: usize,
         opts: ForwardOptions<'_>,
     ) -> Result<Tensor> {
-        let logits = self.forward(tokens, batch, seq, opts)?;
-        ops::cross_entropy(&logits, targets)
+        let logits = self.logits(tokens, batch, seq, opts, vocab::Head::Padded)?;
+        ops::cross_entropy_padded(&logits, targets, self.config.vocab_size)
     }
 
     /// [`Gpt2::loss`] for training: the logits' gradient is computed with the loss
-    /// ([`ops::cross_entropy_fused`]) for a backward seeded with `seed` (one f32 element on
-    /// the model's device: 1, or the loss scale), over the logits' own buffer on a device.
-    /// Seed the backward with that tensor: `tape.backward_with(&loss, seed)`.
+    /// ([`ops::cross_entropy_fused_padded`]) for a backward seeded with `seed` (one f32
+    /// element on the model's device: 1, or the loss scale), over the padded logits' own
+    /// buffer on a device (its padding columns' gradient 0). Seed the backward with that
+    /// tensor: `tape.backward_with(&loss, seed)`.
     pub fn loss_fused(
         &self,
         tokens: &[u32],
@@ -676,12 +734,15 @@ impl Gpt2 {
         opts: ForwardOptions<'_>,
         seed: &Tensor,
     ) -> Result<Tensor> {
-        let logits = self.forward(tokens, batch, seq, opts)?;
-        ops::cross_entropy_fused(logits, targets, seed)
+        let logits = self.logits(tokens, batch, seq, opts, vocab::Head::Padded)?;
+        ops::cross_entropy_fused_padded(logits, targets, self.config.vocab_size, seed)
     }
 
     /// Greedy decoding: extends each of `batch` prompts (`batch·len` ids) by `n_new`
-    /// tokens, running with no tape. Returns the new tokens, `batch·n_new` ids.
+    /// tokens (the argmax, ties to the lowest id), running with no tape on the key/value
+    /// cache ([`Gpt2::forward_cached`]): one prefill, then one position per token. Returns
+    /// the new tokens, `batch·n_new` ids. `len + n_new ≤ n_positions + 1` (the last token
+    /// is never fed back).
     pub fn generate_greedy(&self, prompts: &[u32], batch: usize, n_new: usize) -> Result<Vec<u32>> {
         if batch == 0 || prompts.is_empty() || !prompts.len().is_multiple_of(batch) {
             return Err(Error::invalid(format!(
@@ -696,31 +757,10 @@ impl Gpt2 {
                 self.config.n_positions
             )));
         }
-        let mut seqs: Vec<Vec<u32>> = prompts.chunks(prompt_len).map(|c| c.to_vec()).collect();
-        let v = self.config.vocab_size;
-        for len in prompt_len..prompt_len + n_new {
-            let flat: Vec<u32> = seqs.iter().flatten().copied().collect();
-            let logits = self
-                .forward(&flat, batch, len, ForwardOptions::default())?
-                .to_vec_f32()?;
-            for (bi, s) in seqs.iter_mut().enumerate() {
-                let row = &logits[(bi * len + len - 1) * v..(bi * len + len) * v];
-                let best = row
-                    .iter()
-                    .enumerate()
-                    .fold(
-                        (0, f32::NEG_INFINITY),
-                        |acc, (j, &x)| if x > acc.1 { (j, x) } else { acc },
-                    );
-                s.push(best.0 as u32);
-            }
-        }
-        Ok(seqs
-            .iter()
-            .flat_map(|s| s[s.len() - n_new..].to_vec())
-            .collect())
+        self.greedy_cached(prompts, batch, n_new)
     }
 }
 
 #[cfg(test)]
 mod tests;
+mod vocab;

@@ -156,7 +156,7 @@ fn a_lora_step_skips_the_weight_gradient_gemms_of_full_fine_tuning() {
     // u = x·Aᵀ, y += u·Bᵀ, v = gy·B, gx += v·A (when gx is needed), gB, gA.
     let (m, c, r, layers) = (12u64, cfg.n_embd as u64, 2u64, cfg.n_layer as u64);
     let linear_macs = layers * (3 * c * c + c * c + 4 * c * c + 4 * c * c);
-    let head_macs = cfg.vocab_size as u64 * c;
+    let head_macs = cfg.padded_vocab_size() as u64 * c; // the loss runs on the padded logits
     let saved_gw = 2 * m * (linear_macs + head_macs);
     let saved_first_gx = 2 * m * (3 * c * c) + 2 * m * c * r;
     let per_adapter = |out: u64, inp: u64| 2 * m * r * (3 * inp + 3 * out);

@@ -9,6 +9,7 @@
 
 pub(crate) mod attention;
 pub(crate) mod cross_entropy;
+pub(crate) mod decode_attention;
 pub(crate) mod dropout;
 pub(crate) mod elementwise;
 pub(crate) mod embedding;
@@ -21,15 +22,20 @@ mod matmul;
 pub mod profile;
 
 pub use attention::causal_attention;
-pub use cross_entropy::{cross_entropy, cross_entropy_fused, IGNORE_INDEX};
+pub use cross_entropy::{
+    cross_entropy, cross_entropy_fused, cross_entropy_fused_padded, cross_entropy_padded,
+    IGNORE_INDEX,
+};
+pub use decode_attention::{decode_attention, kv_cache_tensor};
 pub use dropout::{dropout, dropout_mask_value};
 pub use elementwise::{add, bias_add, cast, gelu, reshape, scale};
-pub use embedding::embedding;
+pub use embedding::{embedding, embedding_at};
 pub use layer_norm::layer_norm;
 pub use lora_linear::{lora_linear, LoraTerm};
 pub use lora_merge::{lora_merge, lora_merge_with};
 #[doc(hidden)]
 pub use lora_reduce::bench_token_reduce;
+pub(crate) use matmul::linear_rows;
 pub use matmul::{linear, matmul};
 
 use crate::{DType, Real, Result, Tensor};
@@ -46,7 +52,7 @@ struct Launcher {
 /// knows nothing of them: the tidy test checks that these lists name exactly the kernels
 /// `kernels/*.cu` defines, and the GPU tests that each kernel's `__launch_bounds__` admit
 /// the block its launcher gives it.
-const LAUNCHERS: [Launcher; 10] = [
+const LAUNCHERS: [Launcher; 11] = [
     Launcher {
         kernels: attention::cuda::KERNELS,
         threads: |_| attention::cuda::THREADS,
@@ -54,6 +60,10 @@ const LAUNCHERS: [Launcher; 10] = [
     Launcher {
         kernels: cross_entropy::cuda::KERNELS,
         threads: |_| cross_entropy::cuda::THREADS,
+    },
+    Launcher {
+        kernels: decode_attention::cuda::KERNELS,
+        threads: |_| decode_attention::cuda::THREADS,
     },
     Launcher {
         kernels: dropout::cuda::KERNELS,

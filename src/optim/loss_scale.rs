@@ -78,6 +78,42 @@ impl DynamicLossScaler {
         })
     }
 
+    /// A scaler in a given state, e.g. one read back from a training checkpoint: the
+    /// values of [`scale`](Self::scale), [`growth_interval`](Self::growth_interval),
+    /// [`clean_steps`](Self::clean_steps) and [`overflows`](Self::overflows).
+    ///
+    /// Errors: a scale that is not finite and `≥ 1`, a growth interval of 0, or
+    /// `clean_steps ≥ growth_interval` (the scale would already have grown).
+    ///
+    /// ```
+    /// use lorafuse::optim::DynamicLossScaler;
+    /// let mut s = DynamicLossScaler::new();
+    /// s.update(true);
+    /// s.update(false);
+    /// let back = DynamicLossScaler::from_parts(s.scale(), s.growth_interval(), s.clean_steps(), s.overflows())?;
+    /// assert_eq!(back, s);
+    /// assert!(DynamicLossScaler::from_parts(1024.0, 4, 4, 0).is_err());
+    /// # Ok::<(), lorafuse::Error>(())
+    /// ```
+    pub fn from_parts(
+        scale: f64,
+        growth_interval: u32,
+        clean_steps: u32,
+        overflows: u64,
+    ) -> Result<Self> {
+        let s = Self::with_settings(scale, growth_interval)?;
+        if clean_steps >= growth_interval {
+            return Err(Error::invalid(format!(
+                "loss scaler: {clean_steps} clean steps with a growth interval of {growth_interval} (the scale would have grown)"
+            )));
+        }
+        Ok(DynamicLossScaler {
+            clean_steps,
+            overflows,
+            ..s
+        })
+    }
+
     /// The current scale `S`: seed the backward with it ([`Tape::backward_scaled`]).
     pub fn scale(&self) -> f64 {
         self.scale

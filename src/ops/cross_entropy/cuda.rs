@@ -1,6 +1,7 @@
 //! Launchers of `kernels/cross_entropy.cu`, one code path for the CUDA backend and the
 //! simulator.
 
+use super::Cols;
 use crate::device::{Backend, DeviceBuffer, LaunchConfig};
 use crate::ops::elementwise::cuda::suffix;
 use crate::storage::{DeviceStorage, Storage};
@@ -22,6 +23,7 @@ pub(crate) struct CrossEntropyParams {
     pub rows: i64,
     pub v: i64,
     pub n_valid: i64,
+    pub ld: i64,
 }
 
 /// Every kernel these launchers may launch (checked against the compiled modules by the
@@ -48,7 +50,7 @@ pub(crate) struct Saved {
     lse: DeviceBuffer,
     targets: DeviceBuffer,
     rows: usize,
-    v: usize,
+    cols: Cols,
     n_valid: usize,
 }
 
@@ -85,12 +87,12 @@ fn rows_config(backend: &Backend, rows: usize) -> LaunchConfig {
 }
 
 /// The forward on the device: the scalar mean loss (f32 for every logits dtype) and what the
-/// backward needs. `targets` are validated by the caller (`rows` of them, each in `0..v`
-/// or negative for an ignored row); `n_valid` counts the non-ignored ones.
+/// backward needs. `targets` are validated by the caller (`rows` of them, each in
+/// `0..cols.v` or negative for an ignored row); `n_valid` counts the non-ignored ones.
 pub(crate) fn forward(
     logits: &Tensor,
     targets: &[i32],
-    v: usize,
+    cols: Cols,
     n_valid: usize,
 ) -> Result<(Tensor, Saved)> {
     let rows = targets.len();
@@ -112,8 +114,9 @@ pub(crate) fn forward(
         gy: 0,
         out: out.device_ptr(),
         rows: int(rows)?,
-        v: int(v)?,
+        v: int(cols.v)?,
         n_valid: int(n_valid)?,
+        ld: int(cols.ld)?,
     };
     if rows > 0 {
         let cfg = rows_config(backend, rows);
@@ -126,7 +129,7 @@ pub(crate) fn forward(
         lse,
         targets: tbuf,
         rows,
-        v,
+        cols,
         n_valid,
     };
     Ok((y, saved))
@@ -134,13 +137,14 @@ pub(crate) fn forward(
 
 /// Forward and gradient in one pass (`cross_entropy_fused_fwd`): the scalar mean loss (f32)
 /// and the logits gradient for a backward seeded with `seed` (a one-element f32 tensor on
-/// the logits' device, read by the kernel; checked by the caller). `targets` as for
-/// [`forward`]. With `in_place` (the caller owns the only handle on the logits), the
-/// gradient is written over the logits and returned in their storage.
+/// the logits' device, read by the kernel; checked by the caller), 0 in the padding
+/// columns `cols.v..cols.ld`. `targets` as for [`forward`]. With `in_place` (the caller
+/// owns the only handle on the logits), the gradient is written over the logits and
+/// returned in their storage.
 pub(crate) fn forward_fused(
     logits: Tensor,
     targets: &[i32],
-    v: usize,
+    cols: Cols,
     n_valid: usize,
     seed: &Tensor,
     in_place: bool,
@@ -157,7 +161,11 @@ pub(crate) fn forward_fused(
     let gx = if in_place {
         None
     } else {
-        Some(DeviceStorage::alloc(logits.dtype(), rows * v, xd.device())?)
+        Some(DeviceStorage::alloc(
+            logits.dtype(),
+            rows * cols.ld,
+            xd.device(),
+        )?)
     };
     let loss = DeviceStorage::alloc(DType::F32, 1, xd.device())?;
     let mut params = CrossEntropyParams {
@@ -170,8 +178,9 @@ pub(crate) fn forward_fused(
             .as_ref()
             .map_or(xd.device_ptr(), DeviceStorage::device_ptr),
         rows: int(rows)?,
-        v: int(v)?,
+        v: int(cols.v)?,
         n_valid: int(n_valid)?,
+        ld: int(cols.ld)?,
     };
     if rows > 0 {
         let cfg = rows_config(backend, rows);
@@ -191,8 +200,8 @@ pub(crate) fn forward_fused(
     Ok((loss, gx))
 }
 
-/// The logits gradient `gy/n_valid·(softmax − onehot)` (0 on ignored rows), with `gy` the
-/// device scalar gradient of the loss, read by the kernel.
+/// The logits gradient `gy/n_valid·(softmax − onehot)` (0 on ignored rows and in the
+/// padding columns), with `gy` the device scalar gradient of the loss, read by the kernel.
 pub(crate) fn backward(logits: &Tensor, gy: &Tensor, saved: &Saved) -> Result<Tensor> {
     if gy.dtype() != DType::F32 || gy.elem_count() != 1 {
         return Err(Error::invalid(format!(
@@ -205,7 +214,7 @@ pub(crate) fn backward(logits: &Tensor, gy: &Tensor, saved: &Saved) -> Result<Te
     let (xs, gs) = (logits.storage(), gy.storage());
     let (xd, gd) = (dev(&xs)?, dev(&gs)?);
     let backend = xd.backend();
-    let out = DeviceStorage::alloc(logits.dtype(), saved.rows * saved.v, xd.device())?;
+    let out = DeviceStorage::alloc(logits.dtype(), saved.rows * saved.cols.ld, xd.device())?;
     if saved.rows > 0 {
         let params = CrossEntropyParams {
             x: xd.device_ptr(),
@@ -215,8 +224,9 @@ pub(crate) fn backward(logits: &Tensor, gy: &Tensor, saved: &Saved) -> Result<Te
             gy: gd.device_ptr(),
             out: out.device_ptr(),
             rows: int(saved.rows)?,
-            v: int(saved.v)?,
+            v: int(saved.cols.v)?,
             n_valid: int(saved.n_valid)?,
+            ld: int(saved.cols.ld)?,
         };
         let cfg = rows_config(backend, saved.rows);
         backend.launch(&format!("cross_entropy_bwd_{sfx}"), &cfg, &params)?;

@@ -322,3 +322,189 @@ fn fused_rejects_bad_seeds(device: &Device) {
     );
 }
 crate::test_device!(fused_errors, fused_rejects_bad_seeds);
+
+/// `(rows, classes, row width)` of the padded cases: GPT-2's 50257 → 50304, an odd
+/// vocabulary padded to 64 (61 → 64, 3 → 64), widths not a multiple of 8 (7 → 13), a
+/// padding of one column (63 → 64) and of none (64).
+const PADDED: [(usize, usize, usize); 8] = [
+    (1, 1, 8),
+    (7, 3, 64),
+    (9, 61, 64),
+    (5, 63, 64),
+    (3, 7, 13),
+    (4, 64, 64),
+    (3, 1000, 1024),
+    (2, 50257, 50304),
+];
+
+/// Garbage for the padding columns of row `r`: NaN, or a large finite value of either sign
+/// (larger than every real logit, so a padding column that entered the max or the sum
+/// would change the loss).
+fn garbage(dtype: DType, r: usize, j: usize) -> f64 {
+    let big = match dtype {
+        DType::F16 => 6e4,
+        _ => 1e30,
+    };
+    match (r + j) % 3 {
+        0 => f64::NAN,
+        1 => big,
+        _ => -big,
+    }
+}
+
+/// `cross_entropy_padded` over the first V columns of `[M, Vp]` logits with garbage (NaN,
+/// ±huge) in the padding: the loss is the unpadded `[M, V]` loss (bit for bit on the CPU,
+/// within rounding on a device, whose rows sit at other alignments) and the gradient's
+/// first V columns the unpadded gradient, its padding columns exactly +0; the fused op
+/// equals it bit for bit, in place or not; a second run gives the same bits.
+fn padded_ignores_the_padding_columns(device: &Device) {
+    let mut g = rng("cross_entropy_padded");
+    for dtype in DTYPES {
+        for (ci, &(m, v, ld)) in PADDED.iter().enumerate() {
+            let name = format!("{device} {dtype} [{m}, {v} of {ld}]");
+            let t = targets(&mut g, m, v, 0.25);
+            let real: Vec<f64> = (0..m * v).map(|_| g.random_range(-4.0..4.0)).collect();
+            let padded: Vec<f64> = (0..m * ld)
+                .map(|i| {
+                    let (r, j) = (i / ld, i % ld);
+                    if j < v {
+                        real[r * v + j]
+                    } else {
+                        garbage(dtype, r, j)
+                    }
+                })
+                .collect();
+            let seed = [1.0, 1024.0, g.random_range(0.5..3.0)][ci % 3];
+            let (y0, gx0) = run(&real, [m, v], &t, dtype, seed, device);
+
+            let tape = Tape::new();
+            let xt = Tensor::from_vec_as(padded.clone(), [m, ld], dtype, device)
+                .unwrap()
+                .track(&tape);
+            let y = cross_entropy_padded(&xt, &t, v).unwrap();
+            let gx = tape
+                .backward_scaled(&y, seed)
+                .unwrap()
+                .get(&xt)
+                .unwrap()
+                .clone();
+            assert_eq!(
+                (y.dims(), y.dtype()),
+                (&[] as &[usize], DType::F32),
+                "{name}"
+            );
+            assert_eq!((gx.dims(), gx.dtype()), (&[m, ld][..], dtype), "{name}");
+            let grad = gx.to_vec_f64().unwrap();
+            let (valid, pad): (Vec<f64>, Vec<f64>) = {
+                let (mut a, mut b) = (Vec::new(), Vec::new());
+                for (i, &x) in grad.iter().enumerate() {
+                    if i % ld < v {
+                        a.push(x)
+                    } else {
+                        b.push(x)
+                    }
+                }
+                (a, b)
+            };
+            assert!(
+                pad.iter().all(|&x| x.to_bits() == 0),
+                "{name}: a padding column's gradient is not +0"
+            );
+            if *device == Device::Cpu {
+                assert_eq!(bits(&y), bits(&y0), "{name}: loss");
+                assert_eq!(
+                    valid.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                    bits(&gx0),
+                    "{name}: gradient"
+                );
+            } else {
+                let (l, l0) = (y.to_scalar().unwrap(), y0.to_scalar().unwrap());
+                assert_close(&format!("{name} loss"), &[l], &[l0], tol(dtype));
+                assert_close(
+                    &format!("{name} gradient"),
+                    &valid,
+                    &gx0.to_vec_f64().unwrap(),
+                    tol(dtype),
+                );
+            }
+
+            // Fused: the same bits, in place (the only handle) or not (a clone kept).
+            let tape = Tape::new();
+            let xf = Tensor::from_vec_as(padded.clone(), [m, ld], dtype, device)
+                .unwrap()
+                .track(&tape);
+            let (xid, x_ptr) = (xf.id(), device_ptr(&xf));
+            let kept = (ci % 2 == 1).then(|| xf.clone());
+            let s = Tensor::full(seed, [], DType::F32, device).unwrap();
+            let yf = cross_entropy_fused_padded(xf, &t, v, &s).unwrap();
+            let grads = tape.backward_with(&yf, s).unwrap();
+            let gf = grads.get_id(xid).unwrap();
+            assert_eq!(bits(&yf), bits(&y), "{name}: fused loss");
+            assert_eq!(bits(gf), bits(&gx), "{name}: fused gradient");
+            if *device != Device::Cpu {
+                assert_eq!(device_ptr(gf) == x_ptr, kept.is_none(), "{name}: in place");
+            }
+            if let Some(k) = kept {
+                let want =
+                    Tensor::from_vec_as(padded.clone(), [m, ld], dtype, &Device::Cpu).unwrap();
+                assert_eq!(
+                    bits(&k),
+                    bits(&want),
+                    "{name}: a shared logits tensor changed"
+                );
+            }
+            // Deterministic.
+            let x2 = Tensor::from_vec_as(padded, [m, ld], dtype, device).unwrap();
+            assert_eq!(
+                bits(&cross_entropy_padded(&x2, &t, v).unwrap()),
+                bits(&y),
+                "{name}: untracked"
+            );
+        }
+    }
+}
+crate::test_device!(padded, padded_ignores_the_padding_columns);
+
+/// The padded ops' errors: no classes, more classes than columns, a target in the
+/// padding.
+fn padded_rejects_bad_classes(device: &Device) {
+    let x = Tensor::zeros([2, 8], DType::F32, device).unwrap();
+    let seed = Tensor::full(1.0, [], DType::F32, device).unwrap();
+    for bad in [0, 9] {
+        assert!(
+            matches!(
+                cross_entropy_padded(&x, &[0, 1], bad),
+                Err(Error::Shape { .. })
+            ),
+            "{device}: {bad} classes"
+        );
+        let tape = Tape::new();
+        assert!(
+            matches!(
+                cross_entropy_fused_padded(x.track(&tape), &[0, 1], bad, &seed),
+                Err(Error::Shape { .. })
+            ),
+            "{device}: fused, {bad} classes"
+        );
+    }
+    match cross_entropy_padded(&x, &[0, 5], 5) {
+        Err(Error::InvalidArgument(msg)) => {
+            assert!(
+                msg.contains("target 5 at row 1") && msg.contains("0..5"),
+                "{msg}"
+            )
+        }
+        other => panic!("{device}: a target in the padding: {other:?}"),
+    }
+    let tape = Tape::new();
+    assert!(matches!(
+        cross_entropy_fused_padded(x.track(&tape), &[6, 0], 5, &seed),
+        Err(Error::InvalidArgument(_))
+    ));
+    // All 8 columns as classes is plain cross_entropy.
+    assert_eq!(
+        bits(&cross_entropy_padded(&x, &[0, 7], 8).unwrap()),
+        bits(&cross_entropy(&x, &[0, 7]).unwrap())
+    );
+}
+crate::test_device!(padded_errors, padded_rejects_bad_classes);

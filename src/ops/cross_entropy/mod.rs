@@ -40,29 +40,73 @@ enum Lse {
 /// the `logsumexp` saved by the forward. On a device the kernel reads `g` there (no copy
 /// to the host) and recomputes the softmax from the saved per-row `logsumexp`.
 ///
+/// [`cross_entropy_padded`] is the same over the first columns of wider rows (a padded
+/// vocabulary).
+///
 /// Errors: a scalar `logits` or `V = 0`, or `targets.len() != M` (shape); a target outside
 /// `0..V` that is not [`IGNORE_INDEX`] (invalid argument, naming its row and value).
 pub fn cross_entropy(logits: &Tensor, targets: &[i32]) -> Result<Tensor> {
-    const OP: &str = "cross_entropy";
-    let v = check_inputs(OP, logits, targets)?;
-    let tape = Tape::of(OP, &[logits])?;
-    fn fwd<T: Real>(logits: &Tensor, targets: &[i32], v: usize) -> Result<(Tensor, Vec<T>, usize)> {
-        cpu_loss(&logits.cpu_read::<T>(OP)?, logits.dtype(), targets, v)
+    let (_, v) = logits.shape().as_rows("cross_entropy")?;
+    forward("cross_entropy", logits, targets, v)
+}
+
+/// [`cross_entropy`] over the first `classes` columns of `logits [.., Vp]`: the columns
+/// `classes..Vp` are padding (GPT-2's vocabulary of 50257 padded to 50304, a multiple of
+/// 64, so that the LM head's GEMMs see 16-byte-aligned rows). They never enter the max,
+/// the sum or the loss — whatever they hold, NaN included — and their gradient is written
+/// as exactly 0 (on every row; an ignored row's gradient is 0 throughout). The loss and
+/// the gradient's first `classes` columns equal [`cross_entropy`]'s of the unpadded
+/// `[.., classes]` logits (the same operations in the same order on the CPU; on a device
+/// the kernels' fixed-order reductions over a differently aligned row may round
+/// differently in the last bits). The gradient has the logits' padded shape.
+///
+/// ```
+/// use lorafuse::{ops, Device, Tensor};
+/// let d = Device::Cpu;
+/// // Two classes padded to four columns; the padding holds garbage.
+/// let padded = Tensor::from_vec(vec![1.0f32, 2.0, f32::NAN, 9e9, 0.5, 0.0, 7.0, -1.0], [2, 4], &d)?;
+/// let plain = Tensor::from_vec(vec![1.0f32, 2.0, 0.5, 0.0], [2, 2], &d)?;
+/// let a = ops::cross_entropy_padded(&padded, &[1, 0], 2)?.to_scalar()?;
+/// assert_eq!(a, ops::cross_entropy(&plain, &[1, 0])?.to_scalar()?);
+/// # Ok::<(), lorafuse::Error>(())
+/// ```
+///
+/// Errors: those of [`cross_entropy`] with `classes` in place of `V` (a target must be in
+/// `0..classes`); `classes` of 0 or more than the row width (shape).
+pub fn cross_entropy_padded(logits: &Tensor, targets: &[i32], classes: usize) -> Result<Tensor> {
+    forward("cross_entropy_padded", logits, targets, classes)
+}
+
+/// The forward of [`cross_entropy_padded`] (and of [`cross_entropy`], `v` = the row width).
+fn forward(op: &'static str, logits: &Tensor, targets: &[i32], v: usize) -> Result<Tensor> {
+    let cols = check_inputs(op, logits, targets, v)?;
+    let tape = Tape::of(op, &[logits])?;
+    fn fwd<T: Real>(
+        logits: &Tensor,
+        targets: &[i32],
+        cols: Cols,
+    ) -> Result<(Tensor, Vec<T>, usize)> {
+        cpu_loss(
+            &logits.cpu_read::<T>("cross_entropy")?,
+            logits.dtype(),
+            targets,
+            cols,
+        )
     }
     let (y, lse, n_valid) = if logits.device() == Device::Cpu {
         with_real(
             logits.dtype(),
-            || fwd::<f32>(logits, targets, v).map(|(y, l, n)| (y, Lse::F32(l), n)),
-            || fwd::<f64>(logits, targets, v).map(|(y, l, n)| (y, Lse::F64(l), n)),
+            || fwd::<f32>(logits, targets, cols).map(|(y, l, n)| (y, Lse::F32(l), n)),
+            || fwd::<f64>(logits, targets, cols).map(|(y, l, n)| (y, Lse::F64(l), n)),
         )?
     } else {
         let n = targets.iter().filter(|&&t| t != IGNORE_INDEX).count();
-        let (y, saved) = cuda::forward(logits, targets, v, n)?;
+        let (y, saved) = cuda::forward(logits, targets, cols, n)?;
         (y, Lse::Device(saved), n)
     };
     if let Some(tape) = &tape {
         let (logits, targets, yid) = (logits.clone(), targets.to_vec(), y.id());
-        tape.push(OP, move |g| {
+        tape.push(op, move |g| {
             let Some(gy) = g.take_output(yid) else {
                 return Ok(());
             };
@@ -82,19 +126,19 @@ pub fn cross_entropy(logits: &Tensor, targets: &[i32]) -> Result<Tensor> {
                 logits: &Tensor,
                 lse: &[T],
                 targets: &[i32],
-                v: usize,
+                cols: Cols,
                 scale: f64,
             ) -> Result<Tensor> {
-                let x = logits.cpu_read::<T>(OP)?;
+                let x = logits.cpu_read::<T>("cross_entropy")?;
                 output(
-                    cpu::backward(&x, lse, targets, v, T::c(scale)),
+                    cpu::backward(&x, lse, targets, (cols.ld, cols.v), T::c(scale)),
                     logits.shape().clone(),
                     logits.dtype(),
                 )
             }
             let gx = match &lse {
-                Lse::F32(l) => bwd::<f32>(&logits, l, &targets, v, scale()?)?,
-                Lse::F64(l) => bwd::<f64>(&logits, l, &targets, v, scale()?)?,
+                Lse::F32(l) => bwd::<f32>(&logits, l, &targets, cols, scale()?)?,
+                Lse::F64(l) => bwd::<f64>(&logits, l, &targets, cols, scale()?)?,
                 Lse::Device(saved) => cuda::backward(&logits, &gy, saved)?,
             };
             g.accumulate(&logits, gx)
@@ -111,14 +155,15 @@ pub fn cross_entropy(logits: &Tensor, targets: &[i32]) -> Result<Tensor> {
 /// fused kernel on a device: one DRAM pass over the logits fewer). The op consumes the
 /// logits: on a device, when no other handle shares their storage, the gradient is written
 /// over them in place, so the step holds one `[M, V]` buffer at the loss instead of two (at
-/// GPT-2's vocabulary the largest activations of the step: 823 MB each for bf16, 8×1024
-/// tokens). A logits tensor still shared (a clone kept by the caller) is left intact and
-/// the gradient gets its own buffer.
+/// GPT-2's vocabulary the largest activations of the step: 824 MB each for bf16, 8×1024
+/// tokens of 50304 padded columns). A logits tensor still shared (a clone kept by the
+/// caller) is left intact and the gradient gets its own buffer.
 ///
 /// The backward must be seeded with this very tensor: `tape.backward_with(&loss, seed)`
 /// (a clone shares its storage and counts as the same); another seed is an error, since
 /// the gradient was computed for this one. Without a tape, or for logits that need no
-/// gradient, it is [`cross_entropy`].
+/// gradient, it is [`cross_entropy`]. [`cross_entropy_fused_padded`] is the same over the
+/// first columns of padded rows.
 ///
 /// ```
 /// use lorafuse::{ops, Device, Tape, Tensor};
@@ -137,30 +182,57 @@ pub fn cross_entropy(logits: &Tensor, targets: &[i32]) -> Result<Tensor> {
 /// Errors: those of [`cross_entropy`]; a `seed` that is not one f32 element on the logits'
 /// device; at backward time, another seed.
 pub fn cross_entropy_fused(logits: Tensor, targets: &[i32], seed: &Tensor) -> Result<Tensor> {
-    const OP: &str = "cross_entropy_fused";
-    let v = check_inputs(OP, &logits, targets)?;
+    let (_, v) = logits.shape().as_rows("cross_entropy_fused")?;
+    fused("cross_entropy_fused", logits, targets, v, seed)
+}
+
+/// [`cross_entropy_fused`] over the first `classes` columns of `logits [.., Vp]`, the rest
+/// padding, as [`cross_entropy_padded`]: the loss equals [`cross_entropy_padded`]'s bit for
+/// bit and the gradient (written over the logits on a device when they are not shared) is
+/// exactly 0 in the padding columns. What the trainer's loss runs on GPT-2's padded
+/// vocabulary ([`crate::model::Gpt2::loss_fused`]).
+///
+/// Errors: those of [`cross_entropy_padded`] and [`cross_entropy_fused`].
+pub fn cross_entropy_fused_padded(
+    logits: Tensor,
+    targets: &[i32],
+    classes: usize,
+    seed: &Tensor,
+) -> Result<Tensor> {
+    fused("cross_entropy_fused_padded", logits, targets, classes, seed)
+}
+
+/// [`cross_entropy_fused_padded`] (and [`cross_entropy_fused`], `v` = the row width).
+fn fused(
+    op: &'static str,
+    logits: Tensor,
+    targets: &[i32],
+    v: usize,
+    seed: &Tensor,
+) -> Result<Tensor> {
+    let cols = check_inputs(op, &logits, targets, v)?;
     if seed.elem_count() != 1 || seed.dtype() != DType::F32 {
         return Err(Error::invalid(format!(
-            "{OP}: the seed is {} {}, not one f32 element",
+            "{op}: the seed is {} {}, not one f32 element",
             seed.dtype(),
             seed.shape()
         )));
     }
     if seed.device() != logits.device() {
         return Err(Error::Device {
-            op: OP,
+            op,
             lhs: logits.device(),
             rhs: seed.device(),
         });
     }
-    let tape = Tape::of(OP, &[&logits])?;
+    let tape = Tape::of(op, &[&logits])?;
     let Some(tape) = tape.filter(|_| logits.requires_grad()) else {
-        return cross_entropy(&logits, targets);
+        return forward(op, &logits, targets, v);
     };
     let xid = logits.id();
     let n_valid = targets.iter().filter(|&&t| t != IGNORE_INDEX).count();
     let (y, gx) = if logits.device() == Device::Cpu {
-        // The same steps as cross_entropy's forward and backward, at once.
+        // The same steps as the unfused forward and backward, at once.
         let scale = if n_valid == 0 {
             0.0
         } else {
@@ -169,37 +241,45 @@ pub fn cross_entropy_fused(logits: Tensor, targets: &[i32], seed: &Tensor) -> Re
         fn both<T: Real>(
             logits: &Tensor,
             targets: &[i32],
-            v: usize,
+            cols: Cols,
             scale: f64,
         ) -> Result<(Tensor, Tensor)> {
-            let x = logits.cpu_read::<T>(OP)?;
-            let (loss, lse, _) = cpu_loss(&x, logits.dtype(), targets, v)?;
-            let gx = cpu::backward(&x, &lse, targets, v, T::c(scale));
+            let x = logits.cpu_read::<T>("cross_entropy_fused")?;
+            let (loss, lse, _) = cpu_loss(&x, logits.dtype(), targets, cols)?;
+            let gx = cpu::backward(&x, &lse, targets, (cols.ld, cols.v), T::c(scale));
             Ok((loss, output(gx, logits.shape().clone(), logits.dtype())?))
         }
         with_real(
             logits.dtype(),
-            || both::<f32>(&logits, targets, v, scale),
-            || both::<f64>(&logits, targets, v, scale),
+            || both::<f32>(&logits, targets, cols, scale),
+            || both::<f64>(&logits, targets, cols, scale),
         )?
     } else {
         let in_place = logits.is_unique();
-        cuda::forward_fused(logits, targets, v, n_valid, seed, in_place)?
+        cuda::forward_fused(logits, targets, cols, n_valid, seed, in_place)?
     };
     // Only the logits' id is kept, not the logits (consumed above).
     let (seed_c, yid) = (seed.clone(), y.id());
-    tape.push(OP, move |g| {
+    tape.push(op, move |g| {
         let Some(gy) = g.take_output(yid) else {
             return Ok(());
         };
         if !gy.same_storage(&seed_c) {
             return Err(Error::invalid(format!(
-                "{OP}: the backward was seeded with another tensor than the seed given to the forward; seed it with that tensor (tape.backward_with(&loss, seed))"
+                "{op}: the backward was seeded with another tensor than the seed given to the forward; seed it with that tensor (tape.backward_with(&loss, seed))"
             )));
         }
         g.accumulate_id(xid, gx)
     });
     Ok(y.with_tape(Some(tape)))
+}
+
+/// The row layout of a cross-entropy call: rows of `ld` elements whose first `v` are the
+/// classes (`v == ld` without padding).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Cols {
+    pub ld: usize,
+    pub v: usize,
 }
 
 /// The CPU forward: the mean loss as a scalar tensor (f32, f64 for f64 logits of
@@ -208,10 +288,10 @@ fn cpu_loss<T: Real>(
     x: &[T],
     dtype: DType,
     targets: &[i32],
-    v: usize,
+    cols: Cols,
 ) -> Result<(Tensor, Vec<T>, usize)> {
-    let lse = cpu::row_lse(x, v);
-    let (sum, n) = cpu::loss_sum(x, &lse, targets, v);
+    let lse = cpu::row_lse(x, cols.ld, cols.v);
+    let (sum, n) = cpu::loss_sum(x, &lse, targets, cols.ld);
     let loss = if n == 0 {
         T::zero()
     } else {
@@ -225,13 +305,20 @@ fn cpu_loss<T: Real>(
     Ok((output(vec![loss], Shape::from(()), dtype)?, lse, n))
 }
 
-/// Checks the shapes and targets of a cross-entropy call; returns `V`.
-fn check_inputs(op: &'static str, logits: &Tensor, targets: &[i32]) -> Result<usize> {
-    let (m, v) = logits.shape().as_rows(op)?;
-    if v == 0 {
+/// Checks the shapes and targets of a cross-entropy call over the first `v` columns of
+/// each row; returns the row layout.
+fn check_inputs(op: &'static str, logits: &Tensor, targets: &[i32], v: usize) -> Result<Cols> {
+    let (m, ld) = logits.shape().as_rows(op)?;
+    if ld == 0 || v == 0 {
         return Err(Error::shape(
             op,
             format!("empty class dimension in {}", logits.shape()),
+        ));
+    }
+    if v > ld {
+        return Err(Error::shape(
+            op,
+            format!("{v} classes in rows of {} ({})", ld, logits.shape()),
         ));
     }
     if targets.len() != m {
@@ -253,7 +340,7 @@ fn check_inputs(op: &'static str, logits: &Tensor, targets: &[i32]) -> Result<us
             "{op}: target {t} at row {r} is outside 0..{v} and is not the ignore index {IGNORE_INDEX}"
         )));
     }
-    Ok(v)
+    Ok(Cols { ld, v })
 }
 
 #[cfg(test)]

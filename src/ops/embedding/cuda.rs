@@ -76,11 +76,13 @@ fn upload<T: bytemuck::Pod>(backend: &Backend, v: &[T]) -> Result<DeviceBuffer> 
     Ok(buf)
 }
 
-/// `out [batch, seq, c] = wte[tokens] + wpe[position]` (validated by the caller: tokens
-/// `< V`, `batch·seq` of them, `seq ≤ P`).
+/// `out [batch, seq, c] = wte[tokens] + wpe[pos0 + position]` (validated by the caller:
+/// tokens `< V`, `batch·seq` of them, `pos0 + seq ≤ P`). The kernel sees the rows of `wpe`
+/// from `pos0` on as its table.
 pub(crate) fn forward(
     tokens: &[u32],
     (batch, seq, c): (usize, usize, usize),
+    pos0: usize,
     wte: &Tensor,
     wpe: &Tensor,
 ) -> Result<Tensor> {
@@ -95,13 +97,13 @@ pub(crate) fn forward(
         let params = EmbeddingParams {
             tokens: toks.device_ptr(),
             wte: ed.device_ptr(),
-            wpe: pd.device_ptr(),
+            wpe: pd.device_ptr() + (pos0 * c * wpe.dtype().size_in_bytes()) as u64,
             out: out.device_ptr(),
             n: int(tokens.len())?,
             batch: int(batch)?,
             seq: int(seq)?,
             v: int(wte.dims()[0])?,
-            p: int(wpe.dims()[0])?,
+            p: int(wpe.dims()[0] - pos0)?,
             c: int(c)?,
             ..Default::default()
         };

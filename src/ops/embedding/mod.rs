@@ -8,7 +8,9 @@ mod kernel_tests;
 use super::{output, with_real};
 use crate::tape::Tape;
 use crate::tensor::{same_device, same_dtype};
-use crate::{Device, Error, Real, Result, Tensor};
+use crate::{DType, Device, Error, Real, Result, Tensor};
+
+const OP: &str = "embedding";
 
 /// `out[b, t] = wte[tokens[b·T + t]] + wpe[t]`: `tokens` has `batch·seq` ids; returns `[batch, seq, C]`.
 ///
@@ -30,34 +32,7 @@ pub fn embedding(
     wte: &Tensor,
     wpe: &Tensor,
 ) -> Result<Tensor> {
-    const OP: &str = "embedding";
-    let (v, c) = wte.shape().dims2(OP)?;
-    let (p, c2) = wpe.shape().dims2(OP)?;
-    if c != c2 || c == 0 {
-        return Err(Error::shape(
-            OP,
-            format!("wte {} with wpe {}", wte.shape(), wpe.shape()),
-        ));
-    }
-    if batch.checked_mul(seq) != Some(tokens.len()) {
-        return Err(Error::shape(
-            OP,
-            format!("{} tokens for batch {batch} × seq {seq}", tokens.len()),
-        ));
-    }
-    if seq > p {
-        return Err(Error::shape(
-            OP,
-            format!("seq {seq} exceeds the {p} positions of wpe {}", wpe.shape()),
-        ));
-    }
-    if let Some((i, &tok)) = tokens.iter().enumerate().find(|&(_, &t)| t as usize >= v) {
-        return Err(Error::invalid(format!(
-            "{OP}: token {tok} at position {i} is outside the vocabulary of {v}"
-        )));
-    }
-    let dtype = same_dtype(OP, &[wte, wpe])?;
-    same_device(OP, &[wte, wpe])?;
+    let (c, dtype) = check_inputs(tokens, batch, seq, 0, wte, wpe)?;
     let tape = Tape::of(OP, &[wte, wpe])?;
     fn fwd<T: Real>(
         tokens: &[u32],
@@ -80,7 +55,7 @@ pub fn embedding(
             || fwd::<f64>(tokens, dims, wte, wpe),
         )?
     } else {
-        cuda::forward(tokens, dims, wte, wpe)?
+        cuda::forward(tokens, dims, 0, wte, wpe)?
     };
     if let Some(tape) = &tape {
         let (tokens, wte, wpe, yid) = (tokens.to_vec(), wte.clone(), wpe.clone(), y.id());
@@ -137,6 +112,98 @@ pub fn embedding(
         });
     }
     Ok(y.with_tape(tape))
+}
+
+/// [`embedding`] at positions `pos0..pos0 + seq`: `out[b, t] = wte[tokens[b·T + t]] +
+/// wpe[pos0 + t]`, for incremental decoding (the new tokens of a sequence whose first
+/// `pos0` positions are in a key/value cache). Inference only: it records no backward.
+///
+/// Errors: those of [`embedding`], with `pos0 + seq ≤ P` in place of `seq ≤ P`; a table
+/// recorded on a tape (invalid argument).
+pub fn embedding_at(
+    tokens: &[u32],
+    batch: usize,
+    seq: usize,
+    pos0: usize,
+    wte: &Tensor,
+    wpe: &Tensor,
+) -> Result<Tensor> {
+    let (c, dtype) = check_inputs(tokens, batch, seq, pos0, wte, wpe)?;
+    if wte.requires_grad() || wpe.requires_grad() {
+        return Err(Error::invalid(format!(
+            "{OP}: embedding_at is inference only (it records no backward); pass untracked tables"
+        )));
+    }
+    if wte.device() != Device::Cpu {
+        return cuda::forward(tokens, (batch, seq, c), pos0, wte, wpe);
+    }
+    fn fwd<T: Real>(
+        tokens: &[u32],
+        (batch, seq, c, pos0): (usize, usize, usize, usize),
+        wte: &Tensor,
+        wpe: &Tensor,
+    ) -> Result<Tensor> {
+        let (e, p) = (wte.cpu_read::<T>(OP)?, wpe.cpu_read::<T>(OP)?);
+        output(
+            cpu::forward(tokens, seq, &e, &p[pos0 * c..], c),
+            [batch, seq, c],
+            wte.dtype(),
+        )
+    }
+    let dims = (batch, seq, c, pos0);
+    with_real(
+        dtype,
+        || fwd::<f32>(tokens, dims, wte, wpe),
+        || fwd::<f64>(tokens, dims, wte, wpe),
+    )
+}
+
+/// The checks of [`embedding`] and [`embedding_at`] (positions `pos0..pos0 + seq`):
+/// returns `C` and the tables' dtype.
+fn check_inputs(
+    tokens: &[u32],
+    batch: usize,
+    seq: usize,
+    pos0: usize,
+    wte: &Tensor,
+    wpe: &Tensor,
+) -> Result<(usize, DType)> {
+    let (v, c) = wte.shape().dims2(OP)?;
+    let (p, c2) = wpe.shape().dims2(OP)?;
+    if c != c2 || c == 0 {
+        return Err(Error::shape(
+            OP,
+            format!("wte {} with wpe {}", wte.shape(), wpe.shape()),
+        ));
+    }
+    if batch.checked_mul(seq) != Some(tokens.len()) {
+        return Err(Error::shape(
+            OP,
+            format!("{} tokens for batch {batch} × seq {seq}", tokens.len()),
+        ));
+    }
+    if pos0.checked_add(seq).is_none_or(|end| end > p) {
+        let at = if pos0 > 0 {
+            format!(" at position {pos0}")
+        } else {
+            String::new()
+        };
+        return Err(Error::shape(
+            OP,
+            format!(
+                "seq {seq}{at} exceeds the {p} positions of wpe {}",
+                wpe.shape()
+            ),
+        ));
+    }
+    if let Some((i, &tok)) = tokens.iter().enumerate().find(|&(_, &t)| t as usize >= v) {
+        return Err(Error::invalid(format!(
+            "{OP}: token {tok} at position {i} is outside the vocabulary of {v}"
+        )));
+    }
+    let dtype = same_dtype(OP, &[wte, wpe])?;
+    same_device(OP, &[wte, wpe])?;
+    Ok((c, dtype))
 }
 
 #[cfg(test)]
@@ -338,5 +405,67 @@ mod tests {
             embedding(&[1, u32::MAX], 1, 2, &wte, &wpe),
             Err(Error::InvalidArgument(_))
         ));
+    }
+
+    #[test]
+    fn embedding_at_reads_the_positions_from_pos0() {
+        let mut r = rng("embedding_at");
+        let (b, t, v, p, c) = (2, 3, 11, 9, 5);
+        let wte = rand_tensor(&mut r, [v, c], -1.0, 1.0);
+        let wpe = rand_tensor(&mut r, [p, c], -1.0, 1.0);
+        let toks = tokens(&mut r, b * t, v);
+        for pos0 in [0, 1, 4, p - t] {
+            let y = embedding_at(&toks, b, t, pos0, &wte, &wpe).unwrap();
+            assert_eq!(y.dims(), &[b, t, c]);
+            let (e, pe) = (wte.to_vec_f64().unwrap(), wpe.to_vec_f64().unwrap());
+            let mut want = vec![];
+            for bi in 0..b {
+                for ti in 0..t {
+                    let tok = toks[bi * t + ti] as usize;
+                    for j in 0..c {
+                        want.push(e[tok * c + j] + pe[(pos0 + ti) * c + j]);
+                    }
+                }
+            }
+            assert_eq!(y.to_vec_f64().unwrap(), want, "pos0 {pos0}");
+        }
+        // pos0 = 0 is `embedding`, bit for bit.
+        let (e32, p32) = (
+            wte.to_dtype(DType::BF16).unwrap(),
+            wpe.to_dtype(DType::BF16).unwrap(),
+        );
+        assert_eq!(
+            embedding_at(&toks, b, t, 0, &e32, &p32)
+                .unwrap()
+                .to_vec_f64()
+                .unwrap(),
+            embedding(&toks, b, t, &e32, &p32)
+                .unwrap()
+                .to_vec_f64()
+                .unwrap()
+        );
+        // Past the positions, a bad token, a tracked table.
+        match embedding_at(&toks, b, t, p - t + 1, &wte, &wpe) {
+            Err(Error::Shape { msg, .. }) => {
+                assert!(
+                    msg.contains("seq 3 at position 7 exceeds the 9 positions"),
+                    "{msg}"
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            embedding_at(&toks, b, t, usize::MAX, &wte, &wpe),
+            Err(Error::Shape { .. })
+        ));
+        assert!(matches!(
+            embedding_at(&[0, 1, 11, 0, 0, 0], b, t, 1, &wte, &wpe),
+            Err(Error::InvalidArgument(_))
+        ));
+        let tape = Tape::new();
+        match embedding_at(&toks, b, t, 1, &wte.track(&tape), &wpe) {
+            Err(Error::InvalidArgument(msg)) => assert!(msg.contains("inference only"), "{msg}"),
+            other => panic!("{other:?}"),
+        }
     }
 }

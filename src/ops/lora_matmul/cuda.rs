@@ -151,6 +151,90 @@ pub(crate) fn plan(dtype: DType, variant: Variant, m: usize, n: usize) -> Result
     })
 }
 
+/// How the tensor-core kernel brings one operand's k-tiles into shared memory: the host twin
+/// of `tc_mode` in `kernels/lora_matmul.cu` (the kernel decides at run time from the
+/// parameters; keep the two in step). What a planning test checks before a GPU runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+// Read by the planning tests only.
+#[cfg_attr(not(test), allow(dead_code))]
+pub(crate) enum TcLoad {
+    /// 16-byte `cp.async` copies along the reduction (the K layout: `ks = 1`, the outer
+    /// stride a multiple of 8 elements, a 16-byte-aligned base).
+    KContiguous,
+    /// 16-byte `cp.async` copies along the outer index (the O layout: `os = 1`, the
+    /// reduction stride and the first outer index multiples of 8, an aligned base).
+    OuterContiguous,
+    /// The register-staged fallback: element loads, latency exposed (~0.2–0.3 of the
+    /// floor, the header's estimate).
+    Fallback,
+}
+
+#[cfg_attr(not(test), allow(dead_code))]
+impl TcLoad {
+    /// `tc_mode(ptr, os, ks, o_lo)` for a base `byte_offset` bytes past a 16-byte-aligned
+    /// allocation.
+    fn of(byte_offset: usize, os: usize, ks: usize, o_lo: usize) -> TcLoad {
+        const VEC: usize = 8; // kVec: bf16/f16 values per 16 bytes
+        let aligned = byte_offset.is_multiple_of(16);
+        if ks == 1 && os.is_multiple_of(VEC) && aligned {
+            TcLoad::KContiguous
+        } else if os == 1 && ks.is_multiple_of(VEC) && o_lo.is_multiple_of(VEC) && aligned {
+            TcLoad::OuterContiguous
+        } else {
+            TcLoad::Fallback
+        }
+    }
+}
+
+/// The tensor-core kernel's path through one product: each operand's loads (the
+/// extension's when it has one) and whether the epilogue stores 16-byte vectors (`ldc = n`
+/// a multiple of 8, an aligned bias).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(not(test), allow(dead_code))]
+pub(crate) struct TcPath {
+    pub a: TcLoad,
+    pub b: TcLoad,
+    pub ext: Option<(TcLoad, TcLoad)>,
+    pub vector_epilogue: bool,
+}
+
+#[cfg_attr(not(test), allow(dead_code))]
+impl TcPath {
+    /// No operand on the fallback loader and a vector epilogue.
+    pub fn is_fast(&self) -> bool {
+        let fast = |l: TcLoad| l != TcLoad::Fallback;
+        fast(self.a)
+            && fast(self.b)
+            && self.ext.is_none_or(|(a2, b2)| fast(a2) && fast(b2))
+            && self.vector_epilogue
+    }
+}
+
+/// The path `g` takes on the tensor-core kernel (bf16/f16: 2-byte elements), for device
+/// tensors (allocations 16-byte aligned: 256 on CUDA, 16 on the simulator, so an
+/// operand's alignment is its offset's) and a fresh output.
+#[cfg_attr(not(test), allow(dead_code))]
+pub(crate) fn tc_path(g: &Gemm<'_>) -> TcPath {
+    const S: usize = 2;
+    let load =
+        |o: &Operand<'_>, os: usize, ks: usize, o_lo: usize| TcLoad::of(o.offset * S, os, ks, o_lo);
+    TcPath {
+        a: load(&g.a, g.a.row_stride, g.a.col_stride, 0),
+        b: load(&g.b, g.b.col_stride, g.b.row_stride, 0),
+        ext: g
+            .ext
+            .as_ref()
+            .filter(|e| e.k2 > 0 && !e.cols.is_empty())
+            .map(|e| {
+                (
+                    load(&e.a2, e.a2.row_stride, e.a2.col_stride, 0),
+                    load(&e.b2, e.b2.col_stride, e.b2.row_stride, e.cols.start),
+                )
+            }),
+        vector_epilogue: g.n.is_multiple_of(8),
+    }
+}
+
 /// The device address of an operand's first element.
 fn address(o: &Operand<'_>) -> Result<u64> {
     let s = o.t.storage();

@@ -487,6 +487,110 @@ fn tile_heuristic() {
     assert_eq!(TC_LARGE.smem, 48 * 1024);
 }
 
+/// The host twin of the kernel's per-operand loader choice (`tc_mode`): 16-byte copies
+/// along k or along the outer index where strides and base allow, the fallback otherwise.
+#[test]
+fn tc_load_follows_the_kernels_tc_mode() {
+    use cuda::TcLoad::{self, Fallback, KContiguous, OuterContiguous};
+    let of = |off: usize, os: usize, ks: usize, o_lo: usize| -> TcLoad {
+        let t = Tensor::zeros([1], DType::BF16, &Device::Cpu).unwrap();
+        let o = Operand {
+            t: &t,
+            offset: off,
+            row_stride: os,
+            col_stride: ks,
+        };
+        // Operand A of a product: its outer stride is the row stride.
+        let g = Gemm::new(8, 8, 8, o, Operand::rows(&t, 8)).ext(Extension {
+            a2: o,
+            b2: Operand {
+                t: &t,
+                offset: off,
+                row_stride: ks,
+                col_stride: os,
+            },
+            k2: 4,
+            cols: o_lo..o_lo + 8,
+        });
+        let p = cuda::tc_path(&g);
+        let (a2, b2) = p.ext.unwrap();
+        assert_eq!(p.a, a2);
+        if o_lo == 0 {
+            assert_eq!(p.a, b2, "B2 with its columns from 0 is loaded as A is");
+        }
+        if !o_lo.is_multiple_of(8) && p.a == OuterContiguous {
+            assert_eq!(
+                b2, Fallback,
+                "B2 in the O layout needs b2_n0 a multiple of 8"
+            );
+        }
+        p.a
+    };
+    assert_eq!(of(0, 768, 1, 0), KContiguous);
+    assert_eq!(of(0, 50304, 1, 0), KContiguous);
+    assert_eq!(of(0, 50257, 1, 0), Fallback); // the unpadded glogits rows
+    assert_eq!(of(8, 64, 1, 0), KContiguous);
+    assert_eq!(of(3, 64, 1, 0), Fallback); // misaligned base
+    assert_eq!(of(0, 1, 768, 0), OuterContiguous);
+    assert_eq!(of(0, 1, 50304, 0), OuterContiguous);
+    assert_eq!(of(0, 1, 50257, 0), Fallback); // the unpadded glogitsᵀ
+    assert_eq!(of(0, 1, 768, 4), OuterContiguous);
+    assert_eq!(of(0, 3, 5, 0), Fallback);
+    let t = Tensor::zeros([1], DType::BF16, &Device::Cpu).unwrap();
+    let g = |n| Gemm::new(8, n, 8, Operand::rows(&t, 8), Operand::rows(&t, n));
+    assert!(cuda::tc_path(&g(64)).vector_epilogue && cuda::tc_path(&g(64)).is_fast());
+    assert!(!cuda::tc_path(&g(61)).vector_epilogue && !cuda::tc_path(&g(61)).is_fast());
+}
+
+/// The GPT-2 124M LM head (8192 tokens, C = 768, V = 50257 padded to Vp = 50304), its three
+/// products as `linear` builds them (the logits `x·wteᵀ`, and in the backward `gx =
+/// glogits·wte` and `gwte = glogitsᵀ·x`): at Vp each takes the tensor-core kernel with
+/// every operand on `cp.async` and 16-byte stores; at the unpadded 50257 both backward
+/// products load glogits through the fallback and the forward stores element-wise. A
+/// planning test (strides only: stand-in tensors, no GEMM of 633 GFLOP runs).
+#[test]
+fn lm_head_gemms_take_the_tensor_core_path_at_the_padded_vocabulary() {
+    use crate::ops::matmul::{fwd_gemm, gw_gemm, gx_gemm};
+    use cuda::TcLoad::{Fallback, KContiguous, OuterContiguous};
+    let (tokens, c) = (8192, 768);
+    let cfg = crate::checkpoint::Gpt2Config::gpt2_small();
+    let (v, vp) = (cfg.vocab_size, cfg.padded_vocab_size());
+    assert_eq!((v, vp), (50257, 50304));
+    let t = Tensor::zeros([1], DType::BF16, &Device::Cpu).unwrap();
+    let (x, wte, glogits) = (&t, &t, &t);
+    for dtype in [DType::BF16, DType::F16] {
+        for cols in [vp, v] {
+            let dims = (tokens, c, cols);
+            let products = [
+                ("logits = x·wteᵀ", fwd_gemm(x, wte, dims)),
+                ("gx = glogits·wte", gx_gemm(glogits, wte, dims)),
+                ("gwte = glogitsᵀ·x", gw_gemm(glogits, x, dims)),
+            ];
+            for (i, (name, g)) in products.iter().enumerate() {
+                let name = format!("{dtype} {name} at {cols} columns");
+                let plan = cuda::plan(dtype, Variant::Auto, g.m, g.n).unwrap();
+                assert!(
+                    plan.tc.is_some() && plan.name.contains("_tc"),
+                    "{name}: {plan:?}"
+                );
+                let path = cuda::tc_path(g);
+                println!("{name}: {} {path:?}", plan.name);
+                if cols == vp {
+                    assert!(path.is_fast(), "{name}: {path:?}");
+                    continue;
+                }
+                // Unpadded, what the padding fixes.
+                let want = [
+                    (KContiguous, KContiguous, false),
+                    (Fallback, OuterContiguous, true),
+                    (Fallback, OuterContiguous, true),
+                ][i];
+                assert_eq!((path.a, path.b, path.vector_epilogue), want, "{name}");
+            }
+        }
+    }
+}
+
 /// A view reaching outside its tensor, mixed dtypes and an f32 tensor-core request are
 /// errors, not launches.
 fn bad_input_is_an_error(device: &Device) {
@@ -512,6 +616,41 @@ fn bad_input_is_an_error(device: &Device) {
     assert!(ok.run([5, 4]).is_err());
 }
 crate::test_device!(bad_input, bad_input_is_an_error);
+
+/// `run_zero_padded`: the product in the first `m·n` elements of a larger output, the rest
+/// exactly 0 (the output starts zeroed, not poisoned), the same values as `run`; an output
+/// smaller than `m·n` is an error.
+fn zero_padded_output(device: &Device) {
+    let mut g = rng("lora_matmul_zero_padded");
+    for dtype in DTYPES {
+        let (m, n, k) = (13, 24, 40);
+        let a = Mat::new(&mut g, m, k, false, dtype, device);
+        let b = Mat::new(&mut g, k, n, true, dtype, device);
+        let gemm = || {
+            Gemm::new(
+                m,
+                n,
+                k,
+                Operand::rows(&a.t, k),
+                Operand::transposed(&b.t, k),
+            )
+        };
+        let want = gemm().run([m, n]).unwrap().to_vec_f64().unwrap();
+        let got = gemm().run_zero_padded([m + 3, n]).unwrap();
+        assert_eq!(got.dims(), &[m + 3, n]);
+        let got = got.to_vec_f64().unwrap();
+        assert_eq!(&got[..m * n], &want[..], "{device} {dtype}");
+        assert!(
+            got[m * n..].iter().all(|x| x.to_bits() == 0),
+            "{device} {dtype}: the padding is not +0"
+        );
+        assert!(matches!(
+            gemm().run_zero_padded([m * n - 1]),
+            Err(Error::Shape { .. })
+        ));
+    }
+}
+crate::test_device!(zero_padded, zero_padded_output);
 
 #[test]
 fn params_match_the_kernels() {

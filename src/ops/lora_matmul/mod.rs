@@ -261,6 +261,30 @@ impl<'a> Gemm<'a> {
         Ok(t)
     }
 
+    /// The product in the first `m·n` elements of a new tensor of `shape` (at least `m·n`
+    /// elements), the rest zero: e.g. the gradient of the first `m` rows of a `[rows, n]`
+    /// weight whose last rows take no part in the product (a padded vocabulary).
+    pub fn run_zero_padded(&self, shape: impl Into<Shape>) -> Result<Tensor> {
+        let shape = shape.into();
+        if shape.elem_count() < self.m * self.n {
+            return Err(Error::shape(
+                OP,
+                format!("output {shape} for [{}, {}]", self.m, self.n),
+            ));
+        }
+        let dtype = self.validate(None)?;
+        let device = self.a.t.device();
+        let t = Tensor::zeros(shape, dtype, &device)?;
+        if device == Device::Cpu {
+            let mut c = cpu::gemm(self, None)?;
+            c.resize(t.elem_count(), 0.0);
+            t.assign(&c)?;
+            return Ok(t);
+        }
+        cuda::launch(self, &t, false)?;
+        Ok(t)
+    }
+
     /// Adds the product into `c` (`[m, n]`, contiguous), rounding once per element.
     pub fn accumulate_into(&self, c: &Tensor) -> Result<()> {
         self.validate(Some(c))?;

@@ -173,9 +173,7 @@ pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
             || fwd::<f64>(x, w, bias, (m, k, n), out_dims.clone()),
         )?
     } else {
-        Gemm::new(m, n, k, Operand::rows(x, k), Operand::transposed(w, k))
-            .bias(bias)
-            .run(out_dims.clone())?
+        fwd_gemm(x, w, (m, k, n)).bias(bias).run(out_dims.clone())?
     };
     if let Some(tape) = &tape {
         let (x, w, bias, yid) = (x.clone(), w.clone(), bias.cloned(), y.id());
@@ -218,17 +216,11 @@ pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
                 // gx = gy·W, gW = gyᵀ·x
                 let gx = x
                     .requires_grad()
-                    .then(|| {
-                        Gemm::new(m, k, n, Operand::rows(&gy, n), Operand::rows(&w, k))
-                            .run(x.shape().clone())
-                    })
+                    .then(|| gx_gemm(&gy, &w, (m, k, n)).run(x.shape().clone()))
                     .transpose()?;
                 let gw = w
                     .requires_grad()
-                    .then(|| {
-                        Gemm::new(n, k, m, Operand::transposed(&gy, n), Operand::rows(&x, k))
-                            .run([n, k])
-                    })
+                    .then(|| gw_gemm(&gy, &x, (m, k, n)).run([n, k]))
                     .transpose()?;
                 (gx, gw)
             };
@@ -237,6 +229,177 @@ pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
                     g.accumulate(b, bias_grad(&gy, n)?)?;
                 }
             }
+            if let Some(gx) = gx {
+                g.accumulate(&x, gx)?;
+            }
+            if let Some(gw) = gw {
+                g.accumulate(&w, gw)?;
+            }
+            Ok(())
+        });
+    }
+    Ok(y.with_tape(tape))
+}
+
+/// The device GEMM of [`linear`]'s forward `y = x·Wᵀ` for `x [m, k]` and the first `n`
+/// rows of `w [≥ n, k]` (all of them for `linear`; [`linear_rows`] takes fewer).
+pub(crate) fn fwd_gemm<'a>(
+    x: &'a Tensor,
+    w: &'a Tensor,
+    (m, k, n): (usize, usize, usize),
+) -> Gemm<'a> {
+    Gemm::new(m, n, k, Operand::rows(x, k), Operand::transposed(w, k))
+}
+
+/// The device GEMM of [`linear`]'s input gradient `gx = gy·W` for `gy [m, n]` and the
+/// first `n` rows of `w [≥ n, k]`.
+pub(crate) fn gx_gemm<'a>(
+    gy: &'a Tensor,
+    w: &'a Tensor,
+    (m, k, n): (usize, usize, usize),
+) -> Gemm<'a> {
+    Gemm::new(m, k, n, Operand::rows(gy, n), Operand::rows(w, k))
+}
+
+/// The device GEMM of [`linear`]'s weight gradient `gW = gyᵀ·x` (`[n, k]`) for `gy [m, n]`
+/// and `x [m, k]`.
+pub(crate) fn gw_gemm<'a>(
+    gy: &'a Tensor,
+    x: &'a Tensor,
+    (m, k, n): (usize, usize, usize),
+) -> Gemm<'a> {
+    Gemm::new(n, k, m, Operand::transposed(gy, n), Operand::rows(x, k))
+}
+
+/// [`linear`] without bias over the first `rows` rows of `w [R, K]` only: `x·W[..rows]ᵀ`
+/// for `x [.., K]`, output `[.., rows]`. The LM head over a padded vocabulary (GPT-2's
+/// `wte [Vp, C]` with `Vp − V` zero rows that no logit of the model's output comes from):
+/// the `[N, V]` logits straight from the GEMM, with no `[N, Vp]` buffer and no copy.
+///
+/// Backward: `gx = gy·W[..rows]`; `gW` has `w`'s shape `[R, K]`, with `gyᵀ·x` in its
+/// first `rows` rows and exactly 0 in the others. With `rows = R` it is `linear(x, w,
+/// None)`.
+///
+/// Errors: those of [`linear`]; `rows` of 0 or more than `R` (shape).
+pub(crate) fn linear_rows(x: &Tensor, w: &Tensor, rows: usize) -> Result<Tensor> {
+    const OP: &str = "linear_rows";
+    let (r, k2) = w.shape().dims2(OP)?;
+    if rows == r {
+        return linear(x, w, None);
+    }
+    let (m, k) = x.shape().as_rows(OP)?;
+    if k != k2 || rows == 0 || rows > r {
+        return Err(Error::shape(
+            OP,
+            format!(
+                "x {} with the first {rows} rows of weight {}",
+                x.shape(),
+                w.shape()
+            ),
+        ));
+    }
+    same_dtype(OP, &[x, w])?;
+    same_device(OP, &[x, w])?;
+    let tape = Tape::of(OP, &[x, w])?;
+    let n = rows;
+    let mut out_dims = x.dims().to_vec();
+    *out_dims.last_mut().expect("rank >= 1") = n;
+    fn fwd<T: Real>(
+        x: &Tensor,
+        w: &Tensor,
+        (m, k, n): (usize, usize, usize),
+        dims: Vec<usize>,
+    ) -> Result<Tensor> {
+        let (xv, wv) = (x.cpu_read::<T>(OP)?, w.cpu_read::<T>(OP)?);
+        let mut y = crate::storage::pool::scratch::<T>(m * n);
+        cpu::matmul(
+            &mut y,
+            false,
+            &xv,
+            false,
+            &wv[..n * k],
+            true,
+            (m, k, n),
+            T::one(),
+        )?;
+        output(y, dims, x.dtype())
+    }
+    let y = if x.device() == Device::Cpu {
+        with_real(
+            x.dtype(),
+            || fwd::<f32>(x, w, (m, k, n), out_dims.clone()),
+            || fwd::<f64>(x, w, (m, k, n), out_dims.clone()),
+        )?
+    } else {
+        fwd_gemm(x, w, (m, k, n)).run(out_dims)?
+    };
+    if let Some(tape) = &tape {
+        let (x, w, yid) = (x.clone(), w.clone(), y.id());
+        tape.push(OP, move |g| {
+            let Some(gy) = g.take_output(yid) else {
+                return Ok(());
+            };
+            fn bwd<T: Real>(
+                x: &Tensor,
+                w: &Tensor,
+                gy: &Tensor,
+                (m, k, n, r): (usize, usize, usize, usize),
+            ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+                let gv = gy.cpu_read::<T>(OP)?;
+                let wv = w.cpu_read::<T>(OP)?;
+                let gx = if x.requires_grad() {
+                    let mut gx = crate::storage::pool::scratch::<T>(m * k);
+                    cpu::matmul(
+                        &mut gx,
+                        false,
+                        &gv,
+                        false,
+                        &wv[..n * k],
+                        false,
+                        (m, n, k),
+                        T::one(),
+                    )?;
+                    Some(output(gx, x.shape().clone(), x.dtype())?)
+                } else {
+                    None
+                };
+                let gw = if w.requires_grad() {
+                    let xv = x.cpu_read::<T>(OP)?;
+                    // The rows past `n` took no part: their gradient is 0.
+                    let mut gw = crate::storage::pool::zeroed::<T>(r * k);
+                    cpu::matmul(
+                        &mut gw[..n * k],
+                        false,
+                        &gv,
+                        true,
+                        &xv,
+                        false,
+                        (n, m, k),
+                        T::one(),
+                    )?;
+                    Some(output(gw, [r, k], w.dtype())?)
+                } else {
+                    None
+                };
+                Ok((gx, gw))
+            }
+            let (gx, gw) = if x.device() == Device::Cpu {
+                with_real(
+                    x.dtype(),
+                    || bwd::<f32>(&x, &w, &gy, (m, k, n, r)),
+                    || bwd::<f64>(&x, &w, &gy, (m, k, n, r)),
+                )?
+            } else {
+                let gx = x
+                    .requires_grad()
+                    .then(|| gx_gemm(&gy, &w, (m, k, n)).run(x.shape().clone()))
+                    .transpose()?;
+                let gw = w
+                    .requires_grad()
+                    .then(|| gw_gemm(&gy, &x, (m, k, n)).run_zero_padded([r, k]))
+                    .transpose()?;
+                (gx, gw)
+            };
             if let Some(gx) = gx {
                 g.accumulate(&x, gx)?;
             }
@@ -382,6 +545,113 @@ mod tests {
         on_every_backend,
         products_and_gradients_track_the_f64_reference
     );
+
+    #[test]
+    fn linear_rows_backward_matches_finite_differences() {
+        let mut r = rng("linear_rows_fd");
+        let x = rand_tensor(&mut r, [2, 3, 9], -1.0, 1.0);
+        let w = rand_tensor(&mut r, [8, 9], -1.0, 1.0);
+        check_grads(
+            "linear_rows",
+            &[x, w],
+            |t| linear_rows(&t[0], &t[1], 5),
+            1e-7,
+        );
+    }
+
+    /// `linear_rows` is `linear` of the weight's first rows on every backend, forward and
+    /// gradients, against the f64 CPU reference (from the same rounded inputs); the other
+    /// rows, filled with garbage, change nothing and get a gradient of exactly 0.
+    fn linear_rows_is_linear_of_the_first_rows(device: &Device) {
+        let mut r = rng("linear_rows");
+        let (m, k, rows, total) = (37, 24, 61, 64);
+        let x = rand_tensor(&mut r, [m, k], -1.0, 1.0);
+        let w = rand_tensor(&mut r, [total, k], -1.0, 1.0);
+        let gy = rand_tensor(&mut r, [m, rows], -1.0, 1.0);
+        for dt in [DType::F32, DType::BF16, DType::F16] {
+            let name = format!("{device} {dt}");
+            let round = |t: &Tensor| {
+                Tensor::from_vec_as(t.to_vec_f64().unwrap(), t.shape().clone(), dt, &Device::Cpu)
+                    .unwrap()
+                    .to_vec_f64()
+                    .unwrap()
+            };
+            let (xv, mut wv, gv) = (round(&x), round(&w), round(&gy));
+            // Garbage in the rows past `rows`: huge, so any use of them shows.
+            for (i, v) in wv[rows * k..].iter_mut().enumerate() {
+                *v = if i % 2 == 0 { 3e4 } else { -3e4 };
+            }
+            let on = |v: &[f64], dims: &[usize], dtype, dev: &Device| {
+                Tensor::from_vec_as(v.to_vec(), dims.to_vec(), dtype, dev).unwrap()
+            };
+            // The reference: linear of the narrowed weight, in f64 on the CPU.
+            let tape = crate::Tape::new();
+            let (xr, wr) = (
+                on(&xv, &[m, k], DType::F64, &Device::Cpu).track(&tape),
+                on(&wv[..rows * k], &[rows, k], DType::F64, &Device::Cpu).track(&tape),
+            );
+            let yr = linear(&xr, &wr, None).unwrap();
+            let gr = tape
+                .backward_with(&yr, on(&gv, &[m, rows], DType::F64, &Device::Cpu))
+                .unwrap();
+            let tape = crate::Tape::new();
+            let (xd, wd) = (
+                on(&xv, &[m, k], dt, device).track(&tape),
+                on(&wv, &[total, k], dt, device).track(&tape),
+            );
+            let y = linear_rows(&xd, &wd, rows).unwrap();
+            assert_eq!(y.dims(), &[m, rows], "{name}");
+            let gd = tape
+                .backward_with(&y, on(&gv, &[m, rows], dt, device))
+                .unwrap();
+            let tol = crate::testing::rel_l2_tolerance(dt);
+            let f = |t: &Tensor| t.to_vec_f64().unwrap();
+            assert_close(&format!("{name} y"), &f(&y), &f(&yr), tol);
+            assert_close(
+                &format!("{name} gx"),
+                &f(gd.get(&xd).unwrap()),
+                &f(gr.get(&xr).unwrap()),
+                tol,
+            );
+            let gw = f(gd.get(&wd).unwrap());
+            assert_eq!(gw.len(), total * k, "{name}: gW has w's shape");
+            assert_close(
+                &format!("{name} gW"),
+                &gw[..rows * k],
+                &f(gr.get(&wr).unwrap()),
+                tol,
+            );
+            assert!(
+                gw[rows * k..].iter().all(|g| g.to_bits() == 0),
+                "{name}: the unused rows' gradient is not +0"
+            );
+        }
+    }
+    crate::test_device!(
+        rows_on_every_backend,
+        linear_rows_is_linear_of_the_first_rows
+    );
+
+    #[test]
+    fn linear_rows_of_every_row_is_linear_and_bad_rows_are_errors() {
+        let mut r = rng("linear_rows_all");
+        let x = rand_tensor(&mut r, [3, 5], -1.0, 1.0);
+        let w = rand_tensor(&mut r, [4, 5], -1.0, 1.0);
+        assert_eq!(
+            linear_rows(&x, &w, 4).unwrap().to_vec_f64().unwrap(),
+            linear(&x, &w, None).unwrap().to_vec_f64().unwrap()
+        );
+        for bad in [0, 5] {
+            assert!(
+                matches!(linear_rows(&x, &w, bad), Err(Error::Shape { .. })),
+                "{bad} rows"
+            );
+        }
+        let w6 = rand_tensor(&mut r, [4, 6], -1.0, 1.0);
+        assert!(matches!(linear_rows(&x, &w6, 2), Err(Error::Shape { .. })));
+        let w32 = w.to_dtype(DType::F32).unwrap();
+        assert!(matches!(linear_rows(&x, &w32, 2), Err(Error::DType { .. })));
+    }
 
     #[test]
     fn linear_rejects_bad_shapes_and_dtypes() {

@@ -468,6 +468,34 @@ impl DeviceState {
         Ok((f(&t.m)?, f(&t.v)?, t.master.as_ref().map(f).transpose()?))
     }
 
+    /// Overwrites the step count and every tensor's m, v and master with `states` (one
+    /// per tensor, checked by the caller to fit: f32, each tensor's length, a master
+    /// exactly where the tensor has one). The rest of the step state is rewritten by the
+    /// next step's finish kernel before anything reads it.
+    pub(crate) fn load(&mut self, step: u64, states: &[super::ParamStateOwned]) -> Result<()> {
+        for (t, s) in self.tensors.iter_mut().zip(states) {
+            let super::ParamStateOwned::F32 { m, v, master } = s else {
+                return Err(Error::invalid("adamw: f64 state on a device"));
+            };
+            t.m.write(&CpuStorage::F32(m.clone()))?;
+            t.v.write(&CpuStorage::F32(v.clone()))?;
+            match (&mut t.master, master) {
+                (Some(d), Some(h)) => d.write(&CpuStorage::F32(h.clone()))?,
+                (None, None) => {}
+                _ => return Err(Error::invalid("adamw: master weights do not fit")),
+            }
+        }
+        let s = StepState {
+            step,
+            ..Default::default()
+        };
+        self.backend
+            .write(bytemuck::bytes_of(&s), &mut self.state_buf)?;
+        self.known_step.store(step, Ordering::Release);
+        self.stale.store(false, Ordering::Release);
+        Ok(())
+    }
+
     /// Bytes of m, v and master.
     pub(crate) fn state_bytes(&self) -> usize {
         self.tensors

@@ -604,6 +604,93 @@ impl AdamW {
         }
     }
 
+    /// Replaces the whole state, e.g. with one saved in a training checkpoint: the step
+    /// count (applied steps, as [`AdamW::step_count`]) and, for every parameter in
+    /// [`AdamW::params`] order, its moments and master weights as
+    /// [`AdamW::state_to_host`] gives them. The parameters' own values are not touched
+    /// (restore them first); afterwards the optimizer continues exactly as the one the
+    /// state was read from.
+    ///
+    /// Errors, before anything changes: not one state per parameter, or a state that does
+    /// not fit its parameter (f64 moments for an f64 parameter and f32 ones otherwise,
+    /// each of the parameter's length, and a master copy exactly for bf16/f16).
+    ///
+    /// ```
+    /// use lorafuse::optim::{AdamW, AdamWConfig, StepOptions};
+    /// use lorafuse::{DType, Device, Gradients, Tensor};
+    /// let d = Device::Cpu;
+    /// let p = Tensor::from_vec_as(vec![1.0f32, -2.0], [2], DType::BF16, &d)?;
+    /// let mut opt = AdamW::new(vec![p.clone()], AdamWConfig::default())?;
+    /// let mut g = Gradients::default();
+    /// g.insert(&p, Tensor::from_vec_as(vec![0.5f32, -0.1], [2], DType::BF16, &d)?)?;
+    /// opt.step(&g, 1e-3, StepOptions::default())?;
+    /// // A second optimizer over a copy of the parameter takes the state over.
+    /// let q = p.deep_clone()?;
+    /// let mut again = AdamW::new(vec![q.clone()], AdamWConfig::default())?;
+    /// again.load_state(opt.step_count(), &[opt.state_to_host(0)?.unwrap()])?;
+    /// assert_eq!(again.step_count(), 1);
+    /// assert_eq!(again.state_to_host(0)?, opt.state_to_host(0)?);
+    /// # Ok::<(), lorafuse::Error>(())
+    /// ```
+    pub fn load_state(&mut self, step: u64, states: &[ParamStateOwned]) -> Result<()> {
+        if states.len() != self.params.len() {
+            return Err(Error::invalid(format!(
+                "adamw: {} parameter states for {} parameters",
+                states.len(),
+                self.params.len()
+            )));
+        }
+        for (i, (p, s)) in self.params.iter().zip(states).enumerate() {
+            let n = p.elem_count();
+            let (lens, master, f64_state) = match s {
+                ParamStateOwned::F32 { m, v, master } => {
+                    ((m.len(), v.len()), master.as_ref().map(Vec::len), false)
+                }
+                ParamStateOwned::F64 { m, v } => ((m.len(), v.len()), None, true),
+            };
+            let bad = |what: String| {
+                Err(Error::invalid(format!(
+                    "adamw: the state of parameter {i} ({} {}): {what}",
+                    p.dtype(),
+                    p.shape()
+                )))
+            };
+            if f64_state != (p.dtype() == DType::F64) {
+                return bad(format!("{} moments", if f64_state { "f64" } else { "f32" }));
+            }
+            if lens != (n, n) {
+                return bad(format!("moments of {} and {} elements", lens.0, lens.1));
+            }
+            match (p.dtype().is_half(), master) {
+                (true, Some(len)) if len == n => {}
+                (true, Some(len)) => return bad(format!("a master copy of {len} elements")),
+                (true, None) => return bad("no master copy".into()),
+                (false, Some(_)) => return bad("a master copy (only bf16/f16 have one)".into()),
+                (false, None) => {}
+            }
+        }
+        match &mut self.backing {
+            Backing::Cpu {
+                states: mine,
+                step: my_step,
+            } => {
+                *mine = states
+                    .iter()
+                    .map(|s| match s.clone() {
+                        ParamStateOwned::F32 { m, v, master } => ParamState::F32 { m, v, master },
+                        ParamStateOwned::F64 { m, v } => ParamState::F64 { m, v },
+                    })
+                    .collect();
+                *my_step = step;
+            }
+            Backing::Device { state, cache } => {
+                state.load(step, states)?;
+                cache.iter_mut().for_each(|c| *c = OnceLock::new());
+            }
+        }
+        Ok(())
+    }
+
     /// One optimizer step at learning rate `lr` with the gradients in `grads` (keyed by
     /// parameter id; gradients of other tensors are ignored). In order:
     ///
@@ -1560,6 +1647,83 @@ mod tests {
                 .state_bytes(),
             800 + 84
         );
+    }
+
+    /// `load_state` refuses a state that does not fit, before changing anything, and
+    /// takes one that fits over exactly (the next step equals the source's).
+    #[test]
+    fn load_state_checks_its_input() {
+        let a = Tensor::from_vec(vec![1.0f32, 2.0], [2], &CPU).unwrap();
+        let h = Tensor::from_vec(vec![bf16::ONE; 3], [3], &CPU).unwrap();
+        let mut opt = AdamW::new(vec![a.clone(), h.clone()], AdamWConfig::default()).unwrap();
+        let f32s = |n: usize| vec![0.5f32; n];
+        let ok_a = ParamStateOwned::F32 {
+            m: f32s(2),
+            v: f32s(2),
+            master: None,
+        };
+        let ok_h = ParamStateOwned::F32 {
+            m: f32s(3),
+            v: f32s(3),
+            master: Some(f32s(3)),
+        };
+        let bad_cases = [
+            (vec![ok_a.clone()], "1 parameter states for 2"),
+            (
+                vec![
+                    ParamStateOwned::F32 {
+                        m: f32s(3),
+                        v: f32s(2),
+                        master: None,
+                    },
+                    ok_h.clone(),
+                ],
+                "moments of 3 and 2",
+            ),
+            (
+                vec![
+                    ParamStateOwned::F32 {
+                        m: f32s(2),
+                        v: f32s(2),
+                        master: Some(f32s(2)),
+                    },
+                    ok_h.clone(),
+                ],
+                "only bf16/f16",
+            ),
+            (
+                vec![
+                    ok_a.clone(),
+                    ParamStateOwned::F32 {
+                        m: f32s(3),
+                        v: f32s(3),
+                        master: None,
+                    },
+                ],
+                "no master copy",
+            ),
+            (
+                vec![
+                    ParamStateOwned::F64 {
+                        m: vec![0.0; 2],
+                        v: vec![0.0; 2],
+                    },
+                    ok_h.clone(),
+                ],
+                "f64 moments",
+            ),
+        ];
+        let before = snapshot(&opt);
+        for (states, needle) in bad_cases {
+            let e = opt.load_state(3, &states).unwrap_err().to_string();
+            assert!(e.contains(needle), "{e}");
+            assert_eq!(snapshot(&opt), before);
+            assert_eq!(opt.step_count(), 0);
+        }
+        opt.load_state(3, &[ok_a.clone(), ok_h.clone()]).unwrap();
+        assert_eq!(opt.step_count(), 3);
+        assert_eq!(opt.state_to_host(0).unwrap(), Some(ok_a));
+        assert_eq!(opt.state_to_host(1).unwrap(), Some(ok_h));
     }
 
     #[test]
