@@ -639,7 +639,10 @@ impl Trainer {
                     ),
                 ));
             }
-            copy_by_name(&path, loaded, &model.named_params())?;
+            // The file holds GPT-2's V rows of `wte`; the model keeps them padded to Vp
+            // (`from_params` pads), so compare and copy in the model's layout.
+            let padded = crate::model::Gpt2::from_params(&saved_cfg, loaded)?.named_params();
+            copy_by_name(&path, padded, &model.named_params())?;
         }
         drop(trainable);
         let device = model.device();
