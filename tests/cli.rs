@@ -299,6 +299,59 @@ fn train_eval_generate_merge_inspect_on_the_cpu() {
     );
 }
 
+/// PEFT (Python) reads the adapter `lorafuse train` wrote exactly, q/k/v thirds (saved as
+/// a block-structured `c_attn`) included, and `lorafuse merge` is PEFT's
+/// `merge_and_unload` (tests/python/check_peft_adapter.py). Skipped, visibly, where torch,
+/// transformers and peft do not import: `LORAFUSE_PYTHON` names the interpreter (e.g. the
+/// venv of bench/pytorch/README.md), `LORAFUSE_REQUIRE_PEFT=1` makes a skip a failure.
+#[test]
+fn peft_loads_the_adapter_train_wrote_exactly() {
+    let python = std::env::var("LORAFUSE_PYTHON").unwrap_or_else(|_| "python3".into());
+    let imports = Command::new(&python)
+        .args(["-c", "import torch, transformers, peft"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !imports {
+        lorafuse::testing::skip(
+            "peft_loads_the_adapter_train_wrote_exactly",
+            &format!("{python} cannot import torch, transformers and peft; set LORAFUSE_PYTHON"),
+            Some("LORAFUSE_REQUIRE_PEFT"),
+        );
+        return;
+    }
+    let f = Fixture::new();
+    let run_dir = f.path("run");
+    let targets = ["--targets", "c_attn.q,c_attn.v,mlp.c_fc", "--dropout", "0"];
+    ok(&f.train_args(&run_dir, &targets));
+    let adapter = run_dir.join("adapter");
+    let merged = f.path("merged");
+    ok(&strs(&[
+        "merge",
+        "--model",
+        s(&f.model),
+        "--adapter",
+        s(&adapter),
+        "--out",
+        s(&merged),
+    ]));
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/python/check_peft_adapter.py"
+    );
+    let out = Command::new(&python)
+        .args([script, "--model", s(&f.model), "--adapter", s(&adapter)])
+        .args(["--merged", s(&merged)])
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success() && text.contains("\nPASS"), "{text}");
+    println!("{text}");
+}
+
 #[test]
 fn train_generate_and_eval_on_the_simulator() {
     let f = Fixture::new();
@@ -492,6 +545,93 @@ fn resuming_with_other_options_needs_force() {
     fails(
         &f.train_args(&run_dir, &[]),
         &["already holds a run", "--resume"],
+    );
+}
+
+/// Every file under `dir`, relative, sorted.
+fn files_under(dir: &Path) -> Vec<String> {
+    let mut v = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p.clone());
+            }
+            v.push(p.strip_prefix(dir).unwrap().display().to_string());
+        }
+    }
+    v.sort();
+    v
+}
+
+/// A full disk: the process may write files of at most `kib` KiB (`ulimit -f`, with
+/// SIGXFSZ ignored so a write past it fails with EFBIG as a write to a full disk fails with
+/// ENOSPC, on the same code path), which a test can set up without privileges.
+fn run_on_a_full_disk(kib: usize, args: &[String]) -> Output {
+    Command::new("bash")
+        .args([
+            "-c",
+            &format!("trap '' XFSZ; ulimit -f {kib}; exec \"$0\" \"$@\""),
+        ])
+        .arg(env!("CARGO_BIN_EXE_lorafuse"))
+        .args(args)
+        .env_remove("LORAFUSE_TEST_ABORT_IN_SAVE")
+        .output()
+        .unwrap()
+}
+
+/// A disk that fills up during a save: exit 1 with the file and the OS's reason, no
+/// temporary file or half-written checkpoint left, and the run resumes once there is room.
+#[test]
+fn a_full_disk_is_a_clear_error_and_leaves_nothing_half_written() {
+    let f = Fixture::new();
+    let run_dir = f.path("run");
+    // The adapters alone are 2 × (4·32 + 96·4) f32 = 4 KiB: the first checkpoint cannot fit.
+    let out = run_on_a_full_disk(2, &f.train_args(&run_dir, &[]));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(s(&run_dir)) && err.contains("too large"),
+        "{err}"
+    );
+    let left = files_under(&run_dir);
+    assert!(
+        left.iter().all(|n| !n.contains("tmp")
+            && !n.starts_with("checkpoint-")
+            && !n.starts_with("adapter")),
+        "a failed save left {left:?}"
+    );
+    // With room again, the same command resumes (from nothing: no checkpoint was complete)
+    // and finishes.
+    ok(&strs(&["train", "--resume", s(&run_dir), "--quiet"]));
+    assert_eq!(checkpoints(&run_dir), ["checkpoint-3", "checkpoint-6"]);
+
+    // merge: the merged model does not fit; nothing is left in its output directory.
+    let merged = f.path("merged");
+    let out = run_on_a_full_disk(
+        8,
+        &strs(&[
+            "merge",
+            "--model",
+            s(&f.model),
+            "--adapter",
+            s(&run_dir.join("adapter")),
+            "--out",
+            s(&merged),
+        ]),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(s(&merged)) && err.contains("too large"),
+        "{err}"
+    );
+    assert!(!merged.exists(), "merge left {}", merged.display());
+    let stray = files_under(f.dir.path());
+    assert!(
+        stray.iter().all(|n| !n.contains(".merged")),
+        "merge left its temporary directory: {stray:?}"
     );
 }
 

@@ -1,7 +1,7 @@
 //! `lorafuse inspect`: what an adapter directory holds, read without a model.
 
 use crate::checkpoint;
-use crate::model::{ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE};
+use crate::model::{peft, ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE};
 use crate::{Error, Result};
 use clap::Args;
 use std::path::{Path, PathBuf};
@@ -16,8 +16,8 @@ pub struct InspectArgs {
 /// One adapted module: `ΔW = scale·B·A`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct AdapterModule {
-    /// The module's name as saved (PEFT's, with lorafuse's `_q`/`_k`/`_v` for a third of
-    /// `c_attn`).
+    /// The module's name as saved (PEFT's; q/k/v thirds of `c_attn` are one
+    /// block-structured `c_attn` module).
     pub name: String,
     /// The rank (rows of A).
     pub rank: usize,
@@ -27,6 +27,8 @@ pub struct AdapterModule {
     pub out_features: usize,
     /// `‖B·A‖_F`.
     pub ba_norm: f64,
+    /// PEFT's scale for this module (`alpha_pattern`/`rank_pattern` applied).
+    pub scale: f64,
     /// `‖ΔW‖_F = scale·‖B·A‖_F`.
     pub delta_norm: f64,
 }
@@ -36,7 +38,8 @@ pub struct AdapterModule {
 pub struct AdapterReport {
     /// `adapter_config.json` as saved.
     pub config: serde_json::Value,
-    /// `alpha/r`, or `alpha/√r` with rsLoRA.
+    /// `lora_alpha/r`, or `lora_alpha/√r` with rsLoRA (a module's own may differ: see
+    /// [`AdapterModule::scale`]).
     pub scale: f64,
     /// The adapted modules, by name.
     pub modules: Vec<AdapterModule>,
@@ -64,18 +67,8 @@ pub fn inspect_adapter(dir: &Path) -> Result<AdapterReport> {
     let text = std::fs::read_to_string(&cfg_path).map_err(|e| checkpoint::io_err(&cfg_path, e))?;
     let bad = |m: String| Error::format(cfg_path.display().to_string(), m);
     let config: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
-    let r = config["r"]
-        .as_u64()
-        .filter(|&r| r > 0)
-        .ok_or_else(|| bad("`r` must be a positive integer".into()))? as f64;
-    let alpha = config["lora_alpha"]
-        .as_f64()
-        .ok_or_else(|| bad("`lora_alpha` must be a number".into()))?;
-    let scale = if config["use_rslora"].as_bool().unwrap_or(false) {
-        alpha / r.sqrt()
-    } else {
-        alpha / r
-    };
+    // The scale of a module no pattern names.
+    let scale = peft::module_scale(&config, "").map_err(bad)?;
     let w_path = dir.join(ADAPTER_WEIGHTS_FILE);
     let tensors = checkpoint::load_tensors(&w_path)?;
     let wbad = |m: String| Error::format(w_path.display().to_string(), m);
@@ -101,13 +94,16 @@ pub fn inspect_adapter(dir: &Path) -> Result<AdapterReport> {
         let (rank, inp, out) = (ad[0], ad[1], bd[0]);
         let ba = ba_frobenius(&a.to_vec_f64()?, &b.to_vec_f64()?, rank, inp, out);
         let suffix = rest.trim_end_matches(".weight");
+        let key = peft::module_key(name).unwrap_or(module);
+        let s = peft::module_scale(&config, key).map_err(bad)?;
         modules.push(AdapterModule {
-            name: format!("{}{suffix}", module.trim_start_matches("base_model.model.")),
+            name: format!("{key}{suffix}"),
             rank,
             in_features: inp,
             out_features: out,
             ba_norm: ba,
-            delta_norm: scale * ba,
+            scale: s,
+            delta_norm: s * ba,
         });
     }
     if modules.is_empty() {
@@ -141,15 +137,16 @@ pub fn run_inspect(args: &InspectArgs) -> Result<AdapterReport> {
         rep.modules.len()
     );
     println!(
-        "  {:<40} {:>5} {:>12} {:>12} {:>12}",
-        "module", "rank", "in × out", "‖B·A‖_F", "‖ΔW‖_F"
+        "  {:<40} {:>5} {:>12} {:>8} {:>12} {:>12}",
+        "module", "rank", "in × out", "scale", "‖B·A‖_F", "‖ΔW‖_F"
     );
     for m in &rep.modules {
         println!(
-            "  {:<40} {:>5} {:>12} {:>12.4e} {:>12.4e}",
+            "  {:<40} {:>5} {:>12} {:>8.4} {:>12.4e} {:>12.4e}",
             m.name,
             m.rank,
             format!("{}×{}", m.in_features, m.out_features),
+            m.scale,
             m.ba_norm,
             m.delta_norm
         );

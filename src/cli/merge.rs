@@ -75,7 +75,14 @@ pub fn run_merge(args: &MergeArgs) -> Result<PathBuf> {
     };
     if let Err(e) = build(&tmp) {
         let _ = std::fs::remove_dir_all(&tmp);
-        return Err(e);
+        // The temporary directory is gone: name the output the user asked for.
+        return Err(match e {
+            Error::Io { path, source } => Error::Io {
+                path: format!("{path} (building --out {})", out.display()),
+                source,
+            },
+            e => e,
+        });
     }
     if let Ok(d) = std::fs::File::open(&parent) {
         let _ = d.sync_all();

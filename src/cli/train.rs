@@ -43,7 +43,8 @@ pub struct TrainArgs {
     /// the end, adapter/.
     #[arg(long)]
     pub out: Option<PathBuf>,
-    /// Continue the run in this directory from its newest complete checkpoint.
+    /// Continue the run in this directory from its newest complete checkpoint (from step 0
+    /// with its saved options when it stopped before its first checkpoint).
     #[arg(long, value_name = "RUN")]
     pub resume: Option<PathBuf>,
     /// With --resume: accept options that differ from the run's.
@@ -439,13 +440,16 @@ pub fn run_train(args: &TrainArgs) -> Result<TrainSummary> {
                 )));
             }
             let cfg = parse_run_config(new, &path)?;
-            let ckpt = latest_checkpoint(run_dir)?.ok_or_else(|| {
-                Error::invalid(format!(
-                    "--resume {}: no complete checkpoint to resume from",
+            // No complete checkpoint (the run stopped before its first save): start over
+            // in the same directory with the same options.
+            let ckpt = latest_checkpoint(run_dir)?;
+            if ckpt.is_none() {
+                eprintln!(
+                    "--resume {}: no complete checkpoint yet; training from step 0",
                     run_dir.display()
-                ))
-            })?;
-            (cfg, run_dir.clone(), Some(ckpt))
+                );
+            }
+            (cfg, run_dir.clone(), ckpt)
         }
         None => {
             let model = args
@@ -512,7 +516,9 @@ pub fn run_train(args: &TrainArgs) -> Result<TrainSummary> {
             (trainer, cursor, at)
         }
         None => {
-            prepare_run_dir(&run_dir)?;
+            if args.resume.is_none() {
+                prepare_run_dir(&run_dir)?;
+            }
             let mut model = model;
             model.attach_lora(&lora_cfg, cfg.seed)?;
             let trainer = Trainer::new(model, &tcfg)?;

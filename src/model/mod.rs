@@ -24,6 +24,7 @@ use std::path::Path;
 
 mod generate;
 mod kv_cache;
+pub(crate) mod peft;
 pub use generate::{Sampler, SamplingConfig};
 pub use kv_cache::KvCache;
 
@@ -312,8 +313,10 @@ impl Gpt2 {
     /// Saves the adapters as PEFT does: `adapter_model.safetensors` (PEFT's key names,
     /// `lora_A [r, in]`, `lora_B [out, r]`) and `adapter_config.json` (`r`, `lora_alpha`,
     /// `target_modules`, `use_rslora`, `lora_dropout`, `fan_in_fan_out: true` for GPT-2's
-    /// Conv1D). q/k/v-third targets, which PEFT has no name for, are listed under
-    /// `lorafuse_targets`. Both files are written atomically.
+    /// Conv1D). q/k/v-third targets, which PEFT has no name for, are saved as one
+    /// block-structured `c_attn` adapter that PEFT loads exactly (`rank_pattern` and
+    /// `alpha_pattern` keep the scale), and `lorafuse_targets` keeps the exact layout (see
+    /// `model/peft.rs`). Both files are written atomically.
     pub fn save_adapters(&self, dir: &Path) -> Result<()> {
         let cfg = self
             .lora
@@ -326,94 +329,35 @@ impl Gpt2 {
         {
             return Err(Error::invalid("unmerge the adapters before saving them"));
         }
+        let tensors = peft::to_peft_tensors(self)?;
         std::fs::create_dir_all(dir).map_err(|e| checkpoint::io_err(dir, e))?;
-        let targets: Vec<&str> = cfg.targets.iter().map(|t| t.name()).collect();
-        let json = serde_json::json!({
-            "peft_type": "LORA",
-            "task_type": "CAUSAL_LM",
-            "r": cfg.r,
-            "lora_alpha": cfg.alpha,
-            "lora_dropout": cfg.dropout,
-            "use_rslora": cfg.use_rslora,
-            "fan_in_fan_out": true,
-            "bias": "none",
-            "target_modules": targets.iter().map(|t| t.split('.').next().unwrap_or(t)).collect::<std::collections::BTreeSet<_>>(),
-            "lorafuse_targets": targets,
-        });
-        let text = serde_json::to_string_pretty(&json)
+        let text = serde_json::to_string_pretty(&peft::config_json(cfg))
             .map_err(|e| Error::invalid(format!("adapter config: {e}")))?;
         let path = dir.join(ADAPTER_CONFIG_FILE);
         checkpoint::write_atomic(&path, |tmp| {
             std::fs::write(tmp, &text).map_err(|e| checkpoint::io_err(tmp, e))
         })?;
-        checkpoint::save_tensors(&dir.join(ADAPTER_WEIGHTS_FILE), &self.lora_params(), None)
+        checkpoint::save_tensors(&dir.join(ADAPTER_WEIGHTS_FILE), &tensors, None)
     }
 
-    /// Attaches the adapters saved by [`Gpt2::save_adapters`] in `dir` (this model must have
-    /// none yet). Every tensor must be present with its exact shape.
+    /// Attaches the adapters of a PEFT adapter directory `dir` (as [`Gpt2::save_adapters`]
+    /// writes, or PEFT for GPT-2; this model must have none yet). `target_modules` may be a
+    /// list or a regular expression; every tensor must be present with its exact shape;
+    /// PEFT features lorafuse does not implement (`rank_pattern`, DoRA, `modules_to_save`,
+    /// ...) are errors, never ignored. On error the model is unchanged.
     pub fn load_adapters(&mut self, dir: &Path) -> Result<()> {
         let cfg_path = dir.join(ADAPTER_CONFIG_FILE);
         let text =
             std::fs::read_to_string(&cfg_path).map_err(|e| checkpoint::io_err(&cfg_path, e))?;
         let bad = |msg: String| Error::format(cfg_path.display().to_string(), msg);
         let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
-        let r = v["r"]
-            .as_u64()
-            .ok_or_else(|| bad("missing integer `r`".into()))? as usize;
-        let alpha = v["lora_alpha"]
-            .as_f64()
-            .ok_or_else(|| bad("missing number `lora_alpha`".into()))?;
-        let names: Vec<String> = match v
-            .get("lorafuse_targets")
-            .or_else(|| v.get("target_modules"))
-        {
-            Some(serde_json::Value::Array(a)) => a
-                .iter()
-                .map(|x| {
-                    x.as_str()
-                        .map(str::to_string)
-                        .ok_or_else(|| bad("a target is not a string".into()))
-                })
-                .collect::<Result<_>>()?,
-            _ => return Err(bad("missing `target_modules`".into())),
-        };
-        let targets = names
-            .iter()
-            .map(|n| crate::lora::LoraTarget::parse(n))
-            .collect::<Result<Vec<_>>>()?;
-        let cfg = LoraConfig {
-            r,
-            alpha,
-            use_rslora: v["use_rslora"].as_bool().unwrap_or(false),
-            dropout: v["lora_dropout"].as_f64().unwrap_or(0.0),
-            targets,
-            ..Default::default()
-        };
+        let cfg = peft::parse_config(&v, self.config.n_layer).map_err(bad)?;
         let weights_path = dir.join(ADAPTER_WEIGHTS_FILE);
         let loaded = checkpoint::load_tensors(&weights_path)?;
         let mut staged = self.deep_clone()?;
         staged.attach_lora(&cfg, 0)?;
-        let want = staged.lora_params();
-        let wpath = weights_path.display().to_string();
-        if loaded.len() != want.len() {
-            return Err(Error::format(
-                wpath,
-                format!("{} tensors, expected {}", loaded.len(), want.len()),
-            ));
-        }
-        for (name, t) in &want {
-            let (_, src) = loaded
-                .iter()
-                .find(|(n, _)| n == name)
-                .ok_or_else(|| Error::format(wpath.clone(), format!("missing {name}")))?;
-            if src.dims() != t.dims() {
-                return Err(Error::format(
-                    wpath.clone(),
-                    format!("{name}: expected {}, found {}", t.shape(), src.shape()),
-                ));
-            }
-            t.assign(&src.to_vec_f64()?)?;
-        }
+        peft::load_peft_tensors(&staged, &loaded)
+            .map_err(|m| Error::format(weights_path.display().to_string(), m))?;
         // Only now, with every tensor checked, take the adapters over.
         for (mine, theirs) in self.blocks.iter_mut().zip(staged.blocks) {
             mine.c_attn.adapters = theirs.c_attn.adapters;
