@@ -13,6 +13,11 @@
 //!    planted-bug tests run as child processes.
 //!
 //! Everything lands in `$OUT_DIR/kernels.rs`, included by `src/device/kernels.rs`.
+//!
+//! The outputs depend on the inputs only (`inputs_key`), not on the profile, so a run
+//! whose inputs another profile's run already built (`cargo clippy`/`cargo doc` in `dev`,
+//! then `cargo test`) copies that run's `OUT_DIR` and repeats its `cargo:` lines instead
+//! of compiling everything again: CI pays for nvcc and the simulator once.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -56,10 +61,149 @@ fn main() {
     ] {
         println!("cargo:rerun-if-env-changed={var}");
     }
+    // Another profile (clippy's and doc's `dev` beside `test`) may have built exactly this
+    // already: reuse its outputs rather than compile everything again.
+    let key = inputs_key(&root, &kernels_dir);
+    if reuse_previous_run(&out, key) {
+        return;
+    }
+    build(&root, &out, &kernels_dir);
+    record_run(&out, key);
+}
+
+/// The variables whose values can change what `build` writes (ours, nvcc's search, and
+/// what the `cc` crate reads for the simulator). Not `OPT_LEVEL`: the simulator's
+/// optimisation level is set explicitly and nvcc ignores it, so `dev` and `test` builds
+/// (opt-level 0 and 2) produce identical outputs and share them.
+const KEY_VARS: [&str; 17] = [
+    "NVCC",
+    "CUDA_HOME",
+    "CUDA_PATH",
+    "PATH",
+    "LORAFUSE_REQUIRE_NVCC",
+    "LORAFUSE_NVCC_FLAGS",
+    "CC",
+    "CXX",
+    "CFLAGS",
+    "CXXFLAGS",
+    "AR",
+    "ARFLAGS",
+    "CRATE_CC_NO_DEFAULTS",
+    "TARGET",
+    "HOST",
+    "DEBUG",
+    "PROFILE",
+];
+
+/// A hash of everything `build` reads: build.rs, Cargo.lock (the `cc` version), every
+/// file under `kernels/`, [`KEY_VARS`] and nvcc's version.
+fn inputs_key(root: &Path, kernels_dir: &Path) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::hash::DefaultHasher::new();
+    for f in ["build.rs", "Cargo.lock"] {
+        std::fs::read(root.join(f)).ok().hash(&mut h);
+    }
+    let mut files = Vec::new();
+    let mut dirs = vec![kernels_dir.to_path_buf()];
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                dirs.push(p);
+            } else {
+                files.push(p);
+            }
+        }
+    }
+    files.sort();
+    for f in &files {
+        f.strip_prefix(kernels_dir).ok().hash(&mut h);
+        std::fs::read(f).ok().hash(&mut h);
+    }
+    for var in KEY_VARS {
+        (var, std::env::var_os(var)).hash(&mut h);
+    }
+    find_nvcc().and_then(|n| nvcc_version(&n)).hash(&mut h);
+    h.finish()
+}
+
+/// `target/<profile dir>/build/lorafuse-out-<key>`: the `OUT_DIR` of the last complete run
+/// with these inputs (profiles that share the folder share the file).
+fn run_index(out: &Path, key: u64) -> Option<PathBuf> {
+    Some(
+        out.parent()?
+            .parent()?
+            .join(format!("lorafuse-out-{key:016x}")),
+    )
+}
+
+/// The file in `OUT_DIR` saying that a run with these inputs finished.
+const COMPLETE: &str = ".lorafuse-complete";
+
+fn record_run(out: &Path, key: u64) {
+    write(&out.join(COMPLETE), &format!("{key:016x}"));
+    if let Some(index) = run_index(out, key) {
+        let _ = std::fs::write(index, out.display().to_string());
+    }
+}
+
+/// Copies a complete earlier run's `OUT_DIR` (same inputs, another profile) here and
+/// repeats what it told cargo (its `output` file, which cargo wrote when it finished),
+/// with its folder's path replaced by this one's. False when there is none to reuse.
+fn reuse_previous_run(out: &Path, key: u64) -> bool {
+    let Some(index) = run_index(out, key) else {
+        return false;
+    };
+    let Ok(prev) = std::fs::read_to_string(&index) else {
+        return false;
+    };
+    let prev = PathBuf::from(prev);
+    let complete = std::fs::read_to_string(prev.join(COMPLETE)).ok();
+    let told = prev.parent().map(|p| p.join("output"));
+    let (Some(told), true) = (
+        told,
+        complete.as_deref() == Some(&format!("{key:016x}")[..]),
+    ) else {
+        return false;
+    };
+    let (Ok(lines), true) = (std::fs::read_to_string(told), prev != out) else {
+        return false;
+    };
+    let (from, to) = (prev.display().to_string(), out.display().to_string());
+    if copy_tree(&prev, out).is_err() {
+        return false;
+    }
+    let table = out.join("kernels.rs");
+    match std::fs::read_to_string(&table) {
+        Ok(t) => write(&table, &t.replace(&from, &to)),
+        Err(_) => return false,
+    }
+    for line in lines.lines().filter(|l| l.starts_with("cargo:")) {
+        println!("{}", line.replace(&from, &to));
+    }
+    true
+}
+
+fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for e in std::fs::read_dir(from)? {
+        let e = e?;
+        let (src, dst) = (e.path(), to.join(e.file_name()));
+        if e.file_type()?.is_dir() {
+            copy_tree(&src, &dst)?;
+        } else {
+            std::fs::copy(&src, &dst)?;
+        }
+    }
+    Ok(())
+}
+
+/// nvcc, NVRTC sources and the simulator into `out`, and the table `out/kernels.rs`.
+fn build(root: &Path, out: &Path, kernels_dir: &Path) {
     let require_nvcc = env("LORAFUSE_REQUIRE_NVCC").as_deref() == Some("1");
 
     let common = read(&kernels_dir.join("common.cuh"));
-    let modules = discover(&kernels_dir);
+    let modules = discover(kernels_dir);
 
     // nvcc: PTX + cubins per module, compiled in parallel (nvcc is single-threaded).
     let nvcc = find_nvcc();
@@ -83,7 +227,7 @@ fn main() {
             let results: Vec<Result<NvccOutput, String>> = std::thread::scope(|s| {
                 let handles: Vec<_> = modules
                     .iter()
-                    .map(|m| s.spawn(|| compile_nvcc(nvcc, m, &kernels_dir, &out)))
+                    .map(|m| s.spawn(|| compile_nvcc(nvcc, m, kernels_dir, out)))
                     .collect();
                 handles
                     .into_iter()
@@ -110,7 +254,7 @@ fn main() {
         write(&out.join(format!("{}.nvrtc.cu", m.name)), &src);
     }
 
-    build_simulator(&root, &out, &modules);
+    build_simulator(root, out, &modules);
 
     // The generated table.
     let mut rs = String::new();

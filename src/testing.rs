@@ -215,6 +215,16 @@ pub fn current_test() -> String {
         .to_string()
 }
 
+/// Whether running an atomics-free kernel twice on `device` can give other bits: on the
+/// CPU and a GPU (thread scheduling) it can, so a bitwise second run checks the fixed
+/// reduction order. The simulator's schedule (block order, warp order after each barrier)
+/// is a function of its seed, the kernel and the launch geometry only, so within one
+/// process a second run repeats the first exactly and comparing them checks nothing —
+/// tests skip it there, which also halves their simulator time.
+pub fn rerun_can_differ(device: &Device) -> bool {
+    !matches!(device, Device::Sim)
+}
+
 /// Tests of this process that did not run ([`skip`]).
 static SKIPPED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 

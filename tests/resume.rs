@@ -179,7 +179,11 @@ fn resume_matches(device: &Device, dtype: DType, grad_accum: usize, rounding: Ro
 }
 
 fn resume_is_bitwise(device: &Device) {
-    resume_matches(device, DType::F32, 1, Rounding::NearestEven);
+    // f32 keeps no master weights or loss scale: on a device its state is a subset of
+    // bf16's, and the simulator's time is CI's limit.
+    if *device == Device::Cpu {
+        resume_matches(device, DType::F32, 1, Rounding::NearestEven);
+    }
     resume_matches(device, DType::BF16, 1, Rounding::Stochastic { seed: 5 });
     // Accumulation under loss scaling: each micro-batch's backward is seeded with S/2.
     resume_matches(device, DType::F16, 2, Rounding::NearestEven);

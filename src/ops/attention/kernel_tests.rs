@@ -4,14 +4,15 @@
 //! several 8- and 16-row inner tiles), B = 1 and 2, head dims 1, 3, 4, 5, 16, 64 and 128 (the
 //! inner tiles 32, 16 and 8), and the three storage dtypes. Device outputs start as NaN
 //! (fresh buffers are poisoned), so an element a kernel forgets to write fails the
-//! comparison; two runs must agree bit for bit (no atomics, fixed reduction order). On a
+//! comparison; two runs must agree bit for bit (no atomics, fixed reduction order; on the
+//! CPU and a GPU: see `testing::rerun_can_differ`). On a
 //! device also: the forward keeps O(T) bytes for the backward (no `[B, H, T, T]` tensor),
 //! and the launcher rejects bad inputs with an error. The tensor-core kernels (bf16/f16 at
 //! hd 64 and 128) have their own sweep over T = 1, 7, 63, 65, 127, 130 and a small
 //! multi-tile test for the planted-bug checks.
 
 use super::*;
-use crate::testing::{assert_close, rand_tensor, rng};
+use crate::testing::{assert_close, rand_tensor, rerun_can_differ, rng};
 use crate::DType;
 
 const DTYPES: [DType; 3] = [DType::F32, DType::BF16, DType::F16];
@@ -88,9 +89,11 @@ fn attention_matches_the_reference(device: &Device) {
                 tol(dtype),
             );
             // A second run gives the same bits (fixed reduction order, no atomics).
-            let (y2, gx2) = run(&xd, &gd, h);
-            assert_eq!(bits(&y), bits(&y2), "{name}: y differs between runs");
-            assert_eq!(bits(&gx), bits(&gx2), "{name}: dqkv differs between runs");
+            if rerun_can_differ(device) {
+                let (y2, gx2) = run(&xd, &gd, h);
+                assert_eq!(bits(&y), bits(&y2), "{name}: y differs between runs");
+                assert_eq!(bits(&gx), bits(&gx2), "{name}: dqkv differs between runs");
+            }
         }
     }
 }
@@ -127,9 +130,11 @@ fn check_tc_shapes(device: &Device, seed: &str, shapes: &[(usize, usize, usize, 
                 &gx64.to_vec_f64().unwrap(),
                 tol(dtype),
             );
-            let (y2, gx2) = run(&xd, &gd, h);
-            assert_eq!(bits(&y), bits(&y2), "{name}: y differs between runs");
-            assert_eq!(bits(&gx), bits(&gx2), "{name}: dqkv differs between runs");
+            if rerun_can_differ(device) {
+                let (y2, gx2) = run(&xd, &gd, h);
+                assert_eq!(bits(&y), bits(&y2), "{name}: y differs between runs");
+                assert_eq!(bits(&gx), bits(&gx2), "{name}: dqkv differs between runs");
+            }
         }
     }
 }
@@ -148,15 +153,19 @@ fn attention_tensor_core_pipelines(device: &Device) {
 }
 crate::test_device!(tc_pipelines, attention_tensor_core_pipelines);
 
-/// The tensor-core kernels at every edge: bf16 and f16 at head dims 64 and 128, and 32 (no
-/// tensor-core instantiation: the SIMT kernels), over T = 1, 7, 63, 65, 127, 130 (one to
-/// three 64-row blocks, partial K/V tiles of 64, 32 and 16 rows, the diagonal tile cut by
-/// T), and B = H = 2 at one T.
+/// The tensor-core kernels at every edge: bf16 and f16 at head dims 64 and 128 over T = 1,
+/// 7, 63, 65, 127, 130 (one to three 64-row blocks, partial K/V tiles of 64, 32 and 16
+/// rows, the diagonal tile cut by T), and B = H = 2 at one T. hd 64 at T = 130 and hd 128
+/// at T = 65 are `tc_pipelines`' shapes, not run twice.
 fn attention_tensor_cores_match_the_reference(device: &Device) {
     let mut shapes = Vec::new();
     for t in [1, 7, 63, 65, 127, 130] {
-        shapes.push((1, t, 64, 1));
-        shapes.push((1, t, 128, 1));
+        if t != 130 {
+            shapes.push((1, t, 64, 1));
+        }
+        if t != 65 {
+            shapes.push((1, t, 128, 1));
+        }
     }
     shapes.extend([(2, 65, 128, 2), (1, 65, 64, 2)]);
     check_tc_shapes(device, "attention_tc", &shapes);

@@ -113,13 +113,15 @@ fn decode_matches_the_reference(device: &Device) {
             // the end stays NaN).
             assert_eq!(bits(&kc), bits(&kc64), "{name}: key cache");
             assert_eq!(bits(&vc), bits(&vc64), "{name}: value cache");
-            let (y2, kc2, _) = run(&hist, &new, s, dtype, device);
-            assert_eq!(bits(&y), bits(&y2), "{name}: y differs between runs");
-            assert_eq!(
-                bits(&kc),
-                bits(&kc2),
-                "{name}: the cache differs between runs"
-            );
+            if crate::testing::rerun_can_differ(device) {
+                let (y2, kc2, _) = run(&hist, &new, s, dtype, device);
+                assert_eq!(bits(&y), bits(&y2), "{name}: y differs between runs");
+                assert_eq!(
+                    bits(&kc),
+                    bits(&kc2),
+                    "{name}: the cache differs between runs"
+                );
+            }
         }
     }
 }
