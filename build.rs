@@ -51,14 +51,7 @@ fn main() {
     let kernels_dir = root.join("kernels");
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-changed=kernels");
-    for var in [
-        "NVCC",
-        "CUDA_HOME",
-        "CUDA_PATH",
-        "PATH",
-        "LORAFUSE_REQUIRE_NVCC",
-        "LORAFUSE_NVCC_FLAGS",
-    ] {
+    for var in RERUN_VARS {
         println!("cargo:rerun-if-env-changed={var}");
     }
     // Another profile (clippy's and doc's `dev` beside `test`) may have built exactly this
@@ -71,17 +64,21 @@ fn main() {
     record_run(&out, key);
 }
 
-/// The variables whose values can change what `build` writes (ours, nvcc's search, and
-/// what the `cc` crate reads for the simulator). Not `OPT_LEVEL`: the simulator's
-/// optimisation level is set explicitly and nvcc ignores it, so `dev` and `test` builds
-/// (opt-level 0 and 2) produce identical outputs and share them.
-const KEY_VARS: [&str; 17] = [
+/// Our variables (nvcc's search and flags): a change reruns the build script.
+const RERUN_VARS: [&str; 6] = [
     "NVCC",
     "CUDA_HOME",
     "CUDA_PATH",
     "PATH",
     "LORAFUSE_REQUIRE_NVCC",
     "LORAFUSE_NVCC_FLAGS",
+];
+
+/// With [`RERUN_VARS`], the variables whose values can change what `build` writes (what
+/// the `cc` crate reads for the simulator, and cargo's). Not `OPT_LEVEL`: the simulator's
+/// optimisation level is set explicitly and nvcc ignores it, so `dev` and `test` builds
+/// (opt-level 0 and 2) produce identical outputs and share them.
+const KEY_VARS: [&str; 11] = [
     "CC",
     "CXX",
     "CFLAGS",
@@ -96,7 +93,7 @@ const KEY_VARS: [&str; 17] = [
 ];
 
 /// A hash of everything `build` reads: build.rs, Cargo.lock (the `cc` version), every
-/// file under `kernels/`, [`KEY_VARS`] and nvcc's version.
+/// file under `kernels/`, [`RERUN_VARS`], [`KEY_VARS`] and nvcc's version.
 fn inputs_key(root: &Path, kernels_dir: &Path) -> u64 {
     use std::hash::{Hash, Hasher};
     let mut h = std::hash::DefaultHasher::new();
@@ -120,7 +117,7 @@ fn inputs_key(root: &Path, kernels_dir: &Path) -> u64 {
         f.strip_prefix(kernels_dir).ok().hash(&mut h);
         std::fs::read(f).ok().hash(&mut h);
     }
-    for var in KEY_VARS {
+    for var in RERUN_VARS.iter().chain(&KEY_VARS) {
         (var, std::env::var_os(var)).hash(&mut h);
     }
     find_nvcc().and_then(|n| nvcc_version(&n)).hash(&mut h);

@@ -122,6 +122,19 @@ fn strs(args: &[&str]) -> Vec<String> {
     args.iter().map(|x| x.to_string()).collect()
 }
 
+/// `lorafuse merge` of `adapter` into the fixture's model, written to `out`.
+fn merge_args(f: &Fixture, adapter: &Path, out: &Path) -> Vec<String> {
+    strs(&[
+        "merge",
+        "--model",
+        s(&f.model),
+        "--adapter",
+        s(adapter),
+        "--out",
+        s(out),
+    ])
+}
+
 /// Runs and expects success; returns stdout.
 fn ok(args: &[String]) -> String {
     let out = run(args);
@@ -211,15 +224,7 @@ fn train_eval_generate_merge_inspect_on_the_cpu() {
     assert!(base.is_finite() && tuned.is_finite());
     assert_ne!(base, tuned);
     let merged = f.path("merged");
-    ok(&strs(&[
-        "merge",
-        "--model",
-        s(&f.model),
-        "--adapter",
-        s(&adapter),
-        "--out",
-        s(&merged),
-    ]));
+    ok(&merge_args(&f, &adapter, &merged));
     for file in ["config.json", "model.safetensors", "tokenizer.json"] {
         assert!(merged.join(file).is_file(), "{file}");
     }
@@ -229,18 +234,7 @@ fn train_eval_generate_merge_inspect_on_the_cpu() {
         "merged {merged_loss} vs unmerged {tuned}"
     );
     // merge refuses a non-empty output directory.
-    fails(
-        &strs(&[
-            "merge",
-            "--model",
-            s(&f.model),
-            "--adapter",
-            s(&adapter),
-            "--out",
-            s(&merged),
-        ]),
-        &["not empty"],
-    );
+    fails(&merge_args(&f, &adapter, &merged), &["not empty"]);
 
     // generate: greedy is reproducible; sampling is seeded.
     let gen = |extra: &[&str]| {
@@ -325,15 +319,7 @@ fn peft_loads_the_adapter_train_wrote_exactly() {
     ok(&f.train_args(&run_dir, &targets));
     let adapter = run_dir.join("adapter");
     let merged = f.path("merged");
-    ok(&strs(&[
-        "merge",
-        "--model",
-        s(&f.model),
-        "--adapter",
-        s(&adapter),
-        "--out",
-        s(&merged),
-    ]));
+    ok(&merge_args(&f, &adapter, &merged));
     let script = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/tests/python/check_peft_adapter.py"
@@ -609,18 +595,7 @@ fn a_full_disk_is_a_clear_error_and_leaves_nothing_half_written() {
 
     // merge: the merged model does not fit; nothing is left in its output directory.
     let merged = f.path("merged");
-    let out = run_on_a_full_disk(
-        8,
-        &strs(&[
-            "merge",
-            "--model",
-            s(&f.model),
-            "--adapter",
-            s(&run_dir.join("adapter")),
-            "--out",
-            s(&merged),
-        ]),
-    );
+    let out = run_on_a_full_disk(8, &merge_args(&f, &run_dir.join("adapter"), &merged));
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(

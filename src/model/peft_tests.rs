@@ -1,19 +1,9 @@
 use super::*;
-use crate::checkpoint::{self, Gpt2Config};
+use crate::checkpoint;
+use crate::model::tests::tiny;
 use crate::model::{ForwardOptions, ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE};
 use crate::{DType, Error};
 use rand::{Rng, SeedableRng};
-
-fn tiny() -> Gpt2Config {
-    Gpt2Config {
-        vocab_size: 11,
-        n_positions: 8,
-        n_embd: 8,
-        n_layer: 2,
-        n_head: 2,
-        layer_norm_epsilon: 1e-5,
-    }
-}
 
 /// A model with `targets` at rank 2 and random (non-zero) B's.
 fn adapted(targets: Vec<LoraTarget>, rslora: bool) -> Gpt2 {

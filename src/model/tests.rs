@@ -4,7 +4,8 @@ use crate::ops::profile;
 use crate::testing::{assert_close, check_grads, rng};
 use rand::Rng;
 
-fn tiny() -> Gpt2Config {
+/// 2 layers of width 8, vocabulary 11 (also the PEFT-format tests' model).
+pub(super) fn tiny() -> Gpt2Config {
     Gpt2Config {
         vocab_size: 11,
         n_positions: 8,
