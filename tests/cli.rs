@@ -813,9 +813,29 @@ fn study_on_a_checkpoint_writes_a_report_and_bad_input_writes_nothing() {
     let out = f.path("study");
     let args = |extra: &[&str]| {
         let mut v = strs(&[
-            "study", "--model", s(&f.model), "--data", s(&f.text), "--out", s(&out),
-            "--device", "cpu", "--seq-len", "16", "--batch", "2", "--steps", "1",
-            "--seeds", "2", "--ranks", "1,8", "--top-k", "2", "--val-fraction", "0.2",
+            "study",
+            "--model",
+            s(&f.model),
+            "--data",
+            s(&f.text),
+            "--out",
+            s(&out),
+            "--device",
+            "cpu",
+            "--seq-len",
+            "16",
+            "--batch",
+            "2",
+            "--steps",
+            "1",
+            "--seeds",
+            "2",
+            "--ranks",
+            "1,8",
+            "--top-k",
+            "2",
+            "--val-fraction",
+            "0.2",
             "--no-sim",
         ]);
         v.extend(strs(extra));
@@ -824,7 +844,13 @@ fn study_on_a_checkpoint_writes_a_report_and_bad_input_writes_nothing() {
     let leftovers = || {
         std::fs::read_dir(f.dir.path())
             .unwrap()
-            .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().contains(".tmp-"))
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .contains(".tmp-")
+            })
             .count()
     };
     for (extra, needle) in [
@@ -839,7 +865,10 @@ fn study_on_a_checkpoint_writes_a_report_and_bad_input_writes_nothing() {
         (&["--val-fraction", "0"], "--val-fraction"),
     ] {
         fails(&args(extra), &[needle]);
-        assert!(!out.exists() && leftovers() == 0, "{extra:?} wrote something");
+        assert!(
+            !out.exists() && leftovers() == 0,
+            "{extra:?} wrote something"
+        );
     }
     fails(
         &strs(&["study", "--model", s(&f.model), "--out", s(&out)]),
@@ -848,12 +877,26 @@ fn study_on_a_checkpoint_writes_a_report_and_bad_input_writes_nothing() {
     std::fs::create_dir_all(&out).unwrap();
     std::fs::write(out.join("mine.txt"), b"keep").unwrap();
     fails(&args(&[]), &["--out", "not an empty directory"]);
-    let names: Vec<_> = std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name()).collect();
+    let names: Vec<_> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
     assert_eq!(names, ["mine.txt"]);
     std::fs::remove_dir_all(&out).unwrap();
     let stdout = ok(&args(&[]));
-    assert!(stdout.contains("Table 7") && stdout.contains("perplexity"), "{stdout}");
-    for file in ["report.md", "report.json", "table6_rank.csv", "fig3_wq.png", "adapters/wq-r8-s0/adapter_model.safetensors", "full-ft/s1/model.safetensors", "base/config.json"] {
+    assert!(
+        stdout.contains("Table 7") && stdout.contains("perplexity"),
+        "{stdout}"
+    );
+    for file in [
+        "report.md",
+        "report.json",
+        "table6_rank.csv",
+        "fig3_wq.png",
+        "adapters/wq-r8-s0/adapter_model.safetensors",
+        "full-ft/s1/model.safetensors",
+        "base/config.json",
+    ] {
         assert!(out.join(file).exists(), "{file} missing");
     }
     assert_eq!(leftovers(), 0);

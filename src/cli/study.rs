@@ -8,7 +8,9 @@ use super::{check_f64, check_usize, load_model, load_tokenizer, pick_device, pic
 use crate::data::{Task, TaskGen};
 use crate::demo::{model_config, train_phase, PhaseConfig, K};
 use crate::model::Gpt2;
-use crate::study::{run_study as study, tables_markdown, write_report, RunSpec, StudyConfig, StudyReport, Workload};
+use crate::study::{
+    run_study as study, tables_markdown, write_report, RunSpec, StudyConfig, StudyReport, Workload,
+};
 use crate::text::{load_records, TextData, TextDataOptions};
 use crate::{checkpoint, DType, Error, Result};
 use clap::Args;
@@ -159,9 +161,19 @@ fn prepare(args: &StudyArgs, cfg: &StudyConfig) -> Result<(Gpt2, Workload, Strin
                 progress: cfg.progress,
             };
             let (base, pre) = train_phase("pretrain on task A", base, &mut gen_a, &phase)?;
-            eprintln!("base model: task A held-out exact match {:.1} %", 100.0 * pre.accuracy);
+            eprintln!(
+                "base model: task A held-out exact match {:.1} %",
+                100.0 * pre.accuracy
+            );
             let work = Workload::Demo { k: K, heldout: 256 };
-            Ok((base, work, format!("demo pair (pretrained {} steps on task A, adapted on task B)", args.pretrain_steps)))
+            Ok((
+                base,
+                work,
+                format!(
+                    "demo pair (pretrained {} steps on task A, adapted on task B)",
+                    args.pretrain_steps
+                ),
+            ))
         }
         Some(dir) => {
             let dtype = pick_dtype("auto", &device)?;
@@ -185,9 +197,23 @@ fn prepare(args: &StudyArgs, cfg: &StudyConfig) -> Result<(Gpt2, Workload, Strin
             let data = TextData::build(&tok, &records, &opts)?;
             data.train.check_vocab(model.config.vocab_size)?;
             if data.val.is_empty() {
-                return Err(Error::invalid("--data: too little text to hold out --val-fraction of it for evaluation"));
+                return Err(Error::invalid(
+                    "--data: too little text to hold out --val-fraction of it for evaluation",
+                ));
             }
-            Ok((model, Workload::Text { data }, format!("{} on {}", dir.display(), args.data.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "))))
+            Ok((
+                model,
+                Workload::Text { data },
+                format!(
+                    "{} on {}",
+                    dir.display(),
+                    args.data
+                        .iter()
+                        .map(|p| p.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            ))
         }
     }
 }
@@ -258,7 +284,11 @@ pub fn run_study_with(args: &StudyArgs, cfg: &StudyConfig) -> Result<StudyReport
     std::fs::rename(&tmp, &args.out).map_err(|e| checkpoint::io_err(&args.out, e))?;
     if cfg.progress {
         println!("{}", tables_markdown(&report));
-        println!("wrote {} (report.md, report.json, CSVs, heatmaps, adapters) in {:.1} s", args.out.display(), report.wall_s);
+        println!(
+            "wrote {} (report.md, report.json, CSVs, heatmaps, adapters) in {:.1} s",
+            args.out.display(),
+            report.wall_s
+        );
     }
     Ok(report)
 }

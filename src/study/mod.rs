@@ -397,7 +397,13 @@ fn qv_config(r: usize, alpha: f64) -> LoraConfig {
 
 /// Peak bytes of one training step on `device` (the model, AdamW's state and the step's
 /// activations), LoRA r = 4 on q, v and full fine-tuning.
-fn step_peaks(base: &Gpt2, work: &Workload, device: &Device, batch: usize, alpha: f64) -> Result<(u64, u64)> {
+fn step_peaks(
+    base: &Gpt2,
+    work: &Workload,
+    device: &Device,
+    batch: usize,
+    alpha: f64,
+) -> Result<(u64, u64)> {
     let mut peaks = [0u64; 2];
     for (i, lora) in [true, false].into_iter().enumerate() {
         device.reset_peak_memory();
@@ -413,7 +419,14 @@ fn step_peaks(base: &Gpt2, work: &Workload, device: &Device, batch: usize, alpha
         } else {
             model.set_full_finetune(true);
         }
-        let mut t = Trainer::new(model, &TrainConfig { total_steps: 2, warmup_steps: 0, ..Default::default() })?;
+        let mut t = Trainer::new(
+            model,
+            &TrainConfig {
+                total_steps: 2,
+                warmup_steps: 0,
+                ..Default::default()
+            },
+        )?;
         let mut next = work.batches(batch, 0)?;
         let (tokens, targets, b, s) = next()?;
         t.step(&tokens, &targets, b, s)?;
@@ -555,9 +568,11 @@ pub fn run_study(
     let bar = if cfg.progress {
         let bar = ProgressBar::new((all.len() * seeds.len()) as u64);
         bar.set_style(
-            ProgressStyle::with_template("study [{bar:30}] {pos}/{len} runs, {elapsed} elapsed, ETA {eta} {msg}")
-                .expect("valid template")
-                .progress_chars("=> "),
+            ProgressStyle::with_template(
+                "study [{bar:30}] {pos}/{len} runs, {elapsed} elapsed, ETA {eta} {msg}",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
         );
         bar
     } else {
@@ -627,7 +642,8 @@ pub fn run_study(
         targets: vec![Wt::Q, Wt::V],
         r,
     };
-    let a_of = |spec: &RunSpec, seed: u64, w: Wt| -> Matrix { find(spec, seed).taken.lora[&w].0.clone() };
+    let a_of =
+        |spec: &RunSpec, seed: u64, w: Wt| -> Matrix { find(spec, seed).taken.lora[&w].0.clone() };
 
     // §7.2: subspace similarity.
     let mut fig3 = Vec::new();
@@ -638,18 +654,34 @@ pub fn run_study(
         let n = w.name();
         fig3.push(Heat {
             name: format!("fig3_{}", n.to_lowercase()),
-            title: format!("φ(A_r={rs}, A_r={rl}, i, j), Δ{n}, layer {layer}, seed {}", seeds[0]),
+            title: format!(
+                "φ(A_r={rs}, A_r={rl}, i, j), Δ{n}, layer {layer}, seed {}",
+                seeds[0]
+            ),
             row_label: format!("i (r = {rs})"),
             col_label: format!("j (r = {rl})"),
-            values: phi_grid(&a_of(&qv(rs), seeds[0], w), &a_of(&qv(rl), seeds[0], w), rs, rl)?,
+            values: phi_grid(
+                &a_of(&qv(rs), seeds[0], w),
+                &a_of(&qv(rl), seeds[0], w),
+                rs,
+                rl,
+            )?,
         });
         if seeds.len() >= 2 {
             fig4.push(Heat {
                 name: format!("fig4_{}", n.to_lowercase()),
-                title: format!("φ(A_r={rl} seed {}, A'_r={rl} seed {}, i, j), Δ{n}, layer {layer}", seeds[0], seeds[1]),
+                title: format!(
+                    "φ(A_r={rl} seed {}, A'_r={rl} seed {}, i, j), Δ{n}, layer {layer}",
+                    seeds[0], seeds[1]
+                ),
                 row_label: format!("i (seed {})", seeds[0]),
                 col_label: format!("j (seed {})", seeds[1]),
-                values: phi_grid(&a_of(&qv(rl), seeds[0], w), &a_of(&qv(rl), seeds[1], w), rl, rl)?,
+                values: phi_grid(
+                    &a_of(&qv(rl), seeds[0], w),
+                    &a_of(&qv(rl), seeds[1], w),
+                    rl,
+                    rl,
+                )?,
             });
         }
         let mut top = Vec::new();
@@ -660,7 +692,12 @@ pub fn run_study(
             let g = phi_grid_of_bases(&u1, &u2)?;
             top.push(g[0][0]);
             let overlap = |i: usize| -> f64 {
-                u1.row(i).iter().zip(u2.row(i)).map(|(a, b)| a * b).sum::<f64>().powi(2)
+                u1.row(i)
+                    .iter()
+                    .zip(u2.row(i))
+                    .map(|(a, b)| a * b)
+                    .sum::<f64>()
+                    .powi(2)
             };
             rest.push(if rs > 1 {
                 (1..rs).map(overlap).sum::<f64>() / (rs - 1) as f64
@@ -685,7 +722,9 @@ pub fn run_study(
                 // Rows: ΔWq's top-j directions; columns: Wq's top-i.
                 fig8.push(Heat {
                     name: format!("fig8_wq_r{r}"),
-                    title: format!("φ(ΔWq r={r}, Wq, j, i): right singular directions, layer {layer}"),
+                    title: format!(
+                        "φ(ΔWq r={r}, Wq, j, i): right singular directions, layer {layer}"
+                    ),
                     row_label: format!("j (ΔWq, r = {r})"),
                     col_label: "i (Wq)".into(),
                     values: phi_grid_of_bases(&ud, &uw)?,
@@ -698,7 +737,12 @@ pub fn run_study(
     let rv = phi_grid(&g1, &g2, rl, rl)?;
     let mut random_cells = Vec::new();
     for (i, j) in [(1, 1), (1, rs), (rs, rs), (rs, rl), (rl, rl)] {
-        if i <= rl && j <= rl && !random_cells.iter().any(|c: &RandomCell| c.i == i && c.j == j) {
+        if i <= rl
+            && j <= rl
+            && !random_cells
+                .iter()
+                .any(|c: &RandomCell| c.i == i && c.j == j)
+        {
             random_cells.push(RandomCell {
                 i,
                 j,
@@ -768,7 +812,14 @@ pub fn run_study(
         }
         let counts = seeds
             .iter()
-            .map(|&s| Ok(intruder_count(&w0, &find(&full_spec, s).taken.full[&w], cfg.top_k, cfg.epsilon)? as f64))
+            .map(|&s| {
+                Ok(intruder_count(
+                    &w0,
+                    &find(&full_spec, s).taken.full[&w],
+                    cfg.top_k,
+                    cfg.epsilon,
+                )? as f64)
+            })
             .collect::<Result<Vec<_>>>()?;
         intruders.push(IntruderRow {
             method: "full FT".into(),
@@ -805,7 +856,10 @@ pub fn run_study(
     Ok(StudyReport {
         setup: Setup {
             workload: workload_name.into(),
-            model: format!("d_model {d}, {} layers, {} heads, vocab {}, context {}", c.n_layer, c.n_head, c.vocab_size, c.n_positions),
+            model: format!(
+                "d_model {d}, {} layers, {} heads, vocab {}, context {}",
+                c.n_layer, c.n_head, c.vocab_size, c.n_positions
+            ),
             seeds,
             steps: cfg.steps,
             batch: cfg.batch,

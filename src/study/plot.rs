@@ -37,7 +37,11 @@ pub(crate) fn viridis(t: f64) -> RGBColor {
         (170, 220, 50),
         (253, 231, 37),
     ];
-    let t = if t.is_finite() { t.clamp(0.0, 1.0) } else { 0.0 };
+    let t = if t.is_finite() {
+        t.clamp(0.0, 1.0)
+    } else {
+        0.0
+    };
     let x = t * (STOPS.len() - 1) as f64;
     let k = (x.floor() as usize).min(STOPS.len() - 2);
     let f = x - k as f64;
@@ -89,7 +93,10 @@ pub fn heatmap_png(h: &Heat) -> Result<Vec<u8>> {
             .draw_series(h.values.iter().enumerate().flat_map(|(i, row)| {
                 row.iter().enumerate().map(move |(j, &v)| {
                     let (x, y) = (j as f64 + 1.0, i as f64 + 1.0);
-                    Rectangle::new([(x - 0.5, y - 0.5), (x + 0.5, y + 0.5)], viridis(v).filled())
+                    Rectangle::new(
+                        [(x - 0.5, y - 0.5), (x + 0.5, y + 0.5)],
+                        viridis(v).filled(),
+                    )
                 })
             }))
             .map_err(draw_err)?;

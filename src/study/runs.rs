@@ -293,7 +293,11 @@ pub fn run_one(
     } else {
         let blk = &model.blocks[p.layer];
         for w in &spec.targets {
-            let lin = if *w == Wt::O { &blk.attn_c_proj } else { &blk.c_attn };
+            let lin = if *w == Wt::O {
+                &blk.attn_c_proj
+            } else {
+                &blk.c_attn
+            };
             let (_, suffix) = w.target().columns(3);
             let ad = lin
                 .adapters
