@@ -12,7 +12,8 @@
 //! - [`lora`]: PEFT-compatible adapters (r, α, rsLoRA, targets, merge/unmerge);
 //! - [`model`]: GPT-2 with GPT-2's parameter names and safetensors layout;
 //! - [`optim`]: mixed-precision AdamW, loss scaling, clipping, schedules;
-//! - [`data`]: the synthetic tasks of the demo;
+//! - [`data`]: the synthetic tasks of the demo, and [`demo`] its training loop;
+//! - [`study`]: the LoRA paper's §7 analyses (`lorafuse study`);
 //! - [`text`]: GPT-2's tokenizer, text datasets, packing and the resumable batch cursor.
 //!
 //! ```
@@ -37,6 +38,7 @@
 pub mod checkpoint;
 pub mod cli;
 pub mod data;
+pub mod demo;
 pub mod device;
 mod dtype;
 mod error;
@@ -47,6 +49,7 @@ pub mod ops;
 pub mod optim;
 mod shape;
 pub mod storage;
+pub mod study;
 mod tape;
 mod tensor;
 pub mod testing;

@@ -4,14 +4,12 @@
 //! it reaches.
 
 use clap::{Args, Parser, Subcommand};
-use indicatif::{ProgressBar, ProgressStyle};
-use lorafuse::checkpoint::Gpt2Config;
 use lorafuse::cli;
-use lorafuse::data::{is_exact, Batch, Task, TaskGen, MIN_VOCAB};
+use lorafuse::data::{Task, TaskGen};
+use lorafuse::demo::{accuracy, model_config, train_phase, PhaseConfig, K};
 use lorafuse::lora::{LoraConfig, LoraTarget};
 use lorafuse::model::{ForwardOptions, Gpt2};
 use lorafuse::testing::closeness;
-use lorafuse::train::{TrainConfig, Trainer};
 use lorafuse::{DType, Result};
 use std::time::Instant;
 
@@ -43,6 +41,9 @@ enum Command {
     Merge(cli::MergeArgs),
     /// An adapter's config, targets, ranks, parameter count and per-module norms.
     Inspect(cli::InspectArgs),
+    /// Why LoRA works: the LoRA paper's §7 analyses (which weights, which rank, subspace
+    /// similarity, ΔW vs W, intruder dimensions) run on lorafuse, written as a report.
+    Study(Box<cli::StudyArgs>),
 }
 
 #[derive(Args, Clone)]
@@ -77,9 +78,6 @@ struct DemoArgs {
     heldout: usize,
 }
 
-/// Input symbols per sequence (sequences are 2k+1 tokens).
-const K: usize = 8;
-
 fn main() {
     let parsed = Cli::parse();
     let result = match parsed.command {
@@ -90,6 +88,7 @@ fn main() {
         Some(Command::Generate(a)) => cli::run_generate(&a, &mut std::io::stdout()).map(drop),
         Some(Command::Merge(a)) => cli::run_merge(&a).map(drop),
         Some(Command::Inspect(a)) => cli::run_inspect(&a).map(drop),
+        Some(Command::Study(a)) => cli::run_study(&a).map(drop),
     };
     if let Err(e) = result {
         eprintln!("error: {e}");
@@ -97,89 +96,15 @@ fn main() {
     }
 }
 
-fn model_config() -> Gpt2Config {
-    Gpt2Config {
-        vocab_size: MIN_VOCAB,
-        n_positions: 2 * K + 1,
-        n_embd: 128,
-        n_layer: 2,
-        n_head: 4,
-        layer_norm_epsilon: 1e-5,
-    }
-}
-
-struct Phase {
-    accuracy: f64,
-    tokens_per_s: f64,
-    trainable: usize,
-    state_bytes: usize,
-    final_loss: f64,
-}
-
-fn train(
-    name: &str,
-    model: Gpt2,
-    gen: &mut TaskGen,
-    steps: usize,
-    args: &DemoArgs,
-    lr: f64,
-) -> Result<(Gpt2, Phase)> {
-    let trainable = model.trainable_param_count();
-    let cfg = TrainConfig {
+fn phase(args: &DemoArgs, steps: usize, lr: f64) -> PhaseConfig {
+    PhaseConfig {
+        steps,
+        batch: args.batch,
         lr,
-        min_lr: lr / 10.0,
-        warmup_steps: steps / 20,
-        total_steps: steps,
         seed: args.seed,
-        ..Default::default()
-    };
-    let mut trainer = Trainer::new(model, &cfg)?;
-    let bar = ProgressBar::new(steps as u64);
-    bar.set_style(
-        ProgressStyle::with_template("{prefix:>22} [{bar:30}] {pos}/{len} {msg}")
-            .expect("valid template")
-            .progress_chars("=> "),
-    );
-    bar.set_prefix(name.to_string());
-    let (mut tokens, mut loss, start) = (0usize, f64::NAN, Instant::now());
-    for i in 0..steps {
-        let b = gen.sample_batch(args.batch);
-        loss = trainer.step(&b.tokens, &b.targets, b.batch, b.seq)?.loss;
-        tokens += b.batch * b.seq;
-        if i % 10 == 0 || i + 1 == steps {
-            bar.set_message(format!("loss {loss:.4}"));
-        }
-        bar.inc(1);
+        heldout: args.heldout,
+        progress: true,
     }
-    let secs = start.elapsed().as_secs_f64();
-    bar.finish();
-    let state_bytes = trainer.optimizer().state_bytes();
-    let model = trainer.model;
-    let accuracy = accuracy(&model, gen, args)?;
-    Ok((
-        model,
-        Phase {
-            accuracy,
-            tokens_per_s: tokens as f64 / secs,
-            trainable,
-            state_bytes,
-            final_loss: loss,
-        },
-    ))
-}
-
-/// Held-out exact-match accuracy with batched greedy decoding.
-fn accuracy(model: &Gpt2, gen: &TaskGen, args: &DemoArgs) -> Result<f64> {
-    let held: Batch = gen.heldout(args.heldout, 0xE7A1);
-    let (p, k) = (gen.prompt_len(), gen.k());
-    let prompts: Vec<u32> = (0..held.batch)
-        .flat_map(|i| held.row(i)[..p].to_vec())
-        .collect();
-    let out = model.generate_greedy(&prompts, held.batch, k)?;
-    let hits = (0..held.batch)
-        .filter(|&i| is_exact(&out[i * k..(i + 1) * k], &held.row(i)[gen.answer_span()]))
-        .count();
-    Ok(hits as f64 / held.batch as f64)
 }
 
 /// Range checks of the demo's numeric options.
@@ -229,39 +154,33 @@ fn demo(args: &DemoArgs) -> Result<()> {
     let t0 = Instant::now();
     let base = Gpt2::new_random(&cfg, DType::F32, &device, args.seed)?;
     let mut gen_a = TaskGen::new(Task::A, K, args.seed)?;
-    let (pretrained, pre) = train(
+    let (pretrained, pre) = train_phase(
         "pretrain on task A",
         base,
         &mut gen_a,
-        args.pretrain_steps,
-        args,
-        3e-3,
+        &phase(args, args.pretrain_steps, 3e-3),
     )?;
 
     let mut gen_b = TaskGen::new(Task::B, K, args.seed + 1)?;
-    let base_acc_b = accuracy(&pretrained, &gen_b, args)?;
+    let base_acc_b = accuracy(&pretrained, &gen_b, args.heldout)?;
 
     let mut lora_model = pretrained.deep_clone()?;
     lora_model.attach_lora(&lora_cfg, args.seed + 2)?;
     let total = lora_model.param_count();
-    let (mut lora_model, lora) = train(
+    let (mut lora_model, lora) = train_phase(
         "LoRA on task B",
         lora_model,
         &mut gen_b,
-        args.finetune_steps,
-        args,
-        3e-3,
+        &phase(args, args.finetune_steps, 3e-3),
     )?;
 
     let mut gen_b_full = TaskGen::new(Task::B, K, args.seed + 1)?;
     let full_model = pretrained.deep_clone()?;
-    let (_, full) = train(
+    let (_, full) = train_phase(
         "full fine-tune on B",
         full_model,
         &mut gen_b_full,
-        args.finetune_steps,
-        args,
-        1e-3,
+        &phase(args, args.finetune_steps, 1e-3),
     )?;
 
     // Merged equals unmerged: logits on held-out prompts, then the accuracy once merged.
@@ -274,7 +193,7 @@ fn demo(args: &DemoArgs) -> Result<()> {
     let merged = lora_model
         .forward(&held.tokens, held.batch, held.seq, opts)?
         .to_vec_f64()?;
-    let merged_acc = accuracy(&lora_model, &gen_b, args)?;
+    let merged_acc = accuracy(&lora_model, &gen_b, args.heldout)?;
     let c = closeness(&merged, &unmerged);
 
     let pct = |a: usize, b: usize| 100.0 * a as f64 / b as f64;

@@ -58,11 +58,12 @@ fn unsafe_lives_only_in_the_device_layer_with_a_safety_comment() {
 #[test]
 fn the_model_trainer_cli_and_adapters_never_touch_storage_or_device_code() {
     let mut files = rust_files(&src().join("model"));
-    for layer in ["train", "cli", "text"] {
+    for layer in ["train", "cli", "text", "study"] {
         files.extend(rust_files(&src().join(layer)));
     }
     files.retain(|f| !f.ends_with("tests.rs"));
     files.push(src().join("lora.rs"));
+    files.push(src().join("demo.rs"));
     for f in files {
         let text = fs::read_to_string(&f).unwrap();
         let body = text.split("#[cfg(test)]").next().unwrap();

@@ -779,3 +779,100 @@ fn bad_input_is_a_clear_error_and_writes_nothing() {
         &["--batch"],
     );
 }
+
+/// `lorafuse study` on a checkpoint and its text (a tiny configuration), and its bad input:
+/// exit 1 naming the option, nothing written (no report, no temporary directory).
+#[test]
+fn study_on_a_checkpoint_writes_a_report_and_bad_input_writes_nothing() {
+    let f = Fixture::new();
+    let out = f.path("study");
+    let args = |extra: &[&str]| {
+        let mut v = strs(&[
+            "study",
+            "--model",
+            s(&f.model),
+            "--data",
+            s(&f.text),
+            "--out",
+            s(&out),
+            "--device",
+            "cpu",
+            "--seq-len",
+            "16",
+            "--batch",
+            "2",
+            "--steps",
+            "1",
+            "--seeds",
+            "2",
+            "--ranks",
+            "1,8",
+            "--top-k",
+            "2",
+            "--val-fraction",
+            "0.2",
+            "--no-sim",
+        ]);
+        v.extend(strs(extra));
+        v
+    };
+    let leftovers = || {
+        std::fs::read_dir(f.dir.path())
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .contains(".tmp-")
+            })
+            .count()
+    };
+    for (extra, needle) in [
+        (&["--seeds", "1"][..], "--seeds"),
+        (&["--steps", "0"], "--steps"),
+        (&["--epsilon", "2"], "--epsilon"),
+        (&["--lr", "NaN"], "--lr"),
+        (&["--ranks", "0"], "--ranks"),
+        (&["--ranks", "1,x"], "--ranks"),
+        (&["--ranks", "64"], "--ranks"),
+        (&["--layer", "5"], "--layer"),
+        (&["--val-fraction", "0"], "--val-fraction"),
+    ] {
+        fails(&args(extra), &[needle]);
+        assert!(
+            !out.exists() && leftovers() == 0,
+            "{extra:?} wrote something"
+        );
+    }
+    fails(
+        &strs(&["study", "--model", s(&f.model), "--out", s(&out)]),
+        &["--data"],
+    );
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::write(out.join("mine.txt"), b"keep").unwrap();
+    fails(&args(&[]), &["--out", "not an empty directory"]);
+    let names: Vec<_> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, ["mine.txt"]);
+    std::fs::remove_dir_all(&out).unwrap();
+    let stdout = ok(&args(&[]));
+    assert!(
+        stdout.contains("Table 7") && stdout.contains("perplexity"),
+        "{stdout}"
+    );
+    for file in [
+        "report.md",
+        "report.json",
+        "table6_rank.csv",
+        "fig3_wq.png",
+        "adapters/wq-r8-s0/adapter_model.safetensors",
+        "full-ft/s1/model.safetensors",
+        "base/config.json",
+    ] {
+        assert!(out.join(file).exists(), "{file} missing");
+    }
+    assert_eq!(leftovers(), 0);
+}

@@ -1,5 +1,5 @@
 //! The command-line front end's commands, callable from Rust as well: `train` (with
-//! `--resume`), `eval`, `generate`, `merge` and `inspect`. Each takes its [clap] argument
+//! `--resume`), `eval`, `generate`, `merge`, `inspect` and `study`. Each takes its [clap] argument
 //! struct and returns a [`Result`]; the `lorafuse` binary prints the error and exits 1.
 //!
 //! Every numeric option is range-checked before anything is read or written, and every
@@ -10,12 +10,14 @@ mod eval;
 mod generate;
 mod inspect;
 mod merge;
+mod study;
 mod train;
 
 pub use eval::{run_eval, EvalArgs, EvalReport};
 pub use generate::{run_generate, GenerateArgs};
 pub use inspect::{inspect_adapter, run_inspect, AdapterModule, AdapterReport, InspectArgs};
 pub use merge::{run_merge, MergeArgs};
+pub use study::{run_study, run_study_with, study_config, StudyArgs};
 pub use train::{run_train, RunConfig, TrainArgs, TrainSummary, RUN_CONFIG_FILE};
 
 use crate::checkpoint;
