@@ -89,14 +89,16 @@ pub enum Workload {
     },
 }
 
+/// One training batch: `(tokens, targets, batch, seq)`.
+pub type StudyBatch = (Vec<u32>, Vec<i32>, usize, usize);
+
+/// A stream of training batches.
+pub type BatchStream<'a> = Box<dyn FnMut() -> Result<StudyBatch> + 'a>;
+
 impl Workload {
     /// A stream of training batches for the run of `seed` (the demo: task B's stream;
     /// text: a shuffled cursor), `(tokens, targets, batch, seq)`.
-    pub fn batches(
-        &self,
-        batch: usize,
-        seed: u64,
-    ) -> Result<Box<dyn FnMut() -> Result<(Vec<u32>, Vec<i32>, usize, usize)> + '_>> {
+    pub fn batches(&self, batch: usize, seed: u64) -> Result<BatchStream<'_>> {
         Ok(match self {
             Workload::Demo { k, .. } => {
                 let mut gen = TaskGen::new(Task::B, *k, 1000 + seed)?;
