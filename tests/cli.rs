@@ -813,7 +813,13 @@ fn study_on_a_checkpoint_writes_a_report_and_bad_input_writes_nothing() {
             "0.2",
             "--no-sim",
         ]);
-        v.extend(strs(extra));
+        // An option given again replaces the one above (clap takes each once).
+        for pair in extra.chunks(2) {
+            match v.iter().position(|x| *x == pair[0]) {
+                Some(i) if pair.len() == 2 => v[i + 1] = pair[1].to_string(),
+                _ => v.extend(strs(pair)),
+            }
+        }
         v
     };
     let leftovers = || {
@@ -845,10 +851,11 @@ fn study_on_a_checkpoint_writes_a_report_and_bad_input_writes_nothing() {
             "{extra:?} wrote something"
         );
     }
-    fails(
-        &strs(&["study", "--model", s(&f.model), "--out", s(&out)]),
-        &["--data"],
-    );
+    // --model without --data: clap's usage error (exit 2, as for every missing argument).
+    let missing = run(&strs(&["study", "--model", s(&f.model), "--out", s(&out)]));
+    assert_eq!(missing.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("--data"));
+    assert!(!out.exists());
     std::fs::create_dir_all(&out).unwrap();
     std::fs::write(out.join("mine.txt"), b"keep").unwrap();
     fails(&args(&[]), &["--out", "not an empty directory"]);
