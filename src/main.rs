@@ -78,6 +78,11 @@ struct DemoArgs {
     heldout: usize,
 }
 
+/// The host heap counted, so `Device::Cpu.memory_stats()` reports real peak bytes (the
+/// study's memory table).
+#[global_allocator]
+static HEAP: lorafuse::device::CountingAllocator = lorafuse::device::CountingAllocator;
+
 fn main() {
     let parsed = Cli::parse();
     let result = match parsed.command {

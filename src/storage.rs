@@ -544,4 +544,12 @@ pub mod pool {
     pub fn reset_stats() {
         lock().stats = PoolStats::default();
     }
+
+    /// Gives every held buffer back to the allocator (e.g. before measuring a step's peak
+    /// host memory, so that buffers kept from earlier work neither hide nor inflate it).
+    pub fn release() {
+        let mut p = lock();
+        p.free.clear();
+        p.bytes = 0;
+    }
 }

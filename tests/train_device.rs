@@ -168,14 +168,20 @@ fn follows_the_cpu(device: &Device, size: Size) {
     let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
     let mut peaks = Vec::new();
     // f32 full fine-tuning and LoRA, each run twice on the device (determinism; not on
-    // the simulator, whose rerun repeats its schedule: `rerun_can_differ`), bf16 LoRA once, and f16 LoRA (dynamic loss scaling on the device) once: the simulator
-    // runs each launch on the CPU, and CI's time is the limit.
+    // the simulator, whose rerun repeats its schedule: `rerun_can_differ`), bf16 LoRA once
+    // (not on the simulator: its half-precision path is f16's, templated on the dtype, and
+    // bf16 trains there in `resume.rs` and `lora_step_device.rs`), and f16 LoRA (dynamic
+    // loss scaling on the device) once. The simulator runs each launch on the CPU, and
+    // CI's time is the limit.
     for (dtype, tol, l, runs) in [
         (DType::F32, 1e-4, None, 2),
         (DType::F32, 1e-4, Some(lora()), 2),
         (DType::BF16, 3e-2, Some(lora()), 1),
         (DType::F16, 1e-2, Some(lora()), 1),
     ] {
+        if dtype == DType::BF16 && *device == Device::Sim {
+            continue;
+        }
         let what = format!(
             "{device} {dtype} {}",
             if l.is_some() { "LoRA" } else { "full" }

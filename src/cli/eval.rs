@@ -1,9 +1,8 @@
 //! `lorafuse eval`: the loss and perplexity of a model (with an adapter or not) on text.
 
 use super::{check_usize, load_model, load_tokenizer, pick_device, pick_dtype};
-use crate::model::{ForwardOptions, Gpt2};
-use crate::ops::IGNORE_INDEX;
-use crate::text::{load_records, Sequences, TextData, TextDataOptions};
+use crate::text::{load_records, TextData, TextDataOptions};
+use crate::train::mean_loss;
 use crate::{Error, Result};
 use clap::Args;
 use std::path::PathBuf;
@@ -43,31 +42,6 @@ pub struct EvalReport {
     pub perplexity: f64,
     /// Tokens the loss counts.
     pub tokens: usize,
-}
-
-/// The mean loss over every counted token of `seqs`, in batches of `batch`, with no tape:
-/// `(loss, tokens)`.
-pub(crate) fn mean_loss(model: &Gpt2, seqs: &Sequences, batch: usize) -> Result<(f64, usize)> {
-    let (mut sum, mut n) = (0.0, 0usize);
-    for b in seqs.eval_batches(batch)? {
-        let count = b.targets.iter().filter(|&&t| t != IGNORE_INDEX).count();
-        if count == 0 {
-            continue;
-        }
-        let loss = model.loss(
-            &b.tokens,
-            &b.targets,
-            b.batch,
-            b.seq,
-            ForwardOptions::default(),
-        )?;
-        sum += loss.to_vec_f64()?[0] * count as f64;
-        n += count;
-    }
-    if n == 0 {
-        return Err(Error::invalid("no token to evaluate the loss on"));
-    }
-    Ok((sum / n as f64, n))
 }
 
 /// Runs `lorafuse eval` (see [`EvalArgs`]) and prints the result.

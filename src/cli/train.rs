@@ -2,11 +2,11 @@
 //! text, with crash-safe checkpoints, bit-identical `--resume`, held-out evaluation and a
 //! PEFT adapter at the end.
 
-use super::eval::mean_loss;
 use super::{check_f64, check_usize, load_model, load_tokenizer, pick_device, pick_dtype};
 use crate::lora::{LoraConfig, LoraInit, LoraTarget};
 use crate::optim::AdamWConfig;
 use crate::text::{load_records, BatchCursor, TextData, TextDataOptions};
+use crate::train::mean_loss;
 use crate::train::{diff_hyper_params, latest_checkpoint, TrainConfig, Trainer};
 use crate::{checkpoint, Error, Result};
 use clap::Args;

@@ -1,5 +1,6 @@
 //! Device-memory accounting: bytes in use and the peak, per device, counted by every
-//! device allocation of the crate (tensors, optimizer state, kernel scratch).
+//! device allocation of the crate (tensors, optimizer state, kernel scratch). On the CPU,
+//! the process's heap, counted by [`CountingAllocator`] when the program installs it.
 //!
 //! On a GPU the allocations come from the driver's stream-ordered pool
 //! (`cuMemAllocAsync`), which the CUDA backend tells to keep freed memory
@@ -9,7 +10,8 @@
 //! pool has reserved.
 
 use crate::Device;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 /// What one device's allocations and host transfers amount to (see
 /// [`Device::memory_stats`]).
@@ -64,6 +66,92 @@ fn counters(device: Device) -> &'static Counters {
     }
 }
 
+/// A global allocator that counts the host heap for [`Device::memory_stats`] on the CPU
+/// (bytes in use, the peak, allocations) and otherwise is the system allocator. The
+/// `lorafuse` binary installs it; a program embedding the crate opts in with
+///
+/// ```
+/// use lorafuse::device::CountingAllocator;
+/// use lorafuse::Device;
+///
+/// #[global_allocator]
+/// static HEAP: CountingAllocator = CountingAllocator;
+///
+/// fn main() {
+///     let before = Device::Cpu.memory_stats();
+///     let v = vec![0u8; 1 << 20];
+///     assert!(CountingAllocator::installed());
+///     assert!(Device::Cpu.memory_stats().in_use_bytes >= before.in_use_bytes + (1 << 20));
+///     drop(v);
+/// }
+/// ```
+///
+/// Without it, the CPU's counters stay at zero. The cost is three relaxed atomic updates
+/// per allocation.
+pub struct CountingAllocator;
+
+/// Set by the first allocation through [`CountingAllocator`].
+static HEAP_COUNTED: AtomicBool = AtomicBool::new(false);
+
+impl CountingAllocator {
+    /// Whether this process's heap is counted (the allocator is installed).
+    pub fn installed() -> bool {
+        HEAP_COUNTED.load(Ordering::Relaxed)
+    }
+}
+
+fn heap_grew(bytes: usize) {
+    let now = CPU.in_use.fetch_add(bytes as u64, Ordering::Relaxed) + bytes as u64;
+    CPU.peak.fetch_max(now, Ordering::Relaxed);
+}
+
+fn heap_shrank(bytes: usize) {
+    CPU.in_use.fetch_sub(bytes as u64, Ordering::Relaxed);
+}
+
+// SAFETY: every method forwards to `System` with the caller's arguments unchanged, so it
+// keeps `System`'s guarantees; the counters are atomics and never allocate.
+unsafe impl GlobalAlloc for CountingAllocator {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: the caller upholds `alloc`'s contract (non-zero size), passed on as is.
+        let p = unsafe { System.alloc(layout) };
+        if !p.is_null() {
+            HEAP_COUNTED.store(true, Ordering::Relaxed);
+            CPU.allocations.fetch_add(1, Ordering::Relaxed);
+            heap_grew(layout.size());
+        }
+        p
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: as `alloc`.
+        let p = unsafe { System.alloc_zeroed(layout) };
+        if !p.is_null() {
+            HEAP_COUNTED.store(true, Ordering::Relaxed);
+            CPU.allocations.fetch_add(1, Ordering::Relaxed);
+            heap_grew(layout.size());
+        }
+        p
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: `ptr` came from this allocator, that is from `System`, with `layout`.
+        unsafe { System.dealloc(ptr, layout) };
+        heap_shrank(layout.size());
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        // SAFETY: `ptr` came from `System` with `layout`; the caller upholds the rest.
+        let p = unsafe { System.realloc(ptr, layout, new_size) };
+        if !p.is_null() {
+            // The old block is gone and the new one is held (on failure, nothing changed).
+            heap_grew(new_size);
+            heap_shrank(layout.size());
+        }
+        p
+    }
+}
+
 /// Counts an allocation of `bytes` on `device`.
 pub(crate) fn allocated(device: Device, bytes: usize) {
     let c = counters(device);
@@ -91,7 +179,9 @@ pub(crate) fn freed(device: Device, bytes: usize) {
 
 impl Device {
     /// The bytes this process's tensors and buffers hold on this device, and the peak.
-    /// All zeros on the CPU (host memory is not counted here).
+    /// On the CPU: the whole heap of the process (tensors, the host buffer pool, the tape
+    /// and everything else) when the program installs [`CountingAllocator`], as the
+    /// `lorafuse` binary does; all zeros otherwise.
     ///
     /// ```
     /// use lorafuse::{DType, Device, Tensor};

@@ -65,7 +65,7 @@ mod staging;
 mod tidy;
 
 pub use cublas::{cublas_linear, cublas_unavailable_reason};
-pub use memory::MemoryStats;
+pub use memory::{CountingAllocator, MemoryStats};
 use std::sync::Arc;
 
 use crate::{Error, Result};

@@ -28,6 +28,7 @@ pub mod runs;
 pub use report::{report_markdown, tables_markdown, write_report};
 pub use runs::{RunSpec, Workload, Wt};
 
+use crate::device::CountingAllocator;
 use crate::lora::LoraConfig;
 use crate::model::{ForwardOptions, Gpt2};
 use crate::train::{TrainConfig, Trainer};
@@ -406,12 +407,24 @@ fn step_peaks(
 ) -> Result<(u64, u64)> {
     let mut peaks = [0u64; 2];
     for (i, lora) in [true, false].into_iter().enumerate() {
+        // Buffers pooled by earlier work would serve the step without raising the peak.
+        crate::storage::pool::release();
         device.reset_peak_memory();
         let before = device.memory_stats().in_use_bytes;
         let params = base
             .named_params()
             .into_iter()
-            .map(|(n, t)| Ok((n, t.to_device(device)?)))
+            // A copy on every device (`to_device` to the same device would share the
+            // storage): the step's peak counts its weights, and full fine-tuning leaves
+            // `base` as it was.
+            .map(|(n, t)| {
+                let copy = if t.device() == *device {
+                    t.deep_clone()?
+                } else {
+                    t.to_device(device)?
+                };
+                Ok((n, copy))
+            })
             .collect::<Result<Vec<_>>>()?;
         let mut model = Gpt2::from_params(&base.config, params)?;
         if lora {
@@ -430,8 +443,11 @@ fn step_peaks(
         let mut next = work.batches(batch, 0)?;
         let (tokens, targets, b, s) = next()?;
         t.step(&tokens, &targets, b, s)?;
-        peaks[i] = if *device == Device::Cpu {
-            // The CPU backend counts no allocation: the weights (f32) and AdamW's state.
+        peaks[i] = if *device != Device::Cpu || CountingAllocator::installed() {
+            device.memory_stats().peak_bytes.saturating_sub(before)
+        } else {
+            // No counted heap (a program that did not install the allocator): the weights
+            // and AdamW's state, without the activations.
             let weights: usize = t
                 .model
                 .named_params()
@@ -440,8 +456,6 @@ fn step_peaks(
                 .map(|(_, p)| p.elem_count() * 4)
                 .sum();
             (weights + t.optimizer().state_bytes()) as u64
-        } else {
-            device.memory_stats().peak_bytes.saturating_sub(before)
         };
     }
     Ok((peaks[0], peaks[1]))
@@ -835,7 +849,11 @@ pub fn run_study(
     if cfg.measure {
         let (l, f) = step_peaks(base, work, &Device::Cpu, cfg.batch, cfg.alpha)?;
         memory.push(MemoryRow {
-            device: "cpu (weights + AdamW state: the CPU backend counts no allocation)".into(),
+            device: if CountingAllocator::installed() {
+                "cpu (the heap's peak, by the counting allocator)".into()
+            } else {
+                "cpu (weights + AdamW state only: the heap is not counted in this program)".into()
+            },
             batch: cfg.batch,
             lora_peak: l,
             full_peak: f,

@@ -202,7 +202,7 @@ pub fn tables_markdown(r: &StudyReport) -> String {
         );
     }
     if !r.memory.is_empty() {
-        let _ = writeln!(w, "\nPeak bytes of one real training step (the simulator: every device allocation — model, AdamW state, activations — by `Device::memory_stats`; the CPU: weights and AdamW state), LoRA r = 4 on Wq, Wv vs full fine-tuning (paper: GPT-3 training VRAM 1.2 TB → 350 GB):\n");
+        let _ = writeln!(w, "\nPeak bytes of one real training step (the simulator: every device allocation — model, AdamW state, activations — by `Device::memory_stats`; the CPU: the process's heap, counted by its global allocator, from the model's copy to the end of the step), LoRA r = 4 on Wq, Wv vs full fine-tuning (paper: GPT-3 training VRAM 1.2 TB → 350 GB):\n");
         let _ = writeln!(w, "| device | batch | LoRA peak bytes | full FT peak bytes | LoRA / full |\n|---|---|---|---|---|");
         for m in &r.memory {
             let _ = writeln!(

@@ -6,7 +6,6 @@ use super::linalg::Matrix;
 use crate::data::{Task, TaskGen};
 use crate::lora::{LoraConfig, LoraTarget};
 use crate::model::{ForwardOptions, Gpt2};
-use crate::ops::IGNORE_INDEX;
 use crate::text::{BatchCursor, TextData};
 use crate::train::{TrainConfig, Trainer};
 use crate::{Error, Result};
@@ -136,26 +135,7 @@ impl Workload {
                 Ok((loss, crate::demo::accuracy(model, &gen, *heldout)?))
             }
             Workload::Text { data } => {
-                let (mut sum, mut n) = (0.0, 0usize);
-                for b in data.val.eval_batches(8)? {
-                    let count = b.targets.iter().filter(|&&t| t != IGNORE_INDEX).count();
-                    if count == 0 {
-                        continue;
-                    }
-                    let l = model.loss(
-                        &b.tokens,
-                        &b.targets,
-                        b.batch,
-                        b.seq,
-                        ForwardOptions::default(),
-                    )?;
-                    sum += l.to_vec_f64()?[0] * count as f64;
-                    n += count;
-                }
-                if n == 0 {
-                    return Err(Error::invalid("no held-out token to evaluate on"));
-                }
-                let loss = sum / n as f64;
+                let (loss, _) = crate::train::mean_loss(model, &data.val, 8)?;
                 Ok((loss, loss.exp()))
             }
         }

@@ -91,6 +91,7 @@ use crate::optim::{
     AdamW, AdamWConfig, DeviceLossScaler, DynamicLossScaler, PendingStepReport, StepOptions,
     StepReport, WarmupCosine,
 };
+use crate::text::Sequences;
 use crate::{ops, DType, Device, Error, Gradients, Result, Tape, Tensor};
 
 /// Hyper-parameters of a training run.
@@ -499,4 +500,34 @@ impl PendingStep {
             skipped: report.skipped,
         })
     }
+}
+
+/// The mean loss over every counted token of `seqs` (targets other than
+/// [`ops::IGNORE_INDEX`]), in batches of `batch`, with no tape: `(loss, tokens)`. What
+/// `lorafuse eval`, `train`'s held-out evaluation and the study report.
+pub fn mean_loss(model: &Gpt2, seqs: &Sequences, batch: usize) -> Result<(f64, usize)> {
+    let (mut sum, mut n) = (0.0, 0usize);
+    for b in seqs.eval_batches(batch)? {
+        let count = b
+            .targets
+            .iter()
+            .filter(|&&t| t != ops::IGNORE_INDEX)
+            .count();
+        if count == 0 {
+            continue;
+        }
+        let loss = model.loss(
+            &b.tokens,
+            &b.targets,
+            b.batch,
+            b.seq,
+            ForwardOptions::default(),
+        )?;
+        sum += loss.to_vec_f64()?[0] * count as f64;
+        n += count;
+    }
+    if n == 0 {
+        return Err(Error::invalid("no token to evaluate the loss on"));
+    }
+    Ok((sum / n as f64, n))
 }
