@@ -461,8 +461,8 @@ fn compile_nvcc(
 fn build_simulator(root: &Path, out: &Path, modules: &[Module]) {
     let kernels_dir = root.join("kernels");
     let sim_dir = kernels_dir.join("sim");
-    let gen = out.join("sim");
-    std::fs::create_dir_all(&gen).expect("creating $OUT_DIR/sim");
+    let generated = out.join("sim");
+    std::fs::create_dir_all(&generated).expect("creating $OUT_DIR/sim");
 
     // One translation unit per module (the .cu plus its registry entries), one table.
     let mut units = Vec::new();
@@ -480,7 +480,7 @@ fn build_simulator(root: &Path, out: &Path, modules: &[Module]) {
             writeln!(tu, "LF_SIM_ENTRY({k})").unwrap();
             all_kernels.push(k.clone());
         }
-        let p = gen.join(format!("{}.sim.cpp", m.name));
+        let p = generated.join(format!("{}.sim.cpp", m.name));
         write(&p, &tu);
         units.push(p);
     }
@@ -506,7 +506,7 @@ fn build_simulator(root: &Path, out: &Path, modules: &[Module]) {
         "    return 0;\n",
         "}\n",
     ));
-    let registry = gen.join("registry.cpp");
+    let registry = generated.join("registry.cpp");
     write(&registry, &reg);
     units.push(registry);
     units.push(sim_dir.join("runtime.cpp"));
@@ -531,7 +531,7 @@ fn build_simulator(root: &Path, out: &Path, modules: &[Module]) {
     let victim_main = sim_dir.join("victim_main.cpp");
     // The two builds are independent: run them side by side.
     let build_victim = |name: &str, flag: &str| -> String {
-        let exe = gen.join(format!("victim_{name}"));
+        let exe = generated.join(format!("victim_{name}"));
         let status = Command::new(compiler.path())
             .args([
                 "-std=c++20",

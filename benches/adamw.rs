@@ -19,7 +19,7 @@
 //! Without a GPU it prints `adamw/cuda: skipped (<reason>)` and runs a short CPU group
 //! over a small list. `cargo bench --bench adamw`.
 
-use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use lorafuse::optim::{AdamW, AdamWConfig, StepOptions};
 use lorafuse::{DType, Device, Gradients, Tensor};
 

@@ -12,7 +12,7 @@
 //! floor the header states. Every timed iteration ends with `Device::synchronize()`.
 //! Without a GPU the group prints `skipped`. `cargo bench --bench attention`.
 
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use lorafuse::ops::causal_attention;
 use lorafuse::{DType, Device, Tape, Tensor};
 use rand::SeedableRng;

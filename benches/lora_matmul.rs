@@ -24,8 +24,8 @@
 //!
 //! `cargo bench --bench lora_matmul`; BENCHMARKS.md records the numbers.
 
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use lorafuse::ops::{add, linear, lora_linear, matmul, scale, LoraTerm};
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use lorafuse::ops::{LoraTerm, add, linear, lora_linear, matmul, scale};
 use lorafuse::{DType, Device, Tape, Tensor};
 use rand::SeedableRng;
 use std::time::{Duration, Instant};

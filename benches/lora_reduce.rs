@@ -12,7 +12,7 @@
 //! K = 768, N = 2304, r = 16) and the headline (M = 8192, K = N = 4096, r = 16). Without a
 //! GPU, `lora_reduce/cuda` prints `skipped`. `cargo bench --bench lora_reduce`.
 
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use lorafuse::ops::bench_token_reduce;
 use lorafuse::{DType, Device, Tensor};
 use rand::SeedableRng;

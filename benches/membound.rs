@@ -17,7 +17,7 @@
 //! the fraction of `device_copy`'s GB/s (the headers predict ≥ 0.8). Without a GPU it prints
 //! `membound/cuda: skipped (<reason>)` and runs nothing. `cargo bench --bench membound`.
 
-use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use lorafuse::ops::{add, cross_entropy_fused_padded, embedding, gelu, layer_norm};
 use lorafuse::{DType, Device, Tape, Tensor};
 use rand::{Rng, SeedableRng};

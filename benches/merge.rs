@@ -12,8 +12,8 @@
 //! `r = 16`. Without one, `merge/cuda` prints `skipped` and a small f32 CPU group
 //! (512 × 512, `r = 16`) runs instead. `cargo bench --bench merge`.
 
-use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use lorafuse::ops::{lora_merge, lora_merge_with, LoraTerm};
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use lorafuse::ops::{LoraTerm, lora_merge, lora_merge_with};
 use lorafuse::optim::Rounding;
 use lorafuse::{DType, Device, Tensor};
 use rand::SeedableRng;

@@ -12,7 +12,7 @@
 //! printed beside it (`bench/pytorch/train_step_gpu.py` is PyTorch + PEFT's side). Without
 //! a GPU it prints `train_step/cuda: skipped (<reason>)`.
 
-use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use lorafuse::checkpoint::Gpt2Config;
 use lorafuse::lora::LoraConfig;
 use lorafuse::model::Gpt2;

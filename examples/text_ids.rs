@@ -7,7 +7,7 @@
 //! - `text_ids encode DIR`: reads one JSON string per line on stdin and prints, per line,
 //!   the JSON array of its ids under the tokenizer of model directory `DIR`.
 
-use lorafuse::text::{fixtures, Tokenizer};
+use lorafuse::text::{Tokenizer, fixtures};
 use std::io::{BufRead, Write};
 use std::path::Path;
 

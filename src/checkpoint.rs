@@ -682,7 +682,7 @@ fn decode(path: &Path, key: &str, view: &TensorView<'_>) -> Result<CpuStorage> {
             return Err(fmt_err(
                 path,
                 format!("{key}: dtype {d:?} is not supported (expected F32, F64, BF16 or F16)"),
-            ))
+            ));
         }
     };
     if n.checked_mul(size) != Some(view.data().len()) {
@@ -1056,10 +1056,11 @@ mod tests {
         let v = st.tensor("h.1.mlp.c_fc.weight").unwrap();
         assert_eq!(v.shape(), &[8, 32]);
         assert_eq!(v.dtype(), st_dtype(dtype));
-        assert!(st
-            .names()
-            .iter()
-            .all(|n| !n.starts_with(HF_PREFIX) && *n != "lm_head.weight"));
+        assert!(
+            st.names()
+                .iter()
+                .all(|n| !n.starts_with(HF_PREFIX) && *n != "lm_head.weight")
+        );
     }
 
     #[test]
@@ -1150,9 +1151,11 @@ mod tests {
         write_dir(dir.path(), &cfg_json(&cfg), &file);
         let (_, loaded) = load_gpt2(dir.path(), DType::F64).unwrap();
         assert_eq!(loaded.len(), gpt2_param_specs(&cfg).len());
-        assert!(loaded
-            .iter()
-            .all(|(n, t)| n != "lm_head.weight" && t.dtype() == DType::F64));
+        assert!(
+            loaded
+                .iter()
+                .all(|(n, t)| n != "lm_head.weight" && t.dtype() == DType::F64)
+        );
 
         let last = file.len() - 1;
         file[last].2[5] += 0.25;

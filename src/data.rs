@@ -58,12 +58,12 @@
 //!
 //! ```
 //! use lorafuse::data::{Task, TaskGen, SEP};
-//! let mut gen = TaskGen::new(Task::A, 8, 42)?;
-//! let b = gen.sample_batch(4);
+//! let mut tasks = TaskGen::new(Task::A, 8, 42)?;
+//! let b = tasks.sample_batch(4);
 //! assert_eq!((b.batch, b.seq), (4, 17));
 //! let row = b.row(0);
 //! assert_eq!(row[8], SEP);
-//! assert_eq!(&row[gen.answer_span()], gen.answer(&row[..8]).as_slice());
+//! assert_eq!(&row[tasks.answer_span()], tasks.answer(&row[..8]).as_slice());
 //! # Ok::<(), lorafuse::Error>(())
 //! ```
 

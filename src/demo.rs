@@ -2,11 +2,11 @@
 //! a tiny GPT ([`model_config`]) trained on the synthetic tasks of [`crate::data`], with a
 //! warmup + cosine schedule, and its held-out exact match by greedy decoding.
 
+use crate::Result;
 use crate::checkpoint::Gpt2Config;
-use crate::data::{is_exact, Batch, TaskGen, MIN_VOCAB};
+use crate::data::{Batch, MIN_VOCAB, TaskGen, is_exact};
 use crate::model::Gpt2;
 use crate::train::{TrainConfig, Trainer};
-use crate::Result;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::time::Instant;
 
@@ -61,7 +61,7 @@ pub struct Phase {
 pub fn train_phase(
     name: &str,
     model: Gpt2,
-    gen: &mut TaskGen,
+    r#gen: &mut TaskGen,
     cfg: &PhaseConfig,
 ) -> Result<(Gpt2, Phase)> {
     let trainable = model.trainable_param_count();
@@ -89,7 +89,7 @@ pub fn train_phase(
     };
     let (mut tokens, mut loss, start) = (0usize, f64::NAN, Instant::now());
     for i in 0..steps {
-        let b = gen.sample_batch(cfg.batch);
+        let b = r#gen.sample_batch(cfg.batch);
         loss = trainer.step(&b.tokens, &b.targets, b.batch, b.seq)?.loss;
         tokens += b.batch * b.seq;
         if i % 10 == 0 || i + 1 == steps {
@@ -101,7 +101,7 @@ pub fn train_phase(
     bar.finish();
     let state_bytes = trainer.optimizer().state_bytes();
     let model = trainer.model;
-    let accuracy = accuracy(&model, gen, cfg.heldout)?;
+    let accuracy = accuracy(&model, r#gen, cfg.heldout)?;
     Ok((
         model,
         Phase {
@@ -116,15 +116,15 @@ pub fn train_phase(
 
 /// Held-out exact-match accuracy of `n` held-out sequences (a fixed stream) with batched
 /// greedy decoding.
-pub fn accuracy(model: &Gpt2, gen: &TaskGen, n: usize) -> Result<f64> {
-    let held: Batch = gen.heldout(n, 0xE7A1);
-    let (p, k) = (gen.prompt_len(), gen.k());
+pub fn accuracy(model: &Gpt2, r#gen: &TaskGen, n: usize) -> Result<f64> {
+    let held: Batch = r#gen.heldout(n, 0xE7A1);
+    let (p, k) = (r#gen.prompt_len(), r#gen.k());
     let prompts: Vec<u32> = (0..held.batch)
         .flat_map(|i| held.row(i)[..p].to_vec())
         .collect();
     let out = model.generate_greedy(&prompts, held.batch, k)?;
     let hits = (0..held.batch)
-        .filter(|&i| is_exact(&out[i * k..(i + 1) * k], &held.row(i)[gen.answer_span()]))
+        .filter(|&i| is_exact(&out[i * k..(i + 1) * k], &held.row(i)[r#gen.answer_span()]))
         .count();
     Ok(hits as f64 / held.batch as f64)
 }

@@ -63,7 +63,7 @@ impl LoraTarget {
             _ => {
                 return Err(Error::invalid(format!(
                     "unknown LoRA target {s:?} (expected c_attn, c_attn.q, c_attn.k, c_attn.v, attn.c_proj, mlp.c_fc or mlp.c_proj)"
-                )))
+                )));
             }
         })
     }
@@ -309,24 +309,30 @@ mod tests {
             (20..30, "_v")
         );
         assert!(LoraTarget::parse("wq").is_err());
-        assert!(LoraConfig {
-            r: 0,
-            ..cfg.clone()
-        }
-        .validate()
-        .is_err());
-        assert!(LoraConfig {
-            dropout: 1.0,
-            ..cfg.clone()
-        }
-        .validate()
-        .is_err());
-        assert!(LoraConfig {
-            targets: vec![LoraTarget::CAttn, LoraTarget::CAttnQ],
-            ..cfg
-        }
-        .validate()
-        .is_err());
+        assert!(
+            LoraConfig {
+                r: 0,
+                ..cfg.clone()
+            }
+            .validate()
+            .is_err()
+        );
+        assert!(
+            LoraConfig {
+                dropout: 1.0,
+                ..cfg.clone()
+            }
+            .validate()
+            .is_err()
+        );
+        assert!(
+            LoraConfig {
+                targets: vec![LoraTarget::CAttn, LoraTarget::CAttnQ],
+                ..cfg
+            }
+            .validate()
+            .is_err()
+        );
     }
 
     fn random_adapter(

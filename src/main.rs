@@ -6,7 +6,7 @@
 use clap::{Args, Parser, Subcommand};
 use lorafuse::cli;
 use lorafuse::data::{Task, TaskGen};
-use lorafuse::demo::{accuracy, model_config, train_phase, PhaseConfig, K};
+use lorafuse::demo::{K, PhaseConfig, accuracy, model_config, train_phase};
 use lorafuse::lora::{LoraConfig, LoraTarget};
 use lorafuse::model::{ForwardOptions, Gpt2};
 use lorafuse::testing::closeness;
@@ -154,7 +154,13 @@ fn demo(args: &DemoArgs) -> Result<()> {
     lora_cfg.validate()?;
     println!(
         "lorafuse demo on {device} ({why}): GPT d_model {} × {} layers × {} heads, vocab {}, context {}; batch {} × {} tokens",
-        cfg.n_embd, cfg.n_layer, cfg.n_head, cfg.vocab_size, cfg.n_positions, args.batch, cfg.n_positions
+        cfg.n_embd,
+        cfg.n_layer,
+        cfg.n_head,
+        cfg.vocab_size,
+        cfg.n_positions,
+        args.batch,
+        cfg.n_positions
     );
     let t0 = Instant::now();
     let base = Gpt2::new_random(&cfg, DType::F32, &device, args.seed)?;
@@ -233,24 +239,33 @@ fn demo(args: &DemoArgs) -> Result<()> {
         "training tokens/s", lora.tokens_per_s, full.tokens_per_s
     );
     println!();
-    println!("base model (pretrained on A): task A {:.1}%, task B {:.1}% held-out exact match; pretraining {:.0} tokens/s", 100.0 * pre.accuracy, 100.0 * base_acc_b, pre.tokens_per_s);
-    println!("LoRA reaches {:.1}% of full fine-tuning's accuracy with {:.2}% of its trainable parameters", pct_f(lora.accuracy, full.accuracy), pct(lora.trainable, full.trainable));
+    println!(
+        "base model (pretrained on A): task A {:.1}%, task B {:.1}% held-out exact match; pretraining {:.0} tokens/s",
+        100.0 * pre.accuracy,
+        100.0 * base_acc_b,
+        pre.tokens_per_s
+    );
+    println!(
+        "LoRA reaches {:.1}% of full fine-tuning's accuracy with {:.2}% of its trainable parameters",
+        pct_f(lora.accuracy, full.accuracy),
+        pct(lora.trainable, full.trainable)
+    );
     println!(
         "merged == unmerged: logits rel-L2 {:.2e}, max abs {:.2e}; accuracy merged {:.1}% vs unmerged {:.1}% [{}]",
         c.rel_l2,
         c.max_abs,
         100.0 * merged_acc,
         100.0 * lora.accuracy,
-        if c.rel_l2 < 1e-5 && merged_acc == lora.accuracy { "ok" } else { "MISMATCH" }
+        if c.rel_l2 < 1e-5 && merged_acc == lora.accuracy {
+            "ok"
+        } else {
+            "MISMATCH"
+        }
     );
     println!("total time {:.1} s", t0.elapsed().as_secs_f64());
     Ok(())
 }
 
 fn pct_f(a: f64, b: f64) -> f64 {
-    if b > 0.0 {
-        100.0 * a / b
-    } else {
-        0.0
-    }
+    if b > 0.0 { 100.0 * a / b } else { 0.0 }
 }

@@ -39,11 +39,7 @@ pub(crate) fn exp_f32(x: f32) -> f32 {
                 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
     let scale = f32::from_bits(n_bits.wrapping_add(127) << 23);
     let y = p * scale;
-    if x < MIN_ARG {
-        0.0
-    } else {
-        y
-    }
+    if x < MIN_ARG { 0.0 } else { y }
 }
 
 /// `tanh(x)` for f32: an odd Taylor polynomial for `|x| < 0.125` (no cancellation), and

@@ -2,7 +2,7 @@
 //! replays them in reverse, accumulating gradients.
 
 use crate::tensor::TensorId;
-use crate::{ops, Error, Result, Tensor};
+use crate::{Error, Result, Tensor, ops};
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
@@ -108,7 +108,7 @@ impl Tape {
             _ => {
                 return Err(Error::invalid(
                     "backward: the output is not recorded on this tape",
-                ))
+                ));
             }
         }
         Error::check_same_shape("backward", out.shape(), seed.shape())?;

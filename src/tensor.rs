@@ -387,6 +387,13 @@ impl Tensor {
         }
     }
 
+    /// Gives every host buffer the CPU's pool holds back to the allocator (e.g. before
+    /// measuring a step's peak host memory: pooled buffers from earlier work would serve
+    /// the step without raising the peak). Live tensors are not touched.
+    pub fn release_host_pool() {
+        crate::storage::pool::release();
+    }
+
     /// A copy on `device` (untracked); the same handle when it is already there.
     ///
     /// ```

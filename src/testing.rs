@@ -184,7 +184,9 @@ pub fn check_grads(
             let (a, num) = (analytic[j], numeric[k]);
             let err = (a - num).abs() / a.abs().max(num.abs()).max(1e-2 * scale).max(1e-12);
             if err.is_nan() || err > tol {
-                panic!("{name}: input {i} element {j}: analytic {a:.10e} vs numeric {num:.10e} (rel err {err:.3e} > {tol:.1e})");
+                panic!(
+                    "{name}: input {i} element {j}: analytic {a:.10e} vs numeric {num:.10e} (rel err {err:.3e} > {tol:.1e})"
+                );
             }
             worst = worst.max(err);
         }
@@ -251,7 +253,9 @@ pub fn skip_summary(n: usize) -> String {
     } else {
         ("tests", "them")
     };
-    format!("lorafuse: {n} {tests} of this binary did not run (SKIPPED above); the harness counts {them} as passed\n")
+    format!(
+        "lorafuse: {n} {tests} of this binary did not run (SKIPPED above); the harness counts {them} as passed\n"
+    )
 }
 
 extern "C" fn print_skip_summary() {
@@ -268,10 +272,10 @@ extern "C" fn print_skip_summary() {
 #[track_caller]
 pub fn skip(test: &str, why: &str, require: Option<&str>) {
     use std::io::Write;
-    if let Some(var) = require {
-        if std::env::var(var).as_deref() == Ok("1") {
-            panic!("{test}: {var}=1 but {why}");
-        }
+    if let Some(var) = require
+        && std::env::var(var).as_deref() == Ok("1")
+    {
+        panic!("{test}: {var}=1 but {why}");
     }
     println!("{test}: skipped ({why})");
     let n = SKIPPED.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;

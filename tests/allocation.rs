@@ -3,7 +3,7 @@
 //! test in the process touches the pool's counters).
 
 use lorafuse::checkpoint::Gpt2Config;
-use lorafuse::data::{Task, TaskGen, MIN_VOCAB};
+use lorafuse::data::{MIN_VOCAB, Task, TaskGen};
 use lorafuse::lora::LoraConfig;
 use lorafuse::model::Gpt2;
 use lorafuse::storage::pool;
@@ -26,8 +26,8 @@ fn steady_state_steps_take_every_buffer_from_the_pool() {
             model.attach_lora(&LoraConfig::default(), 1).unwrap();
         }
         let mut t = Trainer::new(model, &TrainConfig::default()).unwrap();
-        let mut gen = TaskGen::new(Task::A, 8, 0).unwrap();
-        let b = gen.sample_batch(16);
+        let mut r#gen = TaskGen::new(Task::A, 8, 0).unwrap();
+        let b = r#gen.sample_batch(16);
         for _ in 0..2 {
             t.step(&b.tokens, &b.targets, b.batch, b.seq).unwrap();
         }

@@ -5,7 +5,7 @@
 //! bad input of the list: exit code 1, a message naming the file or option, and
 //! nothing written.
 
-use lorafuse::text::fixtures::{self, TokenizerFiles, TINY_CORPUS};
+use lorafuse::text::fixtures::{self, TINY_CORPUS, TokenizerFiles};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -199,9 +199,11 @@ fn train_eval_generate_merge_inspect_on_the_cpu() {
     }
     let steps = step_lines(&run_dir);
     assert_eq!(steps.len(), 6);
-    assert!(steps
-        .iter()
-        .all(|v| v["loss"].as_f64().unwrap().is_finite()));
+    assert!(
+        steps
+            .iter()
+            .all(|v| v["loss"].as_f64().unwrap().is_finite())
+    );
     let evals = std::fs::read_to_string(run_dir.join("metrics.jsonl"))
         .unwrap()
         .matches("val_loss")
@@ -237,7 +239,7 @@ fn train_eval_generate_merge_inspect_on_the_cpu() {
     fails(&merge_args(&f, &adapter, &merged), &["not empty"]);
 
     // generate: greedy is reproducible; sampling is seeded.
-    let gen = |extra: &[&str]| {
+    let r#gen = |extra: &[&str]| {
         let mut a = strs(&["generate", "--model", s(&f.model), "--adapter", s(&adapter)]);
         a.extend(strs(&[
             "--prompt",
@@ -250,10 +252,10 @@ fn train_eval_generate_merge_inspect_on_the_cpu() {
         a.extend(strs(extra));
         ok(&a)
     };
-    let g1 = gen(&["--temperature", "0"]);
+    let g1 = r#gen(&["--temperature", "0"]);
     assert!(g1.starts_with("The cat"), "{g1}");
-    assert_eq!(g1, gen(&["--temperature", "0"]));
-    let s1 = gen(&[
+    assert_eq!(g1, r#gen(&["--temperature", "0"]));
+    let s1 = r#gen(&[
         "--temperature",
         "0.8",
         "--top-k",
@@ -265,7 +267,7 @@ fn train_eval_generate_merge_inspect_on_the_cpu() {
     ]);
     assert_eq!(
         s1,
-        gen(&[
+        r#gen(&[
             "--temperature",
             "0.8",
             "--top-k",
@@ -463,10 +465,12 @@ fn a_run_killed_with_sigkill_resumes_from_its_newest_complete_checkpoint() {
     let out = ok(&strs(&["train", "--resume", s(&run_dir), "--quiet"]));
     assert!(out.contains(&format!("steps {newest}..400")), "{out}");
     assert_eq!(step_lines(&run_dir).len(), 400);
-    assert!(run_dir
-        .join("adapter")
-        .join("adapter_model.safetensors")
-        .is_file());
+    assert!(
+        run_dir
+            .join("adapter")
+            .join("adapter_model.safetensors")
+            .is_file()
+    );
 }
 
 /// SIGINT saves a checkpoint of the step reached and exits 0.
@@ -480,11 +484,13 @@ fn sigint_saves_a_checkpoint_and_exits_zero() {
         step_lines(&run_dir).len() >= 3
     });
     let pid = child.id().to_string();
-    assert!(Command::new("kill")
-        .args(["-INT", &pid])
-        .status()
-        .unwrap()
-        .success());
+    assert!(
+        Command::new("kill")
+            .args(["-INT", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
     let out = child.wait_with_output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{}: {stdout}", out.status);
@@ -750,7 +756,7 @@ fn bad_input_is_a_clear_error_and_writes_nothing() {
     );
 
     // generate's and eval's numbers.
-    let gen = |extra: &[&str], needle: &str| {
+    let r#gen = |extra: &[&str], needle: &str| {
         let mut a = strs(&[
             "generate",
             "--model",
@@ -763,9 +769,9 @@ fn bad_input_is_a_clear_error_and_writes_nothing() {
         a.extend(strs(extra));
         fails(&a, &[needle]);
     };
-    gen(&["--temperature", "-1"], "temperature");
-    gen(&["--top-p", "0"], "top_p");
-    gen(&["--max-new-tokens", "100"], "context");
+    r#gen(&["--temperature", "-1"], "temperature");
+    r#gen(&["--top-p", "0"], "top_p");
+    r#gen(&["--max-new-tokens", "100"], "context");
     fails(
         &strs(&[
             "eval",

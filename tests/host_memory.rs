@@ -3,7 +3,7 @@
 //! it lives, and a LoRA step peaks below a full fine-tuning step of the same model.
 
 use lorafuse::checkpoint::Gpt2Config;
-use lorafuse::data::{Task, TaskGen, MIN_VOCAB};
+use lorafuse::data::{MIN_VOCAB, Task, TaskGen};
 use lorafuse::device::CountingAllocator;
 use lorafuse::lora::LoraConfig;
 use lorafuse::model::Gpt2;

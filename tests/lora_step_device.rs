@@ -5,7 +5,7 @@
 //! `kernels/elementwise.cu` and the update on `kernels/adamw.cu`. After three steps the
 //! adapters must match the same steps on the CPU within the bf16 tolerance of DESIGN §6.
 
-use lorafuse::ops::{gelu, lora_linear, LoraTerm};
+use lorafuse::ops::{LoraTerm, gelu, lora_linear};
 use lorafuse::optim::{AdamW, AdamWConfig, StepOptions};
 use lorafuse::testing::{assert_close, rand_tensor, rng};
 use lorafuse::{DType, Device, Tape, Tensor};

@@ -8,11 +8,11 @@
 //! `latest_checkpoint` finds and which resumes.
 
 use lorafuse::checkpoint::Gpt2Config;
-use lorafuse::data::{Batch, Task, TaskGen, MIN_VOCAB};
+use lorafuse::data::{Batch, MIN_VOCAB, Task, TaskGen};
 use lorafuse::lora::{LoraConfig, LoraTarget};
 use lorafuse::model::Gpt2;
 use lorafuse::optim::{AdamWConfig, ParamStateOwned, Rounding};
-use lorafuse::train::{latest_checkpoint, read_checkpoint_state, TrainConfig, Trainer};
+use lorafuse::train::{TrainConfig, Trainer, latest_checkpoint, read_checkpoint_state};
 use lorafuse::{DType, Device};
 use serde_json::json;
 use std::path::Path;
@@ -59,8 +59,8 @@ fn train_config(total: usize, grad_accum: usize, rounding: Rounding) -> TrainCon
 }
 
 fn batches(n: usize) -> Vec<Batch> {
-    let mut gen = TaskGen::new(Task::A, 4, 3).unwrap();
-    (0..n).map(|_| gen.sample_batch(2)).collect()
+    let mut r#gen = TaskGen::new(Task::A, 4, 3).unwrap();
+    (0..n).map(|_| r#gen.sample_batch(2)).collect()
 }
 
 /// The base model (seed 0) with adapters initialised from `lora_seed`.
@@ -244,8 +244,8 @@ fn resume_attaches_the_adapters_when_the_model_has_none() {
 const CHILD_DIR: &str = "LORAFUSE_RESUME_TEST_CHILD_DIR";
 
 /// Run by `an_aborted_save_leaves_the_previous_checkpoint` in a child process: trains
-/// and saves at steps 1 and 2; the second save aborts (the test hook is set by the
-/// parent to fire from the second save on, see there). Does nothing in a normal run.
+/// and saves at steps 1 and 2; the second save aborts (the parent sets the test hook to
+/// `files@2`: only step 2's save). Does nothing in a normal run.
 #[test]
 fn child_saves_until_aborted() {
     let Ok(dir) = std::env::var(CHILD_DIR) else {
@@ -257,10 +257,8 @@ fn child_saves_until_aborted() {
     let bs = batches(2);
     let mut t = Trainer::new(model(&d, DType::F32, Some(1)), &tc).unwrap();
     train(&mut t, &bs[..1]);
-    let hook = std::env::var("LORAFUSE_TEST_ABORT_IN_SAVE_LATER").unwrap();
     t.save_checkpoint(dir, &json!({"cursor": 1}), None).unwrap();
     train(&mut t, &bs[1..]);
-    std::env::set_var("LORAFUSE_TEST_ABORT_IN_SAVE", hook);
     t.save_checkpoint(dir, &json!({"cursor": 2}), None).unwrap();
     unreachable!("the save should have aborted");
 }
@@ -285,8 +283,7 @@ fn an_aborted_save_leaves_the_previous_checkpoint() {
                 "--test-threads=1",
             ])
             .env(CHILD_DIR, dir.path())
-            .env("LORAFUSE_TEST_ABORT_IN_SAVE_LATER", files.to_string())
-            .env_remove("LORAFUSE_TEST_ABORT_IN_SAVE")
+            .env("LORAFUSE_TEST_ABORT_IN_SAVE", format!("{files}@2"))
             .output()
             .unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);

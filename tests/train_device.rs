@@ -10,7 +10,7 @@
 //! allocations (the counters are per device and process-wide).
 
 use lorafuse::checkpoint::Gpt2Config;
-use lorafuse::data::{Task, TaskGen, MIN_VOCAB};
+use lorafuse::data::{MIN_VOCAB, Task, TaskGen};
 use lorafuse::lora::{LoraConfig, LoraTarget};
 use lorafuse::model::ForwardOptions;
 use lorafuse::model::Gpt2;
@@ -118,14 +118,14 @@ fn run(device: &Device, size: Size, dtype: DType, lora: Option<LoraConfig>) -> R
     };
     let mut t = Trainer::new(model, &tc).unwrap();
     let held = device.memory_stats().in_use_bytes; // the model and the optimizer state
-    let mut gen = TaskGen::new(Task::A, size.k, 3).unwrap();
+    let mut r#gen = TaskGen::new(Task::A, size.k, 3).unwrap();
     // Queue every step first: nothing is read back until the losses are asked for — not
     // even under f16 loss scaling, whose scale and skip decisions stay on the device.
     let reads = device.memory_stats().reads_to_host;
     let mut near_threshold = Vec::new();
     let pending: Vec<_> = (0..STEPS)
         .map(|i| {
-            let b = gen.sample_batch(8);
+            let b = r#gen.sample_batch(8);
             if *device == Device::Cpu && dtype == DType::F16 {
                 // The CPU runs each step at once, so its scaler is current here.
                 let scale = t.loss_scaler().unwrap().unwrap().scale();
@@ -203,7 +203,9 @@ fn follows_the_cpu(device: &Device, size: Size) {
                 a.skipped[i],
                 cpu.skipped[i]
             );
-            println!("{what}: step {i}'s skip decision sits at the overflow threshold and differs; compared up to it");
+            println!(
+                "{what}: step {i}'s skip decision sits at the overflow threshold and differs; compared up to it"
+            );
         }
         let compared = first_difference.map_or(STEPS, |i| i + 1);
         for (i, (x, y)) in a.losses.iter().zip(&cpu.losses).take(compared).enumerate() {

@@ -2,7 +2,7 @@
 //! mixed-precision paths (bf16 with master weights, f16 with loss scaling) track f32.
 
 use lorafuse::checkpoint::Gpt2Config;
-use lorafuse::data::{Task, TaskGen, MIN_VOCAB};
+use lorafuse::data::{MIN_VOCAB, Task, TaskGen};
 use lorafuse::lora::{LoraConfig, LoraTarget};
 use lorafuse::model::Gpt2;
 use lorafuse::train::{TrainConfig, Trainer};
@@ -34,10 +34,10 @@ fn run(dtype: DType, lora: Option<LoraConfig>, steps: usize) -> Vec<f64> {
         ..Default::default()
     };
     let mut t = Trainer::new(model, &tc).unwrap();
-    let mut gen = TaskGen::new(Task::A, 4, 3).unwrap();
+    let mut r#gen = TaskGen::new(Task::A, 4, 3).unwrap();
     (0..steps)
         .map(|_| {
-            let b = gen.sample_batch(16);
+            let b = r#gen.sample_batch(16);
             t.step(&b.tokens, &b.targets, b.batch, b.seq).unwrap().loss
         })
         .collect()

@@ -1,7 +1,7 @@
 //! `lorafuse eval`: the loss and perplexity of a model (with an adapter or not) on text.
 
 use super::{check_usize, load_model, load_tokenizer, pick_device, pick_dtype};
-use crate::text::{load_records, TextData, TextDataOptions};
+use crate::text::{TextData, TextDataOptions, load_records};
 use crate::train::mean_loss;
 use crate::{Error, Result};
 use clap::Args;

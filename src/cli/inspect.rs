@@ -1,7 +1,7 @@
 //! `lorafuse inspect`: what an adapter directory holds, read without a model.
 
 use crate::checkpoint;
-use crate::model::{peft, ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE};
+use crate::model::{ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, peft};
 use crate::{Error, Result};
 use clap::Args;
 use std::path::{Path, PathBuf};

@@ -2,7 +2,7 @@
 //! its weights.
 
 use super::{copy_atomic, load_model};
-use crate::{checkpoint, DType, Device, Error, Result};
+use crate::{DType, Device, Error, Result, checkpoint};
 use clap::Args;
 use std::path::{Path, PathBuf};
 

@@ -13,12 +13,12 @@ mod merge;
 mod study;
 mod train;
 
-pub use eval::{run_eval, EvalArgs, EvalReport};
-pub use generate::{run_generate, GenerateArgs};
-pub use inspect::{inspect_adapter, run_inspect, AdapterModule, AdapterReport, InspectArgs};
-pub use merge::{run_merge, MergeArgs};
-pub use study::{run_study, run_study_with, study_config, StudyArgs};
-pub use train::{run_train, RunConfig, TrainArgs, TrainSummary, RUN_CONFIG_FILE};
+pub use eval::{EvalArgs, EvalReport, run_eval};
+pub use generate::{GenerateArgs, run_generate};
+pub use inspect::{AdapterModule, AdapterReport, InspectArgs, inspect_adapter, run_inspect};
+pub use merge::{MergeArgs, run_merge};
+pub use study::{StudyArgs, run_study, run_study_with, study_config};
+pub use train::{RUN_CONFIG_FILE, RunConfig, TrainArgs, TrainSummary, run_train};
 
 use crate::checkpoint;
 use crate::model::Gpt2;

@@ -6,13 +6,13 @@
 
 use super::{check_f64, check_usize, load_model, load_tokenizer, pick_device, pick_dtype};
 use crate::data::{Task, TaskGen};
-use crate::demo::{model_config, train_phase, PhaseConfig, K};
+use crate::demo::{K, PhaseConfig, model_config, train_phase};
 use crate::model::Gpt2;
 use crate::study::{
-    run_study as study, tables_markdown, write_report, RunSpec, StudyConfig, StudyReport, Workload,
+    RunSpec, StudyConfig, StudyReport, Workload, run_study as study, tables_markdown, write_report,
 };
-use crate::text::{load_records, TextData, TextDataOptions};
-use crate::{checkpoint, DType, Error, Result};
+use crate::text::{TextData, TextDataOptions, load_records};
+use crate::{DType, Error, Result, checkpoint};
 use clap::Args;
 use std::path::{Path, PathBuf};
 

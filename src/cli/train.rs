@@ -5,18 +5,18 @@
 use super::{check_f64, check_usize, load_model, load_tokenizer, pick_device, pick_dtype};
 use crate::lora::{LoraConfig, LoraInit, LoraTarget};
 use crate::optim::AdamWConfig;
-use crate::text::{load_records, BatchCursor, TextData, TextDataOptions};
+use crate::text::{BatchCursor, TextData, TextDataOptions, load_records};
 use crate::train::mean_loss;
-use crate::train::{diff_hyper_params, latest_checkpoint, TrainConfig, Trainer};
-use crate::{checkpoint, Error, Result};
+use crate::train::{TrainConfig, Trainer, diff_hyper_params, latest_checkpoint};
+use crate::{Error, Result, checkpoint};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 /// The run's resolved options, saved as `RUN/run.json`: `--resume` reads them back.
@@ -278,7 +278,7 @@ impl RunConfig {
             other => {
                 return Err(Error::invalid(format!(
                     "--init must be kaiming or gaussian, got {other:?}"
-                )))
+                )));
             }
         };
         let targets = self
@@ -611,17 +611,19 @@ pub fn run_train(args: &TrainArgs) -> Result<TrainSummary> {
         if args.quiet && (step % 10 == 0 || step == steps) {
             println!("step {step}/{steps} loss {loss:.4} {tps:.0} tok/s");
         }
-        if cfg.eval_every > 0 && step % cfg.eval_every == 0 && step < steps {
-            if let Some(v) = eval(&trainer)? {
-                write_line(
-                    &mut metrics,
-                    json!({"step": step, "val_loss": v, "val_ppl": v.exp()}),
-                )?;
-                bar.println(format!(
-                    "step {step}: held-out loss {v:.4}, perplexity {:.2}",
-                    v.exp()
-                ));
-            }
+        if cfg.eval_every > 0
+            && step % cfg.eval_every == 0
+            && step < steps
+            && let Some(v) = eval(&trainer)?
+        {
+            write_line(
+                &mut metrics,
+                json!({"step": step, "val_loss": v, "val_ppl": v.exp()}),
+            )?;
+            bar.println(format!(
+                "step {step}: held-out loss {v:.4}, perplexity {:.2}",
+                v.exp()
+            ));
         }
         if cfg.save_every > 0 && step % cfg.save_every == 0 && step < steps {
             last_ckpt = Some(save(&trainer, &cursor)?);

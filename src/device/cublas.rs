@@ -124,7 +124,7 @@ pub fn cublas_unavailable_reason() -> Option<String> {
                 match unsafe { libloading::Library::new(&path) } {
                     Ok(l) => std::mem::forget(l),
                     Err(e) => {
-                        return Some(format!("no cuBLAS: {} failed to load: {e}", path.display()))
+                        return Some(format!("no cuBLAS: {} failed to load: {e}", path.display()));
                     }
                 }
             }
@@ -172,7 +172,7 @@ pub fn cublas_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
             return Err(Error::Unsupported {
                 op: OP,
                 msg: "f64".into(),
-            })
+            });
         }
     };
     if let Some(msg) = cublas_unavailable_reason() {

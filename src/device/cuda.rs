@@ -32,9 +32,9 @@
 //! a CUDA include folder (see [`nvrtc_compile`]).
 
 use std::collections::HashMap;
-use std::ffi::{c_char, c_void, CString};
+use std::ffi::{CString, c_char, c_void};
 use std::fmt;
-use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
@@ -42,8 +42,8 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use cudarc::driver::result::{self as drv, DriverError};
 use cudarc::driver::sys::{self, CUdevice_attribute, CUfunction_attribute};
 use cudarc::driver::{CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream, DevicePtr};
-use cudarc::nvrtc::result as nvrtc;
 use cudarc::nvrtc::Ptx;
+use cudarc::nvrtc::result as nvrtc;
 
 use super::kernels::{self, KernelModule};
 use super::staging::StagingRing;
@@ -628,11 +628,11 @@ impl CudaBackend {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         let (slot, fence) = st.ring.acquire(src.len())?;
-        if let Some(ev) = &fence {
-            if let Err(e) = ev.synchronize() {
-                st.ring.abandon(slot, fence);
-                return Some(Err(cuda_err("cuEventSynchronize")(e)));
-            }
+        if let Some(ev) = &fence
+            && let Err(e) = ev.synchronize()
+        {
+            st.ring.abandon(slot, fence);
+            return Some(Err(cuda_err("cuEventSynchronize")(e)));
         }
         let offset = st.ring.offset(slot);
         // SAFETY: the slot spans `slot_bytes ≥ src.len()` bytes at `offset` inside the
@@ -1123,10 +1123,10 @@ fn cuda_include_dir() -> Option<PathBuf> {
     candidates.push(PathBuf::from("/usr/local/cuda/include"));
     if let Some(paths) = std::env::var_os("LD_LIBRARY_PATH") {
         for lib in std::env::split_paths(&paths) {
-            if has_nvrtc(&lib) {
-                if let Some(parent) = lib.parent() {
-                    candidates.push(parent.join("include"));
-                }
+            if has_nvrtc(&lib)
+                && let Some(parent) = lib.parent()
+            {
+                candidates.push(parent.join("include"));
             }
         }
     }
@@ -1625,9 +1625,11 @@ mod tests {
         ] {
             assert_eq!(single_param_from(Ok(48), e(past_the_end)), Ok(48));
         }
-        assert!(single_param_from(Ok(48), Ok(8))
-            .unwrap_err()
-            .contains("more than one parameter"));
+        assert!(
+            single_param_from(Ok(48), Ok(8))
+                .unwrap_err()
+                .contains("more than one parameter")
+        );
         let failed = Err("cuFuncGetParamInfo(0) failed".to_string());
         assert_eq!(
             single_param_from(failed.clone(), e(CUDA_ERROR_INVALID_VALUE)),

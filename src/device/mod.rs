@@ -334,7 +334,9 @@ impl Backend {
 /// Runs `f` when the process exits normally (C's `atexit`; e.g. after libtest's summary),
 /// at most 32 functions in all as C guarantees. False if it could not be registered.
 pub(crate) fn at_exit(f: extern "C" fn()) -> bool {
-    extern "C" {
+    // SAFETY: these declarations match the C definitions they link to (the same
+    // parameter and return types), which is what an `unsafe extern` block asserts.
+    unsafe extern "C" {
         fn atexit(f: extern "C" fn()) -> std::ffi::c_int;
     }
     // SAFETY: `atexit` only stores the pointer; `f` is a plain `extern "C" fn` (no

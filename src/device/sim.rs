@@ -11,7 +11,7 @@
 
 use std::alloc::Layout;
 use std::collections::BTreeMap;
-use std::ffi::{c_char, c_void, CStr, CString};
+use std::ffi::{CStr, CString, c_char, c_void};
 use std::ptr::NonNull;
 use std::sync::{Mutex, MutexGuard};
 
@@ -33,7 +33,9 @@ struct LfSimDim {
     z: u32,
 }
 
-extern "C" {
+// SAFETY: these declarations match the C definitions they link to (the same
+// parameter and return types), which is what an `unsafe extern` block asserts.
+unsafe extern "C" {
     fn lf_sim_launch(
         kernel: *const c_char,
         grid: LfSimDim,
@@ -55,7 +57,9 @@ extern "C" {
 
 // The registry's introspection, for the tidy and size tests.
 #[cfg(test)]
-extern "C" {
+// SAFETY: these declarations match the C definitions they link to (the same
+// parameter and return types), which is what an `unsafe extern` block asserts.
+unsafe extern "C" {
     fn lf_sim_kernel_count() -> usize;
     fn lf_sim_kernel_name(i: usize) -> *const c_char;
     fn lf_sim_param_bytes(kernel: *const c_char) -> usize;

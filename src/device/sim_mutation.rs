@@ -13,11 +13,13 @@
 //! mutants.
 
 use std::cell::Cell;
-use std::ffi::{c_char, CStr, CString};
-use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::ffi::{CStr, CString, c_char};
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Once;
 
-extern "C" {
+// SAFETY: these declarations match the C definitions they link to (the same
+// parameter and return types), which is what an `unsafe extern` block asserts.
+unsafe extern "C" {
     fn lf_sim_set_mutant(
         kind: i32,
         file: *const c_char,

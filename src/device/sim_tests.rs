@@ -633,9 +633,11 @@ fn more_than_48_kib_of_dynamic_shared_memory_needs_the_opt_in() {
         .opt_in_dynamic_shared(kernel, 228 * 1024)
         .unwrap_err();
     assert!(e.to_string().contains("at most"), "{e}");
-    assert!(Backend::Sim
-        .opt_in_dynamic_shared("no_such_kernel", 1)
-        .is_err());
+    assert!(
+        Backend::Sim
+            .opt_in_dynamic_shared("no_such_kernel", 1)
+            .is_err()
+    );
 }
 
 #[test]
@@ -675,7 +677,7 @@ fn ldmatrix_forms_follow_the_ptx_isa_layouts() {
 /// harness says so, naming them.
 #[test]
 fn the_mutation_harness_deletes_each_site_and_names_the_survivors() {
-    use super::sim_mutation::{assert_every_site_is_load_bearing, SiteKind};
+    use super::sim_mutation::{SiteKind, assert_every_site_is_load_bearing};
     let n = 4 * 128;
     let input: Vec<f32> = (0..n).map(|i| (i % 97) as f32).collect();
     let total: f32 = input.iter().sum();

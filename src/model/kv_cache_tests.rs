@@ -271,8 +271,8 @@ fn sampling_filters_that_keep_one_token_are_greedy_and_seeds_repeat() {
     let m = model(DType::F64, &Device::Cpu, g.random(), false);
     let prompt = tokens(&mut g, 3);
     let n = 10;
-    let gen = |cfg: &SamplingConfig| m.generate(&prompt, cfg, None, |_| Ok(())).unwrap();
-    let greedy = gen(&SamplingConfig::greedy(n));
+    let r#gen = |cfg: &SamplingConfig| m.generate(&prompt, cfg, None, |_| Ok(())).unwrap();
+    let greedy = r#gen(&SamplingConfig::greedy(n));
     let seed = g.random();
     let sampled = SamplingConfig {
         max_new_tokens: n,
@@ -305,13 +305,13 @@ fn sampling_filters_that_keep_one_token_are_greedy_and_seeds_repeat() {
             },
         ),
     ] {
-        assert_eq!(gen(&cfg), greedy, "{what}");
+        assert_eq!(r#gen(&cfg), greedy, "{what}");
     }
     // The same seed repeats; another seed (or no filter vs a filter) gives another stream.
-    let a = gen(&sampled);
-    assert_eq!(a, gen(&sampled));
+    let a = r#gen(&sampled);
+    assert_eq!(a, r#gen(&sampled));
     assert_eq!(a.len(), n);
-    let b = gen(&SamplingConfig {
+    let b = r#gen(&SamplingConfig {
         seed: seed ^ 0x5555,
         ..sampled.clone()
     });
@@ -321,13 +321,13 @@ fn sampling_filters_that_keep_one_token_are_greedy_and_seeds_repeat() {
         "seeds {seed} and {} gave the same 10 tokens",
         seed ^ 0x5555
     );
-    let k5 = gen(&SamplingConfig {
+    let k5 = r#gen(&SamplingConfig {
         top_k: 5,
         ..sampled.clone()
     });
     assert_eq!(
         k5,
-        gen(&SamplingConfig {
+        r#gen(&SamplingConfig {
             top_k: 5,
             ..sampled.clone()
         })
@@ -378,10 +378,11 @@ fn generation_streams_stops_and_rejects_bad_input() {
         max_new_tokens: 0,
         ..cfg.clone()
     };
-    assert!(m
-        .generate(&prompt, &none, None, |_| panic!("no token"))
-        .unwrap()
-        .is_empty());
+    assert!(
+        m.generate(&prompt, &none, None, |_| panic!("no token"))
+            .unwrap()
+            .is_empty()
+    );
     // Bad settings and inputs, each an error before any token.
     let n = config().n_positions;
     let bad_cfgs = [

@@ -14,12 +14,12 @@
 //!
 //! The model never touches device code: it is written in terms of [`crate::ops`] only.
 
-use crate::checkpoint::{self, gpt2_param_specs, Gpt2Config};
-use crate::lora::{merge_into, LoraAdapter, LoraConfig};
+use crate::checkpoint::{self, Gpt2Config, gpt2_param_specs};
+use crate::lora::{LoraAdapter, LoraConfig, merge_into};
 use crate::ops::{self, LoraTerm};
 use crate::{DType, Device, Error, Result, Tape, Tensor};
-use rand::rngs::StdRng;
 use rand::SeedableRng;
+use rand::rngs::StdRng;
 use std::path::Path;
 
 mod generate;

@@ -21,7 +21,7 @@
 use super::Gpt2;
 use crate::lora::{LoraConfig, LoraTarget};
 use crate::{Device, Result, Tensor};
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 
 /// The PEFT prefix of every adapter tensor name.
 const PREFIX: &str = "base_model.model.";
@@ -98,10 +98,10 @@ fn unsupported_feature(v: &Value) -> Option<String> {
         Some(Value::String(s)) => !s.is_empty(),
         Some(_) => true,
     };
-    if let Some(t) = v.get("peft_type").and_then(Value::as_str) {
-        if t != "LORA" {
-            return Some(format!("peft_type {t:?} (only LORA adapters load)"));
-        }
+    if let Some(t) = v.get("peft_type").and_then(Value::as_str)
+        && t != "LORA"
+    {
+        return Some(format!("peft_type {t:?} (only LORA adapters load)"));
     }
     for (key, what) in [
         ("use_dora", "DoRA (`use_dora`)"),
@@ -136,12 +136,12 @@ fn unsupported_feature(v: &Value) -> Option<String> {
     }
     // These initialisations also rewrite the base weights, so the adapter is only valid on
     // a base that was changed the same way.
-    if let Some(init) = v.get("init_lora_weights").and_then(Value::as_str) {
-        if !matches!(init, "gaussian" | "eva" | "orthogonal") {
-            return Some(format!(
-                "init_lora_weights {init:?} is not supported (it changes the base weights)"
-            ));
-        }
+    if let Some(init) = v.get("init_lora_weights").and_then(Value::as_str)
+        && !matches!(init, "gaussian" | "eva" | "orthogonal")
+    {
+        return Some(format!(
+            "init_lora_weights {init:?} is not supported (it changes the base weights)"
+        ));
     }
     None
 }
@@ -184,7 +184,7 @@ fn peft_targets(
                 LoraTarget::AttnCProj,
                 LoraTarget::MlpCFc,
                 LoraTarget::MlpCProj,
-            ])
+            ]);
         }
         Some(v) => v,
     };

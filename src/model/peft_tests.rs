@@ -1,7 +1,7 @@
 use super::*;
 use crate::checkpoint;
 use crate::model::tests::tiny;
-use crate::model::{ForwardOptions, ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE};
+use crate::model::{ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, ForwardOptions};
 use crate::{DType, Error};
 use rand::{Rng, SeedableRng};
 

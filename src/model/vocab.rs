@@ -175,9 +175,10 @@ mod tests {
                 "{e}"
             );
             let targets = vec![0i32; 10];
-            assert!(m
-                .loss(&t, &targets, 2, 5, ForwardOptions::default())
-                .is_err());
+            assert!(
+                m.loss(&t, &targets, 2, 5, ForwardOptions::default())
+                    .is_err()
+            );
         }
 
         // from_params pads a [V, C] wte (a copy) and takes a [Vp, C] one as it is.

@@ -23,15 +23,15 @@ pub mod profile;
 
 pub use attention::causal_attention;
 pub use cross_entropy::{
-    cross_entropy, cross_entropy_fused, cross_entropy_fused_padded, cross_entropy_padded,
-    IGNORE_INDEX,
+    IGNORE_INDEX, cross_entropy, cross_entropy_fused, cross_entropy_fused_padded,
+    cross_entropy_padded,
 };
 pub use decode_attention::{decode_attention, kv_cache_tensor};
 pub use dropout::{dropout, dropout_mask_value};
 pub use elementwise::{add, bias_add, cast, gelu, reshape, scale};
 pub use embedding::{embedding, embedding_at};
 pub use layer_norm::layer_norm;
-pub use lora_linear::{lora_linear, LoraTerm};
+pub use lora_linear::{LoraTerm, lora_linear};
 pub use lora_merge::{lora_merge, lora_merge_with};
 #[doc(hidden)]
 pub use lora_reduce::bench_token_reduce;

@@ -375,8 +375,8 @@ pub fn scaled_backward_step(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::optim::AdamWConfig;
     use crate::Device;
+    use crate::optim::AdamWConfig;
 
     #[test]
     fn backs_off_on_overflow_and_grows_after_the_interval() {

@@ -46,9 +46,9 @@ pub mod rounding;
 mod schedule;
 
 pub use adamw::{
-    adamw_element, pow_by_squaring, AdamW, AdamWConfig, ParamStateOwned, ParamStateRef,
-    PendingStepReport, StepConstants, StepOptions, StepReport,
+    AdamW, AdamWConfig, ParamStateOwned, ParamStateRef, PendingStepReport, StepConstants,
+    StepOptions, StepReport, adamw_element, pow_by_squaring,
 };
-pub use loss_scale::{scaled_backward_step, DeviceLossScaler, DynamicLossScaler};
+pub use loss_scale::{DeviceLossScaler, DynamicLossScaler, scaled_backward_step};
 pub use rounding::Rounding;
 pub use schedule::WarmupCosine;

@@ -279,7 +279,11 @@ mod tests {
             let mean = sum / n as f64;
             let frac = ((x as f64).abs() % ulp) / ulp;
             let se = ulp * (frac * (1.0 - frac) / n as f64).sqrt();
-            println!("{name}: value {x}, mean of {n} stochastic roundings {mean} (err {:.3e}, 6σ = {:.3e})", (mean - x as f64).abs(), 6.0 * se);
+            println!(
+                "{name}: value {x}, mean of {n} stochastic roundings {mean} (err {:.3e}, 6σ = {:.3e})",
+                (mean - x as f64).abs(),
+                6.0 * se
+            );
             assert!(
                 (mean - x as f64).abs() < 6.0 * se,
                 "{name}: mean {mean} vs {x}"

@@ -34,8 +34,8 @@ use crate::model::{ForwardOptions, Gpt2};
 use crate::train::{TrainConfig, Trainer};
 use crate::{Device, Result};
 use indicatif::{ProgressBar, ProgressStyle};
-use linalg::{amplification, intruder_count, phi_grid, phi_grid_of_bases, Amplification, Matrix};
-use runs::{run_one, RunParams, Taken};
+use linalg::{Amplification, Matrix, amplification, intruder_count, phi_grid, phi_grid_of_bases};
+use runs::{RunParams, Taken, run_one};
 use serde::{Deserialize, Serialize};
 use std::time::Instant;
 
@@ -408,7 +408,7 @@ fn step_peaks(
     let mut peaks = [0u64; 2];
     for (i, lora) in [true, false].into_iter().enumerate() {
         // Buffers pooled by earlier work would serve the step without raising the peak.
-        crate::storage::pool::release();
+        crate::Tensor::release_host_pool();
         device.reset_peak_memory();
         let before = device.memory_stats().in_use_bytes;
         let params = base

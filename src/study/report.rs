@@ -51,7 +51,10 @@ pub fn tables_markdown(r: &StudyReport) -> String {
         "## 1. Which weights to adapt (Table 5): a budget of one matrix at r = {}\n",
         r.table5.first().map_or(0, |x| x.r)
     );
-    let _ = writeln!(w, "| weights | r | trainable | held-out loss | {metric_name} | paper (GPT-3, WikiSQL %) |\n|---|---|---|---|---|---|");
+    let _ = writeln!(
+        w,
+        "| weights | r | trainable | held-out loss | {metric_name} | paper (GPT-3, WikiSQL %) |\n|---|---|---|---|---|---|"
+    );
     for (k, row) in r.table5.iter().enumerate() {
         let _ = writeln!(
             w,
@@ -84,7 +87,10 @@ pub fn tables_markdown(r: &StudyReport) -> String {
     );
 
     let _ = writeln!(w, "## 2. Which rank (Table 6)\n");
-    let _ = writeln!(w, "| weights | r | trainable | held-out loss | {metric_name} | paper (WikiSQL %) |\n|---|---|---|---|---|---|");
+    let _ = writeln!(
+        w,
+        "| weights | r | trainable | held-out loss | {metric_name} | paper (WikiSQL %) |\n|---|---|---|---|---|---|"
+    );
     for row in &r.table6 {
         let _ = writeln!(
             w,
@@ -99,10 +105,27 @@ pub fn tables_markdown(r: &StudyReport) -> String {
     }
 
     let _ = writeln!(w, "\n## 3. Subspace similarity (§7.2, Eq. 4)\n");
-    let _ = writeln!(w, "φ(A1, A2, i, j) = ‖U_A1^i⊤ U_A2^j‖²_F / min(i, j), U_A the right singular vectors of the learned A ([r, d]), layer {} of the Wq+Wv runs. Heatmaps: {}.\n", s.layer,
-        r.fig3.iter().chain(&r.fig4).chain(std::iter::once(&r.random)).chain(&r.fig8).map(|h| format!("`{}.png`", h.name)).collect::<Vec<_>>().join(", "));
-    let _ = writeln!(w, "Paper's claim (Fig. 3): the top singular direction of A_r=8 and A_r=64 is shared (φ > 0.5), the others barely.\n");
-    let _ = writeln!(w, "| matrix | φ(A_small, A_large, 1, 1) | i-th directions, i ≥ 2: mean \\|⟨u_i, u'_i⟩\\|² | random (1/d) | claim |\n|---|---|---|---|---|");
+    let _ = writeln!(
+        w,
+        "φ(A1, A2, i, j) = ‖U_A1^i⊤ U_A2^j‖²_F / min(i, j), U_A the right singular vectors of the learned A ([r, d]), layer {} of the Wq+Wv runs. Heatmaps: {}.\n",
+        s.layer,
+        r.fig3
+            .iter()
+            .chain(&r.fig4)
+            .chain(std::iter::once(&r.random))
+            .chain(&r.fig8)
+            .map(|h| format!("`{}.png`", h.name))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let _ = writeln!(
+        w,
+        "Paper's claim (Fig. 3): the top singular direction of A_r=8 and A_r=64 is shared (φ > 0.5), the others barely.\n"
+    );
+    let _ = writeln!(
+        w,
+        "| matrix | φ(A_small, A_large, 1, 1) | i-th directions, i ≥ 2: mean \\|⟨u_i, u'_i⟩\\|² | random (1/d) | claim |\n|---|---|---|---|---|"
+    );
     for c in &r.claims {
         let _ = writeln!(
             w,
@@ -114,7 +137,10 @@ pub fn tables_markdown(r: &StudyReport) -> String {
             if c.holds { "holds" } else { "does not hold" }
         );
     }
-    let _ = writeln!(w, "\nRandom-Gaussian control (two random A's of the large rank): φ beside its expectation max(i, j)/d.\n");
+    let _ = writeln!(
+        w,
+        "\nRandom-Gaussian control (two random A's of the large rank): φ beside its expectation max(i, j)/d.\n"
+    );
     let _ = writeln!(w, "| i | j | φ | max(i, j)/d |\n|---|---|---|---|");
     for c in &r.random_cells {
         let _ = writeln!(
@@ -136,8 +162,14 @@ pub fn tables_markdown(r: &StudyReport) -> String {
     }
 
     let _ = writeln!(w, "\n## 4. ΔW vs W (§7.3, Table 7), layer {}\n", s.layer);
-    let _ = writeln!(w, "‖UᵀWVᵀ‖_F with U, V the top-r left/right singular vectors of ΔW = (α/r)·B·A, of W, or of a random matrix; mean ± std over seeds.\n");
-    let _ = writeln!(w, "| matrix | r | U,V of ΔW | U,V of W | U,V random | ‖W‖_F | ‖ΔW‖_F | amplification ‖ΔW‖/‖UᵀWVᵀ‖ | √(Σ_{{i≤r}}σᵢ²(W)) | ‖W‖_F·r/√(dk) |\n|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(
+        w,
+        "‖UᵀWVᵀ‖_F with U, V the top-r left/right singular vectors of ΔW = (α/r)·B·A, of W, or of a random matrix; mean ± std over seeds.\n"
+    );
+    let _ = writeln!(
+        w,
+        "| matrix | r | U,V of ΔW | U,V of W | U,V random | ‖W‖_F | ‖ΔW‖_F | amplification ‖ΔW‖/‖UᵀWVᵀ‖ | √(Σ_{{i≤r}}σᵢ²(W)) | ‖W‖_F·r/√(dk) |\n|---|---|---|---|---|---|---|---|---|---|"
+    );
     for c in &r.table7 {
         let _ = writeln!(
             w,
@@ -168,7 +200,11 @@ pub fn tables_markdown(r: &StudyReport) -> String {
         "\n## 5. Intruder dimensions (Shuttleworth et al. 2024), layer {}\n",
         s.layer
     );
-    let _ = writeln!(w, "Of the top k = {} left singular vectors of the fine-tuned W (W0 + ΔW, or the fully fine-tuned weight), the number whose max |cos| with every left singular vector of W0 is below ε = {} (their Algorithm 1, on U). Paper: LoRA has intruder dimensions, full fine-tuning (nearly) none; fewer at higher rank.\n", s.top_k, s.epsilon);
+    let _ = writeln!(
+        w,
+        "Of the top k = {} left singular vectors of the fine-tuned W (W0 + ΔW, or the fully fine-tuned weight), the number whose max |cos| with every left singular vector of W0 is below ε = {} (their Algorithm 1, on U). Paper: LoRA has intruder dimensions, full fine-tuning (nearly) none; fewer at higher rank.\n",
+        s.top_k, s.epsilon
+    );
     let _ = writeln!(w, "| method | Wq | Wv |\n|---|---|---|");
     let methods: Vec<&str> = r
         .intruders
@@ -187,8 +223,14 @@ pub fn tables_markdown(r: &StudyReport) -> String {
     }
 
     let _ = writeln!(w, "\n## 6. Headline claims, measured on lorafuse\n");
-    let _ = writeln!(w, "Trainable fraction, LoRA r = 4 on Wq, Wv (paper: GPT-3 175B trains ~10,000× fewer parameters):\n");
-    let _ = writeln!(w, "| model | parameters | LoRA parameters | fraction | reduction | source |\n|---|---|---|---|---|---|");
+    let _ = writeln!(
+        w,
+        "Trainable fraction, LoRA r = 4 on Wq, Wv (paper: GPT-3 175B trains ~10,000× fewer parameters):\n"
+    );
+    let _ = writeln!(
+        w,
+        "| model | parameters | LoRA parameters | fraction | reduction | source |\n|---|---|---|---|---|---|"
+    );
     for f in &r.fractions {
         let _ = writeln!(
             w,
@@ -202,8 +244,14 @@ pub fn tables_markdown(r: &StudyReport) -> String {
         );
     }
     if !r.memory.is_empty() {
-        let _ = writeln!(w, "\nPeak bytes of one real training step (the simulator: every device allocation — model, AdamW state, activations — by `Device::memory_stats`; the CPU: the process's heap, counted by its global allocator, from the model's copy to the end of the step), LoRA r = 4 on Wq, Wv vs full fine-tuning (paper: GPT-3 training VRAM 1.2 TB → 350 GB):\n");
-        let _ = writeln!(w, "| device | batch | LoRA peak bytes | full FT peak bytes | LoRA / full |\n|---|---|---|---|---|");
+        let _ = writeln!(
+            w,
+            "\nPeak bytes of one real training step (the simulator: every device allocation — model, AdamW state, activations — by `Device::memory_stats`; the CPU: the process's heap, counted by its global allocator, from the model's copy to the end of the step), LoRA r = 4 on Wq, Wv vs full fine-tuning (paper: GPT-3 training VRAM 1.2 TB → 350 GB):\n"
+        );
+        let _ = writeln!(
+            w,
+            "| device | batch | LoRA peak bytes | full FT peak bytes | LoRA / full |\n|---|---|---|---|---|"
+        );
         for m in &r.memory {
             let _ = writeln!(
                 w,
@@ -217,7 +265,11 @@ pub fn tables_markdown(r: &StudyReport) -> String {
         }
     }
     if let Some(l) = &r.latency {
-        let _ = writeln!(w, "\nInference latency (CPU, forward of {}, median of {}; timings are in `timings.json`, not `report.json`). Paper: merging adds no latency.\n", l.shape, l.reps);
+        let _ = writeln!(
+            w,
+            "\nInference latency (CPU, forward of {}, median of {}; timings are in `timings.json`, not `report.json`). Paper: merging adds no latency.\n",
+            l.shape, l.reps
+        );
         let _ = writeln!(
             w,
             "| base | merged | unmerged |\n|---|---|---|\n| {:.2} ms | {:.2} ms | {:.2} ms |",
@@ -240,7 +292,17 @@ fn setup_markdown(r: &StudyReport) -> String {
          (PEFT format) by the formulas below; `report.json` holds them all but the timings\n\
          - the paper's numbers are GPT-3 175B on WikiSQL: a reference for the shape of the result, \
          not a target for a tiny model\n\n",
-        s.workload, s.model, s.runs, s.seeds, s.steps, s.batch, s.lr_lora, s.lr_full, s.alpha, s.layer, s.d
+        s.workload,
+        s.model,
+        s.runs,
+        s.seeds,
+        s.steps,
+        s.batch,
+        s.lr_lora,
+        s.lr_full,
+        s.alpha,
+        s.layer,
+        s.d
     )
 }
 

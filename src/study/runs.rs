@@ -100,9 +100,9 @@ impl Workload {
     pub fn batches(&self, batch: usize, seed: u64) -> Result<BatchStream<'_>> {
         Ok(match self {
             Workload::Demo { k, .. } => {
-                let mut gen = TaskGen::new(Task::B, *k, 1000 + seed)?;
+                let mut r#gen = TaskGen::new(Task::B, *k, 1000 + seed)?;
                 Box::new(move || {
-                    let b = gen.sample_batch(batch);
+                    let b = r#gen.sample_batch(batch);
                     Ok((b.tokens, b.targets, b.batch, b.seq))
                 })
             }
@@ -121,8 +121,8 @@ impl Workload {
     pub fn evaluate(&self, model: &Gpt2) -> Result<(f64, f64)> {
         match self {
             Workload::Demo { k, heldout } => {
-                let gen = TaskGen::new(Task::B, *k, 0)?;
-                let held = gen.heldout(*heldout, 0x3E26);
+                let r#gen = TaskGen::new(Task::B, *k, 0)?;
+                let held = r#gen.heldout(*heldout, 0x3E26);
                 let loss = model
                     .loss(
                         &held.tokens,
@@ -132,7 +132,7 @@ impl Workload {
                         ForwardOptions::default(),
                     )?
                     .to_vec_f64()?[0];
-                Ok((loss, crate::demo::accuracy(model, &gen, *heldout)?))
+                Ok((loss, crate::demo::accuracy(model, &r#gen, *heldout)?))
             }
             Workload::Text { data } => {
                 let (loss, _) = crate::train::mean_loss(model, &data.val, 8)?;

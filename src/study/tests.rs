@@ -2,7 +2,7 @@
 
 use super::*;
 use crate::data::{Task, TaskGen};
-use crate::demo::{train_phase, PhaseConfig};
+use crate::demo::{PhaseConfig, train_phase};
 
 fn tiny_study(dir: &std::path::Path) -> StudyReport {
     let mcfg = crate::checkpoint::Gpt2Config {
@@ -14,7 +14,7 @@ fn tiny_study(dir: &std::path::Path) -> StudyReport {
         layer_norm_epsilon: 1e-5,
     };
     let base = Gpt2::new_random(&mcfg, crate::DType::F32, &Device::Cpu, 0).unwrap();
-    let mut gen = TaskGen::new(Task::A, 4, 0).unwrap();
+    let mut r#gen = TaskGen::new(Task::A, 4, 0).unwrap();
     let phase = PhaseConfig {
         steps: 10,
         batch: 8,
@@ -23,7 +23,7 @@ fn tiny_study(dir: &std::path::Path) -> StudyReport {
         heldout: 16,
         progress: false,
     };
-    let (base, _) = train_phase("pretrain", base, &mut gen, &phase).unwrap();
+    let (base, _) = train_phase("pretrain", base, &mut r#gen, &phase).unwrap();
     let work = Workload::Demo { k: 4, heldout: 16 };
     let cfg = StudyConfig {
         seeds: 2,

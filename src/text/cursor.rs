@@ -200,7 +200,7 @@ pub(crate) fn permutation(n: usize, seed: u64) -> Vec<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::text::{pack, Example};
+    use crate::text::{Example, pack};
 
     #[test]
     fn permutation_is_a_fixed_function_of_the_seed() {

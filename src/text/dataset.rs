@@ -49,7 +49,7 @@ pub fn load_records(path: &Path) -> Result<Vec<Record>> {
                     "unknown data file extension: expected one of {}",
                     ACCEPTED_EXTENSIONS.map(|e| format!(".{e}")).join(", ")
                 ),
-            ))
+            ));
         }
     };
     let bytes = std::fs::read(path).map_err(|source| Error::Io {
@@ -149,7 +149,11 @@ fn parse_jsonl(text: &str) -> std::result::Result<Vec<Record>, String> {
         if !unknown.is_empty() {
             return Err(format!(
                 "line {n}: unknown key(s) {}: accepted are \"text\", or \"prompt\" and \"completion\"",
-                unknown.iter().map(|k| format!("{k:?}")).collect::<Vec<_>>().join(", ")
+                unknown
+                    .iter()
+                    .map(|k| format!("{k:?}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ));
         }
         let this = match (
@@ -160,17 +164,17 @@ fn parse_jsonl(text: &str) -> std::result::Result<Vec<Record>, String> {
             (true, false, false) => JsonlForm::Text,
             (false, true, true) => JsonlForm::PromptCompletion,
             (false, true, false) => {
-                return Err(format!("line {n}: \"prompt\" without \"completion\""))
+                return Err(format!("line {n}: \"prompt\" without \"completion\""));
             }
             (false, false, true) => {
-                return Err(format!("line {n}: \"completion\" without \"prompt\""))
+                return Err(format!("line {n}: \"completion\" without \"prompt\""));
             }
             _ => {
                 return Err(format!(
-                "line {n}: \"text\" together with \"prompt\"/\"completion\": a line is {} or {}",
-                JsonlForm::Text.describe(),
-                JsonlForm::PromptCompletion.describe()
-            ))
+                    "line {n}: \"text\" together with \"prompt\"/\"completion\": a line is {} or {}",
+                    JsonlForm::Text.describe(),
+                    JsonlForm::PromptCompletion.describe()
+                ));
             }
         };
         match form {
@@ -180,7 +184,7 @@ fn parse_jsonl(text: &str) -> std::result::Result<Vec<Record>, String> {
                     "line {n}: {} but line {first_line} is {}: one file holds one form",
                     this.describe(),
                     first.describe()
-                ))
+                ));
             }
             Some(_) => {}
         }

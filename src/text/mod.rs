@@ -47,6 +47,6 @@ mod packing;
 mod tokenizer;
 
 pub use cursor::{BatchCursor, CursorPosition};
-pub use dataset::{load_records, Record, ACCEPTED_EXTENSIONS};
-pub use packing::{pack, tokenize, EvalBatches, Example, Sequences, TextData, TextDataOptions};
-pub use tokenizer::{Tokenizer, EOS_TOKEN, MERGES_FILE, TOKENIZER_FILE, VOCAB_FILE};
+pub use dataset::{ACCEPTED_EXTENSIONS, Record, load_records};
+pub use packing::{EvalBatches, Example, Sequences, TextData, TextDataOptions, pack, tokenize};
+pub use tokenizer::{EOS_TOKEN, MERGES_FILE, TOKENIZER_FILE, Tokenizer, VOCAB_FILE};

@@ -449,7 +449,9 @@ mod tests {
             Err(Error::InvalidArgument(m)) => m,
             other => panic!("{other:?}"),
         };
-        assert!(msg(pack(&[], 4, 0)).contains("0 tokens, fewer than one sequence of seq_len 4 + 1"));
+        assert!(
+            msg(pack(&[], 4, 0)).contains("0 tokens, fewer than one sequence of seq_len 4 + 1")
+        );
         assert!(msg(pack(&[ex(&[1, 2, 3, 4], &[true; 4])], 4, 0)).contains("4 tokens"));
         let masked = [ex(&[1, 2, 3, 4, 5, 6], &[false; 6])];
         assert!(msg(pack(&masked, 2, 0)).contains("all masked"));

@@ -4,11 +4,11 @@
 use crate::{Error, Result};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use tokenizers::AddedToken;
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
 use tokenizers::models::bpe::BPE;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::processors::byte_level::ByteLevel as ByteLevelProcessor;
-use tokenizers::AddedToken;
 
 /// The file holding a whole tokenizer (model, pre-tokenizer, decoder, added tokens).
 pub const TOKENIZER_FILE: &str = "tokenizer.json";
@@ -222,7 +222,7 @@ fn utf8_path(p: &Path) -> Result<&str> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::text::fixtures::{write_tiny_tokenizer, write_tiny_vocab_merges, TINY_CORPUS};
+    use crate::text::fixtures::{TINY_CORPUS, write_tiny_tokenizer, write_tiny_vocab_merges};
 
     fn both_forms(vocab_size: usize) -> (tempfile::TempDir, Tokenizer, Tokenizer) {
         let dir = tempfile::tempdir().unwrap();

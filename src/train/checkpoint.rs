@@ -197,7 +197,7 @@ fn read_state_file(ckpt: &Path) -> Result<StateFile> {
             return Err(bad(format!(
                 "format {}, expected {TRAINER_STATE_FORMAT:?} (not a lorafuse trainer state)",
                 other.map_or("missing".to_string(), |f| format!("{f:?}"))
-            )))
+            )));
         }
     }
     match v.get("format_version").and_then(Value::as_u64) {
@@ -206,7 +206,7 @@ fn read_state_file(ckpt: &Path) -> Result<StateFile> {
             return Err(bad(format!(
                 "format_version {}, this build reads version {TRAINER_STATE_VERSION}",
                 other.map_or("missing".to_string(), |n| n.to_string())
-            )))
+            )));
         }
     }
     let f: StateFile = serde_json::from_value(v).map_err(|e| bad(e.to_string()))?;
@@ -673,7 +673,7 @@ impl Trainer {
                         here(saved.is_some()),
                         if mine.is_some() { "needs" } else { "has no" }
                     ),
-                ))
+                ));
             }
         }
         t.step = f.step as usize;

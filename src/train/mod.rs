@@ -80,11 +80,11 @@ mod state;
 mod tests;
 
 pub use checkpoint::{
-    latest_checkpoint, read_checkpoint_state, CheckpointState, SavedLossScaler, SavedParam,
-    ABORT_IN_SAVE_ENV, CHECKPOINT_PREFIX, OPTIMIZER_FILE, TRAINER_STATE_FILE, TRAINER_STATE_FORMAT,
-    TRAINER_STATE_VERSION,
+    ABORT_IN_SAVE_ENV, CHECKPOINT_PREFIX, CheckpointState, OPTIMIZER_FILE, SavedLossScaler,
+    SavedParam, TRAINER_STATE_FILE, TRAINER_STATE_FORMAT, TRAINER_STATE_VERSION, latest_checkpoint,
+    read_checkpoint_state,
 };
-pub use state::{diff_hyper_params, hyper_params, HyperParamChange};
+pub use state::{HyperParamChange, diff_hyper_params, hyper_params};
 
 use crate::model::{ForwardOptions, Gpt2};
 use crate::optim::{
@@ -92,7 +92,7 @@ use crate::optim::{
     StepReport, WarmupCosine,
 };
 use crate::text::Sequences;
-use crate::{ops, DType, Device, Error, Gradients, Result, Tape, Tensor};
+use crate::{DType, Device, Error, Gradients, Result, Tape, Tensor, ops};
 
 /// Hyper-parameters of a training run.
 #[derive(Clone, Debug)]

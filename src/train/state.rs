@@ -5,7 +5,7 @@ use super::TrainConfig;
 use crate::lora::LoraInit;
 use crate::model::Gpt2;
 use crate::optim::Rounding;
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 use std::fmt;
 
 /// The hyper-parameters of training `model` with `cfg`, as a JSON object:

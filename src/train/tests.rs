@@ -5,7 +5,7 @@
 use super::checkpoint::FAIL_IN_SAVE;
 use super::*;
 use crate::checkpoint::{self as ckpt, Gpt2Config};
-use crate::data::{Batch, Task, TaskGen, MIN_VOCAB};
+use crate::data::{Batch, MIN_VOCAB, Task, TaskGen};
 use crate::lora::{LoraConfig, LoraTarget};
 use crate::ops::IGNORE_INDEX;
 use crate::optim::ParamStateOwned;
@@ -53,8 +53,8 @@ fn tc(grad_accum: usize) -> TrainConfig {
 }
 
 fn batches(n: usize, rows: usize) -> Vec<Batch> {
-    let mut gen = TaskGen::new(Task::A, 4, 3).unwrap();
-    (0..n).map(|_| gen.sample_batch(rows)).collect()
+    let mut r#gen = TaskGen::new(Task::A, 4, 3).unwrap();
+    (0..n).map(|_| r#gen.sample_batch(rows)).collect()
 }
 
 fn trainer(dtype: DType, grad_accum: usize) -> Trainer {

@@ -12,7 +12,7 @@
 //! lower block-triangle (≈ `(nb+1)/2nb` of the full products for `nb` blocks) and the
 //! exponentials run only on the unmasked entries `j ≤ i`.
 
-use crate::device::cpu::{gemm, vectorized, MatMut, MatRef, Par};
+use crate::device::cpu::{MatMut, MatRef, Par, gemm, vectorized};
 use crate::ops::profile::count_gemm;
 use crate::{Error, Real, Result};
 use rayon::prelude::*;

@@ -12,8 +12,8 @@
 //! multi-tile test for the planted-bug checks.
 
 use super::*;
-use crate::testing::{assert_close, rand_tensor, rerun_can_differ, rng};
 use crate::DType;
+use crate::testing::{assert_close, rand_tensor, rerun_can_differ, rng};
 
 const DTYPES: [DType; 3] = [DType::F32, DType::BF16, DType::F16];
 
@@ -252,7 +252,7 @@ fn params_match_the_kernels() {
 /// every head dim the kernels take fits the 48 KiB budget; larger ones are errors.
 #[test]
 fn tiles_fit_the_shared_memory_budget() {
-    use cuda::{shared_bytes, tile, Kernel, MAX_HEAD_DIM, SMEM_BUDGET};
+    use cuda::{Kernel, MAX_HEAD_DIM, SMEM_BUDGET, shared_bytes, tile};
     let kernels = [Kernel::Fwd, Kernel::Dq, Kernel::Dkv];
     for k in kernels {
         assert_eq!(tile(k, 64).unwrap().0, 32, "{k:?}");

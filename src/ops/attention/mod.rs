@@ -122,9 +122,9 @@ mod kernel_tests;
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::DType;
     use crate::ops::profile;
     use crate::testing::{assert_close, check_grads, rand_tensor, rng};
-    use crate::DType;
 
     /// Independent reference: a plain f64 loop over batch, head, query and key.
     fn naive(qkv: &[f64], (b, t, c, h): (usize, usize, usize, usize)) -> Vec<f64> {

@@ -5,8 +5,8 @@
 //! their gradient is 0. Targets are validated by the caller: a target that does not
 //! convert to `usize` (a negative one, i.e. the ignore index) marks an ignored row.
 
-use crate::ops::elementwise::cpu::CHUNK;
 use crate::Real;
+use crate::ops::elementwise::cpu::CHUNK;
 use rayon::prelude::*;
 
 /// Rows per rayon task for rows of `ld` elements (about [`CHUNK`] elements per task).

@@ -8,8 +8,8 @@
 //! the CPU and a GPU: see `testing::rerun_can_differ`).
 
 use super::*;
-use crate::testing::{assert_close, rerun_can_differ, rng};
 use crate::DType;
+use crate::testing::{assert_close, rerun_can_differ, rng};
 use rand::Rng;
 
 const DTYPES: [DType; 3] = [DType::F32, DType::BF16, DType::F16];
@@ -313,12 +313,14 @@ fn fused_rejects_bad_seeds(device: &Device) {
             "{device}"
         );
     }
-    assert!(cross_entropy_fused(
-        x.clone(),
-        &[1, 5],
-        &Tensor::full(1.0, [], DType::F32, device).unwrap()
-    )
-    .is_err());
+    assert!(
+        cross_entropy_fused(
+            x.clone(),
+            &[1, 5],
+            &Tensor::full(1.0, [], DType::F32, device).unwrap()
+        )
+        .is_err()
+    );
     let seed = Tensor::full(1.0, [], DType::F32, device).unwrap();
     let y = cross_entropy_fused(x, &t, &seed).unwrap();
     let other = Tensor::full(1.0, [], DType::F32, device).unwrap();
@@ -408,11 +410,7 @@ fn padded_ignores_the_padding_columns(device: &Device) {
             let (valid, pad): (Vec<f64>, Vec<f64>) = {
                 let (mut a, mut b) = (Vec::new(), Vec::new());
                 for (i, &x) in grad.iter().enumerate() {
-                    if i % ld < v {
-                        a.push(x)
-                    } else {
-                        b.push(x)
-                    }
+                    if i % ld < v { a.push(x) } else { b.push(x) }
                 }
                 (a, b)
             };

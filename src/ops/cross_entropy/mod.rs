@@ -490,13 +490,14 @@ mod tests {
         let y = cross_entropy(&x, &[IGNORE_INDEX; 3]).unwrap();
         assert_eq!(y.to_scalar().unwrap(), 0.0);
         let g = tape.backward(&y).unwrap();
-        assert!(g
-            .get(&x)
-            .unwrap()
-            .to_vec_f64()
-            .unwrap()
-            .iter()
-            .all(|&g| g == 0.0));
+        assert!(
+            g.get(&x)
+                .unwrap()
+                .to_vec_f64()
+                .unwrap()
+                .iter()
+                .all(|&g| g == 0.0)
+        );
     }
 
     #[test]

@@ -8,7 +8,7 @@
 //! the keys `0..=L + i`, with max-subtraction), and `y = P·V`. Every output element is
 //! written by one task in a fixed order: results are bit-identical run to run.
 
-use crate::device::cpu::{gemm, vectorized, MatMut, MatRef, Par};
+use crate::device::cpu::{MatMut, MatRef, Par, gemm, vectorized};
 use crate::ops::profile::count_gemm;
 use crate::storage::{convert, pool};
 use crate::{Element, Error, Real, Result};

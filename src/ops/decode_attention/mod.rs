@@ -167,9 +167,9 @@ pub fn decode_attention(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::Tape;
     use crate::ops::causal_attention;
     use crate::testing::{assert_close, rand_tensor, rng};
-    use crate::Tape;
 
     /// Independent reference: plain f64 loops over the whole sequence `k`, `v` (each
     /// `[B, T, C]`) and the queries of the last `n` positions.

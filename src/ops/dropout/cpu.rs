@@ -3,8 +3,8 @@
 //! (see [`crate::ops::dropout_mask_value`] for the formula), so a GPU kernel regenerates it
 //! exactly and the backward never stores it.
 
-use crate::ops::elementwise::cpu::CHUNK;
 use crate::Real;
+use crate::ops::elementwise::cpu::CHUNK;
 use rayon::prelude::*;
 
 /// The golden-ratio increment of SplitMix64.

@@ -46,7 +46,7 @@ pub(crate) fn apply(x: &Tensor, p: f64, seed: u64, backward: bool) -> Result<Ten
         Storage::Cpu(_) => {
             return Err(Error::invalid(
                 "dropout: a CPU tensor reached the kernel launcher".to_string(),
-            ))
+            ));
         }
     };
     let n = x.elem_count();

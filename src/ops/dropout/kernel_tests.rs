@@ -6,8 +6,8 @@
 //! fails.
 
 use super::*;
-use crate::testing::rng;
 use crate::DType;
+use crate::testing::rng;
 use rand::Rng;
 
 const DTYPES: [DType; 3] = [DType::F32, DType::BF16, DType::F16];

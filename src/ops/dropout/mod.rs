@@ -181,10 +181,11 @@ mod tests {
         // NaN inputs are dropped to 0, not NaN.
         let nan = Tensor::full(f64::NAN, [1000], DType::F32, &Device::Cpu).unwrap();
         let yn = dropout(&nan, 0.5, 5).unwrap().to_vec_f64().unwrap();
-        assert!(yn
-            .iter()
-            .enumerate()
-            .all(|(i, y)| (*y == 0.0) != dropout_mask_value(5, i as u64, 0.5)));
+        assert!(
+            yn.iter()
+                .enumerate()
+                .all(|(i, y)| (*y == 0.0) != dropout_mask_value(5, i as u64, 0.5))
+        );
     }
 
     #[test]
@@ -219,10 +220,11 @@ mod tests {
             let yv = y.to_vec_f64().unwrap();
             assert_close(&format!("dropout {dt}"), &yv, &want, tol);
             // Same mask in every dtype.
-            assert!(yv
-                .iter()
-                .zip(&want)
-                .all(|(a, b)| (*a == 0.0) == (*b == 0.0)));
+            assert!(
+                yv.iter()
+                    .zip(&want)
+                    .all(|(a, b)| (*a == 0.0) == (*b == 0.0))
+            );
             let g = tape
                 .backward_with(&y, Tensor::ones_like(&y).unwrap())
                 .unwrap();

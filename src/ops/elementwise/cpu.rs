@@ -1,7 +1,7 @@
 //! CPU reference kernels for the elementwise ops, generic over the compute type.
 
-use crate::device::cpu::vectorized;
 use crate::Real;
+use crate::device::cpu::vectorized;
 use rayon::prelude::*;
 
 /// Elements per rayon task: below ~32K elements a pass is faster on one thread.

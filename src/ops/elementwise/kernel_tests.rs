@@ -5,8 +5,8 @@
 //! so an element a kernel forgets to write fails the comparison.
 
 use super::*;
-use crate::testing::{assert_close, rand_tensor, rng};
 use crate::Tape;
+use crate::testing::{assert_close, rand_tensor, rng};
 
 /// Sizes around the block (256) and the simulator's grid cap (8 × 256), plus 0 and 1.
 const SIZES: [usize; 9] = [0, 1, 7, 63, 65, 127, 1000, 2049, 4099];

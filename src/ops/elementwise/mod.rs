@@ -201,8 +201,8 @@ pub fn reshape(x: &Tensor, shape: impl Into<Shape>) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{check_grads, rand_tensor};
     use crate::Device;
+    use crate::testing::{check_grads, rand_tensor};
 
     #[test]
     fn add_bias_gelu_scale_match_their_definitions() {

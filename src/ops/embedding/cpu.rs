@@ -3,8 +3,8 @@
 //! Tokens are validated by the caller (`< V`, `batch·seq` of them, `seq ≤ P`). Both
 //! gradients are deterministic: each output element is summed in token order by one thread.
 
-use crate::ops::elementwise::cpu::CHUNK;
 use crate::Real;
+use crate::ops::elementwise::cpu::CHUNK;
 use rayon::prelude::*;
 
 /// Rows per rayon task for rows of `c` elements (about [`CHUNK`] elements per task).

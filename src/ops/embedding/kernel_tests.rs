@@ -7,8 +7,8 @@
 //! fails.
 
 use super::*;
-use crate::testing::{rand_tensor, rng};
 use crate::DType;
+use crate::testing::{rand_tensor, rng};
 use rand::Rng;
 
 const DTYPES: [DType; 3] = [DType::F32, DType::BF16, DType::F16];

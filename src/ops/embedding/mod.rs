@@ -308,10 +308,12 @@ mod tests {
         }
         assert_eq!(ge, we);
         assert_eq!(gp, wp);
-        assert!(ge[(v - 3) * c..]
-            .iter()
-            .chain(&gp[t * c..])
-            .all(|&g| g == 0.0));
+        assert!(
+            ge[(v - 3) * c..]
+                .iter()
+                .chain(&gp[t * c..])
+                .all(|&g| g == 0.0)
+        );
     }
 
     #[test]
@@ -344,10 +346,11 @@ mod tests {
             assert_eq!(g.get(&et).unwrap().dtype(), dt);
             // gwpe of an all-ones seed: b for every used position (exact in any dtype).
             let gp = g.get(&pt).unwrap().to_vec_f64().unwrap();
-            assert!(gp
-                .iter()
-                .enumerate()
-                .all(|(i, &x)| x == if i < t * c { b as f64 } else { 0.0 }));
+            assert!(
+                gp.iter()
+                    .enumerate()
+                    .all(|(i, &x)| x == if i < t * c { b as f64 } else { 0.0 })
+            );
         }
     }
 

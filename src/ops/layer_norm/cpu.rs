@@ -3,8 +3,8 @@
 //! Rows are `[.., C]` slices of `C` contiguous elements. Every kernel is deterministic:
 //! each output element is produced by one thread in a fixed order.
 
-use crate::ops::elementwise::cpu::CHUNK;
 use crate::Real;
+use crate::ops::elementwise::cpu::CHUNK;
 use rayon::prelude::*;
 
 /// Rows per rayon task for rows of `c` elements (about [`CHUNK`] elements per task).

@@ -9,8 +9,8 @@
 //! Device outputs start as NaN (fresh buffers are poisoned), so an unwritten element fails.
 
 use super::*;
-use crate::testing::{assert_close, rand_tensor, rng};
 use crate::DType;
+use crate::testing::{assert_close, rand_tensor, rng};
 
 const DTYPES: [DType; 3] = [DType::F32, DType::BF16, DType::F16];
 

@@ -6,7 +6,7 @@
 //! `y` is written by one GEMM and touched by one rank-`r` update per adapter, never by a
 //! separate add pass.
 
-use crate::device::cpu::{gemm, MatMut, MatRef, Par};
+use crate::device::cpu::{MatMut, MatRef, Par, gemm};
 use crate::ops::profile::count_gemm;
 use crate::{Real, Result};
 use std::ops::Range;

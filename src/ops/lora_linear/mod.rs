@@ -21,7 +21,7 @@ mod cuda;
 use super::elementwise::bias_grad;
 use super::{output, with_real};
 use crate::tape::Tape;
-use crate::tensor::{same_device, same_dtype, CpuRead};
+use crate::tensor::{CpuRead, same_device, same_dtype};
 use crate::{Device, Error, Real, Result, Tensor};
 use std::ops::Range;
 
@@ -72,13 +72,13 @@ pub fn lora_linear(
     if let Some(xl) = x_lora {
         Error::check_same_shape(OP, x.shape(), xl.shape())?;
     }
-    if let Some(b) = bias {
-        if b.dims() != [n] {
-            return Err(Error::shape(
-                OP,
-                format!("bias {} for weight {}", b.shape(), w0.shape()),
-            ));
-        }
+    if let Some(b) = bias
+        && b.dims() != [n]
+    {
+        return Err(Error::shape(
+            OP,
+            format!("bias {} for weight {}", b.shape(), w0.shape()),
+        ));
     }
     let mut saved = Vec::with_capacity(terms.len());
     for (i, t) in terms.iter().enumerate() {
@@ -181,10 +181,10 @@ pub fn lora_linear(
                 )?,
             };
             us.recycle();
-            if let Some(b) = &bias {
-                if b.requires_grad() {
-                    g.accumulate(b, bias_grad(&gy, n)?)?;
-                }
+            if let Some(b) = &bias
+                && b.requires_grad()
+            {
+                g.accumulate(b, bias_grad(&gy, n)?)?;
             }
             let Grads2 {
                 gx,

@@ -443,12 +443,14 @@ fn bad_adapters_are_errors() {
         Err(Error::Shape { .. })
     ));
     let (r0a, r0b) = (z(&[0, 8]), z(&[6, 0]));
-    assert!(run(LoraTerm {
-        a: &r0a,
-        b: &r0b,
-        ..ok.clone()
-    })
-    .is_err());
+    assert!(
+        run(LoraTerm {
+            a: &r0a,
+            b: &r0b,
+            ..ok.clone()
+        })
+        .is_err()
+    );
     assert!(matches!(
         run(LoraTerm {
             scale: f64::NAN,

@@ -29,13 +29,13 @@ pub(crate) fn gemm(g: &Gemm<'_>, accumulate: Option<&Tensor>) -> Result<Vec<f64>
                 acc += a[g.a.offset + i * g.a.row_stride + p * g.a.col_stride]
                     * b[g.b.offset + p * g.b.row_stride + j * g.b.col_stride];
             }
-            if let Some((e, a2, b2)) = &ext {
-                if e.cols.contains(&j) {
-                    let jj = j - e.cols.start;
-                    for q in 0..e.k2 {
-                        acc += a2[e.a2.offset + i * e.a2.row_stride + q * e.a2.col_stride]
-                            * b2[e.b2.offset + q * e.b2.row_stride + jj * e.b2.col_stride];
-                    }
+            if let Some((e, a2, b2)) = &ext
+                && e.cols.contains(&j)
+            {
+                let jj = j - e.cols.start;
+                for q in 0..e.k2 {
+                    acc += a2[e.a2.offset + i * e.a2.row_stride + q * e.a2.col_stride]
+                        * b2[e.b2.offset + q * e.b2.row_stride + jj * e.b2.col_stride];
                 }
             }
             let mut v = g.alpha * acc;

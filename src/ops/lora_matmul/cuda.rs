@@ -132,7 +132,7 @@ pub(crate) fn plan(dtype: DType, variant: Variant, m: usize, n: usize) -> Result
             return Err(Error::Unsupported {
                 op: "lora_matmul",
                 msg: format!("no {dt} kernel for {variant:?}"),
-            })
+            });
         }
     };
     Ok(match tc {
@@ -297,7 +297,7 @@ pub(crate) fn launch(g: &Gemm<'_>, c: &Tensor, accumulate: bool) -> Result<()> {
         Storage::Cpu(_) => {
             return Err(Error::invalid(
                 "lora_matmul: a CPU output reached the kernel launcher".to_string(),
-            ))
+            ));
         }
     };
     let params = LoraMatmulParams {

@@ -477,7 +477,7 @@ fn every_barrier_and_wait_is_load_bearing() {
 /// for small or skinny products.
 #[test]
 fn tile_heuristic() {
-    use cuda::{tc_config, TC_LARGE, TC_SMALL};
+    use cuda::{TC_LARGE, TC_SMALL, tc_config};
     assert_eq!(tc_config(8192, 4096), TC_LARGE);
     assert_eq!(tc_config(8192, 768), TC_LARGE); // 64 × 6 = 384 tiles
     assert_eq!(tc_config(8192, 50257), TC_LARGE);

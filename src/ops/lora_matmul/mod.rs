@@ -207,26 +207,26 @@ impl<'a> Gemm<'a> {
             e.a2.check("A2", self.m, e.k2)?;
             e.b2.check("B2", e.k2, e.cols.len())?;
         }
-        if let Some(b) = self.bias {
-            if b.elem_count() != self.n {
-                return Err(Error::shape(
-                    OP,
-                    format!("bias {} for {} outputs", b.shape(), self.n),
-                ));
-            }
+        if let Some(b) = self.bias
+            && b.elem_count() != self.n
+        {
+            return Err(Error::shape(
+                OP,
+                format!("bias {} for {} outputs", b.shape(), self.n),
+            ));
         }
-        if let Some(c) = accumulate {
-            if c.elem_count() != self.m * self.n {
-                return Err(Error::shape(
-                    OP,
-                    format!(
-                        "accumulating into {} for [{}, {}]",
-                        c.shape(),
-                        self.m,
-                        self.n
-                    ),
-                ));
-            }
+        if let Some(c) = accumulate
+            && c.elem_count() != self.m * self.n
+        {
+            return Err(Error::shape(
+                OP,
+                format!(
+                    "accumulating into {} for [{}, {}]",
+                    c.shape(),
+                    self.m,
+                    self.n
+                ),
+            ));
         }
         if !self.alpha.is_finite() {
             return Err(Error::invalid(format!("{OP}: alpha {}", self.alpha)));

@@ -3,7 +3,7 @@
 
 use crate::device::LaunchConfig;
 use crate::ops::LoraTerm;
-use crate::optim::rounding::{stream_key, Rounding};
+use crate::optim::rounding::{Rounding, stream_key};
 use crate::storage::Storage;
 use crate::{DType, Error, Result, Tensor};
 
@@ -111,7 +111,7 @@ pub(crate) fn launch(w: &Tensor, terms: &[LoraTerm<'_>], rounding: Rounding) -> 
         Storage::Cpu(_) => {
             return Err(Error::invalid(
                 "lora_merge: a CPU weight reached the kernel launcher".to_string(),
-            ))
+            ));
         }
     };
     let backend = wd.backend();

@@ -13,7 +13,7 @@ pub(crate) mod cuda;
 
 use super::LoraTerm;
 use crate::optim::rounding::{
-    round_bf16_stochastic, round_f16_stochastic, stream_bits, stream_key, Rounding,
+    Rounding, round_bf16_stochastic, round_f16_stochastic, stream_bits, stream_key,
 };
 use crate::tensor::{same_device, same_dtype};
 use crate::{DType, Device, Error, Real, Result, Tensor};

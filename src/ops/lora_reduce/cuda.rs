@@ -1,7 +1,7 @@
 //! Launchers of `kernels/lora_reduce.cu`, one code path for the CUDA backend and the
 //! simulator: the partials into an f32 workspace, then the chunk sums.
 
-use super::{Plan, TokenReduce, TILE};
+use super::{Plan, TILE, TokenReduce};
 use crate::device::LaunchConfig;
 use crate::ops::lora_matmul::Operand;
 use crate::storage::{DeviceStorage, Storage};
@@ -95,7 +95,7 @@ pub(crate) fn launch(
         Storage::Cpu(_) => {
             return Err(Error::invalid(format!(
                 "{OP}: a CPU output reached the kernel launcher"
-            )))
+            )));
         }
     };
     let plane = plan.big * plan.small;

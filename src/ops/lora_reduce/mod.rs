@@ -157,18 +157,18 @@ impl<'a> TokenReduce<'a> {
         same_device(OP, &ins)?;
         check_view(&self.l, "L", self.t, self.m)?;
         check_view(&self.r, "R", self.t, self.n)?;
-        if let Some(c) = accumulate {
-            if c.elem_count() != self.m * self.n {
-                return Err(Error::shape(
-                    OP,
-                    format!(
-                        "accumulating into {} for [{}, {}]",
-                        c.shape(),
-                        self.m,
-                        self.n
-                    ),
-                ));
-            }
+        if let Some(c) = accumulate
+            && c.elem_count() != self.m * self.n
+        {
+            return Err(Error::shape(
+                OP,
+                format!(
+                    "accumulating into {} for [{}, {}]",
+                    c.shape(),
+                    self.m,
+                    self.n
+                ),
+            ));
         }
         if !self.alpha.is_finite() {
             return Err(Error::invalid(format!("{OP}: alpha {}", self.alpha)));

@@ -1,6 +1,6 @@
 //! CPU reference GEMMs for `matmul` and `linear`, through the device layer's `gemm`.
 
-use crate::device::cpu::{gemm, MatMut, MatRef, Par};
+use crate::device::cpu::{MatMut, MatRef, Par, gemm};
 use crate::ops::profile::count_gemm;
 use crate::{Real, Result};
 

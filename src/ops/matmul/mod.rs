@@ -121,13 +121,13 @@ pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
             format!("x {} with weight {}", x.shape(), w.shape()),
         ));
     }
-    if let Some(b) = bias {
-        if b.dims() != [n] {
-            return Err(Error::shape(
-                OP,
-                format!("bias {} for weight {}", b.shape(), w.shape()),
-            ));
-        }
+    if let Some(b) = bias
+        && b.dims() != [n]
+    {
+        return Err(Error::shape(
+            OP,
+            format!("bias {} for weight {}", b.shape(), w.shape()),
+        ));
     }
     let mut ins = vec![x, w];
     ins.extend(bias);
@@ -224,10 +224,10 @@ pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
                     .transpose()?;
                 (gx, gw)
             };
-            if let Some(b) = &bias {
-                if b.requires_grad() {
-                    g.accumulate(b, bias_grad(&gy, n)?)?;
-                }
+            if let Some(b) = &bias
+                && b.requires_grad()
+            {
+                g.accumulate(b, bias_grad(&gy, n)?)?;
             }
             if let Some(gx) = gx {
                 g.accumulate(&x, gx)?;

@@ -1,8 +1,8 @@
 //! The CPU reference of the AdamW update: the gradient norm and the per-tensor updates on
 //! host slices (rayon over chunks of [`CHUNK`] elements).
 
-use super::{adamw_element, StepConstants};
-use crate::optim::rounding::{stream_bits, HalfFloat};
+use super::{StepConstants, adamw_element};
+use crate::optim::rounding::{HalfFloat, stream_bits};
 use crate::{Element, Real};
 use rayon::prelude::*;
 

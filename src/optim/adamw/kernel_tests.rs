@@ -3,11 +3,11 @@
 //! AdamW bit for bit, the device-side skip of non-finite steps, clipping, the deferred
 //! report, the parameter-struct sizes and bad input.
 
-use super::cuda::{ApplyParams, FinishParams, NormParams, KERNELS};
+use super::cuda::{ApplyParams, FinishParams, KERNELS, NormParams};
 use super::*;
 use crate::testing::{assert_close, rng};
-use rand::rngs::StdRng;
 use rand::Rng;
+use rand::rngs::StdRng;
 
 /// Lengths around the simulator's chunk (1024) and the GPU's (16384), odd sizes, and one
 /// tensor spanning several chunks on both: 32 tensors.
@@ -495,15 +495,16 @@ fn bad_input_is_an_error(device: &Device) {
     ));
     // A wrong shape is refused by `Gradients::insert` already.
     let mut g = Gradients::default();
-    assert!(g
-        .insert(&a, Tensor::from_vec(vec![1.0f32; 3], [3], device).unwrap())
-        .is_err());
+    assert!(
+        g.insert(&a, Tensor::from_vec(vec![1.0f32; 3], [3], device).unwrap())
+            .is_err()
+    );
     let mut g = Gradients::default();
     g.insert(&a, Tensor::from_vec(vec![1.0f32; 2], [2], device).unwrap())
         .unwrap();
     assert!(opt.step(&g, f64::NAN, StepOptions::default()).is_err());
-    assert!(opt
-        .step_deferred(
+    assert!(
+        opt.step_deferred(
             &g,
             0.1,
             StepOptions {
@@ -511,7 +512,8 @@ fn bad_input_is_an_error(device: &Device) {
                 max_grad_norm: None
             }
         )
-        .is_err());
+        .is_err()
+    );
     assert_eq!(snapshot_small(&opt), before, "an error changed the state");
     assert_eq!(opt.step_count(), 0);
     // A gradient that is a parameter's own storage is read before it is written.

@@ -7,10 +7,10 @@
 
 use std::sync::OnceLock;
 
-use super::rounding::{stream_key, Rounding};
-use crate::storage::CpuStorage;
+use super::rounding::{Rounding, stream_key};
 #[cfg(test)]
 use crate::Element;
+use crate::storage::CpuStorage;
 use crate::{DType, Device, Error, Gradients, Real, Result, Tensor};
 #[cfg(test)]
 use cpu::CHUNK;
@@ -561,10 +561,10 @@ impl AdamW {
             Backing::Cpu { states, .. } => states,
             Backing::Device { cache, .. } => {
                 let slot = cache.get(index)?;
-                if slot.get().is_none() {
-                    if let Ok(Some(s)) = self.state_to_host(index) {
-                        let _ = slot.set(s);
-                    }
+                if slot.get().is_none()
+                    && let Ok(Some(s)) = self.state_to_host(index)
+                {
+                    let _ = slot.set(s);
                 }
                 return slot.get().map(ParamStateOwned::as_ref);
             }
@@ -831,12 +831,12 @@ impl AdamW {
                 opts.grad_scale_inv
             )));
         }
-        if let Some(mx) = opts.max_grad_norm {
-            if !(mx > 0.0 && mx.is_finite()) {
-                return Err(Error::invalid(format!(
-                    "adamw: max_grad_norm {mx} must be finite and > 0"
-                )));
-            }
+        if let Some(mx) = opts.max_grad_norm
+            && !(mx > 0.0 && mx.is_finite())
+        {
+            return Err(Error::invalid(format!(
+                "adamw: max_grad_norm {mx} must be finite and > 0"
+            )));
         }
 
         let mut work: Vec<(usize, Tensor)> = Vec::new();
@@ -975,7 +975,7 @@ impl AdamW {
                     return Err(Error::unsupported(
                         OP,
                         format!("{} gradient for a {} parameter", g.dtype(), p.dtype()),
-                    ))
+                    ));
                 }
             }
         }
@@ -990,10 +990,10 @@ impl AdamW {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::optim::rounding::stream_bits;
-    use crate::optim::DynamicLossScaler;
-    use crate::testing::rng;
     use crate::Device;
+    use crate::optim::DynamicLossScaler;
+    use crate::optim::rounding::stream_bits;
+    use crate::testing::rng;
     use half::{bf16, f16};
     use rand::Rng;
 
@@ -1215,7 +1215,10 @@ mod tests {
                     (got[j] - want[j]).abs() / want[j].abs(),
                     (got[j] - tp[j]).abs() / tp[j].abs(),
                 );
-                println!("step {t} element {j}: got {:.17} want {:.17} (rel err {e_hand:.2e}; textbook {e_book:.2e})", got[j], want[j]);
+                println!(
+                    "step {t} element {j}: got {:.17} want {:.17} (rel err {e_hand:.2e}; textbook {e_book:.2e})",
+                    got[j], want[j]
+                );
                 assert!(e_hand < 1e-14 && e_book < 1e-14);
             }
         }
@@ -1608,7 +1611,11 @@ mod tests {
         let mean = a.iter().map(|x| x.to_f64()).sum::<f64>() / n as f64;
         let frac = (w - lo) / (hi - lo);
         let se = (hi - lo) * (frac * (1.0 - frac) / n as f64).sqrt();
-        println!("stochastic bf16: master {w}, mean of {n} params {mean} (err {:.2e}, 5σ {:.2e}); nearest would give {hi}", (mean - w).abs(), 5.0 * se);
+        println!(
+            "stochastic bf16: master {w}, mean of {n} params {mean} (err {:.2e}, 5σ {:.2e}); nearest would give {hi}",
+            (mean - w).abs(),
+            5.0 * se
+        );
         assert!((mean - w).abs() < 5.0 * se);
         // Element i of parameter 0 at step 3 used exactly these random bits.
         let key = stream_key(1, 3, 0);
@@ -1818,8 +1825,8 @@ mod tests {
         let ok = grads_of(&[(&a, Tensor::from_vec(vec![1.0f32, 1.0], [2], &CPU).unwrap())]);
         assert!(opt.step(&ok, f64::NAN, StepOptions::default()).is_err());
         assert!(opt.step(&ok, -1.0, StepOptions::default()).is_err());
-        assert!(opt
-            .step(
+        assert!(
+            opt.step(
                 &ok,
                 0.1,
                 StepOptions {
@@ -1827,9 +1834,10 @@ mod tests {
                     max_grad_norm: None
                 }
             )
-            .is_err());
-        assert!(opt
-            .step(
+            .is_err()
+        );
+        assert!(
+            opt.step(
                 &ok,
                 0.1,
                 StepOptions {
@@ -1837,7 +1845,8 @@ mod tests {
                     max_grad_norm: Some(0.0)
                 }
             )
-            .is_err());
+            .is_err()
+        );
         // Wrong gradient dtypes are refused before anything changes.
         let before = snapshot(&opt);
         let wrong = grads_of(&[
