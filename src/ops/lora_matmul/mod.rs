@@ -22,6 +22,22 @@ use std::ops::Range;
 
 const OP: &str = "lora_matmul";
 
+/// The `+=` output of an `[m, n]` product holds `m·n` elements (`op` names the caller).
+pub(crate) fn check_accumulate(
+    op: &'static str,
+    accumulate: Option<&Tensor>,
+    m: usize,
+    n: usize,
+) -> Result<()> {
+    match accumulate {
+        Some(c) if c.elem_count() != m * n => Err(Error::shape(
+            op,
+            format!("accumulating into {} for [{m}, {n}]", c.shape()),
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// A logical matrix read out of a tensor's storage: element `(i, j)` is at
 /// `offset + i·row_stride + j·col_stride` (elements).
 #[derive(Clone, Copy, Debug)]
@@ -215,19 +231,7 @@ impl<'a> Gemm<'a> {
                 format!("bias {} for {} outputs", b.shape(), self.n),
             ));
         }
-        if let Some(c) = accumulate
-            && c.elem_count() != self.m * self.n
-        {
-            return Err(Error::shape(
-                OP,
-                format!(
-                    "accumulating into {} for [{}, {}]",
-                    c.shape(),
-                    self.m,
-                    self.n
-                ),
-            ));
-        }
+        check_accumulate(OP, accumulate, self.m, self.n)?;
         if !self.alpha.is_finite() {
             return Err(Error::invalid(format!("{OP}: alpha {}", self.alpha)));
         }

@@ -23,7 +23,7 @@
 pub(crate) mod cpu;
 pub(crate) mod cuda;
 
-use crate::ops::lora_matmul::Operand;
+use crate::ops::lora_matmul::{Operand, check_accumulate};
 use crate::tensor::{same_device, same_dtype};
 use crate::{DType, Device, Error, Result, Shape, Tensor};
 
@@ -157,19 +157,7 @@ impl<'a> TokenReduce<'a> {
         same_device(OP, &ins)?;
         check_view(&self.l, "L", self.t, self.m)?;
         check_view(&self.r, "R", self.t, self.n)?;
-        if let Some(c) = accumulate
-            && c.elem_count() != self.m * self.n
-        {
-            return Err(Error::shape(
-                OP,
-                format!(
-                    "accumulating into {} for [{}, {}]",
-                    c.shape(),
-                    self.m,
-                    self.n
-                ),
-            ));
-        }
+        check_accumulate(OP, accumulate, self.m, self.n)?;
         if !self.alpha.is_finite() {
             return Err(Error::invalid(format!("{OP}: alpha {}", self.alpha)));
         }
