@@ -105,6 +105,16 @@ fn heap_grew(bytes: usize) {
     CPU.peak.fetch_max(now, Ordering::Relaxed);
 }
 
+/// Counts a new block of `bytes` at `p` (nothing when the allocation failed) and returns `p`.
+fn counted(p: *mut u8, bytes: usize) -> *mut u8 {
+    if !p.is_null() {
+        HEAP_COUNTED.store(true, Ordering::Relaxed);
+        CPU.allocations.fetch_add(1, Ordering::Relaxed);
+        heap_grew(bytes);
+    }
+    p
+}
+
 fn heap_shrank(bytes: usize) {
     CPU.in_use.fetch_sub(bytes as u64, Ordering::Relaxed);
 }
@@ -114,24 +124,12 @@ fn heap_shrank(bytes: usize) {
 unsafe impl GlobalAlloc for CountingAllocator {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         // SAFETY: the caller upholds `alloc`'s contract (non-zero size), passed on as is.
-        let p = unsafe { System.alloc(layout) };
-        if !p.is_null() {
-            HEAP_COUNTED.store(true, Ordering::Relaxed);
-            CPU.allocations.fetch_add(1, Ordering::Relaxed);
-            heap_grew(layout.size());
-        }
-        p
+        counted(unsafe { System.alloc(layout) }, layout.size())
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
         // SAFETY: as `alloc`.
-        let p = unsafe { System.alloc_zeroed(layout) };
-        if !p.is_null() {
-            HEAP_COUNTED.store(true, Ordering::Relaxed);
-            CPU.allocations.fetch_add(1, Ordering::Relaxed);
-            heap_grew(layout.size());
-        }
-        p
+        counted(unsafe { System.alloc_zeroed(layout) }, layout.size())
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
