@@ -457,6 +457,54 @@ fn compile_nvcc(
     Ok(o)
 }
 
+/// g++ ignores the `section` attribute on the static locals of function templates
+/// (`__shared__` arrays of templated kernels) and puts them in `.bss`; with
+/// `-fdata-sections` each gets a section `.bss._ZZ<function>E<name>`. Renaming those into
+/// `lf_sim_shared` puts them between the linker's `__start_`/`__stop_lf_sim_shared`, where
+/// the runtime poisons static shared memory before every block (kernels/sim/README.md).
+/// Kernel code has no function-local statics other than `__shared__` ones
+/// (`device::tidy` checks the sources), so every such section is shared memory. The
+/// simulator's own templates (namespace `lf_sim`, `std`) are left alone.
+fn move_template_shared_into_section(obj: &Path) {
+    let objcopy = std::env::var_os("OBJCOPY").unwrap_or_else(|| "objcopy".into());
+    let sections = Command::new("readelf")
+        .args(["-S", "-W"])
+        .arg(obj)
+        .output()
+        .unwrap_or_else(|e| panic!("running readelf on {}: {e}", obj.display()));
+    assert!(sections.status.success(), "readelf -S {}", obj.display());
+    let text = String::from_utf8_lossy(&sections.stdout);
+    let renames: Vec<String> = text
+        .split_whitespace()
+        .filter(|w| {
+            w.starts_with(".bss._ZZ")
+                && !w.starts_with(".bss._ZZN6lf_sim")
+                && !w.starts_with(".bss._ZZNSt")
+                && !w.starts_with(".bss._ZZSt")
+        })
+        .map(|w| format!("{w}=lf_sim_shared"))
+        .collect();
+    if renames.is_empty() {
+        return;
+    }
+    let mut cmd = Command::new(&objcopy);
+    for r in &renames {
+        cmd.arg("--rename-section").arg(r);
+    }
+    let status = cmd.arg(obj).status().unwrap_or_else(|e| {
+        panic!(
+            "running {} on {}: {e}",
+            objcopy.to_string_lossy(),
+            obj.display()
+        )
+    });
+    assert!(
+        status.success(),
+        "objcopy --rename-section on {}",
+        obj.display()
+    );
+}
+
 /// The simulator: `liblorafuse_sim.a` (linked into the crate) and the sanitizer victims.
 fn build_simulator(root: &Path, out: &Path, modules: &[Module]) {
     let kernels_dir = root.join("kernels");
@@ -508,7 +556,7 @@ fn build_simulator(root: &Path, out: &Path, modules: &[Module]) {
     ));
     let registry = generated.join("registry.cpp");
     write(&registry, &reg);
-    units.push(registry);
+    units.push(registry.clone());
     units.push(sim_dir.join("runtime.cpp"));
 
     let mut build = cc::Build::new();
@@ -522,8 +570,20 @@ fn build_simulator(root: &Path, out: &Path, modules: &[Module]) {
         .opt_level(2)
         .warnings(true)
         .extra_warnings(false)
+        // Every static in a section of its own, so the function templates' static
+        // __shared__ arrays can be moved into lf_sim_shared (below).
+        .flag("-fdata-sections")
         .files(&units);
-    build.compile("lorafuse_sim");
+    let objects = build.compile_intermediates();
+    // The kernel modules' objects only: the runtime's and the registry's statics are not
+    // shared memory.
+    for (unit, obj) in units.iter().zip(&objects) {
+        if unit.starts_with(&generated) && unit != &registry {
+            move_template_shared_into_section(obj);
+        }
+    }
+    let library = build.create_archive("lorafuse_sim", &objects);
+    cc::emit_link_directives(&build, &library);
 
     // Sanitizer builds of the victim driver, for the planted-bug tests. A failure here is
     // reported to those tests (they fail with it) rather than failing the whole build.

@@ -124,6 +124,11 @@ void* dynamic_smem();
 // `p` is `align`-byte aligned: the GPU faults on a misaligned vector, ldmatrix or cp.async
 // access, so the simulator makes it a launch error too.
 __attribute__((access(none, 1))) void require_aligned(const void* p, size_t align, const char* what);
+// `[p, p + bytes)` lies in the block's shared memory (a static `__shared__` array or the
+// dynamic allocation): cp.async destinations and ldmatrix rows must, the GPU faults
+// otherwise. Not checked under AddressSanitizer, where static arrays are not in
+// lf_sim_shared.
+__attribute__((access(none, 1))) void require_shared(const void* p, size_t bytes, const char* what);
 
 // cp.async (common.cuh's lf::cp_async16 / cp_async_commit / cp_async_wait<N>), as the PTX
 // ISA defines cp.async / commit_group / wait_group, per simulated thread: cp_async16 reads
@@ -205,7 +210,7 @@ inline void __threadfence_block() { __threadfence(); }
 
 namespace lf_sim::detail {
 
-enum class WarpOp : unsigned char { sync, shfl_idx, shfl_up, shfl_down, shfl_xor, ballot, any, all };
+enum class WarpOp : unsigned char { sync, shfl_idx, shfl_up, shfl_down, shfl_xor, ballot, any, all, gather };
 
 struct WarpResult {
     std::uint64_t value;  // the source lane's value (shuffles)
@@ -216,6 +221,12 @@ struct WarpResult {
 // before any returns. `arg` is the shuffle's lane / delta / lane mask.
 WarpResult warp_collective(WarpOp op, unsigned mask, std::uint64_t value, unsigned value_bytes, int arg,
                            int width);
+
+// Every lane of a full warp passes `bytes` (at most 32) at `mine` and receives all 32 lanes'
+// in `all` (lane j's at all + j·bytes): what a run of full-warp shuffles of the same values
+// gives, in one exchange instead of one per shuffle (each exchange wakes the warp's 32
+// threads). The portable mma of common.cuh gathers its fragments with it.
+void warp_all_gather(const void* mine, unsigned bytes, void* all);
 
 // CUDA's overloads take int for integers narrower than int (bool, char, short promote).
 template <class T>

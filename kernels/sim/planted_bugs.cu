@@ -38,7 +38,8 @@
 //                                    order breaks it every run); mode 0 is the control.
 //   sim_planted_misaligned           misaligned copy16 / ldmatrix row addresses (launch errors).
 //   sim_planted_stale_static_smem_f32  static shared memory read before written (poison, not
-//                                    the previous block's values).
+//                                    the previous block's values); modes 2, 3: the same with
+//                                    the array declared in a function template.
 // Self-tests of the stricter model: sim_selftest_big_smem_f32 (the >48 KiB opt-in),
 // sim_selftest_ldmatrix (the four ldmatrix forms against the PTX ISA's layouts).
 #include <cassert>
@@ -423,12 +424,26 @@ extern "C" __global__ void sim_planted_block_chain_f32(const SimTestParams p) {
 // warp loads them with ldmatrix_x4 and ldmatrix_x2 (bf16 bits) and writes its registers. By
 // `mode`: 0 all aligned (control); 1 copy16 from in + 1 float; 2 copy16 to a misaligned
 // shared address; 3 lane 5's ldmatrix_x4 row address 8 bytes off; 4 lane 3's ldmatrix_x2 row
-// address 4 bytes off (launch errors).
+// address 4 bytes off; 5 lane 7's ldmatrix_x4 row in global memory; 6 a cp.async into
+// global memory (launch errors).
 extern "C" __global__ void sim_planted_misaligned(const SimTestParams p) {
     __shared__ __align__(16) bf16 rows[32 * 8 + 8];
     const float* in = static_cast<const float*>(p.in);
     unsigned* out = static_cast<unsigned*>(p.out);
     const unsigned lane = threadIdx.x;
+    if (p.mode == 5) {
+        unsigned r[4];
+        const bf16* global_rows = reinterpret_cast<const bf16*>(in);
+        lf::ldmatrix_x4(r, lane == 7 ? global_rows + 8 * lane : rows + 8 * lane);
+        out[lane] = r[0];
+        return;
+    }
+    if (p.mode == 6) {
+        lf::cp_async16(out + 4 * lane, in + 4 * lane, 16);
+        lf::cp_async_commit();
+        lf::cp_async_wait<0>();
+        return;
+    }
     const float* src = in + 4 * lane + (p.mode == 1 ? 1 : 0);
     bf16* dst = rows + 8 * lane + (p.mode == 2 ? 2 : 0);
     lf::copy16(dst, src);
@@ -448,18 +463,38 @@ extern "C" __global__ void sim_planted_misaligned(const SimTestParams p) {
 // mode 1 (planted): out[g] = s[tid] read before any write, then s[tid] = blockIdx.x + 1 (so a
 // block that inherited the previous block's array would read that). mode 0 (control):
 // s[tid] = blockIdx.x + tid, __syncthreads(), out[g] = s[(tid + 1) % 64].
-extern "C" __global__ void sim_planted_stale_static_smem_f32(const SimTestParams p) {
-    __shared__ float s[64];
-    float* out = static_cast<float*>(p.out);
+namespace {
+// The kernel's body, with its static tile declared in a function template (modes 2, 3):
+// g++ ignores `section` on a template's static locals, so build.rs moves those into
+// lf_sim_shared after compiling; this checks that they are poisoned too.
+template <class T>
+__device__ void stale_static_smem(T* s, const SimTestParams& p, unsigned mode) {
+    T* out = static_cast<T*>(p.out);
     const unsigned t = threadIdx.x;
-    if (p.mode == 1) {
+    if (mode == 1) {
         out[lf::global_thread()] = s[t];
-        s[t] = float(blockIdx.x + 1);
+        s[t] = T(blockIdx.x + 1);
         return;
     }
-    s[t] = float(blockIdx.x + t);
+    s[t] = T(blockIdx.x + t);
     __syncthreads();
     out[lf::global_thread()] = s[(t + 1) % 64];
+}
+
+template <class T>
+__device__ void stale_static_smem_in_template(const SimTestParams& p) {
+    __shared__ T s[64];
+    stale_static_smem(s, p, p.mode - 2);
+}
+}  // namespace
+
+extern "C" __global__ void sim_planted_stale_static_smem_f32(const SimTestParams p) {
+    if (p.mode >= 2) {
+        stale_static_smem_in_template<float>(p);
+        return;
+    }
+    __shared__ float s[64];
+    stale_static_smem(s, p, p.mode);
 }
 
 // Dynamic shared memory of any size: n = its floats. out: f32[blockDim.x]; one block.

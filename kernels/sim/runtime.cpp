@@ -182,6 +182,8 @@ const char* op_name(WarpOp op) {
             return "__any_sync";
         case WarpOp::all:
             return "__all_sync";
+        case WarpOp::gather:
+            return "warp gather (the portable mma / ldmatrix)";
     }
     return "?";
 }
@@ -215,6 +217,7 @@ struct Lane {
     unsigned mask = 0;
     int src = 0;
     uint64_t value = 0;
+    unsigned char blob[32] = {};  // a gather's bytes (warp_all_gather)
     uint64_t out = 0;     // written by the lane that completes the collective
     unsigned ballot = 0;  // (or __activemask), like `done`
     bool in_activemask = false;
@@ -231,6 +234,10 @@ struct Warp {
     // kFailGo). Written under the barrier's mutex, read relaxed (see baton_wait).
     std::atomic<uint32_t> go{0};
     Lane lanes[32];
+    // The last gather's blobs, written by its completing lane. Read by each lane after its
+    // `done` moves; the next gather (full warp only) cannot complete before every lane has
+    // read this one and joined it.
+    unsigned char gathered[32][32] = {};
 
     void reset(unsigned lanes_present) {
         present = lanes_present;
@@ -877,14 +884,28 @@ void lf_sim::require_aligned(const void* p, size_t align, const char* what) {
         fail(format("misaligned %s: address %p is not %zu-byte aligned", what, p, align).c_str());
 }
 
+void lf_sim::require_shared(const void* p, size_t bytes, const char* what) {
+#if !defined(__SANITIZE_ADDRESS__)
+    const Launch& L = *ctx(what).launch;
+    const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+    auto inside = [&](const void* base, size_t size) {
+        const uintptr_t b = reinterpret_cast<uintptr_t>(base);
+        return base != nullptr && a >= b && a - b <= size && bytes <= size - (a - b);
+    };
+    const size_t statics = size_t(__stop_lf_sim_shared - __start_lf_sim_shared);
+    if (!inside(__start_lf_sim_shared, statics) && !inside(L.dyn_smem.get(), L.smem_bytes))
+        fail(format("%s %p is not in shared memory (static __shared__ or dynamic)", what, p).c_str());
+#else
+    (void)p, (void)bytes, (void)what;
+#endif
+}
+
 void lf_sim::cp_async16(void* dst, const void* src, int src_bytes) {
     ThreadCtx& c = ctx("cp.async");
     require_aligned(dst, 16, "cp.async destination");
     require_aligned(src, 16, "cp.async source");
     if (src_bytes < 0 || src_bytes > 16) fail(format("cp.async: src_bytes %d outside 0..16", src_bytes).c_str());
-    // The destination is not checked to be shared memory: g++ places a template's static
-    // __shared__ arrays in .bss, not in lf_sim_shared (README: known limits), so the runtime
-    // cannot tell them from global memory.
+    require_shared(dst, 16, "cp.async destination");
     (void)c;
     CpAsyncCopy copy{static_cast<unsigned char*>(dst), {}};
     std::memcpy(copy.bytes, src, size_t(src_bytes));
@@ -943,8 +964,30 @@ unsigned __activemask() {
     return unsigned(me.out);
 }
 
+namespace {
+void copy_gathered(const Warp& w, unsigned bytes, void* out) {
+    for (unsigned j = 0; j < 32; ++j) std::memcpy(static_cast<unsigned char*>(out) + j * bytes, w.gathered[j], bytes);
+}
+lf_sim::detail::WarpResult collective(WarpOp op, unsigned mask, std::uint64_t value, unsigned value_bytes,
+                                      int arg, int width, const void* blob, void* gathered);
+}
+
 lf_sim::detail::WarpResult lf_sim::detail::warp_collective(WarpOp op, unsigned mask, std::uint64_t value,
                                                            unsigned value_bytes, int arg, int width) {
+    return collective(op, mask, value, value_bytes, arg, width, nullptr, nullptr);
+}
+
+void lf_sim::detail::warp_all_gather(const void* mine, unsigned bytes, void* all) {
+    if (bytes == 0 || bytes > sizeof(Lane::blob))
+        fail(format("warp gather of %u bytes (1..%zu)", bytes, sizeof(Lane::blob)).c_str());
+    collective(WarpOp::gather, 0xffffffffu, 0, bytes, 0, 32, mine, all);
+}
+
+namespace {
+lf_sim::detail::WarpResult collective(WarpOp op, unsigned mask, std::uint64_t value, unsigned value_bytes,
+                                      int arg, int width, const void* blob, void* gathered) {
+    using lf_sim::detail::WarpResult;
+    using lf_sim::fail;
     ThreadCtx& c = ctx(op_name(op));
     Launch& L = *c.launch;
     Warp& w = *c.warp;
@@ -966,6 +1009,7 @@ lf_sim::detail::WarpResult lf_sim::detail::warp_collective(WarpOp op, unsigned m
     me.mask = mask;
     me.src = src;
     me.value = value;
+    if (blob != nullptr) std::memcpy(me.blob, blob, value_bytes);
     bool complete = true;
     for (unsigned j = 0; j < 32 && complete; ++j) {
         if (mask >> j & 1u) complete = w.lanes[j].pending && w.lanes[j].mask == mask;
@@ -981,10 +1025,12 @@ lf_sim::detail::WarpResult lf_sim::detail::warp_collective(WarpOp op, unsigned m
             Lane& o = w.lanes[j];
             o.out = w.lanes[o.src].value;
             o.ballot = ballot;
+            if (op == WarpOp::gather) std::memcpy(w.gathered[j], o.blob, value_bytes);
             o.pending = false;
             o.done.fetch_add(1, std::memory_order_release);
         }
         WarpResult r{me.out, me.ballot};
+        if (gathered != nullptr) copy_gathered(w, value_bytes, gathered);
         lock.unlock();
         w.wake_all();
         return r;
@@ -995,8 +1041,10 @@ lf_sim::detail::WarpResult lf_sim::detail::warp_collective(WarpOp op, unsigned m
     lock.unlock();
     if (activemask_done) w.wake_all();
     w.wait_done(me, done, L.failed);
+    if (gathered != nullptr) copy_gathered(w, value_bytes, gathered);
     return WarpResult{me.out, me.ballot};
 }
+}  // namespace
 
 // ---- Mutation testing: the launching (host) thread's settings -------------------------------
 

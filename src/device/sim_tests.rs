@@ -532,7 +532,7 @@ fn blocks_run_in_a_seeded_random_order_so_an_inter_block_dependency_fails() {
 }
 
 #[test]
-fn misaligned_copy16_and_ldmatrix_fail_the_launch() {
+fn misaligned_or_non_shared_copy16_cp_async_and_ldmatrix_fail_the_launch() {
     let input: Vec<f32> = (0..256).map(|i| i as f32).collect();
     let inb = f32_buffer(&input);
     let out = u32_buffer(32 * 4);
@@ -557,6 +557,16 @@ fn misaligned_copy16_and_ldmatrix_fail_the_launch() {
             "mode {mode}: {msg}"
         );
     }
+    // ldmatrix and cp.async reach shared memory only (a static array, or the dynamic one).
+    for (mode, needle) in [(5, "ldmatrix row address"), (6, "cp.async destination")] {
+        let msg = launch_err("sim_planted_misaligned", &cfg(1, 32, 0), &p(mode));
+        assert!(
+            msg.contains(needle) && msg.contains("is not in shared memory"),
+            "mode {mode}: {msg}"
+        );
+    }
+    let msg = launch_err("sim_planted_misaligned", &cfg(1, 32, 0), &p(5));
+    assert!(msg.contains("thread (7,0,0)"), "{msg}");
     // The lanes named: lane 5 for the x4 load, lane 3 for the x2 load.
     let msg = launch_err("sim_planted_misaligned", &cfg(1, 32, 0), &p(3));
     assert!(msg.contains("thread (5,0,0)"), "{msg}");
@@ -574,29 +584,36 @@ fn static_shared_memory_is_poisoned_before_every_block() {
         mode,
         ..Default::default()
     };
-    Backend::Sim
-        .launch(
-            "sim_planted_stale_static_smem_f32",
-            &cfg(blocks, 64, 0),
-            &p(0),
-        )
-        .unwrap();
-    for (g, &v) in read_f32(&out).iter().enumerate() {
-        let (b, t) = (g / 64, g % 64);
-        assert_eq!(v, (b + (t + 1) % 64) as f32, "control, thread {g}");
-    }
-    // Read before written: every block sees 0xFF bytes, not zeros, not the previous block's
-    // values (or the previous launch's).
-    for _ in 0..2 {
+    // Modes 0/1 declare the array in the kernel, 2/3 in a function template (whose statics
+    // g++ places outside lf_sim_shared, until build.rs moves them in).
+    for (control, read_first) in [(0, 1), (2, 3)] {
         Backend::Sim
             .launch(
                 "sim_planted_stale_static_smem_f32",
                 &cfg(blocks, 64, 0),
-                &p(1),
+                &p(control),
             )
             .unwrap();
-        let bits: Vec<u32> = read_f32(&out).iter().map(|v| v.to_bits()).collect();
-        assert!(bits.iter().all(|&b| b == u32::MAX), "{bits:x?}");
+        for (g, &v) in read_f32(&out).iter().enumerate() {
+            let (b, t) = (g / 64, g % 64);
+            assert_eq!(v, (b + (t + 1) % 64) as f32, "mode {control}, thread {g}");
+        }
+        // Read before written: every block sees 0xFF bytes, not zeros, not the previous
+        // block's values (or the previous launch's).
+        for _ in 0..2 {
+            Backend::Sim
+                .launch(
+                    "sim_planted_stale_static_smem_f32",
+                    &cfg(blocks, 64, 0),
+                    &p(read_first),
+                )
+                .unwrap();
+            let bits: Vec<u32> = read_f32(&out).iter().map(|v| v.to_bits()).collect();
+            assert!(
+                bits.iter().all(|&b| b == u32::MAX),
+                "mode {read_first}: {bits:x?}"
+            );
+        }
     }
 }
 

@@ -151,6 +151,40 @@ fn kernel_names_follow_the_convention() {
     }
 }
 
+/// The function-local `static`s of a kernel source that are not `__shared__` (nor
+/// `constexpr`): build.rs moves every function-local static of a kernel object into the
+/// simulator's poisoned shared-memory section, which is right only if there are none.
+fn non_shared_local_statics(source: &str) -> Vec<String> {
+    source
+        .lines()
+        .filter(|l| l.starts_with(char::is_whitespace))
+        .map(str::trim)
+        .filter(|l| {
+            l.starts_with("static ")
+                && !l.starts_with("static constexpr")
+                && !l.starts_with("static_assert")
+        })
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn kernels_have_no_function_local_statics_but_shared_ones() {
+    let planted = "__device__ void f() {\n    static int calls;\n    __shared__ float t[4];\n}\n";
+    assert_eq!(non_shared_local_statics(planted), ["static int calls;"]);
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("kernels");
+    let mut files = 0;
+    for p in std::iter::once(dir.join("sim").join("planted_bugs.cu"))
+        .chain(std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "cu" || x == "cuh"))
+    {
+        let found = non_shared_local_statics(&std::fs::read_to_string(&p).unwrap());
+        assert!(found.is_empty(), "{}: {found:?}", p.display());
+        files += 1;
+    }
+    assert!(files >= 10, "{files} kernel sources read");
+}
+
 #[test]
 fn every_kernel_file_opens_with_its_header() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("kernels");
