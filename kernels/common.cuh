@@ -231,8 +231,7 @@ template <> __device__ __forceinline__ float unpack_hi<f16>(unsigned r) {
 }
 
 // The portable product: each lane gathers the rows g, g+8 of A and the columns 2t, 2t+1 of
-// B it needs from the lanes that hold them (16 shuffles of 64 bits; in the simulator one
-// warp gather of the same values), then sums in f32.
+// B it needs from the lanes that hold them (16 shuffles of 64 bits), then sums in f32.
 template <typename T>
 __device__ __forceinline__ void mma_m16n8k16_portable(float d[4], const unsigned a[4],
                                                       const unsigned b[2], const float c[4]) {
@@ -242,29 +241,13 @@ __device__ __forceinline__ void mma_m16n8k16_portable(float d[4], const unsigned
     const unsigned long long a23 = (unsigned long long)a[2] | ((unsigned long long)a[3] << 32);
     const unsigned long long b01 = (unsigned long long)b[0] | ((unsigned long long)b[1] << 32);
     float acc[4] = {c[0], c[1], c[2], c[3]};
-#if defined(LORAFUSE_SIM)
-    // The same values as the shuffles below, from one exchange of the whole warp's fragments.
-    struct Frag {
-        unsigned long long a01, a23, b01;
-    };
-    const Frag mine{a01, a23, b01};
-    Frag all[32];
-    lf_sim::detail::warp_all_gather(&mine, sizeof mine, all);
-#endif
     for (int s = 0; s < 4; ++s) {
         // Lane g*4+s holds A[g][2s..2s+1], A[g+8][2s..], A[g][2s+8..], A[g+8][2s+8..];
         // lane n*4+s holds B[2s..2s+1][n] and B[2s+8..2s+9][n].
-#if defined(LORAFUSE_SIM)
-        const unsigned long long x01 = all[g * 4 + s].a01;
-        const unsigned long long x23 = all[g * 4 + s].a23;
-        const unsigned long long y0 = all[(2 * t) * 4 + s].b01;
-        const unsigned long long y1 = all[(2 * t + 1) * 4 + s].b01;
-#else
         const unsigned long long x01 = __shfl_sync(0xffffffffu, a01, g * 4 + s);
         const unsigned long long x23 = __shfl_sync(0xffffffffu, a23, g * 4 + s);
         const unsigned long long y0 = __shfl_sync(0xffffffffu, b01, (2 * t) * 4 + s);
         const unsigned long long y1 = __shfl_sync(0xffffffffu, b01, (2 * t + 1) * 4 + s);
-#endif
         const unsigned ar[4] = {(unsigned)x01, (unsigned)(x01 >> 32), (unsigned)x23,
                                 (unsigned)(x23 >> 32)};
         const unsigned b_n0[2] = {(unsigned)y0, (unsigned)(y0 >> 32)};
@@ -324,16 +307,16 @@ __device__ __forceinline__ void ldmatrix_portable(unsigned r[N], const T* row) {
         lf_sim::require_shared(row, 16, "ldmatrix row address");
     }
 #endif
-    // Shuffles, also in the simulator: with the addresses from one warp gather instead,
-    // attention's tensor-core test failed 4 runs in 12 under load (not understood yet).
-    const auto row_of = [&](int l) { return __shfl_sync(0xffffffffu, (unsigned long long)row, l); };
     for (int j = 0; j < N; ++j) {
         if (!Trans) {
-            const unsigned long long src = row_of(j * 8 + lane / 4);
+            const unsigned long long src =
+                __shfl_sync(0xffffffffu, (unsigned long long)row, j * 8 + lane / 4);
             r[j] = load_pair(reinterpret_cast<const T*>(src) + 2 * (lane % 4));
         } else {
-            const unsigned long long s0 = row_of(j * 8 + 2 * (lane % 4));
-            const unsigned long long s1 = row_of(j * 8 + 2 * (lane % 4) + 1);
+            const unsigned long long s0 =
+                __shfl_sync(0xffffffffu, (unsigned long long)row, j * 8 + 2 * (lane % 4));
+            const unsigned long long s1 =
+                __shfl_sync(0xffffffffu, (unsigned long long)row, j * 8 + 2 * (lane % 4) + 1);
             const T lo = reinterpret_cast<const T*>(s0)[lane / 4];
             const T hi = reinterpret_cast<const T*>(s1)[lane / 4];
             r[j] = pack2(lo, hi);

@@ -225,7 +225,8 @@ WarpResult warp_collective(WarpOp op, unsigned mask, std::uint64_t value, unsign
 // Every lane of a full warp passes `bytes` (at most 32) at `mine` and receives all 32 lanes'
 // in `all` (lane j's at all + j·bytes): what a run of full-warp shuffles of the same values
 // gives, in one exchange instead of one per shuffle (each exchange wakes the warp's 32
-// threads). The portable mma of common.cuh gathers its fragments with it.
+// threads). NOT USED: the portable mma and ldmatrix gathering with it failed tensor-core
+// tests intermittently under load (wrong values; cause not found), so they keep their shuffles.
 void warp_all_gather(const void* mine, unsigned bytes, void* all);
 
 // CUDA's overloads take int for integers narrower than int (bool, char, short promote).
