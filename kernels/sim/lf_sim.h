@@ -210,7 +210,7 @@ inline void __threadfence_block() { __threadfence(); }
 
 namespace lf_sim::detail {
 
-enum class WarpOp : unsigned char { sync, shfl_idx, shfl_up, shfl_down, shfl_xor, ballot, any, all, gather };
+enum class WarpOp : unsigned char { sync, shfl_idx, shfl_up, shfl_down, shfl_xor, ballot, any, all };
 
 struct WarpResult {
     std::uint64_t value;  // the source lane's value (shuffles)
@@ -221,13 +221,6 @@ struct WarpResult {
 // before any returns. `arg` is the shuffle's lane / delta / lane mask.
 WarpResult warp_collective(WarpOp op, unsigned mask, std::uint64_t value, unsigned value_bytes, int arg,
                            int width);
-
-// Every lane of a full warp passes `bytes` (at most 32) at `mine` and receives all 32 lanes'
-// in `all` (lane j's at all + j·bytes): what a run of full-warp shuffles of the same values
-// gives, in one exchange instead of one per shuffle (each exchange wakes the warp's 32
-// threads). NOT USED: the portable mma and ldmatrix gathering with it failed tensor-core
-// tests intermittently under load (wrong values; cause not found), so they keep their shuffles.
-void warp_all_gather(const void* mine, unsigned bytes, void* all);
 
 // CUDA's overloads take int for integers narrower than int (bool, char, short promote).
 template <class T>

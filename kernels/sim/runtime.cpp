@@ -182,8 +182,6 @@ const char* op_name(WarpOp op) {
             return "__any_sync";
         case WarpOp::all:
             return "__all_sync";
-        case WarpOp::gather:
-            return "warp gather (the portable mma / ldmatrix)";
     }
     return "?";
 }
@@ -217,7 +215,6 @@ struct Lane {
     unsigned mask = 0;
     int src = 0;
     uint64_t value = 0;
-    unsigned char blob[32] = {};  // a gather's bytes (warp_all_gather)
     uint64_t out = 0;     // written by the lane that completes the collective
     unsigned ballot = 0;  // (or __activemask), like `done`
     bool in_activemask = false;
@@ -234,10 +231,6 @@ struct Warp {
     // kFailGo). Written under the barrier's mutex, read relaxed (see baton_wait).
     std::atomic<uint32_t> go{0};
     Lane lanes[32];
-    // The last gather's blobs, written by its completing lane. Read by each lane after its
-    // `done` moves; the next gather (full warp only) cannot complete before every lane has
-    // read this one and joined it.
-    unsigned char gathered[32][32] = {};
 
     void reset(unsigned lanes_present) {
         present = lanes_present;
@@ -964,30 +957,8 @@ unsigned __activemask() {
     return unsigned(me.out);
 }
 
-namespace {
-void copy_gathered(const Warp& w, unsigned bytes, void* out) {
-    for (unsigned j = 0; j < 32; ++j) std::memcpy(static_cast<unsigned char*>(out) + j * bytes, w.gathered[j], bytes);
-}
-lf_sim::detail::WarpResult collective(WarpOp op, unsigned mask, std::uint64_t value, unsigned value_bytes,
-                                      int arg, int width, const void* blob, void* gathered);
-}
-
 lf_sim::detail::WarpResult lf_sim::detail::warp_collective(WarpOp op, unsigned mask, std::uint64_t value,
                                                            unsigned value_bytes, int arg, int width) {
-    return collective(op, mask, value, value_bytes, arg, width, nullptr, nullptr);
-}
-
-void lf_sim::detail::warp_all_gather(const void* mine, unsigned bytes, void* all) {
-    if (bytes == 0 || bytes > sizeof(Lane::blob))
-        fail(format("warp gather of %u bytes (1..%zu)", bytes, sizeof(Lane::blob)).c_str());
-    collective(WarpOp::gather, 0xffffffffu, 0, bytes, 0, 32, mine, all);
-}
-
-namespace {
-lf_sim::detail::WarpResult collective(WarpOp op, unsigned mask, std::uint64_t value, unsigned value_bytes,
-                                      int arg, int width, const void* blob, void* gathered) {
-    using lf_sim::detail::WarpResult;
-    using lf_sim::fail;
     ThreadCtx& c = ctx(op_name(op));
     Launch& L = *c.launch;
     Warp& w = *c.warp;
@@ -1009,7 +980,6 @@ lf_sim::detail::WarpResult collective(WarpOp op, unsigned mask, std::uint64_t va
     me.mask = mask;
     me.src = src;
     me.value = value;
-    if (blob != nullptr) std::memcpy(me.blob, blob, value_bytes);
     bool complete = true;
     for (unsigned j = 0; j < 32 && complete; ++j) {
         if (mask >> j & 1u) complete = w.lanes[j].pending && w.lanes[j].mask == mask;
@@ -1025,12 +995,10 @@ lf_sim::detail::WarpResult collective(WarpOp op, unsigned mask, std::uint64_t va
             Lane& o = w.lanes[j];
             o.out = w.lanes[o.src].value;
             o.ballot = ballot;
-            if (op == WarpOp::gather) std::memcpy(w.gathered[j], o.blob, value_bytes);
             o.pending = false;
             o.done.fetch_add(1, std::memory_order_release);
         }
         WarpResult r{me.out, me.ballot};
-        if (gathered != nullptr) copy_gathered(w, value_bytes, gathered);
         lock.unlock();
         w.wake_all();
         return r;
@@ -1041,10 +1009,8 @@ lf_sim::detail::WarpResult collective(WarpOp op, unsigned mask, std::uint64_t va
     lock.unlock();
     if (activemask_done) w.wake_all();
     w.wait_done(me, done, L.failed);
-    if (gathered != nullptr) copy_gathered(w, value_bytes, gathered);
     return WarpResult{me.out, me.ballot};
 }
-}  // namespace
 
 // ---- Mutation testing: the launching (host) thread's settings -------------------------------
 
