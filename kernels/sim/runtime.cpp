@@ -116,7 +116,10 @@ void wait_while_equal(const std::atomic<T>& a, T old) {
 void baton_wait(std::atomic<uint32_t>& a, uint32_t old) {
 #if defined(__linux__)
     static_assert(sizeof(std::atomic<uint32_t>) == sizeof(uint32_t));
-    syscall(SYS_futex, reinterpret_cast<uint32_t*>(&a), FUTEX_WAIT_PRIVATE, old, nullptr, nullptr, 0);
+    // A bounded sleep: the schedule's flags (`Lane::ready`, the running warp) are relaxed
+    // atomics beside this word, so a waiter re-checks them now and then in any case.
+    struct timespec limit = {0, 20 * 1000 * 1000};
+    syscall(SYS_futex, reinterpret_cast<uint32_t*>(&a), FUTEX_WAIT_PRIVATE, old, &limit, nullptr, 0);
 #else
     a.wait(old, std::memory_order_relaxed);
 #endif
@@ -219,7 +222,10 @@ struct Lane {
     unsigned ballot = 0;  // (or __activemask), like `done`
     bool in_activemask = false;
     uint32_t sync_phase = kNoPhase;  // the __syncthreads phase this lane entered last
+    bool cond_wait = false;          // waits in an mbarrier, named barrier or warpgroup collective
     std::atomic<uint32_t> done{0};   // bumped (release) when its collective or __activemask completes
+    // Runnable (1) or blocked in a wait (0): the block schedule's, written under its mutex.
+    std::atomic<uint32_t> ready{1};
 };
 
 struct Warp {
@@ -239,6 +245,7 @@ struct Warp {
             l.pending = false;
             l.in_activemask = false;
             l.sync_phase = kNoPhase;
+            l.cond_wait = false;
         }
     }
     // Completes the lanes waiting in __activemask if no lane of the warp is running any
@@ -249,7 +256,7 @@ struct Warp {
         for (unsigned j = 0; j < 32; ++j) {
             const Lane& l = lanes[j];
             if (l.in_activemask) waiting |= 1u << j;
-            if (l.pending || l.in_activemask || l.sync_phase == phase) stopped |= 1u << j;
+            if (l.pending || l.in_activemask || l.cond_wait || l.sync_phase == phase) stopped |= 1u << j;
         }
         if (waiting == 0 || (stopped & present) != present) return false;
         for (unsigned j = 0; j < 32; ++j) {
@@ -276,12 +283,16 @@ struct Warp {
     }
 };
 
-// __syncthreads and the warp-serial schedule for one block. Arrivals, exits and the
-// schedule are kept under one mutex. Every thread, when it (re)starts running — at the block's
-// start and after each barrier — waits for its warp's baton (`Warp::go` equal to the
-// scheduling epoch it waits for); the running warp hands the baton on when each of its live
-// lanes waits in the barrier or has exited; the last arrival completes the barrier, starts a
-// new epoch with a new order and hands the baton to that order's first warp.
+// __syncthreads, the warp-serial schedule and every other way a thread can stop and wait for
+// other warps (mbarrier waits, named barriers, warpgroup collectives) for one block. All of it
+// is kept under one mutex (`mu`). Every lane is either runnable (`ready`) or blocked in a wait;
+// exactly one warp holds the baton (`running_`), and a runnable lane runs only while its warp
+// holds it. The running warp keeps the baton until none of its live lanes is runnable; then it
+// passes to the next warp of the current order (cyclically) that has a runnable lane. A wait
+// that completes makes its lanes runnable again (they run when their warp next gets the baton).
+// When no warp has a runnable lane and the block barrier cannot complete, the block is
+// deadlocked: a launch error naming what each warp waits in, never a hang. When the block
+// barrier completes, a new order is drawn (warp 0 never first) and its first warp runs.
 class BlockBarrier {
 public:
     struct Result {
@@ -289,9 +300,9 @@ public:
         uint32_t arrived;  // threads that took part (the block's threads not yet exited)
     };
 
-    // A new block of `threads` threads over `warp_count` warps: returns its first epoch, in
-    // which the first warp of a fresh order holds the baton. Called when no thread runs.
-    uint32_t reset(uint32_t threads, Warp* warps, uint32_t warp_count, Rng* rng) {
+    // A new block of `threads` threads over `warp_count` warps; its first warp gets the baton.
+    // Called when no thread runs.
+    void reset(uint32_t threads, Warp* warps, uint32_t warp_count, Rng* rng) {
         expected_ = threads;
         arrived_ = passed_ = 0;
         warps_ = warps;
@@ -299,29 +310,39 @@ public:
         failed_ = false;
         live_.assign(warp_count, 0);
         blocked_.assign(warp_count, 0);
-        for (uint32_t w = 0; w < warp_count; ++w) live_[w] = std::min<uint32_t>(32, threads - 32 * w);
-        new_epoch_locked();
-        return epoch_;
+        what_.assign(size_t(warp_count) * 32, nullptr);
+        for (uint32_t w = 0; w < warp_count; ++w) {
+            live_[w] = std::min<uint32_t>(32, threads - 32 * w);
+            for (Lane& l : warps_[w].lanes) l.ready.store(1, std::memory_order_relaxed);
+        }
+        running_.store(-1, std::memory_order_relaxed);
+        new_order_locked();
     }
     uint32_t phase() const { return phase_.load(std::memory_order_acquire); }
-    // Throws Abort if the launch failed before or while waiting.
-    Result arrive_and_wait(uint32_t warp, bool predicate, const std::atomic<bool>& failed);
-    // A thread of `warp` returned from the kernel: later phases no longer wait for it.
-    void drop(uint32_t warp);
-    // Waits until `warp` holds the baton of scheduling epoch `epoch`; throws Abort on failure.
-    void wait_turn(uint32_t warp, uint32_t epoch, const std::atomic<bool>& failed) {
-        if (!serial_warps()) return;
+    // Arrives at __syncthreads and waits for the phase to complete and the baton. Throws Abort
+    // if the launch failed; returns a deadlock message (without waiting) if nothing could run.
+    Result arrive_and_wait(uint32_t warp, unsigned lane, bool predicate, const std::atomic<bool>& failed,
+                           std::string* deadlock);
+    // A thread of `warp` returned from the kernel: later phases no longer wait for it. Returns
+    // a deadlock message if the threads left can no longer run, else "".
+    std::string drop(uint32_t warp);
+    // Waits until `lane` of `warp` is runnable and (warp-serial) its warp holds the baton;
+    // throws Abort on failure.
+    void wait_turn(uint32_t warp, unsigned lane, const std::atomic<bool>& failed) {
         std::atomic<uint32_t>& go = warps_[warp].go;
+        const std::atomic<uint32_t>& ready = warps_[warp].lanes[lane].ready;
         for (;;) {
             uint32_t g = go.load(std::memory_order_relaxed);
-            if (g == epoch) return;
             if (g == kFailGo || failed.load(std::memory_order_relaxed)) throw Abort{};
+            if (ready.load(std::memory_order_relaxed) != 0 &&
+                (!serial_warps() || running_.load(std::memory_order_relaxed) == int32_t(warp)))
+                return;
             baton_wait(go, g);
         }
     }
     // The launch failed: every warp gets the baton (its waiters wake and unwind).
     void fail_all() {
-        std::lock_guard lock(mu_);
+        std::lock_guard lock(mu);
         failed_ = true;
         for (size_t w = 0; w < live_.size(); ++w) {
             warps_[w].go.store(kFailGo, std::memory_order_relaxed);
@@ -333,21 +354,86 @@ public:
         phase_.notify_all();
     }
 
+    // ---- For the waits built on the schedule (under `mu`) ----
+    // `lane` of `warp` stops, waiting in `what` (a string literal, for deadlock messages).
+    void block_locked(uint32_t warp, unsigned lane, const char* what) {
+        warps_[warp].lanes[lane].ready.store(0, std::memory_order_relaxed);
+        what_[size_t(warp) * 32 + lane] = what;
+        ++blocked_[warp];
+    }
+    // The wait of `lane` of `warp` completed: it runs again when its warp holds the baton.
+    void unblock_locked(uint32_t warp, unsigned lane) {
+        Lane& l = warps_[warp].lanes[lane];
+        if (l.ready.load(std::memory_order_relaxed) != 0) return;
+        l.ready.store(1, std::memory_order_relaxed);
+        what_[size_t(warp) * 32 + lane] = nullptr;
+        --blocked_[warp];
+        if (!serial_warps() || running_.load(std::memory_order_relaxed) == int32_t(warp)) wake_locked(warp);
+    }
+    // Hands the baton on if the running warp has no runnable lane left; "" or, when no warp
+    // can run and the block barrier cannot complete, the deadlock's description.
+    std::string advance_locked() {
+        const uint32_t n = uint32_t(order_.size());
+        if (!serial_warps()) {
+            for (uint32_t w = 0; w < n; ++w)
+                if (live_[w] > blocked_[w]) return {};
+        } else {
+            int32_t r = running_.load(std::memory_order_relaxed);
+            if (r >= 0 && live_[uint32_t(r)] > blocked_[uint32_t(r)]) return {};
+            for (uint32_t i = 1; i <= n; ++i) {
+                uint32_t q = (pos_ + i) % n, w = order_[q];
+                if (live_[w] > blocked_[w]) {
+                    pos_ = q;
+                    give_locked(w);
+                    return {};
+                }
+            }
+            running_.store(-1, std::memory_order_relaxed);
+        }
+        if (expected_ == 0 || arrived_ == expected_) return {};
+        return deadlock_locked();
+    }
+
+    std::mutex mu;
+
 private:
+    std::string deadlock_locked() const {
+        std::string s = "deadlock: no thread of the block can run (";
+        bool first = true;
+        for (uint32_t w = 0; w < live_.size(); ++w) {
+            if (live_[w] == 0) continue;
+            std::map<std::string, unsigned> counts;
+            for (unsigned j = 0; j < 32; ++j) {
+                const char* what = what_[size_t(w) * 32 + j];
+                if (what != nullptr) ++counts[what];
+            }
+            for (const auto& [what, k] : counts) {
+                s += format("%swarp %u: %u lane%s in %s", first ? "" : "; ", w, k, k == 1 ? "" : "s",
+                            what.c_str());
+                first = false;
+            }
+        }
+        return s + ")";
+    }
     void complete_locked() {
         result_ = Result{passed_, arrived_};
         arrived_ = passed_ = 0;
         phase_.fetch_add(1, std::memory_order_release);
-        std::fill(blocked_.begin(), blocked_.end(), 0u);
-        new_epoch_locked();
+        // Every live lane waited in this barrier: all run again, in a new order.
+        for (uint32_t w = 0; w < live_.size(); ++w) {
+            blocked_[w] = 0;
+            for (unsigned j = 0; j < 32; ++j) {
+                warps_[w].lanes[j].ready.store(1, std::memory_order_relaxed);
+                what_[size_t(w) * 32 + j] = nullptr;
+            }
+            if (!serial_warps()) wake_locked(w);
+        }
+        new_order_locked();
     }
-    // A new scheduling epoch: a fresh order of the warps, in which warp 0 does not run first
-    // when another warp has live lanes (so "warp 0 writes, the others read" and "warp 0
-    // reads, the others overwrite" without a barrier both go wrong every time); the first
-    // warp with live lanes gets the baton.
-    void new_epoch_locked() {
-        ++epoch_;
-        if (epoch_ == kFailGo || epoch_ == 0) epoch_ = 1;
+    // A fresh order of the warps, in which warp 0 does not run first when another warp has
+    // live lanes (so "warp 0 writes, the others read" and "warp 0 reads, the others overwrite"
+    // without a barrier both go wrong every time); the first warp with live lanes gets the baton.
+    void new_order_locked() {
         const uint32_t n = uint32_t(live_.size());
         order_.resize(n);
         for (uint32_t i = 0; i < n; ++i) order_[i] = i;
@@ -362,56 +448,58 @@ private:
                 }
             }
         }
-        if (pos_ < n) give_locked(order_[pos_]);
-    }
-    // Hands the baton on if the running warp has no running lane left.
-    void advance_locked() {
-        const uint32_t n = uint32_t(order_.size());
-        while (pos_ < n && blocked_[order_[pos_]] >= live_[order_[pos_]]) {
-            if (++pos_ < n && live_[order_[pos_]] != 0) give_locked(order_[pos_]);
+        if (pos_ < n) {
+            give_locked(order_[pos_]);
+        } else {
+            pos_ = 0;
+            running_.store(-1, std::memory_order_relaxed);
         }
     }
     void give_locked(uint32_t w) {
+        running_.store(int32_t(w), std::memory_order_relaxed);
+        wake_locked(w);
+    }
+    void wake_locked(uint32_t w) {
         if (failed_) return;
-        warps_[w].go.store(epoch_, std::memory_order_relaxed);
+        warps_[w].go.fetch_add(1, std::memory_order_relaxed);
+        if (warps_[w].go.load(std::memory_order_relaxed) == kFailGo) warps_[w].go.store(0, std::memory_order_relaxed);
         baton_wake(warps_[w].go);
     }
 
-    std::mutex mu_;
     uint32_t expected_ = 0, arrived_ = 0, passed_ = 0;
     Result result_{};
     std::atomic<uint32_t> phase_{0};
-    // The schedule (under mu_).
+    // The schedule (under mu).
     Warp* warps_ = nullptr;
     Rng* rng_ = nullptr;
     bool failed_ = false;
-    std::vector<uint32_t> live_;     // per warp: lanes not exited
-    std::vector<uint32_t> blocked_;  // per warp: lanes waiting in this phase's barrier
-    std::vector<uint32_t> order_;    // this epoch's order of the warps
-    uint32_t pos_ = 0;               // the running warp: order_[pos_]
-    uint32_t epoch_ = 0;
+    std::vector<uint32_t> live_;        // per warp: lanes not exited
+    std::vector<uint32_t> blocked_;     // per warp: live lanes waiting (not runnable)
+    std::vector<const char*> what_;     // per thread: what it waits in, or null
+    std::vector<uint32_t> order_;       // this phase's order of the warps
+    uint32_t pos_ = 0;                  // the running warp's position in order_
+    std::atomic<int32_t> running_{-1};  // the warp holding the baton, -1 for none
 };
 
-BlockBarrier::Result BlockBarrier::arrive_and_wait(uint32_t warp, bool predicate,
-                                                   const std::atomic<bool>& failed) {
-    std::unique_lock lock(mu_);
+BlockBarrier::Result BlockBarrier::arrive_and_wait(uint32_t warp, unsigned lane, bool predicate,
+                                                   const std::atomic<bool>& failed, std::string* deadlock) {
+    std::unique_lock lock(mu);
     uint32_t phase = phase_.load(std::memory_order_acquire);
     if (failed.load(std::memory_order_acquire)) throw Abort{};
-    uint32_t next_epoch = epoch_ + 1;
-    if (next_epoch == kFailGo || next_epoch == 0) next_epoch = 1;
     ++arrived_;
     passed_ += predicate;
-    ++blocked_[warp];
-    if (arrived_ == expected_) {
+    block_locked(warp, lane, "__syncthreads()");
+    bool completed = arrived_ == expected_;
+    if (completed) {
         complete_locked();
-        lock.unlock();
-        phase_.notify_all();
     } else {
-        advance_locked();
-        lock.unlock();
+        *deadlock = advance_locked();
     }
+    lock.unlock();
+    if (completed) phase_.notify_all();
+    if (!deadlock->empty()) return {};
     if (serial_warps()) {
-        wait_turn(warp, next_epoch, failed);
+        wait_turn(warp, lane, failed);
         // The baton orders nothing (for ThreadSanitizer); the barrier's phase does.
         while (phase_.load(std::memory_order_acquire) == phase) {
             if (failed.load(std::memory_order_acquire)) throw Abort{};
@@ -425,17 +513,17 @@ BlockBarrier::Result BlockBarrier::arrive_and_wait(uint32_t warp, bool predicate
     return result_;
 }
 
-void BlockBarrier::drop(uint32_t warp) {
-    std::unique_lock lock(mu_);
+std::string BlockBarrier::drop(uint32_t warp) {
+    std::unique_lock lock(mu);
     --expected_;
     --live_[warp];
     if (arrived_ != 0 && arrived_ == expected_) {
         complete_locked();
         lock.unlock();
         phase_.notify_all();
-    } else {
-        advance_locked();
+        return {};
     }
+    return advance_locked();
 }
 
 // The state of one launch. Block-level fields change only at the gate, when every worker
@@ -450,7 +538,6 @@ struct Launch {
 
     uint64_t block_id = 0;  // the position in the run order, not the block's index
     uint64_t block_index = 0;  // the linear index of the block at block_id
-    uint32_t block_epoch = 0;  // the scheduling epoch the block starts in
     bool finished = false;
     std::unique_ptr<void, void (*)(void*)> dyn_smem{nullptr, nullptr};
     BlockBarrier barrier;
@@ -521,7 +608,7 @@ bool Launch::start_block() {
         uint32_t lanes = std::min<uint32_t>(32, threads - 32 * w);
         warps[w].reset(lanes == 32 ? 0xffffffffu : (1u << lanes) - 1);
     }
-    block_epoch = barrier.reset(threads, warps.get(), warp_count, &rng);
+    barrier.reset(threads, warps.get(), warp_count, &rng);
     // CUDA leaves shared memory uninitialised: poison every static __shared__ array.
     unsigned char *s0 = __start_lf_sim_shared, *s1 = __stop_lf_sim_shared;
     if (s0 != nullptr && s1 > s0) std::memset(s0, 0xff, size_t(s1 - s0));
@@ -617,7 +704,11 @@ void enter_syncthreads(ThreadCtx& c) {
 BlockBarrier::Result syncthreads(int predicate) {
     ThreadCtx& c = ctx("__syncthreads()");
     enter_syncthreads(c);
-    return c.launch->barrier.arrive_and_wait(c.warp_index, predicate != 0, c.launch->failed);
+    std::string deadlock;
+    BlockBarrier::Result r =
+        c.launch->barrier.arrive_and_wait(c.warp_index, c.lane, predicate != 0, c.launch->failed, &deadlock);
+    if (!deadlock.empty()) lf_sim::fail(deadlock.c_str());
+    return r;
 }
 
 // The checks a lane's collective must pass before it joins its warp's exchange; "" if none
@@ -733,7 +824,9 @@ void exit_thread(ThreadCtx& c) noexcept {
     }
     if (completed) w.wake_all();
     if (!err.empty() && !L.failed.load(std::memory_order_acquire)) L.record_failure(err);
-    L.barrier.drop(c.warp_index);
+    std::string deadlock = L.barrier.drop(c.warp_index);
+    if (!deadlock.empty() && !L.failed.load(std::memory_order_acquire))
+        L.record_failure("after this thread's exit: " + deadlock);
 }
 
 // Runs one worker's thread of every block of `L`.
@@ -748,7 +841,7 @@ void run_thread(Launch& L, uint32_t tid) {
         blockIdx = uint3{unsigned(b % L.grid.x), unsigned(b / L.grid.x % L.grid.y),
                          unsigned(b / (uint64_t(L.grid.x) * L.grid.y))};
         try {
-            L.barrier.wait_turn(c.warp_index, L.block_epoch, L.failed);
+            L.barrier.wait_turn(c.warp_index, c.lane, L.failed);
             L.entry->invoke(L.entry->fn, L.params.data());
         } catch (const Abort&) {
             // the launch failed; the error is recorded
