@@ -39,8 +39,16 @@
 //   sim_planted_misaligned           misaligned copy16 / ldmatrix row addresses (launch errors).
 //   sim_planted_stale_static_smem_f32  static shared memory read before written (poison, not
 //                                    the previous block's values).
+//   sim_planted_warpgroup            setmaxnreg with a warp of the warpgroup gone, or in a block
+//                                    that is not whole warpgroups (launch errors).
 // Self-tests of the stricter model: sim_selftest_big_smem_f32 (the >48 KiB opt-in),
 // sim_selftest_ldmatrix (the four ldmatrix forms against the PTX ISA's layouts).
+// Hopper (sm_90a wrappers, each with planted bugs beside the clean run): sim_selftest_wgmma_*
+// (descriptors and swizzle modes; a missing fence.proxy.async, a wrong-swizzle descriptor,
+// accumulators read before the wait), sim_selftest_tma (TMA boxes, OOB zero fill, swizzle; a
+// wrong mbarrier parity), sim_selftest_pipeline_f32 (producer/consumer warpgroups through
+// mbarriers and a named barrier; wrong parities, a stage never released, a named barrier
+// that never fills, setmaxnreg not uniform).
 #include <cassert>
 #if defined(LORAFUSE_SIM)
 #include <stdexcept>
