@@ -110,7 +110,9 @@ pub(crate) fn tensor_map_2d(
     };
     if rc != 0 {
         // SAFETY: the simulator wrote a NUL-terminated message into `err`.
-        let msg = unsafe { CStr::from_ptr(err.as_ptr()) }.to_string_lossy().into_owned();
+        let msg = unsafe { CStr::from_ptr(err.as_ptr()) }
+            .to_string_lossy()
+            .into_owned();
         return Err(Error::invalid(msg));
     }
     Ok(map.0)

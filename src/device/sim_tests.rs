@@ -935,12 +935,15 @@ fn tma_boxes_land_swizzled_and_zero_filled_when_their_mbarrier_phase_completes()
                     chunk ^= (y % 8) / (128 / sw as usize);
                 }
                 let at = (y * row_bytes + 16 * chunk + (2 * x) % 16) / 2;
-                assert_eq!(got[at], want, "swizzle {sw}, box {bx:?} at {c:?}: ({x},{y})");
+                assert_eq!(
+                    got[at], want,
+                    "swizzle {sw}, box {bx:?} at {c:?}: ({x},{y})"
+                );
             }
         }
     }
-    let e = super::sim::tensor_map_2d(global.device_ptr(), 2, [72, 40], 144, [32, 8], 128)
-        .unwrap_err();
+    let e =
+        super::sim::tensor_map_2d(global.device_ptr(), 2, [72, 40], 144, [32, 8], 128).unwrap_err();
     assert!(e.to_string().contains("swizzle"), "{e}");
 }
 
