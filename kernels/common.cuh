@@ -459,4 +459,361 @@ __device__ __forceinline__ void mma_m16n8k16<f16>(float d[4], const unsigned a[4
 }
 #endif
 
+// ---- Hopper (sm_90a): TMA, mbarrier, wgmma, named barriers, setmaxnreg ------------------
+// One wrapper per feature, each with two implementations: the PTX instruction when compiled
+// for sm_90a (`__CUDA_ARCH_FEAT_SM90_ALL`, nvcc's -gencode=arch=compute_90a,code=sm_90a), and
+// the simulator's model of the PTX ISA's definition (sim/README.md, "Hopper"). For any other
+// GPU target they __trap(): the kernels that use them guard their bodies with LF_SM90A, so
+// the sm_80/sm_90 builds never reach them. Only kernels instantiate them (the templates are
+// not compiled for a target until then).
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL) && !defined(LORAFUSE_SIM)
+#define LF_SM90A 1
+#endif
+
+// The `.shared` window address of a shared-memory pointer (the simulator: its offset in the
+// block's dynamic shared memory, the only shared memory its async proxy reaches).
+__device__ __forceinline__ unsigned smem_addr(const void* p, unsigned bytes = 1) {
+#if defined(LORAFUSE_SIM)
+    return lf_sim::smem_window(p, bytes, "shared-memory operand");
+#else
+    (void)bytes;
+    return (unsigned)__cvta_generic_to_shared(p);
+#endif
+}
+
+// The swizzle modes of a wgmma matrix descriptor, by their code in bits 62-63.
+enum class Swizzle : unsigned { none = 0, b128 = 1, b64 = 2, b32 = 3 };
+
+// A shared-memory matrix descriptor for wgmma (PTX ISA, "Matrix Descriptor Format" in the
+// wgmma section; the fields of CUTLASS's GmmaDescriptor): bits 0-13 the start address >> 4,
+// 16-29 the leading dimension byte offset >> 4, 32-45 the stride dimension byte offset >> 4,
+// 49-51 the matrix base offset (0 here: operands aligned to their swizzle pattern, 1024 bytes
+// for 128 B), 62-63 the swizzle mode. For the K-major operands used here (A: rows of M, B: rows
+// of N, 16 k-values each): without swizzle, core matrices of 8 rows × 16 bytes, LBO = bytes
+// between the two core matrices along K, SBO = bytes between 8-row groups; swizzled with span
+// W = 32/64/128 bytes, rows W bytes apart, SBO = bytes between 8-row groups (8·W when packed),
+// LBO unused (pass 16), and the start advanced by 32 bytes per k16 step inside a W-byte row.
+__device__ __forceinline__ u64 make_smem_desc(const void* start, unsigned lbo_bytes, unsigned sbo_bytes,
+                                              Swizzle swizzle) {
+    const u64 addr = smem_addr(start);
+    return ((addr & 0x3FFFFull) >> 4) | ((u64)((lbo_bytes >> 4) & 0x3FFFu) << 16) |
+           ((u64)((sbo_bytes >> 4) & 0x3FFFu) << 32) | ((u64)swizzle << 62);
+}
+
+// fence.proxy.async.shared::cta: this thread's ordinary stores to shared memory become visible
+// to the async proxy (TMA, wgmma) — needed between writing an operand with stores and a
+// wgmma that reads it (the simulator fails the launch when the fence is missing).
+__device__ __forceinline__ void fence_proxy_async() {
+#if defined(LORAFUSE_SIM)
+    lf_sim::fence_proxy_async();
+#elif defined(LF_SM90A)
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#else
+    __trap();
+#endif
+}
+
+// mbarrier (PTX ISA, "Parallel Synchronization and Communication Instructions: mbarrier"):
+// a 64-bit object in shared memory (8-byte aligned). init sets the arrivals a phase expects;
+// a phase completes when they have all arrived and the transaction count (bytes announced
+// by expect_tx minus bytes completed by TMA copies) is zero. try_wait_parity(P) is true once
+// the phase with parity P has completed; the first phase has parity 0.
+__device__ __forceinline__ void mbarrier_init(u64* bar, unsigned count) {
+#if defined(LORAFUSE_SIM)
+    lf_sim::mbarrier_init(bar, count);
+#elif defined(LF_SM90A)
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(count) : "memory");
+#else
+    (void)bar, (void)count;
+    __trap();
+#endif
+}
+__device__ __forceinline__ void mbarrier_arrive(u64* bar) {
+#if defined(LORAFUSE_SIM)
+    lf_sim::mbarrier_arrive(bar);
+#elif defined(LF_SM90A)
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_addr(bar)) : "memory");
+#else
+    (void)bar;
+    __trap();
+#endif
+}
+__device__ __forceinline__ void mbarrier_arrive_expect_tx(u64* bar, unsigned bytes) {
+#if defined(LORAFUSE_SIM)
+    lf_sim::mbarrier_arrive_expect_tx(bar, bytes);
+#elif defined(LF_SM90A)
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(bytes)
+                 : "memory");
+#else
+    (void)bar, (void)bytes;
+    __trap();
+#endif
+}
+__device__ __forceinline__ bool mbarrier_try_wait_parity(u64* bar, unsigned parity) {
+#if defined(LORAFUSE_SIM)
+    return lf_sim::mbarrier_try_wait_parity(bar, parity);
+#elif defined(LF_SM90A)
+    unsigned done;
+    asm volatile(
+        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(smem_addr(bar)), "r"(parity)
+        : "memory");
+    return done != 0;
+#else
+    (void)bar, (void)parity;
+    __trap();
+    return false;
+#endif
+}
+// Waits until the phase with parity `parity` has completed.
+__device__ __forceinline__ void mbarrier_wait_parity(u64* bar, unsigned parity) {
+    while (!mbarrier_try_wait_parity(bar, parity)) {
+    }
+}
+
+// A tensor map (CUtensorMap: 128 bytes, 64-byte aligned) made on the host by
+// cuTensorMapEncodeTiled — in the simulator by lf_sim_tensor_map_encode_2d — passed to the
+// kernel in its parameters or global memory.
+struct __align__(64) TensorMap {
+    u64 opaque[16];
+};
+
+// cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes: the box of
+// `map` at element coordinates (c0 inner, c1 outer) into shared memory at `dst` (128-byte
+// aligned; 1024 for the 128 B swizzle), completing its bytes on `bar`. Out-of-bounds elements
+// read as zeros; the map's swizzle permutes 16-byte chunks as wgmma's descriptors expect.
+// Issue it after (or before) an mbarrier_arrive_expect_tx of the box's bytes; the data is
+// there once the mbarrier's phase completes (the simulator: poison until then).
+__device__ __forceinline__ void tma_load_2d(void* dst, const TensorMap* map, int c0, int c1, u64* bar) {
+#if defined(LORAFUSE_SIM)
+    lf_sim::tma_load_2d(dst, map, c0, c1, bar);
+#elif defined(LF_SM90A)
+    asm volatile(
+        "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::"r"(
+            smem_addr(dst)),
+        "l"(map), "r"(c0), "r"(c1), "r"(smem_addr(bar))
+        : "memory");
+#else
+    (void)dst, (void)map, (void)c0, (void)c1, (void)bar;
+    __trap();
+#endif
+}
+
+// Named barriers: bar.sync id, n (wait until n threads, a multiple of 32, have arrived at
+// barrier id) and bar.arrive id, n (count towards it without waiting). ids 1..15: 0 is
+// __syncthreads'.
+__device__ __forceinline__ void named_barrier_sync(unsigned id, unsigned n) {
+#if defined(LORAFUSE_SIM)
+    lf_sim::named_barrier(id, n, true);
+#elif defined(LF_SM90A)
+    asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(n) : "memory");
+#else
+    (void)id, (void)n;
+    __trap();
+#endif
+}
+__device__ __forceinline__ void named_barrier_arrive(unsigned id, unsigned n) {
+#if defined(LORAFUSE_SIM)
+    lf_sim::named_barrier(id, n, false);
+#elif defined(LF_SM90A)
+    asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(n) : "memory");
+#else
+    (void)id, (void)n;
+    __trap();
+#endif
+}
+
+// setmaxnreg.{inc,dec}.sync.aligned.u32 N: the warpgroup's register budget per thread (a
+// multiple of 8 in 24..256). Warpgroup-collective: all 128 threads, the same N (the simulator
+// checks that; the count itself has no effect there).
+template <int N>
+__device__ __forceinline__ void setmaxnreg_inc() {
+    static_assert(N >= 24 && N <= 256 && N % 8 == 0, "setmaxnreg: a multiple of 8 in 24..256");
+#if defined(LORAFUSE_SIM)
+    lf_sim::setmaxnreg(true, N);
+#elif defined(LF_SM90A)
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N));
+#else
+    __trap();
+#endif
+}
+template <int N>
+__device__ __forceinline__ void setmaxnreg_dec() {
+    static_assert(N >= 24 && N <= 256 && N % 8 == 0, "setmaxnreg: a multiple of 8 in 24..256");
+#if defined(LORAFUSE_SIM)
+    lf_sim::setmaxnreg(false, N);
+#elif defined(LF_SM90A)
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N));
+#else
+    __trap();
+#endif
+}
+
+// wgmma.fence / commit_group / wait_group N (warpgroup-level). A wgmma's accumulators must
+// not be read (or written) between its issue and the wait that covers its group; wgmma_fence
+// must precede the first wgmma of a batch whose registers were written by other
+// instructions. The simulator poisons the accumulators (NaN) until the covering wait.
+__device__ __forceinline__ void wgmma_fence() {
+#if defined(LORAFUSE_SIM)
+    lf_sim::wgmma_fence();
+#elif defined(LF_SM90A)
+    asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#else
+    __trap();
+#endif
+}
+__device__ __forceinline__ void wgmma_commit() {
+#if defined(LORAFUSE_SIM)
+    lf_sim::wgmma_commit();
+#elif defined(LF_SM90A)
+    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+#else
+    __trap();
+#endif
+}
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+    static_assert(N >= 0 && N <= 7, "wgmma.wait_group: 0..7");
+#if defined(LORAFUSE_SIM)
+    lf_sim::wgmma_wait(N);
+#elif defined(LF_SM90A)
+    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+#else
+    __trap();
+#endif
+}
+
+// The operand type's name in the wgmma instruction.
+template <typename T> struct wgmma_type;
+template <> struct wgmma_type<bf16> { static constexpr bool is_bf16 = true; };
+template <> struct wgmma_type<f16> { static constexpr bool is_bf16 = false; };
+
+#if defined(LF_SM90A)
+// clang-format off
+#define LF_WGMMA_ASM_N8(TY)                                                          \
+    asm volatile(                                                                       \
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %6, 0;\n"                                   \
+        "wgmma.mma_async.sync.aligned.m64n8k16.f32." TY "." TY " {"                     \
+    "%0, %1, %2, %3" \
+        "}, %4, %5, p, 1, 1, 0, 0;\n}\n"                                            \
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]) \
+        : "l"(desc_a), "l"(desc_b), "r"(scale_d))
+#define LF_WGMMA_ASM_N16(TY)                                                          \
+    asm volatile(                                                                       \
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %10, 0;\n"                                   \
+        "wgmma.mma_async.sync.aligned.m64n16k16.f32." TY "." TY " {"                     \
+    "%0, %1, %2, %3, %4, %5, %6, %7" \
+        "}, %8, %9, p, 1, 1, 0, 0;\n}\n"                                            \
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]) \
+        : "l"(desc_a), "l"(desc_b), "r"(scale_d))
+#define LF_WGMMA_ASM_N32(TY)                                                          \
+    asm volatile(                                                                       \
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"                                   \
+        "wgmma.mma_async.sync.aligned.m64n32k16.f32." TY "." TY " {"                     \
+    "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15" \
+        "}, %16, %17, p, 1, 1, 0, 0;\n}\n"                                            \
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),\
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]) \
+        : "l"(desc_a), "l"(desc_b), "r"(scale_d))
+#define LF_WGMMA_ASM_N64(TY)                                                          \
+    asm volatile(                                                                       \
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"                                   \
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32." TY "." TY " {"                     \
+    "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
+    "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31" \
+        "}, %32, %33, p, 1, 1, 0, 0;\n}\n"                                            \
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),\
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),\
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),\
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]) \
+        : "l"(desc_a), "l"(desc_b), "r"(scale_d))
+#define LF_WGMMA_ASM_N128(TY)                                                          \
+    asm volatile(                                                                       \
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"                                   \
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32." TY "." TY " {"                     \
+    "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
+    "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, " \
+    "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, " \
+    "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63" \
+        "}, %64, %65, p, 1, 1, 0, 0;\n}\n"                                            \
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),\
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),\
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),\
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),\
+          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),\
+          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),\
+          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),\
+          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]) \
+        : "l"(desc_a), "l"(desc_b), "r"(scale_d))
+#define LF_WGMMA_ASM_N256(TY)                                                          \
+    asm volatile(                                                                       \
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"                                   \
+        "wgmma.mma_async.sync.aligned.m64n256k16.f32." TY "." TY " {"                     \
+    "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
+    "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, " \
+    "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, " \
+    "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, " \
+    "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, " \
+    "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, " \
+    "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, " \
+    "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127" \
+        "}, %128, %129, p, 1, 1, 0, 0;\n}\n"                                            \
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),\
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),\
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),\
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),\
+          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),\
+          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),\
+          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),\
+          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),\
+          "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),\
+          "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),\
+          "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),\
+          "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]),\
+          "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]),\
+          "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]),\
+          "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),\
+          "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127]) \
+        : "l"(desc_a), "l"(desc_b), "r"(scale_d))
+// clang-format on
+#endif
+
+// wgmma_m64nNk16<T, N>(d, desc_a, desc_b, accumulate): the warpgroup's 64×N f32 tile
+// D = A·Bᵀ + (accumulate ? D : 0), A 64×16 and B N×16 of T (bf16 or f16), both K-major in
+// shared memory through their descriptors (make_smem_desc). `d` is this thread's N/2
+// accumulators: d[i] holds row 16·(warp % 4) + lane / 4 + 8·((i / 2) % 2), column
+// 8·(i / 4) + 2·(lane % 4) + i % 2 (PTX ISA, wgmma register fragments for .f32 D). All 128
+// threads of a warpgroup (warps 4g..4g+3) issue it together with the same descriptors; it is
+// asynchronous: commit, then wait, before touching d. N is a multiple of 8 up to 256 (on the
+// GPU 8, 16, 32, 64, 128 or 256).
+template <typename T, int N>
+__device__ __forceinline__ void wgmma_m64nNk16(float (&d)[N / 2], u64 desc_a, u64 desc_b, bool accumulate) {
+    static_assert(N >= 8 && N <= 256 && N % 8 == 0, "wgmma m64nNk16: N a multiple of 8 up to 256");
+#if defined(LORAFUSE_SIM)
+    lf_sim::wgmma(d, N, wgmma_type<T>::is_bf16 ? 0 : 1, desc_a, desc_b, accumulate);
+#elif defined(LF_SM90A)
+    const unsigned scale_d = accumulate ? 1u : 0u;
+    if constexpr (N == 8) {
+        if (wgmma_type<T>::is_bf16) LF_WGMMA_ASM_N8("bf16"); else LF_WGMMA_ASM_N8("f16");
+    } else if constexpr (N == 16) {
+        if (wgmma_type<T>::is_bf16) LF_WGMMA_ASM_N16("bf16"); else LF_WGMMA_ASM_N16("f16");
+    } else if constexpr (N == 32) {
+        if (wgmma_type<T>::is_bf16) LF_WGMMA_ASM_N32("bf16"); else LF_WGMMA_ASM_N32("f16");
+    } else if constexpr (N == 64) {
+        if (wgmma_type<T>::is_bf16) LF_WGMMA_ASM_N64("bf16"); else LF_WGMMA_ASM_N64("f16");
+    } else if constexpr (N == 128) {
+        if (wgmma_type<T>::is_bf16) LF_WGMMA_ASM_N128("bf16"); else LF_WGMMA_ASM_N128("f16");
+    } else if constexpr (N == 256) {
+        if (wgmma_type<T>::is_bf16) LF_WGMMA_ASM_N256("bf16"); else LF_WGMMA_ASM_N256("f16");
+    } else {
+        static_assert(N == 8 || N == 16 || N == 32 || N == 64 || N == 128 || N == 256,
+                      "wgmma on the GPU: N = 8, 16, 32, 64, 128 or 256 have wrappers");
+    }
+#else
+    (void)d, (void)desc_a, (void)desc_b, (void)accumulate;
+    __trap();
+#endif
+}
+
 }  // namespace lf

@@ -143,6 +143,65 @@ void cp_async16(void* dst, const void* src, int src_bytes);
 void cp_async_commit();
 void cp_async_wait(int n, const char* file, unsigned line);
 
+// ---- Hopper's asynchronous machinery (common.cuh's sm_90a wrappers; README: "Hopper") ----
+// Each follows the PTX ISA. The waits among them (mbarrier try_wait, named barriers,
+// warpgroup collectives) hand the warp baton on, so producer/consumer warp specialisation runs
+// one warp at a time, and a wait nothing can satisfy is a launch error ("deadlock"), not a hang.
+
+// The shared-window address of `p` (the `.shared` address the hardware sees): its offset in
+// this block's dynamic shared memory, which is 1024-byte aligned. Fails the launch unless
+// [p, p + bytes) lies in it (the async proxy reaches only dynamic shared memory here).
+uint32_t smem_window(const void* p, size_t bytes, const char* what);
+// fence.proxy.async: shared memory written by ordinary stores becomes visible to the async
+// proxy (TMA, wgmma). The simulator keeps the async proxy's view of shared memory; a wgmma
+// that reads bytes whose generic-proxy value differs from that view fails the launch.
+void fence_proxy_async();
+// mbarrier.init / arrive / arrive.expect_tx / expect_tx / try_wait.parity on the 8-byte
+// object at `bar` (8-byte aligned). A phase completes when its pending arrival count reaches
+// zero and its transaction count is zero; try_wait.parity(P) is true once the phase with
+// parity P has completed (the current phase's parity differs from P) and otherwise waits
+// for that (a try_wait that returns true after waiting, as the ISA allows).
+void mbarrier_init(void* bar, unsigned count);
+void mbarrier_arrive(void* bar);
+void mbarrier_arrive_expect_tx(void* bar, unsigned bytes);
+void mbarrier_expect_tx(void* bar, unsigned bytes);
+bool mbarrier_try_wait_parity(void* bar, unsigned parity);
+// cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes: the box at
+// (c0, c1) of the tensor map `map` (LfSimTensorMap) into shared memory at `dst`, signalling
+// `bar` with complete_tx of the box's bytes. Out-of-bounds elements are zeros; the swizzle
+// XORs the 16-byte chunk index of each shared address with its bits 7.. (per the mode). The
+// destination holds poison (0xFF) until the mbarrier phase the copy signals completes.
+void tma_load_2d(void* dst, const void* map, int c0, int c1, void* bar);
+// bar.sync id, n (wait) / bar.arrive id, n: named barrier `id` (1..15; 0 is __syncthreads')
+// completes when n threads (a multiple of 32) have arrived.
+void named_barrier(unsigned id, unsigned n, bool wait);
+// setmaxnreg.{inc,dec}.sync.aligned.u32 n: a warpgroup collective that is checked to be
+// warpgroup-uniform (same direction and count, 24..256, a multiple of 8); no other effect.
+void setmaxnreg(bool inc, unsigned n);
+// wgmma.fence / commit_group / wait_group n and wgmma.mma_async.sync.aligned.m64nNk16.f32.
+// {bf16,f16} with both operands in shared memory through descriptors (K-major, no transpose):
+// d (this thread's N/2 f32 accumulators) = A·Bᵀ + (scale_d ? d : 0). A warpgroup collective;
+// the accumulators read NaN from the issue until the wait_group that covers it.
+void wgmma_fence();
+void wgmma_commit();
+void wgmma_wait(int n);
+void wgmma(float* d, int n, int type, std::uint64_t desc_a, std::uint64_t desc_b, bool scale_d);
+
+// The simulator's CUtensorMap (the 128 bytes cuTensorMapEncodeTiled fills), written by
+// lf_sim_tensor_map_encode_2d on the host.
+struct alignas(64) LfSimTensorMap {
+    std::uint64_t magic;
+    const void* base;
+    std::uint64_t dim[2];      // elements; dim[0] is the contiguous one
+    std::uint64_t stride1;     // bytes between consecutive dim[1] indices
+    std::uint32_t box[2];      // elements
+    std::uint32_t elem_bytes;  // 1, 2, 4 or 8
+    std::uint32_t swizzle;     // bytes: 0 (none), 32, 64 or 128
+    unsigned char reserved[72];
+};
+static_assert(sizeof(LfSimTensorMap) == 128);
+inline constexpr std::uint64_t kTensorMapMagic = 0x4c46544d41503244ull;  // "LFTMAP2D"
+
 // Mutation sites (src/device/sim.rs, `mutation`): every __syncthreads() and
 // lf::cp_async_wait<N>() is a site, named by the file and line of its call (default
 // arguments, evaluated where the kernel calls it). A launch can record the sites it reaches,
@@ -176,6 +235,16 @@ KernelEntry make_entry(const char* name, void (*fn)(P)) {
 }
 
 }  // namespace lf_sim
+
+// The emulated cuTensorMapEncodeTiled for a 2-D tensor (rank 2, element strides 1, no
+// interleave, out-of-bounds fill with zeros): checks what the driver checks (global address
+// 16-byte aligned, stride a multiple of 16 and at least a row, box sides 1..256, the box's
+// inner side a multiple of 16 bytes; a swizzled box's inner side exactly the swizzle span —
+// stricter than the driver, which allows less) and fills `map` (64-byte aligned, 128 bytes).
+// Returns 0, or nonzero with a message in `err`.
+extern "C" int32_t lf_sim_tensor_map_encode_2d(void* map, uint32_t elem_bytes, const void* base, uint64_t dim0,
+                                               uint64_t dim1, uint64_t stride1_bytes, uint32_t box0, uint32_t box1,
+                                               uint32_t swizzle_bytes, char* err, size_t err_cap);
 
 #define LF_SIM_ENTRY(sym) \
     extern "C" const lf_sim::KernelEntry lf_sim_entry_##sym = lf_sim::make_entry(#sym, &sym);

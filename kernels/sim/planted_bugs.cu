@@ -40,8 +40,16 @@
 //   sim_planted_stale_static_smem_f32  static shared memory read before written (poison, not
 //                                    the previous block's values); modes 2, 3: the same with
 //                                    the array declared in a function template.
+//   sim_planted_warpgroup            setmaxnreg with a warp of the warpgroup gone, or in a block
+//                                    that is not whole warpgroups (launch errors).
 // Self-tests of the stricter model: sim_selftest_big_smem_f32 (the >48 KiB opt-in),
 // sim_selftest_ldmatrix (the four ldmatrix forms against the PTX ISA's layouts).
+// Hopper (sm_90a wrappers, each with planted bugs beside the clean run): sim_selftest_wgmma_*
+// (descriptors and swizzle modes; a missing fence.proxy.async, a wrong-swizzle descriptor,
+// accumulators read before the wait), sim_selftest_tma (TMA boxes, OOB zero fill, swizzle; a
+// wrong mbarrier parity), sim_selftest_pipeline_f32 (producer/consumer warpgroups through
+// mbarriers and a named barrier; wrong parities, a stage never released, a named barrier
+// that never fills, setmaxnreg not uniform).
 #include <cassert>
 #if defined(LORAFUSE_SIM)
 #include <stdexcept>
@@ -534,4 +542,167 @@ extern "C" __global__ void sim_selftest_ldmatrix(const SimTestParams p) {
     for (int j = 0; j < 2; ++j) out[256 + 2 * l + j] = r[j];
     lf::ldmatrix_x2_trans(r, row2);
     for (int j = 0; j < 2; ++j) out[320 + 2 * l + j] = r[j];
+}
+
+// ---- Hopper's asynchronous machinery (simulator only: sm_90a wrappers of common.cuh) ----
+
+namespace {
+
+// The byte offset of element (r, k) of a K-major 16-bit operand laid out for the descriptor
+// swizzle `mode` (0 none, 1 128 B, 2 64 B, 3 32 B), `k_total` values per row: written here from
+// the row's point of view — the 16-byte chunk index XORed with the row's place in its 8-row
+// group, scaled to the span — independently of the simulator's address-bit formulation.
+__device__ __forceinline__ unsigned operand_offset(unsigned mode, unsigned k_total, unsigned r, unsigned k) {
+    if (mode == 0) return (r / 8) * (k_total / 8) * 128 + (k / 8) * 128 + (r % 8) * 16 + (k % 8) * 2;
+    const unsigned span = mode == 1 ? 128 : mode == 2 ? 64 : 32;
+    const unsigned chunk = (2 * k) / 16, phase = (r % 8) / (128 / span);
+    return (r / 8) * 8 * span + (r % 8) * span + 16 * (chunk ^ phase) + (2 * k) % 16;
+}
+
+// sim_selftest_wgmma_*: out (f32 64×N, row-major) = A·Bᵀ for A (T 64×K) in `in` and B (T N×K)
+// in `aux`, both row-major, through shared memory and wgmma m64nNk16 with N = arg (8, 16, 64 or
+// 256) and the operand layout of swizzle `mode` (K = 32 without swizzle, else span / 2), one
+// k16 step per wgmma, chained on the accumulators. One block of 128 threads, 40960 bytes of
+// dynamic shared memory (A at 0, B at 8192). Planted bugs by the bits of `barrier`:
+//   1  no fence.proxy.async between the stores and the wgmma (launch error),
+//   2  the descriptors name the wrong swizzle (128 B for none, 64 B for 128 B, 128 B otherwise):
+//      a wrong product,
+//   4  the accumulators read before wgmma_wait (NaN).
+template <typename T, int N>
+__device__ void wgmma_selftest(const SimTestParams& p) {
+    LF_DYNAMIC_SMEM(unsigned char, smem);
+    const T* a = static_cast<const T*>(p.in);
+    const T* b = static_cast<const T*>(p.aux);
+    float* out = static_cast<float*>(p.out);
+    const unsigned mode = unsigned(p.mode), t = threadIdx.x;
+    const unsigned span = mode == 1 ? 128 : mode == 2 ? 64 : mode == 3 ? 32 : 0;
+    const unsigned k_total = span == 0 ? 32 : span / 2;
+    for (unsigned i = t; i < 64 * k_total; i += blockDim.x)
+        *reinterpret_cast<T*>(smem + operand_offset(mode, k_total, i / k_total, i % k_total)) = a[i];
+    for (unsigned i = t; i < N * k_total; i += blockDim.x)
+        *reinterpret_cast<T*>(smem + 8192 + operand_offset(mode, k_total, i / k_total, i % k_total)) = b[i];
+    if (!(p.barrier & 1)) lf::fence_proxy_async();
+    __syncthreads();
+    const unsigned desc_mode = (p.barrier & 2) ? (mode == 1 ? 2u : 1u) : mode;
+    float d[N / 2];
+    lf::wgmma_fence();
+    for (unsigned kk = 0; kk < k_total / 16; ++kk) {
+        // The k16 step: two core matrices (2·LBO) further without swizzle, 32 bytes further
+        // inside the swizzled rows.
+        const unsigned step = span == 0 ? 256 * kk : 32 * kk;
+        const lf::u64 da = span == 0 ? lf::make_smem_desc(smem + step, 128, (k_total / 8) * 128, lf::Swizzle(desc_mode))
+                                     : lf::make_smem_desc(smem + step, 16, 8 * span, lf::Swizzle(desc_mode));
+        const lf::u64 db = span == 0
+                               ? lf::make_smem_desc(smem + 8192 + step, 128, (k_total / 8) * 128, lf::Swizzle(desc_mode))
+                               : lf::make_smem_desc(smem + 8192 + step, 16, 8 * span, lf::Swizzle(desc_mode));
+        lf::wgmma_m64nNk16<T, N>(d, da, db, kk > 0);
+    }
+    lf::wgmma_commit();
+    if (!(p.barrier & 4)) lf::wgmma_wait<0>();
+    const unsigned w4 = (t / 32) % 4, lane = t % 32;
+    for (int i = 0; i < N / 2; ++i) {
+        const unsigned row = 16 * w4 + lane / 4 + 8 * ((i / 2) % 2), col = 8 * (i / 4) + 2 * (lane % 4) + i % 2;
+        out[row * N + col] = d[i];
+    }
+    if (p.barrier & 4) lf::wgmma_wait<0>();
+}
+
+template <typename T>
+__device__ void wgmma_selftest_n(const SimTestParams& p) {
+    switch (p.arg) {
+        case 8: wgmma_selftest<T, 8>(p); break;
+        case 16: wgmma_selftest<T, 16>(p); break;
+        case 64: wgmma_selftest<T, 64>(p); break;
+        case 256: wgmma_selftest<T, 256>(p); break;
+        default: assert(!"wgmma self-test: N = 8, 16, 64 or 256");
+    }
+}
+
+}  // namespace
+
+extern "C" __global__ void sim_selftest_wgmma_bf16(const SimTestParams p) { wgmma_selftest_n<bf16>(p); }
+extern "C" __global__ void sim_selftest_wgmma_f16(const SimTestParams p) { wgmma_selftest_n<f16>(p); }
+
+// One TMA copy of a 2-D box of 16-bit elements into shared memory, signalled on an mbarrier.
+// aux: the tensor map (LfSimTensorMap); n: the box's bytes; (oob, arg): the box's element
+// coordinates (inner, outer), which may reach outside the tensor. out: u16[n / 2], the
+// shared-memory image of the box (swizzled as the map says). One block of 128 threads,
+// 1024 + n bytes of dynamic shared memory (the mbarrier at 0, the box at 1024). mode 1
+// (planted): the threads wait with parity 1 on the fresh mbarrier, which returns at once (the
+// phase before the first counts as completed): they read the poisoned destination.
+extern "C" __global__ void sim_selftest_tma(const SimTestParams p) {
+    LF_DYNAMIC_SMEM(unsigned char, smem);
+    lf::u64* bar = reinterpret_cast<lf::u64*>(smem);
+    unsigned short* tile = reinterpret_cast<unsigned short*>(smem + 1024);
+    const unsigned t = threadIdx.x;
+    if (t == 0) lf::mbarrier_init(bar, 1);
+    __syncthreads();
+    if (t == 0) {
+        lf::mbarrier_arrive_expect_tx(bar, unsigned(p.n));
+        lf::tma_load_2d(tile, static_cast<const lf::TensorMap*>(p.aux), p.oob, p.arg, bar);
+    }
+    lf::mbarrier_wait_parity(bar, p.mode == 1 ? 1u : 0u);
+    for (lf::u64 i = t; i < p.n / 2; i += blockDim.x) static_cast<unsigned short*>(p.out)[i] = tile[i];
+}
+
+// Producer/consumer warp specialisation with no block barrier in the loop: 256 threads,
+// warpgroup 1 the producer (setmaxnreg.dec, then thread 128 alone issues one TMA copy per
+// tile into 2 stages), warpgroup 0 the consumers (setmaxnreg.inc; per tile: wait for the stage's
+// `full` mbarrier, read, a named barrier among the 128 consumers, then thread 0 arrives on the
+// stage's `empty` mbarrier). aux: the tensor map of an f32 tensor of n·8 rows × 16 columns, box
+// 16 × 8 (one tile = 128 values); n tiles. out: f32[128], out[t] = Σ over tiles of value t.
+// 1024 + 2·512 bytes of dynamic shared memory. Planted bugs by `mode`:
+//   1  the producer waits on `empty` with the wrong parity (0 on a fresh barrier): deadlock,
+//   2  the consumers wait on `full` with the wrong parity: they read poison (NaN),
+//   3  the consumers never arrive on `empty`: deadlock once the stages are used up (n ≥ 3),
+//   4  warp 1 asks setmaxnreg for a different count (not warpgroup-uniform: launch error),
+//   5  the named barrier counts 256 threads where 128 arrive: deadlock.
+extern "C" __global__ void sim_selftest_pipeline_f32(const SimTestParams p) {
+    LF_DYNAMIC_SMEM(unsigned char, smem);
+    lf::u64* full = reinterpret_cast<lf::u64*>(smem);
+    lf::u64* empty = full + 2;
+    float* stage = reinterpret_cast<float*>(smem + 1024);
+    const unsigned t = threadIdx.x;
+    const unsigned tiles = unsigned(p.n);
+    if (t == 0) {
+        for (int s = 0; s < 2; ++s) {
+            lf::mbarrier_init(&full[s], 1);
+            lf::mbarrier_init(&empty[s], 1);
+        }
+    }
+    __syncthreads();
+    if (t >= 128) {
+        lf::setmaxnreg_dec<40>();
+        if (t != 128) return;
+        for (unsigned i = 0; i < tiles; ++i) {
+            const unsigned s = i % 2, parity = ((i / 2) & 1u) ^ (p.mode == 1 ? 0u : 1u);
+            lf::mbarrier_wait_parity(&empty[s], parity);
+            lf::mbarrier_arrive_expect_tx(&full[s], 512);
+            lf::tma_load_2d(stage + 128 * s, static_cast<const lf::TensorMap*>(p.aux), 0, int(8 * i), &full[s]);
+        }
+        return;
+    }
+    if (p.mode == 4 && t / 32 == 1) {
+        lf::setmaxnreg_inc<240>();
+    } else {
+        lf::setmaxnreg_inc<232>();
+    }
+    float acc = 0.0f;
+    for (unsigned i = 0; i < tiles; ++i) {
+        const unsigned s = i % 2, parity = ((i / 2) & 1u) ^ (p.mode == 2 ? 1u : 0u);
+        lf::mbarrier_wait_parity(&full[s], parity);
+        acc += stage[128 * s + t];
+        lf::named_barrier_sync(1, p.mode == 5 ? 256 : 128);  // every consumer has read the stage
+        if (t == 0 && p.mode != 3) lf::mbarrier_arrive(&empty[s]);
+    }
+    static_cast<float*>(p.out)[t] = acc;
+}
+
+// Warpgroup misuse. out: f32[blockDim.x]. Every thread calls setmaxnreg.inc 64 and writes 1.
+// mode 1: warp 2 returns first (its warpgroup's collective can never complete: launch error);
+// launched with a block that is not whole warpgroups (e.g. 96 threads): launch error.
+extern "C" __global__ void sim_planted_warpgroup(const SimTestParams p) {
+    if (p.mode == 1 && threadIdx.x / 32 == 2) return;
+    lf::setmaxnreg_inc<64>();
+    static_cast<float*>(p.out)[threadIdx.x] = 1.0f;
 }

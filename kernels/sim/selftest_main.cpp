@@ -375,6 +375,206 @@ void test_errors() {
     check("control: full-mask sum in whole warps", clean_launch_works());
 }
 
+// ---- Hopper: wgmma, descriptors, TMA, mbarrier, named barriers, warpgroups ----
+
+extern "C" int32_t lf_sim_tensor_map_encode_2d(void* map, uint32_t elem_bytes, const void* base, uint64_t dim0,
+                                               uint64_t dim1, uint64_t stride1_bytes, uint32_t box0, uint32_t box1,
+                                               uint32_t swizzle_bytes, char* err, size_t err_cap);
+
+// sim_selftest_wgmma_{bf16,f16}: D = A·Bᵀ through shared memory laid out for swizzle `mode`.
+// flags: the kernel's planted bugs (planted_bugs.cu). Returns "" if D is exact, else why not.
+std::string run_wgmma(bool f16, int n, int mode, int flags, std::mt19937& rng, Outcome* outcome = nullptr) {
+    const int span = mode == 1 ? 128 : mode == 2 ? 64 : mode == 3 ? 32 : 0;
+    const int k = span == 0 ? 32 : span / 2;
+    std::uniform_int_distribution<int> dist(-4, 4);
+    std::vector<float> a(64 * k), b(size_t(n) * k);
+    for (float& x : a) x = float(dist(rng));
+    for (float& x : b) x = float(dist(rng));
+    auto bits = [&](const std::vector<float>& v) {
+        std::vector<uint16_t> r(v.size());
+        for (size_t i = 0; i < v.size(); ++i)
+            r[i] = f16 ? lf_sim::detail::f32_to_f16(v[i], true) : lf_sim::detail::f32_to_bf16_rn(v[i]);
+        return r;
+    };
+    std::vector<uint16_t> ab = bits(a), bb = bits(b);
+    std::vector<float> out(64 * size_t(n), -12345.0f);
+    SimTestParams p{};
+    p.in = ab.data();
+    p.aux = bb.data();
+    p.out = out.data();
+    p.mode = mode;
+    p.arg = n;
+    p.barrier = flags;
+    Outcome o = launch(f16 ? "sim_selftest_wgmma_f16" : "sim_selftest_wgmma_bf16", {1, 1, 1}, {128, 1, 1}, p, 40960);
+    if (outcome != nullptr) *outcome = o;
+    if (o.rc != 0) return "launch failed: " + o.error;
+    for (int r = 0; r < 64; ++r) {
+        for (int c = 0; c < n; ++c) {
+            float want = 0;
+            for (int q = 0; q < k; ++q) want += a[size_t(r) * k + q] * b[size_t(c) * k + q];
+            float got = out[size_t(r) * n + c];
+            if (!(got == want))
+                return "D[" + std::to_string(r) + "][" + std::to_string(c) + "]: got " + std::to_string(got) +
+                       ", expected " + std::to_string(want);
+        }
+    }
+    return "";
+}
+
+void test_wgmma(std::mt19937& rng) {
+    for (bool f16 : {false, true}) {
+        for (int mode : {0, 1, 2, 3}) {
+            for (int n : {8, 16, 64, 256}) {
+                if (mode != 1 && n == 256 && f16) continue;  // keep it short
+                std::string bad = run_wgmma(f16, n, mode, 0, rng);
+                check(std::string("wgmma m64n") + std::to_string(n) + "k16 " + (f16 ? "f16" : "bf16") +
+                          ", descriptor swizzle mode " + std::to_string(mode) + ": exact",
+                      bad.empty(), bad);
+            }
+        }
+    }
+    // Planted bugs: each caught, beside its clean control above.
+    for (int mode : {0, 1, 2, 3}) {
+        std::string bad = run_wgmma(false, 64, mode, 2, rng);
+        check("planted: a descriptor with the wrong swizzle (mode " + std::to_string(mode) + ") gives a wrong D",
+              bad.find("expected") != std::string::npos, bad.empty() ? "D was right" : bad);
+    }
+    std::string early = run_wgmma(false, 64, 1, 4, rng);
+    check("planted: accumulators read before wgmma_wait are NaN", early.find("nan") != std::string::npos,
+          early.empty() ? "D was right" : early);
+    Outcome o{};
+    std::string nofence = run_wgmma(false, 64, 1, 1, rng, &o);
+    check("planted: no fence.proxy.async before the wgmma is a launch error",
+          o.rc != 0 && o.error.find("fence.proxy.async") != std::string::npos, o.error);
+    check("control: a clean wgmma launch after the errors", run_wgmma(true, 16, 3, 0, rng).empty());
+}
+
+// The shared-memory image of a TMA box (u16 elements) at (c0, c1) of a rows×cols tensor, with
+// swizzle span `sw` (bytes; 0 none): element (x, y) of the box sits in row y, its 16-byte chunk
+// index XORed with the row's phase in its pattern — from the TMA's own point of view.
+std::vector<uint16_t> tma_image(const std::vector<uint16_t>& g, int rows, int cols, int c0, int c1, int box0,
+                                int box1, int sw) {
+    std::vector<uint16_t> img(size_t(box0) * box1);
+    const int row_bytes = 2 * box0;
+    for (int y = 0; y < box1; ++y) {
+        for (int x = 0; x < box0; ++x) {
+            const int gx = c0 + x, gy = c1 + y;
+            const uint16_t v = gx >= 0 && gy >= 0 && gx < cols && gy < rows ? g[size_t(gy) * cols + gx] : 0;
+            int byte = 2 * x, chunk = byte / 16;
+            if (sw != 0) chunk ^= (y % 8) / (128 / sw);
+            img[(size_t(y) * row_bytes + 16 * chunk + byte % 16) / 2] = v;
+        }
+    }
+    return img;
+}
+
+void test_tma() {
+    const int rows = 40, cols = 72;
+    std::vector<uint16_t> g(size_t(rows) * cols);
+    for (size_t i = 0; i < g.size(); ++i) g[i] = uint16_t(1 + i);
+    struct Case {
+        int sw, box0, box1, c0, c1, mode;
+    };
+    const Case cases[] = {
+        {0, 24, 5, 3, 2, 0},  {0, 16, 8, 64, 36, 0},  // a box past both ends: zero fill
+        {128, 64, 16, 0, 0, 0}, {128, 64, 8, 40, -3, 0}, {64, 32, 16, 8, 4, 0}, {32, 16, 16, -8, 30, 0},
+        {128, 64, 8, 0, 0, 1},  // planted: wrong parity
+    };
+    for (const Case& k : cases) {
+        alignas(64) unsigned char map[128];
+        char err[256] = "";
+        int32_t rc = lf_sim_tensor_map_encode_2d(map, 2, g.data(), cols, rows, cols * 2, uint32_t(k.box0),
+                                                 uint32_t(k.box1), uint32_t(k.sw), err, sizeof err);
+        const size_t bytes = size_t(2) * k.box0 * k.box1;
+        std::vector<uint16_t> out(bytes / 2, 0xdead);
+        SimTestParams p{};
+        p.out = out.data();
+        p.aux = map;
+        p.n = bytes;
+        p.oob = k.c0;
+        p.arg = k.c1;
+        p.mode = k.mode;
+        Outcome o = rc == 0 ? launch("sim_selftest_tma", {1, 1, 1}, {128, 1, 1}, p, 1024 + bytes) : Outcome{rc, err};
+        std::vector<uint16_t> want = tma_image(g, rows, cols, k.c0, k.c1, k.box0, k.box1, k.sw);
+        char name[160];
+        std::snprintf(name, sizeof name, "TMA 2-D box %dx%d at (%d,%d), swizzle %d B%s", k.box0, k.box1, k.c0,
+                      k.c1, k.sw, k.mode == 1 ? ", planted: wrong mbarrier parity reads poison" : "");
+        if (k.mode == 1) {
+            // Threads that wait before the copy's phase completes pass at once and read poison;
+            // those after wait for the next phase, which never comes: a deadlock. Either fails.
+            bool caught = (o.rc == 0 && out[0] == 0xffff) || o.error.find("deadlock") != std::string::npos;
+            check(name, caught, o.error.empty() ? "the box was read intact" : o.error);
+        } else {
+            check(name, o.rc == 0 && out == want, o.error.empty() ? "image differs" : o.error);
+        }
+    }
+    alignas(64) unsigned char map[128];
+    char err[256] = "";
+    check("tensor map: a swizzled box narrower than the span is refused",
+          lf_sim_tensor_map_encode_2d(map, 2, g.data(), cols, rows, cols * 2, 32, 8, 128, err, sizeof err) != 0 &&
+              std::string(err).find("swizzle") != std::string::npos,
+          err);
+}
+
+// sim_selftest_pipeline_f32 with `mode` (planted_bugs.cu).
+Outcome run_pipeline(int mode, unsigned tiles, std::vector<float>* result) {
+    std::vector<float> g(size_t(tiles) * 8 * 16);
+    for (size_t i = 0; i < g.size(); ++i) g[i] = float(int(i % 97) - 40);
+    alignas(64) unsigned char map[128];
+    char err[256] = "";
+    if (lf_sim_tensor_map_encode_2d(map, 4, g.data(), 16, tiles * 8, 64, 16, 8, 0, err, sizeof err) != 0)
+        return {1, err};
+    std::vector<float> out(128, -1.0f);
+    SimTestParams p{};
+    p.out = out.data();
+    p.aux = map;
+    p.n = tiles;
+    p.mode = mode;
+    Outcome o = launch("sim_selftest_pipeline_f32", {1, 1, 1}, {256, 1, 1}, p, 2048);
+    std::vector<float> want(128, 0.0f);
+    for (unsigned i = 0; i < tiles; ++i)
+        for (int t = 0; t < 128; ++t) want[size_t(t)] += g[size_t(i) * 128 + t];
+    if (result != nullptr) *result = out;
+    if (o.rc == 0 && out != want && mode == 0) return {2, "wrong sums"};
+    return o;
+}
+
+void test_pipeline() {
+    std::vector<float> out;
+    Outcome ok = run_pipeline(0, 7, &out);
+    check("producer/consumer warp specialisation: TMA into 2 stages, full/empty mbarriers, named barrier, "
+          "setmaxnreg",
+          ok.rc == 0, ok.error);
+    Outcome o = run_pipeline(1, 7, nullptr);
+    check("planted: producer waits on `empty` with the wrong parity: deadlock reported",
+          o.rc != 0 && o.error.find("deadlock") != std::string::npos && o.error.find("mbarrier") != std::string::npos,
+          o.error);
+    o = run_pipeline(2, 7, &out);
+    check("planted: consumers wait on `full` with the wrong parity: poison read or deadlock",
+          (o.rc == 0 && std::isnan(out[0])) || o.error.find("deadlock") != std::string::npos,
+          o.error.empty() ? std::to_string(out[0]) : o.error);
+    o = run_pipeline(3, 7, nullptr);
+    check("planted: consumers never release a stage: deadlock reported",
+          o.rc != 0 && o.error.find("deadlock") != std::string::npos, o.error);
+    o = run_pipeline(4, 7, nullptr);
+    check("planted: setmaxnreg not warpgroup-uniform", o.rc != 0 && o.error.find("warpgroup-uniform") != std::string::npos,
+          o.error);
+    o = run_pipeline(5, 7, nullptr);
+    check("planted: named barrier counting threads that never arrive: deadlock",
+          o.rc != 0 && o.error.find("deadlock") != std::string::npos && o.error.find("bar.sync") != std::string::npos,
+          o.error);
+    std::vector<float> out2(256);
+    SimTestParams p{};
+    p.out = out2.data();
+    Outcome wg = launch("sim_planted_warpgroup", {2, 1, 1}, {256, 1, 1}, p);
+    check("control: setmaxnreg by whole warpgroups", wg.rc == 0, wg.error);
+    expect_error("warpgroup collective in a block of 96 threads", "sim_planted_warpgroup", {1, 1, 1}, {96, 1, 1}, p,
+                 {"warpgroup 0", "4 whole warps"});
+    p.mode = 1;
+    expect_error("warpgroup collective after a warp of it exited", "sim_planted_warpgroup", {1, 1, 1}, {128, 1, 1}, p,
+                 {"warpgroup", "setmaxnreg"});
+}
+
 // Mean milliseconds per launch of the clean oob-write kernel (a trivial store per thread).
 double ms_per_launch(uint32_t blocks, int reps) {
     std::vector<float> out(blocks * 256);
@@ -405,6 +605,9 @@ int main() {
     test_geometry({2, 1, 1}, {1024, 1, 1});
     test_convert();
     test_errors();
+    test_wgmma(rng);
+    test_tma();
+    test_pipeline();
     std::printf("INFO launch overhead: 1 block x 256 threads %.2f ms, 64 blocks x 256 threads %.2f ms\n",
                 ms_per_launch(1, 50), ms_per_launch(64, 3));
     return g_failures == 0 ? 0 : 1;

@@ -55,6 +55,69 @@ unsafe extern "C" {
     ) -> i32;
 }
 
+// The emulated cuTensorMapEncodeTiled, for the Hopper self-tests.
+#[cfg(test)]
+// SAFETY: this declaration matches the C definition it links to (the same parameter and
+// return types), which is what an `unsafe extern` block asserts.
+unsafe extern "C" {
+    fn lf_sim_tensor_map_encode_2d(
+        map: *mut c_void,
+        elem_bytes: u32,
+        base: *const c_void,
+        dim0: u64,
+        dim1: u64,
+        stride1_bytes: u64,
+        box0: u32,
+        box1: u32,
+        swizzle_bytes: u32,
+        err: *mut c_char,
+        err_cap: usize,
+    ) -> i32;
+}
+
+/// A 2-D tensor map (the simulator's CUtensorMap: 128 bytes, to be placed 64-byte aligned)
+/// over the tensor at device address `base` with `dims` elements (`dims[0]` contiguous),
+/// `stride1` bytes between rows, a `box_dims` box and `swizzle` bytes (0, 32, 64, 128).
+#[cfg(test)]
+pub(crate) fn tensor_map_2d(
+    base: u64,
+    elem_bytes: u32,
+    dims: [u64; 2],
+    stride1: u64,
+    box_dims: [u32; 2],
+    swizzle: u32,
+) -> Result<[u8; 128]> {
+    #[repr(C, align(64))]
+    struct Map([u8; 128]);
+    let mut map = Map([0; 128]);
+    let mut err = [0 as c_char; 256];
+    // SAFETY: `map` is 128 writable bytes, 64-byte aligned; `err` is writable for its length;
+    // `base` is only stored in the map, read by later launches.
+    let rc = unsafe {
+        lf_sim_tensor_map_encode_2d(
+            map.0.as_mut_ptr().cast(),
+            elem_bytes,
+            base as usize as *const c_void,
+            dims[0],
+            dims[1],
+            stride1,
+            box_dims[0],
+            box_dims[1],
+            swizzle,
+            err.as_mut_ptr(),
+            err.len(),
+        )
+    };
+    if rc != 0 {
+        // SAFETY: the simulator wrote a NUL-terminated message into `err`.
+        let msg = unsafe { CStr::from_ptr(err.as_ptr()) }
+            .to_string_lossy()
+            .into_owned();
+        return Err(Error::invalid(msg));
+    }
+    Ok(map.0)
+}
+
 // The registry's introspection, for the tidy and size tests.
 #[cfg(test)]
 // SAFETY: these declarations match the C definitions they link to (the same

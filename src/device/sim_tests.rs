@@ -758,3 +758,282 @@ fn the_mutation_harness_deletes_each_site_and_names_the_survivors() {
         "{msg}"
     );
 }
+
+// ---- Hopper: wgmma, shared-memory descriptors, TMA, mbarrier, named barriers, warpgroups ----
+
+fn u16_buffer(values: &[u16]) -> DeviceBuffer {
+    let mut b = Backend::Sim.alloc(values.len() * 2).unwrap();
+    Backend::Sim
+        .write(bytemuck::cast_slice(values), &mut b)
+        .unwrap();
+    b
+}
+
+/// A device buffer holding `map` at a 64-byte aligned address, and that address.
+fn tensor_map_buffer(map: &[u8; 128]) -> (DeviceBuffer, u64) {
+    let mut b = Backend::Sim.alloc(192).unwrap();
+    let offset = (64 - b.device_ptr() % 64) % 64;
+    let mut bytes = vec![0u8; 192];
+    bytes[offset as usize..offset as usize + 128].copy_from_slice(map);
+    Backend::Sim.write(&bytes, &mut b).unwrap();
+    let at = b.device_ptr() + offset;
+    (b, at)
+}
+
+/// sim_selftest_wgmma_{bf16,f16}: D (64×n) = A·Bᵀ through shared memory laid out for the
+/// descriptor swizzle `mode` (0 none, 1 128 B, 2 64 B, 3 32 B), with the kernel's planted bugs
+/// `flags`. Small integers: every product is exact. Ok(D == A·Bᵀ) or the launch error.
+fn run_wgmma(f16: bool, n: usize, mode: i32, flags: i32, seed: u64) -> Result<bool, String> {
+    let span = [0usize, 128, 64, 32][mode as usize];
+    let k = if span == 0 { 32 } else { span / 2 };
+    let mut state = seed;
+    let mut next = || {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((state >> 33) % 9) as f32 - 4.0
+    };
+    let a: Vec<f32> = (0..64 * k).map(|_| next()).collect();
+    let b: Vec<f32> = (0..n * k).map(|_| next()).collect();
+    let bits = |v: &[f32]| -> Vec<u16> {
+        v.iter()
+            .map(|&x| {
+                if f16 {
+                    half::f16::from_f32(x).to_bits()
+                } else {
+                    half::bf16::from_f32(x).to_bits()
+                }
+            })
+            .collect()
+    };
+    let (ab, bb) = (u16_buffer(&bits(&a)), u16_buffer(&bits(&b)));
+    let out = Backend::Sim.alloc(64 * n * 4).unwrap();
+    let p = SimTestParams {
+        out: out.device_ptr(),
+        input: ab.device_ptr(),
+        aux: bb.device_ptr(),
+        mode,
+        arg: n as i32,
+        barrier: flags,
+        ..Default::default()
+    };
+    let kernel = if f16 {
+        "sim_selftest_wgmma_f16"
+    } else {
+        "sim_selftest_wgmma_bf16"
+    };
+    Backend::Sim
+        .launch(kernel, &cfg(1, 128, 40960), &p)
+        .map_err(|e| e.to_string())?;
+    let got = read_f32(&out);
+    Ok((0..64).all(|r| {
+        (0..n).all(|c| {
+            let want: f32 = (0..k).map(|q| a[r * k + q] * b[c * k + q]).sum();
+            got[r * n + c] == want
+        })
+    }))
+}
+
+#[test]
+fn wgmma_reads_descriptors_as_the_ptx_isa_defines_and_its_planted_bugs_fail() {
+    for mode in 0..4 {
+        for (f16, n) in [(false, 8), (false, 64), (false, 256), (true, 16)] {
+            assert_eq!(
+                run_wgmma(f16, n, mode, 0, 7 + n as u64),
+                Ok(true),
+                "control: m64n{n}k16 f16={f16}, swizzle mode {mode}"
+            );
+        }
+        // A descriptor that names the wrong swizzle reads the operands scrambled.
+        assert_eq!(
+            run_wgmma(false, 64, mode, 2, 11),
+            Ok(false),
+            "planted: wrong swizzle, mode {mode}"
+        );
+    }
+    // Reading the accumulators before the wait that covers the wgmma: NaN.
+    assert_eq!(run_wgmma(false, 64, 1, 4, 3), Ok(false));
+    // Shared memory written by ordinary stores, read by wgmma without fence.proxy.async.
+    let e = run_wgmma(false, 64, 1, 1, 5).unwrap_err();
+    assert!(e.contains("fence.proxy.async"), "{e}");
+}
+
+#[test]
+fn wgmma_accumulators_are_nan_until_the_covering_wait() {
+    // The planted early read gives NaN specifically (not merely a wrong value).
+    let out = Backend::Sim.alloc(64 * 64 * 4).unwrap();
+    let ones = u16_buffer(&vec![half::bf16::from_f32(1.0).to_bits(); 64 * 64]);
+    let p = SimTestParams {
+        out: out.device_ptr(),
+        input: ones.device_ptr(),
+        aux: ones.device_ptr(),
+        mode: 1,
+        arg: 64,
+        barrier: 4,
+        ..Default::default()
+    };
+    Backend::Sim
+        .launch("sim_selftest_wgmma_bf16", &cfg(1, 128, 40960), &p)
+        .unwrap();
+    assert!(read_f32(&out).iter().all(|x| x.is_nan()));
+    let p = SimTestParams { barrier: 0, ..p };
+    Backend::Sim
+        .launch("sim_selftest_wgmma_bf16", &cfg(1, 128, 40960), &p)
+        .unwrap();
+    assert!(read_f32(&out).iter().all(|&x| x == 64.0), "control");
+}
+
+#[test]
+fn tma_boxes_land_swizzled_and_zero_filled_when_their_mbarrier_phase_completes() {
+    let (rows, cols) = (40usize, 72usize);
+    let g: Vec<u16> = (0..rows * cols).map(|i| (i + 1) as u16).collect();
+    let global = u16_buffer(&g);
+    // (swizzle bytes, box, coordinates, planted wrong parity)
+    for (sw, bx, c, wrong_parity) in [
+        (0u32, [24u32, 5u32], [3i32, 2i32], false),
+        (0, [16, 8], [64, 36], false),
+        (128, [64, 16], [0, 0], false),
+        (128, [64, 8], [40, -3], false),
+        (64, [32, 16], [8, 4], false),
+        (32, [16, 16], [-8, 30], false),
+        (128, [64, 8], [0, 0], true),
+    ] {
+        let map = super::sim::tensor_map_2d(
+            global.device_ptr(),
+            2,
+            [cols as u64, rows as u64],
+            (cols * 2) as u64,
+            bx,
+            sw,
+        )
+        .unwrap();
+        let (_map_buf, map_at) = tensor_map_buffer(&map);
+        let bytes = (2 * bx[0] * bx[1]) as usize;
+        let out = Backend::Sim.alloc(bytes).unwrap();
+        let p = SimTestParams {
+            out: out.device_ptr(),
+            aux: map_at,
+            n: bytes as u64,
+            oob: c[0],
+            arg: c[1],
+            mode: wrong_parity as i32,
+            ..Default::default()
+        };
+        let r = Backend::Sim.launch("sim_selftest_tma", &cfg(1, 128, 1024 + bytes as u32), &p);
+        let mut got = vec![0u16; bytes / 2];
+        Backend::Sim
+            .read(&out, bytemuck::cast_slice_mut(&mut got))
+            .unwrap();
+        if wrong_parity {
+            // Threads that wait before the copy's phase completes pass at once and read the
+            // poisoned destination; those after wait for a phase that never comes: deadlock.
+            let caught = match &r {
+                Ok(()) => got[0] == 0xFFFF,
+                Err(e) => e.to_string().contains("deadlock"),
+            };
+            assert!(caught, "planted wrong parity not caught: {r:?}");
+            continue;
+        }
+        r.unwrap();
+        // The image from the TMA's side: box element (x, y) in row y, its 16-byte chunk
+        // index XORed with the row's phase in the swizzle pattern.
+        let row_bytes = 2 * bx[0] as usize;
+        for y in 0..bx[1] as usize {
+            for x in 0..bx[0] as usize {
+                let (gx, gy) = (c[0] + x as i32, c[1] + y as i32);
+                let inside = gx >= 0 && gy >= 0 && (gx as usize) < cols && (gy as usize) < rows;
+                let want = if inside {
+                    g[gy as usize * cols + gx as usize]
+                } else {
+                    0
+                };
+                let mut chunk = 2 * x / 16;
+                if sw != 0 {
+                    chunk ^= (y % 8) / (128 / sw as usize);
+                }
+                let at = (y * row_bytes + 16 * chunk + (2 * x) % 16) / 2;
+                assert_eq!(
+                    got[at], want,
+                    "swizzle {sw}, box {bx:?} at {c:?}: ({x},{y})"
+                );
+            }
+        }
+    }
+    let e =
+        super::sim::tensor_map_2d(global.device_ptr(), 2, [72, 40], 144, [32, 8], 128).unwrap_err();
+    assert!(e.to_string().contains("swizzle"), "{e}");
+}
+
+/// sim_selftest_pipeline_f32 (planted_bugs.cu) in `mode` over `tiles` tiles: its output, or
+/// the launch error.
+fn run_pipeline(mode: i32, tiles: usize) -> Result<Vec<f32>, String> {
+    let g: Vec<f32> = (0..tiles * 128).map(|i| (i % 97) as f32 - 40.0).collect();
+    let global = f32_buffer(&g);
+    let map = super::sim::tensor_map_2d(
+        global.device_ptr(),
+        4,
+        [16, (tiles * 8) as u64],
+        64,
+        [16, 8],
+        0,
+    )
+    .unwrap();
+    let (_map_buf, map_at) = tensor_map_buffer(&map);
+    let out = Backend::Sim.alloc(128 * 4).unwrap();
+    let p = SimTestParams {
+        out: out.device_ptr(),
+        aux: map_at,
+        n: tiles as u64,
+        mode,
+        ..Default::default()
+    };
+    Backend::Sim
+        .launch("sim_selftest_pipeline_f32", &cfg(1, 256, 2048), &p)
+        .map_err(|e| e.to_string())?;
+    let got = read_f32(&out);
+    let want: Vec<f32> = (0..128)
+        .map(|t| (0..tiles).map(|i| g[i * 128 + t]).sum())
+        .collect();
+    if mode == 0 {
+        assert_eq!(got, want, "control: the pipeline's sums");
+    }
+    Ok(got)
+}
+
+#[test]
+fn warp_specialised_producer_consumer_runs_and_its_planted_bugs_fail() {
+    // A producer warpgroup feeding consumers through TMA and full/empty mbarriers, with no
+    // block barrier in the loop: runs (warps hand the baton on at each wait).
+    run_pipeline(0, 7).unwrap();
+    for (mode, needle) in [
+        (1, "deadlock"),          // producer's `empty` parity wrong
+        (3, "deadlock"),          // consumers never release a stage
+        (4, "warpgroup-uniform"), // setmaxnreg counts differ within the warpgroup
+        (5, "bar.sync"),          // a named barrier counting 256 where 128 arrive: deadlock
+    ] {
+        let e = run_pipeline(mode, 7).unwrap_err();
+        assert!(e.contains(needle), "mode {mode}: {e}");
+    }
+    // The consumers' `full` parity wrong: poison read, or a deadlock once the phase passed.
+    match run_pipeline(2, 7) {
+        Ok(v) => assert!(v[0].is_nan(), "{v:?}"),
+        Err(e) => assert!(e.contains("deadlock"), "{e}"),
+    }
+}
+
+#[test]
+fn warpgroup_collectives_need_whole_warpgroups() {
+    let out = Backend::Sim.alloc(256 * 4).unwrap();
+    let p = SimTestParams {
+        out: out.device_ptr(),
+        ..Default::default()
+    };
+    Backend::Sim
+        .launch("sim_planted_warpgroup", &cfg(2, 256, 0), &p)
+        .unwrap();
+    let e = launch_err("sim_planted_warpgroup", &cfg(1, 96, 0), &p);
+    assert!(e.contains("4 whole warps"), "{e}");
+    let p = SimTestParams { mode: 1, ..p };
+    let e = launch_err("sim_planted_warpgroup", &cfg(1, 128, 0), &p);
+    assert!(e.contains("warpgroup"), "{e}");
+}

@@ -27,6 +27,11 @@ extern "C" const lf_sim::KernelEntry lf_sim_entry_sim_planted_misaligned;
 extern "C" const lf_sim::KernelEntry lf_sim_entry_sim_planted_stale_static_smem_f32;
 extern "C" const lf_sim::KernelEntry lf_sim_entry_sim_selftest_big_smem_f32;
 extern "C" const lf_sim::KernelEntry lf_sim_entry_sim_selftest_ldmatrix;
+extern "C" const lf_sim::KernelEntry lf_sim_entry_sim_selftest_wgmma_bf16;
+extern "C" const lf_sim::KernelEntry lf_sim_entry_sim_selftest_wgmma_f16;
+extern "C" const lf_sim::KernelEntry lf_sim_entry_sim_selftest_tma;
+extern "C" const lf_sim::KernelEntry lf_sim_entry_sim_selftest_pipeline_f32;
+extern "C" const lf_sim::KernelEntry lf_sim_entry_sim_planted_warpgroup;
 static const lf_sim::KernelEntry* const lf_sim_table[] = {
     &lf_sim_entry_sim_planted_oob_write_f32,
     &lf_sim_entry_sim_planted_missing_barrier_f32,
@@ -53,6 +58,11 @@ static const lf_sim::KernelEntry* const lf_sim_table[] = {
     &lf_sim_entry_sim_planted_stale_static_smem_f32,
     &lf_sim_entry_sim_selftest_big_smem_f32,
     &lf_sim_entry_sim_selftest_ldmatrix,
+    &lf_sim_entry_sim_selftest_wgmma_bf16,
+    &lf_sim_entry_sim_selftest_wgmma_f16,
+    &lf_sim_entry_sim_selftest_tma,
+    &lf_sim_entry_sim_selftest_pipeline_f32,
+    &lf_sim_entry_sim_planted_warpgroup,
     nullptr,
 };
 extern "C" const lf_sim::KernelEntry* const* lf_sim_kernel_table() { return lf_sim_table; }
