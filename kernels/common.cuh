@@ -566,11 +566,22 @@ __device__ __forceinline__ bool mbarrier_try_wait_parity(u64* bar, unsigned pari
     return false;
 #endif
 }
-// Waits until the phase with parity `parity` has completed.
+// Waits until the phase with parity `parity` has completed. In the simulator the wait is a
+// mutation site named by its caller's file and line (lf_sim.h), as cp_async_wait is.
+#if defined(LORAFUSE_SIM)
+__device__ __forceinline__ void mbarrier_wait_parity(u64* bar, unsigned parity,
+                                                     const char* lf_file = __builtin_FILE(),
+                                                     unsigned lf_line = __builtin_LINE()) {
+    if (lf_sim::site_deleted(lf_sim::kSiteMbarrierWait, lf_file, lf_line)) return;
+    while (!mbarrier_try_wait_parity(bar, parity)) {
+    }
+}
+#else
 __device__ __forceinline__ void mbarrier_wait_parity(u64* bar, unsigned parity) {
     while (!mbarrier_try_wait_parity(bar, parity)) {
     }
 }
+#endif
 
 // A tensor map (CUtensorMap: 128 bytes, 64-byte aligned) made on the host by
 // cuTensorMapEncodeTiled — in the simulator by lf_sim_tensor_map_encode_2d — passed to the
@@ -672,15 +683,37 @@ __device__ __forceinline__ void wgmma_commit() {
     __trap();
 #endif
 }
+// (A mutation site in the simulator, like cp_async_wait.)
+#if defined(LORAFUSE_SIM)
+template <int N>
+__device__ __forceinline__ void wgmma_wait(const char* lf_file = __builtin_FILE(),
+                                           unsigned lf_line = __builtin_LINE()) {
+    static_assert(N >= 0 && N <= 7, "wgmma.wait_group: 0..7");
+    if (lf_sim::site_deleted(lf_sim::kSiteWgmmaWait, lf_file, lf_line)) return;
+    lf_sim::wgmma_wait(N);
+}
+#else
 template <int N>
 __device__ __forceinline__ void wgmma_wait() {
     static_assert(N >= 0 && N <= 7, "wgmma.wait_group: 0..7");
-#if defined(LORAFUSE_SIM)
-    lf_sim::wgmma_wait(N);
-#elif defined(LF_SM90A)
+#if defined(LF_SM90A)
     asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
 #else
     __trap();
+#endif
+}
+#endif
+
+// Pins accumulator registers in place around asynchronous wgmmas: an empty asm that "reads
+// and writes" each, so the compiler neither moves nor copies them between a wgmma's issue
+// and the wait that covers it (CUTLASS's warpgroup_fence_operand). No-op in the simulator.
+template <int N>
+__device__ __forceinline__ void wgmma_fence_operands(float (&d)[N]) {
+#if !defined(LORAFUSE_SIM)
+    LF_UNROLL
+    for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
+#else
+    (void)d;
 #endif
 }
 

@@ -29,6 +29,9 @@
 #define __forceinline__ inline
 #define __noinline__ __attribute__((noinline))
 #define __launch_bounds__(...)
+// A kernel parameter the GPU keeps in parameter space, addressable (a TMA tensor map); here the
+// parameter is an ordinary by-value copy, addressable anyway.
+#define __grid_constant__
 // A GNU attribute rather than alignas: CUDA code puts __align__ wherever a GNU attribute may go.
 #define __align__(n) __attribute__((aligned(n)))
 // Blocks of a launch run one after another and launches are serialised, so one static per
@@ -202,12 +205,12 @@ struct alignas(64) LfSimTensorMap {
 static_assert(sizeof(LfSimTensorMap) == 128);
 inline constexpr std::uint64_t kTensorMapMagic = 0x4c46544d41503244ull;  // "LFTMAP2D"
 
-// Mutation sites (src/device/sim.rs, `mutation`): every __syncthreads() and
-// lf::cp_async_wait<N>() is a site, named by the file and line of its call (default
+// Mutation sites (src/device/sim_mutation.rs): every __syncthreads(), lf::cp_async_wait<N>(),
+// lf::mbarrier_wait_parity() and lf::wgmma_wait<N>() is a site, named by the file and line of its call (default
 // arguments, evaluated where the kernel calls it). A launch can record the sites it reaches,
 // and can run with one site deleted (the "mutant"), so a test proves that deleting any
 // barrier or wait of a kernel fails it. True when the launch's mutant deletes this site.
-enum SiteKind : int { kSiteBarrier = 0, kSiteCpAsyncWait = 1 };
+enum SiteKind : int { kSiteBarrier = 0, kSiteCpAsyncWait = 1, kSiteMbarrierWait = 2, kSiteWgmmaWait = 3 };
 bool site_deleted(SiteKind kind, const char* file, unsigned line);
 
 // One kernel of the registry; build.rs generates one per `extern "C" __global__` symbol.

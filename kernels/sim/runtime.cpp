@@ -537,6 +537,7 @@ struct Mbarrier {
     uint32_t pending = 0;  // arrivals still missing in the current phase
     int64_t tx = 0;        // the transaction count: expected minus completed bytes
     uint32_t phase = 0;    // phases completed
+    uint32_t init_tid = 0, init_phase = 0;  // who initialised it, in which __syncthreads phase
     std::vector<TmaChunk> landing;                          // copies signalling this phase
     std::vector<std::pair<uint32_t, unsigned>> waiters;     // (warp, lane) in try_wait
 };
@@ -907,8 +908,17 @@ void block_here(ThreadCtx& c, std::unique_lock<std::mutex>& lock, const char* wh
     }
 }
 
+// Unblocks the lanes waiting in one object (the schedule's mutex held). Each stops counting as
+// "in a condition wait" now, not when it next runs: the lanes of its warp that resume first may
+// reach a warp collective that needs it before it has run again (a wgmma collective completing
+// for the whole warpgroup, then a __syncwarp), which is no deadlock. (Mutex order: the
+// schedule's, then the warp's, as in block_here.)
 void unblock_all(Launch& L, std::vector<std::pair<uint32_t, unsigned>>& waiters) {
-    for (const auto& [w, lane] : waiters) L.barrier.unblock_locked(w, lane);
+    for (const auto& [w, lane] : waiters) {
+        L.barrier.unblock_locked(w, lane);
+        std::lock_guard wl(L.warps[w].mu);
+        L.warps[w].lanes[lane].cond_wait = false;
+    }
     waiters.clear();
 }
 
@@ -975,10 +985,15 @@ struct WgmmaOp {
     uint64_t a, b;
     bool scale_d, chained;
     std::vector<float> c;  // the accumulators at the issue (unless chained on a pending op)
+    std::vector<uint16_t> issued;  // the operand bits at the issue (wgmma_operand_bits)
 };
 struct WgmmaState {
     std::vector<WgmmaOp> open;
     std::deque<std::vector<WgmmaOp>> committed;
+    // The value of a chain of operations on the same accumulators that has landed in part:
+    // its registers stay poisoned (a later operation of the chain is in flight), so the next
+    // operation to land builds on this, not on the registers.
+    std::vector<std::pair<float*, std::vector<float>>> chains;
     bool fenced = false;  // a wgmma.fence since the registers were last written by a wait
     size_t pending() const {
         size_t k = open.size();
@@ -1048,46 +1063,110 @@ float half_bits_to_f32(uint16_t h, int type) {
     return type == 0 ? lf_sim::detail::bf16_to_f32(h) : lf_sim::detail::f16_to_f32(h);
 }
 
+// The 16-bit operand elements one thread's part of an m64nNk16 reads, in a fixed order: A's rows
+// 16·(warp % 4) + lane / 4 (+ 8), k 0..15, then B's columns with col % 8 / 2 = lane % 4, k 0..15;
+// from the async proxy's view, checked against the generic one when `fence_check` (schedule mutex
+// held). "" or the error.
+std::string wgmma_operand_bits(Launch& L, const ThreadCtx& c, uint64_t desc_a, uint64_t desc_b, int n,
+                               bool fence_check, std::vector<uint16_t>& out) {
+    const SmemDesc da = decode_desc(desc_a), db = decode_desc(desc_b);
+    const uint32_t w4 = c.warp_index % 4, g = c.lane / 4, t = c.lane % 4;
+    out.clear();
+    auto read = [&](uint32_t off, const char* operand) -> std::string {
+        uint16_t bits = 0;
+        if (fence_check) {
+            if (std::string e = async_read16(L, off, operand, &bits); !e.empty()) return e;
+        } else {
+            if (size_t(off) + 2 > L.smem_bytes)
+                return format("wgmma operand %s reads shared address 0x%x, outside the %zu bytes of dynamic shared "
+                              "memory",
+                              operand, off, L.smem_bytes);
+            std::memcpy(&bits, &async_view(L)[off], 2);
+        }
+        out.push_back(bits);
+        return {};
+    };
+    for (uint32_t h = 0; h < 2; ++h)
+        for (uint32_t k = 0; k < 16; ++k)
+            if (std::string e = read(desc_element(da, 16 * w4 + g + 8 * h, k), "A"); !e.empty()) return e;
+    for (uint32_t col = 0; col < uint32_t(n); ++col) {
+        if (col % 8 / 2 != t) continue;
+        for (uint32_t k = 0; k < 16; ++k)
+            if (std::string e = read(desc_element(db, col, k), "B"); !e.empty()) return e;
+    }
+    return {};
+}
+
 // Lands the calling thread's committed wgmma groups but the newest n.
 void wgmma_land(ThreadCtx& c, size_t n) {
     WgmmaState& st = tl_wgmma;
     if (st.committed.size() <= n) return;
     Launch& L = *c.launch;
     std::unique_lock lock(L.barrier.mu);
-    const uint32_t w4 = c.warp_index % 4, g = c.lane / 4, t = c.lane % 4;
+    const uint32_t t = c.lane % 4;
+    // Whether an operation on `d` is still pending after operation `j` of the front group.
+    auto pending_after = [&st](const float* d, size_t j) {
+        const std::vector<WgmmaOp>& front = st.committed.front();
+        for (size_t k = j + 1; k < front.size(); ++k)
+            if (front[k].d == d) return true;
+        for (size_t g = 1; g < st.committed.size(); ++g)
+            for (const WgmmaOp& o : st.committed[g])
+                if (o.d == d) return true;
+        for (const WgmmaOp& o : st.open)
+            if (o.d == d) return true;
+        return false;
+    };
     while (st.committed.size() > n) {
-        for (const WgmmaOp& op : st.committed.front()) {
-            const SmemDesc da = decode_desc(op.a), db = decode_desc(op.b);
+        for (size_t j = 0; j < st.committed.front().size(); ++j) {
+            const WgmmaOp& op = st.committed.front()[j];
+            std::vector<uint16_t> bits;
+            if (std::string e = wgmma_operand_bits(L, c, op.a, op.b, op.n, true, bits); !e.empty())
+                fail_unlocked(lock, e);
+            if (bits != op.issued) {
+                size_t at = 0;
+                while (bits[at] == op.issued[at]) ++at;
+                fail_unlocked(lock, format("wgmma.mma_async operand %s changed in shared memory between the wgmma's issue "
+                                           "and the wait that covers it (the hardware may read it at any time in "
+                                           "between): read before its TMA copy landed (a missing mbarrier wait) or "
+                                           "overwritten before the wait (a stage released early)",
+                                           at < 32 ? "A" : "B"));
+            }
             float a[2][16];
             std::vector<float> b(size_t(op.n) * 16);
-            for (uint32_t h = 0; h < 2; ++h) {
-                for (uint32_t k = 0; k < 16; ++k) {
-                    uint16_t bits;
-                    std::string e = async_read16(L, desc_element(da, 16 * w4 + g + 8 * h, k), "A", &bits);
-                    if (!e.empty()) fail_unlocked(lock, e);
-                    a[h][k] = half_bits_to_f32(bits, op.type);
-                }
-            }
+            for (uint32_t h = 0; h < 2; ++h)
+                for (uint32_t k = 0; k < 16; ++k) a[h][k] = half_bits_to_f32(bits[16 * h + k], op.type);
+            size_t next = 32;
             for (uint32_t col = 0; col < uint32_t(op.n); ++col) {
                 if (col % 8 / 2 != t) continue;  // this thread's columns only
-                for (uint32_t k = 0; k < 16; ++k) {
-                    uint16_t bits;
-                    std::string e = async_read16(L, desc_element(db, col, k), "B", &bits);
-                    if (!e.empty()) fail_unlocked(lock, e);
-                    b[size_t(col) * 16 + k] = half_bits_to_f32(bits, op.type);
-                }
+                for (uint32_t k = 0; k < 16; ++k) b[size_t(col) * 16 + k] = half_bits_to_f32(bits[next++], op.type);
             }
             // The accumulator layout of m64nNk16 (PTX ISA, "Register Fragments" of wgmma .f32
             // accumulators): d[i] is row 16·(warp % 4) + lane / 4 + 8·((i / 2) % 2), column
             // 8·(i / 4) + 2·(lane % 4) + i % 2.
+            auto chain = std::find_if(st.chains.begin(), st.chains.end(),
+                                      [&op](const auto& ch) { return ch.first == op.d; });
+            if (op.chained && chain == st.chains.end())
+                fail_unlocked(lock, "wgmma_land: a chained operation without its predecessor's value (simulator bug)");
+            std::vector<float> out(size_t(op.n / 2));
             for (int i = 0; i < op.n / 2; ++i) {
                 const uint32_t h = (uint32_t(i) >> 1) & 1u;
                 const uint32_t col = 8 * (uint32_t(i) >> 2) + 2 * t + (uint32_t(i) & 1u);
-                float acc = !op.scale_d ? 0.0f : op.chained ? op.d[i] : op.c[size_t(i)];
+                float acc = !op.scale_d ? 0.0f : op.chained ? chain->second[size_t(i)] : op.c[size_t(i)];
                 for (uint32_t k = 0; k < 16; ++k) acc += a[h][k] * b[size_t(col) * 16 + k];
-                op.d[i] = acc;
+                out[size_t(i)] = acc;
             }
-            st.fenced = false;  // the registers changed: the next wgmma on them needs a fence
+            if (pending_after(op.d, j)) {
+                // Registers in flight for a later operation: they stay poisoned.
+                if (chain == st.chains.end()) {
+                    st.chains.emplace_back(op.d, std::move(out));
+                } else {
+                    chain->second = std::move(out);
+                }
+            } else {
+                std::memcpy(op.d, out.data(), sizeof(float) * out.size());
+                if (chain != st.chains.end()) st.chains.erase(chain);
+                st.fenced = false;  // the registers changed: the next wgmma on them needs a fence
+            }
         }
         st.committed.pop_front();
     }
@@ -1376,10 +1455,20 @@ void lf_sim::fence_proxy_async() {
 }
 
 namespace {
+// The mbarrier at `bar` for an operation of the calling thread. mbarrier.init is an ordinary
+// (generic-proxy) write: another thread may use the object only after a __syncthreads that
+// follows the init (a launch error otherwise, which proves that barrier load-bearing; other
+// synchronisation the PTX memory model would accept is not recognised).
 Mbarrier& find_mbarrier(Launch& L, std::unique_lock<std::mutex>& lock, void* bar, const char* what) {
     auto it = L.hopper.mbarriers.find(reinterpret_cast<uintptr_t>(bar));
     if (it == L.hopper.mbarriers.end())
         fail_unlocked(lock, format("%s on %p, which is not an initialised mbarrier (mbarrier_init first)", what, bar));
+    const ThreadCtx& c = ctx(what);
+    const uint32_t tid = c.warp_index * 32 + c.lane;
+    if (it->second.init_tid != tid && it->second.init_phase == L.barrier.phase())
+        fail_unlocked(lock, format("%s on %p, which thread %u initialised with no __syncthreads since: the "
+                                   "initialisation is not yet visible to this thread",
+                                   what, bar, it->second.init_tid));
     return it->second;
 }
 // Completes the mbarrier's current phase if nothing is pending: its TMA copies land (in
@@ -1428,6 +1517,8 @@ void lf_sim::mbarrier_init(void* bar, unsigned count) {
         fail_unlocked(lock, "mbarrier.init of an mbarrier with waiters or TMA copies in flight");
     m = Mbarrier{};
     m.count = m.pending = count;
+    m.init_tid = c.warp_index * 32 + c.lane;
+    m.init_phase = L.barrier.phase();
 }
 void lf_sim::mbarrier_arrive(void* bar) { mbarrier_arrive_impl(bar, 0, "mbarrier.arrive"); }
 void lf_sim::mbarrier_arrive_expect_tx(void* bar, unsigned bytes) {
@@ -1557,6 +1648,14 @@ void lf_sim::wgmma(float* d, int n, int type, uint64_t desc_a, uint64_t desc_b, 
                         (unsigned long long)desc, dd.start, L.smem_bytes)
                      .c_str());
     }
+    // The earliest time the hardware may read the operands, this thread's issue: the landing
+    // compares these bytes with those it reads.
+    std::vector<uint16_t> issued;
+    {
+        std::unique_lock lock(L.barrier.mu);
+        if (std::string e = wgmma_operand_bits(L, c, desc_a, desc_b, n, false, issued); !e.empty())
+            fail_unlocked(lock, e);
+    }
     warpgroup_collective(c, WgOp::wgmma, "wgmma.mma_async", desc_a, desc_b, n, type, scale_d ? 1 : 0);
     WgmmaState& st = tl_wgmma;
     const WgmmaOp* prev = st.pending_on(d);
@@ -1565,7 +1664,7 @@ void lf_sim::wgmma(float* d, int n, int type, uint64_t desc_a, uint64_t desc_b, 
     if (prev == nullptr && !st.fenced)
         fail("wgmma.mma_async reads accumulator registers with no wgmma.fence since they were last written "
              "(call lf::wgmma_fence() before the first wgmma of a batch)");
-    WgmmaOp op{d, n, type, desc_a, desc_b, scale_d, prev != nullptr, {}};
+    WgmmaOp op{d, n, type, desc_a, desc_b, scale_d, prev != nullptr, {}, std::move(issued)};
     if (prev == nullptr) op.c.assign(d, d + n / 2);
     std::memset(d, 0xff, sizeof(float) * size_t(n / 2));  // NaN until the covering wait
     st.open.push_back(std::move(op));
@@ -1783,7 +1882,7 @@ extern "C" const char* lf_sim_kernel_name(size_t i) {
 // in every later launch from the calling thread; kind < 0 deletes none. Returns 0, or
 // nonzero with a message in `err`.
 extern "C" int32_t lf_sim_set_mutant(int32_t kind, const char* file, uint32_t line, char* err, size_t err_cap) {
-    if (kind > 1) return report(err, err_cap, format("lf_sim_set_mutant: unknown site kind %d", kind));
+    if (kind > 3) return report(err, err_cap, format("lf_sim_set_mutant: unknown site kind %d", kind));
     if (kind >= 0 && file == nullptr) return report(err, err_cap, "lf_sim_set_mutant: null file");
     tl_host_mutation.kind = kind < 0 ? -1 : kind;
     tl_host_mutation.file = kind < 0 ? std::string() : std::string(file);

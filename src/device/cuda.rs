@@ -57,6 +57,7 @@ use crate::{Error, Result};
 /// struct's size against the kernel's.
 const DRIVER_SYMBOLS: &[&str] = &[
     "cuInit",
+    "cuTensorMapEncodeTiled",
     "cuGetErrorString",
     "cuDeviceGet",
     "cuDeviceGetCount",
@@ -216,6 +217,8 @@ pub(crate) struct CudaBackend {
     cc: (u32, u32),
     /// `CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN`.
     max_smem_optin: u32,
+    /// `CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT`.
+    multiprocessors: u32,
     /// Loaded modules and kernels.
     loaded: Mutex<Loaded>,
     /// The pinned staging ring for small uploads, made on the first one (`None` inside
@@ -488,6 +491,12 @@ impl CudaBackend {
             .ok()
             .and_then(|v| u32::try_from(v).ok())
             .unwrap_or(DEFAULT_MAX_DYNAMIC_SMEM);
+        let multiprocessors = ctx
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .ok()
+            .and_then(|v| u32::try_from(v).ok())
+            .filter(|&v| v > 0)
+            .unwrap_or(1);
         // SAFETY: event tracking only synchronises a `CudaSlice` used on several streams.
         // This backend creates no stream besides the default one below and sends all work
         // there, in order, so no slice is ever shared between streams; it is switched off
@@ -502,6 +511,7 @@ impl CudaBackend {
             name,
             cc,
             max_smem_optin,
+            multiprocessors,
             loaded: Mutex::new(Loaded::default()),
             staging: OnceLock::new(),
         })
@@ -530,6 +540,81 @@ impl CudaBackend {
     #[allow(dead_code)]
     pub(crate) fn stream(&self) -> &Arc<CudaStream> {
         &self.stream
+    }
+
+    /// The GPU's streaming multiprocessors.
+    pub(crate) fn multiprocessors(&self) -> u32 {
+        self.multiprocessors
+    }
+
+    /// Whether `kernel`'s module loaded (loading it now if needed) from the cubin of this
+    /// GPU's architecture-specific target (`sm_90a`: `load_plan` offers it only on exactly
+    /// compute capability 9.0).
+    pub(crate) fn runs_arch_specific_cubin(&self, kernel: &str) -> Result<bool> {
+        self.kernel(kernel)?;
+        let module = kernels::module_of(kernel).ok_or_else(|| Error::Kernel {
+            kernel: kernel.to_string(),
+            msg: "defined by no kernels/*.cu".into(),
+        })?;
+        Ok(matches!(
+            self.module_source(module.name),
+            Some(ModuleSource::Cubin(t)) if parse_sm(t).is_some_and(|(_, _, specific)| specific)
+        ))
+    }
+
+    /// `cuTensorMapEncodeTiled` for a 2-D tensor of 1-, 2-, 4- or 8-byte elements (as
+    /// unsigned integers: TMA copies bytes), element strides 1, no interleave, 256-byte L2
+    /// promotion, zeros outside the tensor.
+    pub(crate) fn encode_tensor_map(&self, m: &super::TensorMap2d) -> Result<super::TensorMap> {
+        use sys::{
+            CUtensorMapDataType, CUtensorMapFloatOOBfill, CUtensorMapInterleave,
+            CUtensorMapL2promotion, CUtensorMapSwizzle,
+        };
+        let data_type = match m.elem_bytes {
+            1 => CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_UINT8,
+            2 => CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_UINT16,
+            4 => CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_UINT32,
+            8 => CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_UINT64,
+            b => return Err(Error::invalid(format!("tensor map: {b}-byte elements"))),
+        };
+        let swizzle = match m.swizzle {
+            0 => CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_NONE,
+            32 => CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_32B,
+            64 => CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_64B,
+            128 => CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+            b => return Err(Error::invalid(format!("tensor map: a {b}-byte swizzle"))),
+        };
+        let dims = m.dims;
+        let strides = [m.stride1];
+        let box_dims = m.box_dims;
+        let element_strides = [1u32, 1];
+        let mut map = sys::CUtensorMap { opaque: [0; 16] };
+        self.bind()?;
+        // SAFETY: every pointer is to a live local of the length the driver reads for rank 2
+        // (2 dims, 1 stride, 2 box sides, 2 element strides) and `map` is a writable
+        // CUtensorMap; `m.base` is only recorded in the map (the driver validates it and
+        // the other values, returning an error rather than faulting); the context is current.
+        let r = unsafe {
+            sys::cuTensorMapEncodeTiled(
+                &mut map,
+                data_type,
+                2,
+                m.base as usize as *mut c_void,
+                dims.as_ptr(),
+                strides.as_ptr(),
+                box_dims.as_ptr(),
+                element_strides.as_ptr(),
+                CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+                swizzle,
+                CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+            )
+        };
+        r.result().map_err(|e| Error::Cuda {
+            call: "cuTensorMapEncodeTiled",
+            msg: format!("{m:?}: {}", describe(e)),
+        })?;
+        Ok(super::TensorMap(map.opaque))
     }
 
     /// Where module `module` was loaded from, if it has been loaded.
@@ -726,7 +811,6 @@ impl CudaBackend {
     /// Lets kernel `name` use up to `bytes` of dynamic shared memory per block
     /// (`cuFuncSetAttribute(CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES)`): launches with
     /// more than the default 48 KiB fail without it. Fails if the device allows less.
-    #[cfg_attr(not(test), allow(dead_code))]
     pub(crate) fn opt_in_dynamic_shared(&self, name: &str, bytes: u32) -> Result<()> {
         let kernel_err = |msg: String| Error::Kernel {
             kernel: name.to_string(),

@@ -154,6 +154,31 @@ impl DeviceBuffer {
     }
 }
 
+/// A 2-D tiled tensor map to encode: `dims[0]` elements contiguous, `dims[1]` rows
+/// `stride1` bytes apart, from the device address `base`; boxes of `box_dims` elements,
+/// `swizzle` bytes (0, 32, 64, 128); elements outside the tensor read as zeros.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct TensorMap2d {
+    /// The tensor's first element (16-byte aligned).
+    pub base: u64,
+    /// Bytes per element.
+    pub elem_bytes: u32,
+    /// Elements along the contiguous dimension, then rows.
+    pub dims: [u64; 2],
+    /// Bytes between rows (a multiple of 16, at least a row).
+    pub stride1: u64,
+    /// The box TMA copies, in elements.
+    pub box_dims: [u32; 2],
+    /// The shared-memory swizzle span in bytes.
+    pub swizzle: u32,
+}
+
+/// An encoded tensor map (CUDA's `CUtensorMap`: 128 opaque bytes, 64-byte aligned), a field
+/// of a kernel's parameter struct (`lf::TensorMap` in `kernels/common.cuh`).
+#[repr(C, align(64))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+pub(crate) struct TensorMap(pub [u64; 16]);
+
 /// The kernel backend behind a `Sim` or `Cuda` device: allocation, copies and launches,
 /// with one code path for both wherever the hardware allows.
 #[derive(Clone)]
@@ -295,12 +320,48 @@ impl Backend {
     /// `CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES`) and on the simulator alike (a
     /// recorded per-kernel maximum); both check it at launch. Idempotent; the maximum only
     /// grows.
-    // Used by launchers that need more than 48 KiB (none yet; the new GEMM and attention will).
-    #[cfg_attr(not(test), allow(dead_code))]
     pub(crate) fn opt_in_dynamic_shared(&self, kernel: &str, bytes: u32) -> Result<()> {
         match self {
             Backend::Sim => sim::opt_in_dynamic_shared(kernel, bytes),
             Backend::Cuda(c) => c.opt_in_dynamic_shared(kernel, bytes),
+        }
+    }
+
+    /// Encodes a 2-D TMA tensor map (`cuTensorMapEncodeTiled` on CUDA; the simulator's
+    /// emulation, which checks what the driver checks) for a kernel parameter.
+    pub(crate) fn encode_tensor_map(&self, m: &TensorMap2d) -> Result<TensorMap> {
+        match self {
+            Backend::Sim => sim::tensor_map_2d(
+                m.base,
+                m.elem_bytes,
+                m.dims,
+                m.stride1,
+                m.box_dims,
+                m.swizzle,
+            )
+            .map(|bytes| TensorMap(bytemuck::cast(bytes))),
+            Backend::Cuda(c) => c.encode_tensor_map(m),
+        }
+    }
+
+    /// The streaming multiprocessors a persistent grid fills: the GPU's count
+    /// (`CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT`); 2 on the simulator, so that its
+    /// persistent blocks each take several tiles in the tests.
+    pub(crate) fn multiprocessors(&self) -> u32 {
+        match self {
+            Backend::Sim => 2,
+            Backend::Cuda(c) => c.multiprocessors(),
+        }
+    }
+
+    /// Whether `kernel` runs from a cubin built for this GPU's architecture-specific target
+    /// (`sm_90a` on a compute-capability 9.0 GPU: wgmma, TMA, setmaxnreg), loading its
+    /// module if needed. False on the simulator (it has no compute capability; it runs the
+    /// Hopper instructions through its own model when a kernel is launched there).
+    pub(crate) fn runs_arch_specific_cubin(&self, kernel: &str) -> Result<bool> {
+        match self {
+            Backend::Sim => Ok(false),
+            Backend::Cuda(c) => c.runs_arch_specific_cubin(kernel),
         }
     }
 

@@ -55,8 +55,7 @@ unsafe extern "C" {
     ) -> i32;
 }
 
-// The emulated cuTensorMapEncodeTiled, for the Hopper self-tests.
-#[cfg(test)]
+// The emulated cuTensorMapEncodeTiled (the Hopper kernels' tensor maps, the self-tests').
 // SAFETY: this declaration matches the C definition it links to (the same parameter and
 // return types), which is what an `unsafe extern` block asserts.
 unsafe extern "C" {
@@ -78,7 +77,6 @@ unsafe extern "C" {
 /// A 2-D tensor map (the simulator's CUtensorMap: 128 bytes, to be placed 64-byte aligned)
 /// over the tensor at device address `base` with `dims` elements (`dims[0]` contiguous),
 /// `stride1` bytes between rows, a `box_dims` box and `swizzle` bytes (0, 32, 64, 128).
-#[cfg(test)]
 pub(crate) fn tensor_map_2d(
     base: u64,
     elem_bytes: u32,

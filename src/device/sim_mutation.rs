@@ -1,8 +1,9 @@
-//! Mutation testing on the simulator: proof that every barrier and every `cp.async` wait a
-//! kernel reaches is load-bearing, i.e. that deleting any one of them fails the kernel's
-//! test.
+//! Mutation testing on the simulator: proof that every barrier and every wait a kernel
+//! reaches (`cp.async`, mbarrier, wgmma) is load-bearing, i.e. that deleting any one of them
+//! fails the kernel's test.
 //!
-//! Each `__syncthreads()` and `lf::cp_async_wait<N>()` of a simulated kernel is a *site*,
+//! Each `__syncthreads()`, `lf::cp_async_wait<N>()`, `lf::mbarrier_wait_parity()` and
+//! `lf::wgmma_wait<N>()` of a simulated kernel is a *site*,
 //! named by the file and line of its call (`kernels/sim/lf_sim.h`). A probe (a small kernel
 //! test that panics when the result is wrong) first runs with the sites recorded, then once
 //! per site with that site deleted: every such run must fail, by a wrong result, a NaN read
@@ -45,6 +46,31 @@ pub(crate) enum SiteKind {
     Barrier,
     /// `lf::cp_async_wait<N>()`.
     CpAsyncWait,
+    /// `lf::mbarrier_wait_parity()`.
+    MbarrierWait,
+    /// `lf::wgmma_wait<N>()`.
+    WgmmaWait,
+}
+
+impl SiteKind {
+    /// The simulator's code (`lf_sim::SiteKind`).
+    fn code(self) -> i32 {
+        match self {
+            SiteKind::Barrier => 0,
+            SiteKind::CpAsyncWait => 1,
+            SiteKind::MbarrierWait => 2,
+            SiteKind::WgmmaWait => 3,
+        }
+    }
+
+    fn from_code(code: i32) -> SiteKind {
+        match code {
+            0 => SiteKind::Barrier,
+            1 => SiteKind::CpAsyncWait,
+            2 => SiteKind::MbarrierWait,
+            _ => SiteKind::WgmmaWait,
+        }
+    }
 }
 
 /// One barrier or wait of a kernel's source, and the kernels that reached it.
@@ -66,6 +92,8 @@ impl std::fmt::Display for Site {
         let kind = match self.kind {
             SiteKind::Barrier => "__syncthreads()",
             SiteKind::CpAsyncWait => "cp_async_wait",
+            SiteKind::MbarrierWait => "mbarrier_wait_parity",
+            SiteKind::WgmmaWait => "wgmma_wait",
         };
         write!(
             f,
@@ -81,10 +109,7 @@ struct Mutant;
 
 impl Mutant {
     fn set(site: &Site) -> Mutant {
-        let kind = match site.kind {
-            SiteKind::Barrier => 0,
-            SiteKind::CpAsyncWait => 1,
-        };
+        let kind = site.kind.code();
         let file = CString::new(site.file.as_str()).expect("a recorded file name has no NUL");
         let mut msg = vec![0u8; 256];
         // SAFETY: `file` is NUL-terminated and outlives the call, which copies it; `msg` is a
@@ -144,11 +169,7 @@ pub(crate) fn record_sites<R>(f: impl FnOnce() -> R) -> (R, Vec<Site>) {
                 CStr::from_ptr(file).to_string_lossy().into_owned(),
             )
         };
-        let kind = if kind == 0 {
-            SiteKind::Barrier
-        } else {
-            SiteKind::CpAsyncWait
-        };
+        let kind = SiteKind::from_code(kind);
         match sites
             .iter_mut()
             .find(|s| s.kind == kind && s.file == file && s.line == line)

@@ -52,7 +52,7 @@ struct Launcher {
 /// knows nothing of them: the tidy test checks that these lists name exactly the kernels
 /// `kernels/*.cu` defines, and the GPU tests that each kernel's `__launch_bounds__` admit
 /// the block its launcher gives it.
-const LAUNCHERS: [Launcher; 11] = [
+const LAUNCHERS: [Launcher; 12] = [
     Launcher {
         kernels: attention::cuda::KERNELS,
         threads: |_| attention::cuda::THREADS,
@@ -84,6 +84,10 @@ const LAUNCHERS: [Launcher; 11] = [
     Launcher {
         kernels: lora_matmul::cuda::KERNELS,
         threads: lora_matmul_threads,
+    },
+    Launcher {
+        kernels: lora_matmul::wgmma::KERNELS,
+        threads: |_| lora_matmul::wgmma::THREADS,
     },
     Launcher {
         kernels: lora_merge::cuda::KERNELS,

@@ -119,6 +119,12 @@ pub(crate) fn plan(dtype: DType, variant: Variant, m: usize, n: usize) -> Result
         Variant::TensorCore => Some(tc_config(m, n)),
         Variant::TensorCore128 => Some(TC_LARGE),
         Variant::TensorCore64 => Some(TC_SMALL),
+        Variant::Wgmma | Variant::Wgmma128 | Variant::Wgmma256 => {
+            return Err(Error::Unsupported {
+                op: "lora_matmul",
+                msg: format!("{variant:?} runs the wgmma kernel, not a plan of the sm_80 ones"),
+            });
+        }
     };
     let name = match (dtype, tc.map(|c| c.tile)) {
         (DType::F32, None) => "lora_matmul_fwd_f32",
@@ -236,7 +242,7 @@ pub(crate) fn tc_path(g: &Gemm<'_>) -> TcPath {
 }
 
 /// The device address of an operand's first element.
-fn address(o: &Operand<'_>) -> Result<u64> {
+pub(super) fn address(o: &Operand<'_>) -> Result<u64> {
     let s = o.t.storage();
     match &*s {
         Storage::Device(d) => Ok(d.device_ptr() + (o.offset * o.t.dtype().size_in_bytes()) as u64),
@@ -246,7 +252,7 @@ fn address(o: &Operand<'_>) -> Result<u64> {
     }
 }
 
-fn int(v: usize) -> Result<i64> {
+pub(super) fn int(v: usize) -> Result<i64> {
     i64::try_from(v).map_err(|_| Error::invalid(format!("lora_matmul: {v} overflows i64")))
 }
 
@@ -256,6 +262,14 @@ pub(crate) fn launch(g: &Gemm<'_>, c: &Tensor, accumulate: bool) -> Result<()> {
         return Ok(());
     }
     let dtype = c.dtype();
+    {
+        let cs = c.storage();
+        if let Storage::Device(d) = &*cs
+            && super::wgmma::try_launch(g, d, dtype, accumulate)?
+        {
+            return Ok(());
+        }
+    }
     let plan = plan(dtype, g.variant, g.m, g.n)?;
     let (a2, b2, a2_rs, a2_cs, b2_rs, b2_cs, k2, n0, n1) = match &g.ext {
         Some(e) if e.k2 > 0 && !e.cols.is_empty() => (

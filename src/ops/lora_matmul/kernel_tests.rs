@@ -662,3 +662,311 @@ fn params_match_the_kernels() {
         );
     }
 }
+
+// ---- The Hopper kernel (kernels/lora_matmul_wgmma.cu) ----
+
+/// The layouts the wgmma kernel takes: every operand contiguous along the reduction (A and
+/// A2 row-major, B and B2 stored transposed), as in the LoRA forward `[x | s·u]·[W0 | B]ᵀ`.
+const K_MAJOR: Layout = Layout {
+    t: [false, true, false, true],
+    offset: [0; 4],
+};
+
+/// Where a test of the wgmma kernel can run: the simulator, and a GPU that has the sm_90a
+/// cubin (compute capability 9.0); elsewhere it says `skipped`. The CPU runs the reference
+/// contract (the variant does not matter there).
+fn wgmma_runs_on(device: &Device) -> bool {
+    let Device::Cuda(_) = device else {
+        return true;
+    };
+    let sm90a = crate::device::Backend::of(*device)
+        .and_then(|b| b.runs_arch_specific_cubin(wgmma::KERNELS[0]))
+        .unwrap_or(false);
+    if !sm90a {
+        crate::testing::skip(
+            &format!("{} on {device}", crate::testing::current_test()),
+            "not a compute-capability 9.0 GPU with the sm_90a cubin",
+            None,
+        );
+    }
+    sm90a
+}
+
+/// Both wgmma tiles against the f64 reference on shapes around them: M and N not multiples
+/// of 128 or 256 (partial tiles, a tile wider than N), K a multiple of 8 but not of 64 (a
+/// zero-filled k-tile), extensions of rank 8–64 over column ranges that start and end inside
+/// tiles or miss whole tile columns (their k-tiles skipped), bias and accumulate, more tiles
+/// than the simulator's 2 persistent blocks (each block runs several tiles, its pipeline
+/// phases carried across them), more k-tiles than stages.
+fn wgmma_products_match_the_reference(device: &Device) {
+    if !wgmma_runs_on(device) {
+        return;
+    }
+    let mut g = rng("lora_matmul_wgmma");
+    let shapes = [
+        (
+            Variant::Wgmma256,
+            DType::BF16,
+            case(136, 300, 200, 16, 8..280),
+            true,
+            true,
+        ),
+        (
+            Variant::Wgmma128,
+            DType::F16,
+            case(129, 300, 72, 8, 0..100),
+            true,
+            false,
+        ),
+        (
+            Variant::Wgmma128,
+            DType::BF16,
+            case(7, 64, 8, 64, 60..64),
+            false,
+            true,
+        ),
+        (
+            Variant::Wgmma256,
+            DType::F16,
+            case(200, 33, 64, 0, 0..0),
+            false,
+            false,
+        ),
+        (
+            Variant::Wgmma,
+            DType::BF16,
+            case(65, 130, 320, 8, 0..130),
+            true,
+            false,
+        ),
+    ];
+    for (variant, dtype, c, bias, accumulate) in shapes {
+        let c = Case {
+            bias,
+            accumulate,
+            ..c
+        };
+        check_case(device, &mut g, dtype, variant, &c, K_MAJOR);
+    }
+}
+crate::test_device!(wgmma_products, wgmma_products_match_the_reference);
+
+/// Operands the wgmma kernel cannot read are errors when it is forced (never a wrong
+/// launch), each naming its reason; the automatic choice sends them to the sm_80 kernel.
+fn wgmma_refuses_what_tma_cannot_read(device: &Device) {
+    if *device == Device::Cpu || !wgmma_runs_on(device) {
+        return;
+    }
+    let mut g = rng("lora_matmul_wgmma_refusals");
+    let mut forced = |c: &Case, l: Layout, dtype: DType| {
+        let a = Mat::at(&mut g, c.m, c.k, l.t[0], l.offset[0], dtype, device);
+        let b = Mat::at(&mut g, c.k, c.n, l.t[1], l.offset[1], dtype, device);
+        let a2 = Mat::at(&mut g, c.m, c.k2, l.t[2], l.offset[2], dtype, device);
+        let b2 = Mat::at(
+            &mut g,
+            c.k2,
+            c.cols.len(),
+            l.t[3],
+            l.offset[3],
+            dtype,
+            device,
+        );
+        let mut gemm = Gemm::new(c.m, c.n, c.k, a.operand(), b.operand());
+        gemm.variant = Variant::Wgmma;
+        if c.k2 > 0 {
+            gemm = gemm.ext(Extension {
+                a2: a2.operand(),
+                b2: b2.operand(),
+                k2: c.k2,
+                cols: c.cols.clone(),
+            });
+        }
+        gemm.run([c.m, c.n]).map(|_| ()).unwrap_err().to_string()
+    };
+    let c = case(16, 24, 32, 8, 0..24);
+    for (l, dtype, why) in [
+        (
+            Layout::transposed(false, false, false, true),
+            DType::BF16,
+            "B is not contiguous along the reduction",
+        ),
+        (
+            Layout::transposed(true, true, false, true),
+            DType::F16,
+            "A is not contiguous",
+        ),
+        (
+            Layout {
+                offset: [0, 0, 3, 0],
+                ..K_MAJOR
+            },
+            DType::BF16,
+            "A2 starts 3 elements",
+        ),
+        (K_MAJOR, DType::F32, "bf16/f16"),
+    ] {
+        let e = forced(&c, l, dtype);
+        assert!(e.contains(why), "{l:?} {dtype}: {e}");
+    }
+    let e = forced(&case(16, 24, 30, 8, 0..24), K_MAJOR, DType::BF16);
+    assert!(e.contains("rows are 30 elements apart"), "{e}");
+    let e = forced(&case(16, 24, 32, 4, 0..24), K_MAJOR, DType::BF16);
+    assert!(e.contains("A2's rows are 4 elements apart"), "{e}");
+}
+crate::test_device!(wgmma_refusals, wgmma_refuses_what_tma_cannot_read);
+
+/// Every barrier and wait of the wgmma kernel — the block barrier after the mbarriers'
+/// initialisation, the producer's wait for a free stage, the consumers' wait for a full one,
+/// their wgmma waits — is load-bearing: with any one deleted (a simulator mutation site),
+/// this probe fails. One block of each tile runs more k-tiles than stages, over two tiles.
+#[test]
+fn every_wgmma_wait_is_load_bearing() {
+    let probe = |variant: Variant, dtype: DType, c: Case| {
+        move || {
+            let mut g = rng("lora_matmul_wgmma_mutants");
+            check_case(&Device::Sim, &mut g, dtype, variant, &c, K_MAJOR);
+        }
+    };
+    let probes = [
+        probe(
+            Variant::Wgmma128,
+            DType::BF16,
+            Case {
+                bias: true,
+                ..case(130, 40, 320, 8, 0..40)
+            },
+        ),
+        probe(
+            Variant::Wgmma256,
+            DType::F16,
+            Case {
+                accumulate: true,
+                ..case(8, 260, 256, 16, 100..260)
+            },
+        ),
+    ];
+    let probes: Vec<&dyn Fn()> = probes.iter().map(|p| p as &dyn Fn()).collect();
+    let sites = crate::device::sim_mutation::assert_every_site_is_load_bearing(
+        "lora_matmul_wgmma",
+        &["lora_matmul_wgmma128", "lora_matmul_wgmma256"],
+        &probes,
+    );
+    use crate::device::sim_mutation::SiteKind;
+    for kind in [
+        SiteKind::Barrier,
+        SiteKind::MbarrierWait,
+        SiteKind::WgmmaWait,
+    ] {
+        assert!(
+            sites.iter().any(|s| s.kind == kind),
+            "no {kind:?} site reached: {sites:?}"
+        );
+    }
+}
+
+/// The dispatch: the Hopper kernel on a GPU with the sm_90a cubin (compute capability 9.0)
+/// for bf16/f16 products it can read, unless `LORAFUSE_GEMM_HOPPER=0`; the sm_80 kernel on
+/// every other GPU, for f32, for the forced sm_80 variants and on the simulator's automatic
+/// path; the forced wgmma variants an error where they cannot run.
+#[test]
+fn wgmma_dispatch_picks_hopper_only_where_it_runs() {
+    use wgmma::{Target, choose};
+    let hopper = Target::Gpu { sm90a: true };
+    let other_gpu = Target::Gpu { sm90a: false };
+    for v in [Variant::Auto, Variant::TensorCore] {
+        assert!(choose(v, DType::BF16, hopper, None, false).unwrap());
+        assert!(choose(v, DType::F16, hopper, None, false).unwrap());
+        assert!(!choose(v, DType::F32, hopper, None, false).unwrap());
+        assert!(!choose(v, DType::BF16, hopper, Some("B is MN-major"), false).unwrap());
+        assert!(
+            !choose(v, DType::BF16, hopper, None, true).unwrap(),
+            "disabled"
+        );
+        assert!(!choose(v, DType::BF16, other_gpu, None, false).unwrap());
+        assert!(!choose(v, DType::BF16, Target::Simulator, None, false).unwrap());
+    }
+    for v in [Variant::Simt, Variant::TensorCore128, Variant::TensorCore64] {
+        assert!(!choose(v, DType::BF16, hopper, None, false).unwrap());
+    }
+    for v in [Variant::Wgmma, Variant::Wgmma128, Variant::Wgmma256] {
+        assert!(choose(v, DType::BF16, hopper, None, true).unwrap());
+        assert!(choose(v, DType::BF16, Target::Simulator, None, false).unwrap());
+        assert!(matches!(
+            choose(v, DType::BF16, other_gpu, None, false),
+            Err(Error::Unsupported { .. })
+        ));
+        assert!(matches!(
+            choose(v, DType::BF16, hopper, Some("K = 0"), false),
+            Err(Error::Unsupported { .. })
+        ));
+    }
+    // Which device and module source counts as sm_90a is `load_plan`'s (device::cuda tests):
+    // the sm_90a cubin is offered on compute capability 9.0 only.
+}
+
+/// The LoRA linear's products on the Hopper kernel: the forward `y = [x | s·u]·[W0 | B]ᵀ`
+/// (K-major throughout) at ranks that are multiples of 8; not `gx = [gy | s·v]·[W0 ; A]`
+/// (W0 read along N), nor a rank-4 extension (rows of 8 bytes), which keep the sm_80 kernel.
+#[test]
+fn wgmma_takes_the_lora_forward_and_leaves_the_rest() {
+    let (m, k, n) = (64, 768, 2304);
+    let t = |len: usize| Tensor::zeros([len], DType::BF16, &Device::Cpu).unwrap();
+    let (x, w0, gy) = (t(m * k), t(n * k), t(m * n));
+    for (r, ok) in [(8, true), (16, true), (64, true), (4, false)] {
+        let (su, a, b) = (t(m * r), t(r * k), t(n * r));
+        let fwd =
+            Gemm::new(m, n, k, Operand::rows(&x, k), Operand::transposed(&w0, k)).ext(Extension {
+                a2: Operand::rows(&su, r),
+                b2: Operand::transposed(&b, r),
+                k2: r,
+                cols: 0..n,
+            });
+        assert_eq!(
+            wgmma::eligible(&fwd).is_none(),
+            ok,
+            "rank {r}: {:?}",
+            wgmma::eligible(&fwd)
+        );
+        let gx = Gemm::new(m, k, n, Operand::rows(&gy, n), Operand::rows(&w0, k)).ext(Extension {
+            a2: Operand::rows(&su, r),
+            b2: Operand::rows(&a, k),
+            k2: r,
+            cols: 0..k,
+        });
+        let why = wgmma::eligible(&gx).unwrap();
+        assert!(why.starts_with("B is not contiguous"), "{why}");
+    }
+}
+
+/// The tile heuristic of `wgmma::tile_for` at the step's forward shapes on 132 SMs.
+#[test]
+fn wgmma_tile_heuristic() {
+    use wgmma::tile_for;
+    assert_eq!(tile_for(8192, 4096, 132), 256, "headline");
+    assert_eq!(tile_for(8192, 50304, 132), 256, "lm_head");
+    assert_eq!(
+        tile_for(8192, 768, 132),
+        128,
+        "c_proj: 2.9 waves of 128 beat 1.5 of 256"
+    );
+    assert_eq!(tile_for(8192, 3072, 132), 256, "c_fc");
+    assert_eq!(
+        tile_for(16, 16, 132),
+        128,
+        "one tile either way: the narrower wastes less"
+    );
+}
+
+#[test]
+fn wgmma_params_match_the_kernels() {
+    assert_eq!(std::mem::size_of::<wgmma::WgmmaParams>(), 640);
+    for k in wgmma::KERNELS {
+        assert_eq!(
+            crate::device::sim::param_bytes(k),
+            Some(std::mem::size_of::<wgmma::WgmmaParams>()),
+            "{k}: the Rust and C++ parameter structs differ in size"
+        );
+    }
+    assert_eq!(wgmma::smem_bytes(256), 197_696);
+    assert_eq!(wgmma::smem_bytes(128), 132_160);
+}

@@ -14,6 +14,7 @@
 
 pub(crate) mod cpu;
 pub(crate) mod cuda;
+pub(crate) mod wgmma;
 
 use crate::storage::Storage;
 use crate::tensor::{same_device, same_dtype};
@@ -128,6 +129,15 @@ pub(crate) enum Variant {
     TensorCore128,
     /// Tensor cores with 64×64 tiles (4 warps), whatever the shape.
     TensorCore64,
+    /// The Hopper kernel (wgmma + TMA, `kernels/lora_matmul_wgmma.cu`), the tile chosen per
+    /// shape: an error where it cannot run (not a CC 9.0 GPU with the sm_90a cubin, nor the
+    /// simulator) or cannot take the operands. `Auto` and `TensorCore` pick it by themselves
+    /// on such a GPU ([`wgmma::choose`]).
+    Wgmma,
+    /// The Hopper kernel with 128×128 tiles.
+    Wgmma128,
+    /// The Hopper kernel with 128×256 tiles.
+    Wgmma256,
 }
 
 /// One product: `C [m, n] = alpha·(A·B + A2·B2) (+ bias)`, into a new tensor or added
@@ -161,7 +171,12 @@ impl Variant {
     fn tensor_cores_only(self) -> bool {
         matches!(
             self,
-            Variant::TensorCore | Variant::TensorCore128 | Variant::TensorCore64
+            Variant::TensorCore
+                | Variant::TensorCore128
+                | Variant::TensorCore64
+                | Variant::Wgmma
+                | Variant::Wgmma128
+                | Variant::Wgmma256
         )
     }
 }

@@ -1,0 +1,325 @@
+//! Launcher of `kernels/lora_matmul_wgmma.cu`, the Hopper (sm_90a) GEMM: when it runs
+//! ([`choose`]), the operands it takes ([`eligible`]), its tile ([`tile_for`]) and the tensor
+//! maps it reads through TMA.
+
+use super::{Gemm, Operand, Variant, cuda};
+use crate::device::{Backend, LaunchConfig, TensorMap, TensorMap2d};
+use crate::storage::DeviceStorage;
+use crate::{DType, Error, Result};
+
+/// Twin of `LoraMatmulWgmmaParams` in `kernels/lora_matmul_wgmma.cu` (the size is checked
+/// against the compiled struct by a kernel test): four tensor maps, then the product's
+/// scalars, padded to the maps' 64-byte alignment as C++ pads it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
+pub(crate) struct WgmmaParams {
+    pub a: TensorMap,
+    pub b: TensorMap,
+    pub a2: TensorMap,
+    pub b2: TensorMap,
+    pub c: u64,
+    pub bias: u64,
+    pub m: i64,
+    pub n: i64,
+    pub k: i64,
+    pub k2: i64,
+    pub ldc: i64,
+    pub b2_n0: i64,
+    pub b2_n1: i64,
+    pub alpha: f32,
+    pub accumulate: i32,
+    pub _pad: [u64; 6],
+}
+
+/// Every kernel of the module (checked against it by the tidy test).
+pub(crate) const KERNELS: &[&str] = &[
+    "lora_matmul_wgmma256_fwd_bf16",
+    "lora_matmul_wgmma256_fwd_f16",
+    "lora_matmul_wgmma128_fwd_bf16",
+    "lora_matmul_wgmma128_fwd_f16",
+];
+
+/// Threads per block: a producer and two consumer warpgroups.
+pub(crate) const THREADS: u32 = 384;
+
+/// Tile rows, the k-tile depth, the pipeline's stages (the header's constants).
+const BM: usize = 128;
+const BK: u32 = 64;
+const STAGES: u32 = 4;
+
+/// The dynamic shared memory of a 128×`bn` tile: 1024 bytes of alignment slack, the stages,
+/// two mbarriers per stage.
+pub(crate) fn smem_bytes(bn: usize) -> u32 {
+    1024 + STAGES * (BM as u32 + bn as u32) * BK * 2 + 2 * STAGES * 8
+}
+
+/// `LORAFUSE_GEMM_HOPPER=0` keeps every product on the sm_80 kernel (an A/B switch for GPU
+/// runs; the forced [`Variant::Wgmma`] variants still run).
+fn disabled_by_env() -> bool {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *OFF.get_or_init(|| std::env::var("LORAFUSE_GEMM_HOPPER").as_deref() == Ok("0"))
+}
+
+/// What the backend offers the Hopper kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Target {
+    /// The simulator: it runs the kernel when a test forces it; automatic dispatch never
+    /// picks it there (the sm_80 kernel is what the other tests check).
+    Simulator,
+    /// A GPU; `sm90a` when the module loaded from its `sm_90a` cubin (compute capability
+    /// exactly 9.0 and nvcc at build time).
+    Gpu { sm90a: bool },
+}
+
+/// Whether a product runs on the Hopper kernel: always for the forced variants (an error
+/// when the GPU cannot run it or an operand does not qualify, `why_not`), and for `Auto` /
+/// `TensorCore` on a GPU with the `sm_90a` cubin when the operands qualify, the dtype is
+/// bf16/f16 and `LORAFUSE_GEMM_HOPPER=0` is not set. Every other GPU and variant keeps the
+/// sm_80 kernel.
+pub(crate) fn choose(
+    variant: Variant,
+    dtype: DType,
+    target: Target,
+    why_not: Option<&str>,
+    disabled: bool,
+) -> Result<bool> {
+    let unsupported = |msg: String| Error::Unsupported {
+        op: "lora_matmul",
+        msg,
+    };
+    match variant {
+        Variant::Wgmma | Variant::Wgmma128 | Variant::Wgmma256 => {
+            if let Target::Gpu { sm90a: false } = target {
+                return Err(unsupported(
+                    "the wgmma kernel needs a compute-capability 9.0 GPU and its sm_90a cubin \
+                     (built by nvcc)"
+                        .into(),
+                ));
+            }
+            match why_not {
+                Some(why) => Err(unsupported(format!(
+                    "the wgmma kernel cannot take it: {why}"
+                ))),
+                None => Ok(true),
+            }
+        }
+        Variant::Auto | Variant::TensorCore => Ok(dtype != DType::F32
+            && target == (Target::Gpu { sm90a: true })
+            && why_not.is_none()
+            && !disabled),
+        Variant::Simt | Variant::TensorCore128 | Variant::TensorCore64 => Ok(false),
+    }
+}
+
+/// Why one operand cannot be a TMA box source, if it cannot: it must be K-major (`ks = 1`),
+/// rows `os` elements apart with `os·2` a multiple of 16 bytes and at least a row, a
+/// 16-byte-aligned first element (`offset` elements into a 256-byte-aligned allocation),
+/// and fewer than 2^31 rows (32-bit coordinates).
+fn why_not_operand(
+    name: &str,
+    o: &Operand<'_>,
+    os: usize,
+    ks: usize,
+    kext: usize,
+    rows: usize,
+) -> Option<String> {
+    const S: usize = 2;
+    if ks != 1 {
+        return Some(format!(
+            "{name} is not contiguous along the reduction (stride {ks})"
+        ));
+    }
+    if !(os * S).is_multiple_of(16) || os < kext {
+        return Some(format!(
+            "{name}'s rows are {os} elements apart (TMA needs a multiple of 8, at least {kext})"
+        ));
+    }
+    if !(o.offset * S).is_multiple_of(16) {
+        return Some(format!(
+            "{name} starts {} elements into its tensor (not 16-byte aligned)",
+            o.offset
+        ));
+    }
+    if rows >= 1 << 31 || kext >= 1 << 31 {
+        return Some(format!("{name} is {rows}×{kext}: past 32-bit coordinates"));
+    }
+    None
+}
+
+/// Why the product cannot run on the Hopper kernel, if it cannot (the host twin of the
+/// kernel header's contract): every operand K-major and TMA-addressable, K ≥ 1, M and N
+/// below 2^31.
+pub(crate) fn eligible(g: &Gemm<'_>) -> Option<String> {
+    if g.k == 0 {
+        return Some("K = 0".into());
+    }
+    if g.m >= 1 << 31 || g.n >= 1 << 31 {
+        return Some(format!("[{}, {}] is past 32-bit coordinates", g.m, g.n));
+    }
+    let ext = g.ext.as_ref().filter(|e| e.k2 > 0 && !e.cols.is_empty());
+    why_not_operand("A", &g.a, g.a.row_stride, g.a.col_stride, g.k, g.m)
+        .or_else(|| why_not_operand("B", &g.b, g.b.col_stride, g.b.row_stride, g.k, g.n))
+        .or_else(|| {
+            ext.and_then(|e| {
+                why_not_operand("A2", &e.a2, e.a2.row_stride, e.a2.col_stride, e.k2, g.m).or_else(
+                    || {
+                        let w = e.cols.len();
+                        why_not_operand("B2", &e.b2, e.b2.col_stride, e.b2.row_stride, e.k2, w)
+                    },
+                )
+            })
+        })
+}
+
+/// The tile width for `[m, n]` on `sms` multiprocessors: 256 or 128, whichever gives the
+/// fewer wave-quantized column-units of work, ceil(tiles / sms)·BN, a 128-wide tile
+/// counted 10 % dearer (its B panel feeds half the FLOPs per byte of shared memory). E.g.
+/// on 132 SMs: the GPT-2 c_proj forward (8192 × 768) takes 128 (2.9 full waves rather than
+/// 1.5), the lm_head (8192 × 50304) and the headline (8192 × 4096) take 256.
+pub(crate) fn tile_for(m: usize, n: usize, sms: usize) -> usize {
+    let cost = |bn: usize| {
+        let tiles = m.div_ceil(BM) * n.div_ceil(bn);
+        let waves = tiles.div_ceil(sms.max(1)) as f64;
+        waves * bn as f64 * if bn == 128 { 1.1 } else { 1.0 }
+    };
+    if cost(256) <= cost(128) { 256 } else { 128 }
+}
+
+/// The kernel of `dtype` with 128×`bn` tiles.
+pub(crate) fn kernel_name(dtype: DType, bn: usize) -> Result<&'static str> {
+    Ok(match (dtype, bn) {
+        (DType::BF16, 256) => "lora_matmul_wgmma256_fwd_bf16",
+        (DType::F16, 256) => "lora_matmul_wgmma256_fwd_f16",
+        (DType::BF16, 128) => "lora_matmul_wgmma128_fwd_bf16",
+        (DType::F16, 128) => "lora_matmul_wgmma128_fwd_f16",
+        (dt, _) => {
+            return Err(Error::Unsupported {
+                op: "lora_matmul",
+                msg: format!("no {dt} wgmma kernel with {bn}-wide tiles"),
+            });
+        }
+    })
+}
+
+/// Runs the product on the Hopper kernel when [`choose`] says so: `Ok(true)` when it was
+/// launched, `Ok(false)` when the sm_80 kernel should run it.
+pub(crate) fn try_launch(
+    g: &Gemm<'_>,
+    out: &DeviceStorage,
+    dtype: DType,
+    accumulate: bool,
+) -> Result<bool> {
+    let forced = matches!(
+        g.variant,
+        Variant::Wgmma | Variant::Wgmma128 | Variant::Wgmma256
+    );
+    if !forced && !matches!(g.variant, Variant::Auto | Variant::TensorCore) {
+        return Ok(false);
+    }
+    if !forced && (dtype == DType::F32 || disabled_by_env()) {
+        return Ok(false);
+    }
+    let backend = out.backend();
+    let target = match backend {
+        Backend::Sim => Target::Simulator,
+        Backend::Cuda(_) => Target::Gpu {
+            sm90a: backend.runs_arch_specific_cubin(KERNELS[0])?,
+        },
+    };
+    let why_not = eligible(g);
+    if !choose(
+        g.variant,
+        dtype,
+        target,
+        why_not.as_deref(),
+        disabled_by_env(),
+    )? {
+        return Ok(false);
+    }
+    let sms = backend.multiprocessors() as usize;
+    let bn = match g.variant {
+        Variant::Wgmma128 => 128,
+        Variant::Wgmma256 => 256,
+        _ => tile_for(g.m, g.n, sms),
+    };
+    launch(g, out, dtype, accumulate, bn, sms).map(|()| true)
+}
+
+/// A K-major operand's tensor map: `kext` elements along the reduction, `rows` rows, boxes of
+/// 64 × `box_rows`, 128-byte swizzled.
+fn map(
+    backend: &Backend,
+    o: &Operand<'_>,
+    os: usize,
+    kext: usize,
+    rows: usize,
+    box_rows: usize,
+) -> Result<TensorMap> {
+    let base = cuda::address(o)?;
+    backend.encode_tensor_map(&TensorMap2d {
+        base,
+        elem_bytes: 2,
+        dims: [kext as u64, rows as u64],
+        stride1: (os * 2) as u64,
+        box_dims: [BK, box_rows as u32],
+        swizzle: 128,
+    })
+}
+
+fn launch(
+    g: &Gemm<'_>,
+    out: &DeviceStorage,
+    dtype: DType,
+    accumulate: bool,
+    bn: usize,
+    sms: usize,
+) -> Result<()> {
+    let backend = out.backend();
+    let name = kernel_name(dtype, bn)?;
+    let int = |v: usize| cuda::int(v);
+    let a = map(backend, &g.a, g.a.row_stride, g.k, g.m, BM)?;
+    let b = map(backend, &g.b, g.b.col_stride, g.k, g.n, bn)?;
+    let zero = TensorMap([0; 16]);
+    let (a2, b2, k2, n0, n1) = match g.ext.as_ref().filter(|e| e.k2 > 0 && !e.cols.is_empty()) {
+        Some(e) => (
+            map(backend, &e.a2, e.a2.row_stride, e.k2, g.m, BM)?,
+            map(backend, &e.b2, e.b2.col_stride, e.k2, e.cols.len(), bn)?,
+            e.k2,
+            e.cols.start,
+            e.cols.end,
+        ),
+        None => (zero, zero, 0, 0, 0),
+    };
+    let params = WgmmaParams {
+        a,
+        b,
+        a2,
+        b2,
+        c: out.device_ptr(),
+        bias: g
+            .bias
+            .map(|t| cuda::address(&Operand::rows(t, 1)))
+            .transpose()?
+            .unwrap_or(0),
+        m: int(g.m)?,
+        n: int(g.n)?,
+        k: int(g.k)?,
+        k2: int(k2)?,
+        ldc: int(g.n)?,
+        b2_n0: int(n0)?,
+        b2_n1: int(n1)?,
+        alpha: g.alpha as f32,
+        accumulate: accumulate as i32,
+        _pad: [0; 6],
+    };
+    let tiles = g.m.div_ceil(BM) * g.n.div_ceil(bn);
+    let grid = tiles.min(sms).max(1) as u32;
+    let smem = smem_bytes(bn);
+    backend.opt_in_dynamic_shared(name, smem)?;
+    let cfg = LaunchConfig {
+        grid: [grid, 1, 1],
+        block: [THREADS, 1, 1],
+        shared_bytes: smem,
+    };
+    backend.launch(name, &cfg, &params)
+}
