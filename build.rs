@@ -29,6 +29,15 @@ const HOPPER_TARGET: (&str, &str) = ("sm_90a", "-gencode=arch=compute_90a,code=s
 /// Instructions that exist only on sm_90a; a source using any of them also gets an sm_90a cubin.
 const HOPPER_ONLY: [&str; 3] = ["wgmma", "setmaxnreg", "LF_NEEDS_SM90A"];
 
+/// Whether a kernel source uses Hopper-only instructions: one of [`HOPPER_ONLY`] outside
+/// `//` comments (a header that merely names wgmma needs no sm_90a cubin).
+fn uses_hopper_instructions(source: &str) -> bool {
+    source
+        .lines()
+        .map(|l| l.split("//").next().unwrap_or(""))
+        .any(|code| HOPPER_ONLY.iter().any(|w| code.contains(w)))
+}
+
 /// One `kernels/<name>.cu`.
 struct Module {
     name: String,
@@ -429,7 +438,7 @@ fn compile_nvcc(
         kernels_dir,
     )?;
     let mut targets: Vec<(&str, &str)> = CUBIN_TARGETS.to_vec();
-    if HOPPER_ONLY.iter().any(|w| m.source.contains(w)) {
+    if uses_hopper_instructions(&m.source) {
         targets.push(HOPPER_TARGET);
     }
     let mut o = NvccOutput {

@@ -22,6 +22,12 @@
 //! (no LoRA; GPT-2's 50257 padded to a multiple of 64, as the model runs it). Each prints its TFLOP/s and the fraction of the 800 TFLOP/s floor of
 //! `kernels/lora_matmul.cu`'s header, from a plain timed loop, before criterion's samples.
 //!
+//!
+//! On a compute-capability 9.0 GPU (H100/H200) the forward products (every operand K-major)
+//! run the Hopper GEMM `kernels/lora_matmul_wgmma.cu`; the `*_sm80` rows (`dense_ours_sm80`,
+//! `fused_fwd_sm80`, `gpt2/<gemm>/y_sm80`) rerun them with `set_hopper_gemm(false)`, so one
+//! call shows the sm_80 path, the Hopper path and cuBLAS side by side.
+//!
 //! `cargo bench --bench lora_matmul`; BENCHMARKS.md records the numbers.
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
@@ -148,6 +154,28 @@ fn run_group(c: &mut Criterion, name: &str, device: Device, s: &Shape, cublas: b
             y
         })
     });
+    // On an H100/H200 the two above run the Hopper GEMM; these run the sm_80 kernel beside
+    // them (the same calls with the Hopper path switched off).
+    if matches!(device, Device::Cuda(_)) && hopper(&device) {
+        lorafuse::ops::set_hopper_gemm(false);
+        g.throughput(Throughput::Elements(s.base_flops()));
+        g.bench_function(BenchmarkId::new("dense_ours_sm80", &id), |bch| {
+            bch.iter(|| {
+                let y = linear(&o.x, &o.w0, None).expect("linear");
+                sync();
+                y
+            })
+        });
+        g.throughput(Throughput::Elements(s.base_flops() + s.lora_fwd_flops()));
+        g.bench_function(BenchmarkId::new("fused_fwd_sm80", &id), |bch| {
+            bch.iter(|| {
+                let y = fused(&o, None);
+                sync();
+                y
+            })
+        });
+        lorafuse::ops::set_hopper_gemm(true);
+    }
     g.bench_function(BenchmarkId::new("unfused_fwd", &id), |bch| {
         bch.iter(|| {
             let y = unfused(&o, None);
@@ -239,10 +267,27 @@ fn rate(label: &str, flops: u64, iters: u32, device: &Device, mut f: impl FnMut(
     );
 }
 
+/// Whether the forward products run the Hopper GEMM on `device` (printed once per call).
+fn hopper(device: &Device) -> bool {
+    match lorafuse::ops::hopper_gemm_available(device) {
+        Ok(on) => {
+            let path = if on {
+                "the Hopper wgmma kernel (`*_sm80` rows: the sm_80 kernel)"
+            } else {
+                "the sm_80 kernel (no CC 9.0 GPU with the sm_90a cubin)"
+            };
+            println!("lora_matmul on {device}: forward products (K-major) on {path}");
+            on
+        }
+        Err(e) => panic!("lora_matmul: {e}"),
+    }
+}
+
 /// The `lora_matmul/gpt2/<gemm>` groups: forward `y` and backward `gx` of each GEMM.
 fn gpt2_groups(c: &mut Criterion, device: Device) {
     let mut rng = rand::rngs::StdRng::seed_from_u64(11);
     let m = GPT2_M;
+    let on_hopper = hopper(&device);
     for s in &GPT2_GEMMS {
         let mut t = |dims: [usize; 2], bound: f64| {
             Tensor::rand_uniform(-bound, bound, dims, DType::BF16, &device, &mut rng)
@@ -274,6 +319,13 @@ fn gpt2_groups(c: &mut Criterion, device: Device) {
         rate(&format!("{name}/y/{id}"), y_flops, 20, &device, || {
             y();
         });
+        if on_hopper {
+            lorafuse::ops::set_hopper_gemm(false);
+            rate(&format!("{name}/y_sm80/{id}"), y_flops, 20, &device, || {
+                y();
+            });
+            lorafuse::ops::set_hopper_gemm(true);
+        }
         rate(&format!("{name}/gx/{id}"), gx_flops, 20, &device, || {
             gx();
         });

@@ -24,7 +24,11 @@
 #   tests-sync     the GPU tests (names with cuda, gpu or cublas) of every test binary,
 #                  --test-threads=1 with LORAFUSE_CUDA_SYNC=1: a sticky fault names its
 #                  own test. LORAFUSE_REQUIRE_GPU=1, so a missing GPU fails.
-#   bench-lora_matmul, bench-train_step   the headline benches (criterion, GPU groups)
+#   sass-hgmma     cuobjdump --dump-sass of the bundled sm_90a cubins (the Hopper kernels):
+#                  each must contain HGMMA (wgmma), FAIL if only HMMA; `unavailable`
+#                  without cuobjdump
+#   bench-lora_matmul, bench-train_step   the headline benches (criterion, GPU groups;
+#                  the lora_matmul group has the Hopper path, the sm_80 path and cuBLAS)
 #   --- the rest is skipped by --quick ---
 #   tests-async    the GPU tests again, in parallel and without the per-launch sync
 #   sanitizer-*    compute-sanitizer memcheck and racecheck over a few kernel tests; a
@@ -72,6 +76,19 @@ for line in sys.stdin:
     print(prefix + name, m["executable"])
 ' "$want" >> "$list"
     done
+    # The Hopper kernels' sm_90a cubins, for the SASS check of `run` (the binaries embed them
+    # as bytes, which cuobjdump cannot read): from the test build's OUT_DIR.
+    rm -rf "${out:?}/cubins" && mkdir -p "$out/cubins"
+    local out_dir
+    out_dir="$(cargo test --no-run --message-format=json 2>/dev/null | python3 -c '
+import json, sys
+for line in sys.stdin:
+    try: m = json.loads(line)
+    except ValueError: continue
+    if m.get("reason") == "build-script-executed" and "lorafuse" in m.get("package_id", "").split("#")[0].split("/")[-1]:
+        print(m["out_dir"])
+' | tail -1)"
+    cp "$out_dir"/*.sm_90a.cubin "$out/cubins/"
     while read -r name exe; do
         cp "$exe" "$out/bin/$name"
         strip --strip-debug "$out/bin/$name"
@@ -231,6 +248,17 @@ for p in nvidia.__path__:
         step "tests-sync-$name" "$limit" env LORAFUSE_CUDA_SYNC=1 "$t" "${filters[@]}" --test-threads=1
     done
 
+    # --- the Hopper kernels run Hopper code: HGMMA in their SASS, not only HMMA ------------
+    local objdump
+    objdump="$(command -v cuobjdump || echo /usr/local/cuda/bin/cuobjdump)"
+    if ! ls cubins/*.sm_90a.cubin > /dev/null 2>&1; then
+        row sass-hgmma FAIL 0 "no sm_90a cubins in the bundle"
+    elif [[ ! -x "$objdump" ]]; then
+        row sass-hgmma unavailable 0 "cuobjdump not found"
+    else
+        step sass-hgmma 30 bash "$here/gpu-runner.sh" sass "$objdump" cubins/*.sm_90a.cubin
+    fi
+
     # --- the headline benches ---------------------------------------------------------
     # Criterion's results go under logs/criterion, where the side-by-side scripts read
     # them; only the GPU groups run here.
@@ -324,8 +352,26 @@ sanitizer_unavailable() {
     fi
 }
 
+# sass CUOBJDUMP CUBIN...: each cubin's SASS must contain HGMMA (wgmma); one that shows only
+# HMMA (mma.sync) or neither fails. Prints the counts, the last line as a `test result:`.
+sass() {
+    local objdump="$1" f hg hm bad=0 all=""
+    shift
+    for f in "$@"; do
+        "$objdump" --dump-sass "$f" > "logs/sass-$(basename "$f").txt" 2>&1 || { echo "cuobjdump failed on $f"; bad=1; continue; }
+        hg=$(grep -c 'HGMMA' "logs/sass-$(basename "$f").txt")
+        hm=$(grep -cE '\bHMMA' "logs/sass-$(basename "$f").txt")
+        echo "$(basename "$f"): $hg HGMMA, $hm HMMA"
+        all="$all $(basename "$f" .sm_90a.cubin) $hg HGMMA/$hm HMMA;"
+        (( hg == 0 )) && bad=1
+    done
+    echo "test result: $( ((bad)) && echo FAILED || echo ok).$all"
+    return $bad
+}
+
 case "$cmd" in
     bundle) shift; bundle "$@" ;;
     run) shift; run "$@" ;;
-    *) echo "usage: $0 bundle [DIR] | run [--quick]" >&2; exit 2 ;;
+    sass) shift; sass "$@" ;;
+    *) echo "usage: $0 bundle [DIR] | run [--quick] | sass CUOBJDUMP CUBIN..." >&2; exit 2 ;;
 esac

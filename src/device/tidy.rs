@@ -343,3 +343,25 @@ ptxas info    : Used 13 registers, used 1 barriers, 1024 bytes smem, 380 bytes c
         (13, 8, 4, 12, 1024)
     );
 }
+
+/// When nvcc built the kernels, exactly the modules whose code (not only their comments)
+/// uses Hopper-only instructions have an `sm_90a` cubin: the Hopper GEMM has one (its
+/// dispatch needs it, and the runner's SASS check reads it), the sm_80 GEMM does not.
+#[test]
+fn sm_90a_cubins_are_built_for_the_hopper_modules_only() {
+    let module = |n: &str| MODULES.iter().find(|m| m.name == n).expect("module");
+    let has_90a = |n: &str| module(n).cubins.iter().any(|(t, _)| *t == "sm_90a");
+    if module("lora_matmul").cubins.is_empty() {
+        crate::testing::skip(
+            "device::tidy::sm_90a_cubins_are_built_for_the_hopper_modules_only",
+            "no nvcc at build time: no cubins",
+            Some("LORAFUSE_REQUIRE_NVCC"),
+        );
+        return;
+    }
+    assert!(has_90a("lora_matmul_wgmma"));
+    assert!(
+        !has_90a("lora_matmul"),
+        "lora_matmul.cu names wgmma in comments only"
+    );
+}

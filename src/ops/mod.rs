@@ -32,6 +32,7 @@ pub use elementwise::{add, bias_add, cast, gelu, reshape, scale};
 pub use embedding::{embedding, embedding_at};
 pub use layer_norm::layer_norm;
 pub use lora_linear::{LoraTerm, lora_linear};
+pub use lora_matmul::wgmma::{hopper_gemm, hopper_gemm_available, set_hopper_gemm};
 pub use lora_merge::{lora_merge, lora_merge_with};
 #[doc(hidden)]
 pub use lora_reduce::bench_token_reduce;

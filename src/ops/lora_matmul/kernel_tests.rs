@@ -865,7 +865,8 @@ fn every_wgmma_wait_is_load_bearing() {
 }
 
 /// The dispatch: the Hopper kernel on a GPU with the sm_90a cubin (compute capability 9.0)
-/// for bf16/f16 products it can read, unless `LORAFUSE_GEMM_HOPPER=0`; the sm_80 kernel on
+/// for bf16/f16 products it can read, unless switched off (`set_hopper_gemm`,
+/// `LORAFUSE_GEMM_HOPPER=0`); the sm_80 kernel on
 /// every other GPU, for f32, for the forced sm_80 variants and on the simulator's automatic
 /// path; the forced wgmma variants an error where they cannot run.
 #[test]
@@ -902,6 +903,19 @@ fn wgmma_dispatch_picks_hopper_only_where_it_runs() {
     }
     // Which device and module source counts as sm_90a is `load_plan`'s (device::cuda tests):
     // the sm_90a cubin is offered on compute capability 9.0 only.
+    assert!(!crate::ops::hopper_gemm_available(&Device::Sim).unwrap());
+    assert!(!crate::ops::hopper_gemm_available(&Device::Cpu).unwrap());
+}
+
+/// The public switch: off, then on again (the state other tests see is restored).
+#[test]
+fn hopper_gemm_switch_round_trips() {
+    let before = crate::ops::hopper_gemm();
+    crate::ops::set_hopper_gemm(false);
+    assert!(!crate::ops::hopper_gemm());
+    crate::ops::set_hopper_gemm(true);
+    assert!(crate::ops::hopper_gemm());
+    crate::ops::set_hopper_gemm(before);
 }
 
 /// The LoRA linear's products on the Hopper kernel: the forward `y = [x | s·u]·[W0 | B]ᵀ`

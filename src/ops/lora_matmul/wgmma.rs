@@ -53,11 +53,46 @@ pub(crate) fn smem_bytes(bn: usize) -> u32 {
     1024 + STAGES * (BM as u32 + bn as u32) * BK * 2 + 2 * STAGES * 8
 }
 
-/// `LORAFUSE_GEMM_HOPPER=0` keeps every product on the sm_80 kernel (an A/B switch for GPU
-/// runs; the forced [`Variant::Wgmma`] variants still run).
-fn disabled_by_env() -> bool {
-    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *OFF.get_or_init(|| std::env::var("LORAFUSE_GEMM_HOPPER").as_deref() == Ok("0"))
+/// The automatic Hopper path's switch: 0 = not read yet, 1 = on, 2 = off.
+static HOPPER: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// Whether the products that qualify take the Hopper GEMM (`kernels/lora_matmul_wgmma.cu`)
+/// on a compute-capability 9.0 GPU: on by default, off when the environment had
+/// `LORAFUSE_GEMM_HOPPER=0` at the first product, or as [`set_hopper_gemm`] last set it.
+pub fn hopper_gemm() -> bool {
+    use std::sync::atomic::Ordering;
+    match HOPPER.load(Ordering::Relaxed) {
+        0 => {
+            let on = std::env::var("LORAFUSE_GEMM_HOPPER").as_deref() != Ok("0");
+            // Another thread's set_hopper_gemm wins over the environment.
+            let _ = HOPPER.compare_exchange(
+                0,
+                if on { 1 } else { 2 },
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+            HOPPER.load(Ordering::Relaxed) == 1
+        }
+        v => v == 1,
+    }
+}
+
+/// Turns the automatic Hopper GEMM path on or off for the products launched after it (an
+/// A/B switch for benchmarks: `false` runs every product on the sm_80 kernels). Products
+/// that do not qualify, and GPUs other than compute capability 9.0, never take it.
+pub fn set_hopper_gemm(on: bool) {
+    HOPPER.store(if on { 1 } else { 2 }, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether `device` can run the Hopper GEMM at all: a CUDA GPU of compute capability 9.0
+/// whose `lora_matmul_wgmma` module loaded from the sm_90a cubin (built by nvcc). False on
+/// the CPU and the simulator (where only the kernel tests force it); an error when the GPU
+/// cannot be used.
+pub fn hopper_gemm_available(device: &crate::Device) -> Result<bool> {
+    match device {
+        crate::Device::Cuda(_) => Backend::of(*device)?.runs_arch_specific_cubin(KERNELS[0]),
+        _ => Ok(false),
+    }
 }
 
 /// What the backend offers the Hopper kernel.
@@ -74,7 +109,7 @@ pub(crate) enum Target {
 /// Whether a product runs on the Hopper kernel: always for the forced variants (an error
 /// when the GPU cannot run it or an operand does not qualify, `why_not`), and for `Auto` /
 /// `TensorCore` on a GPU with the `sm_90a` cubin when the operands qualify, the dtype is
-/// bf16/f16 and `LORAFUSE_GEMM_HOPPER=0` is not set. Every other GPU and variant keeps the
+/// bf16/f16 and the switch [`hopper_gemm`] is on (`disabled` when off). Every other GPU and variant keeps the
 /// sm_80 kernel.
 pub(crate) fn choose(
     variant: Variant,
@@ -216,7 +251,7 @@ pub(crate) fn try_launch(
     if !forced && !matches!(g.variant, Variant::Auto | Variant::TensorCore) {
         return Ok(false);
     }
-    if !forced && (dtype == DType::F32 || disabled_by_env()) {
+    if !forced && (dtype == DType::F32 || !hopper_gemm()) {
         return Ok(false);
     }
     let backend = out.backend();
@@ -227,13 +262,7 @@ pub(crate) fn try_launch(
         },
     };
     let why_not = eligible(g);
-    if !choose(
-        g.variant,
-        dtype,
-        target,
-        why_not.as_deref(),
-        disabled_by_env(),
-    )? {
+    if !choose(g.variant, dtype, target, why_not.as_deref(), !hopper_gemm())? {
         return Ok(false);
     }
     let sms = backend.multiprocessors() as usize;
