@@ -85,9 +85,19 @@ import json, sys
 for line in sys.stdin:
     try: m = json.loads(line)
     except ValueError: continue
-    if m.get("reason") == "build-script-executed" and "lorafuse" in m.get("package_id", "").split("#")[0].split("/")[-1]:
+    if m.get("reason") != "build-script-executed":
+        continue
+    # package ids: path+file:///dir#lorafuse@0.1.0, or path+file:///lorafuse#0.1.0
+    pid = m.get("package_id", "")
+    frag = pid.split("#")[-1]
+    name = frag.split("@")[0] if "@" in frag else pid.split("#")[0].rstrip("/").split("/")[-1]
+    if name == "lorafuse":
         print(m["out_dir"])
 ' | tail -1)"
+    if [[ -z "$out_dir" ]]; then
+        echo "bundle: cargo reported no OUT_DIR for lorafuse's build script" >&2
+        exit 1
+    fi
     cp "$out_dir"/*.sm_90a.cubin "$out/cubins/"
     while read -r name exe; do
         cp "$exe" "$out/bin/$name"
