@@ -440,6 +440,10 @@ fn compile_nvcc(
     let mut targets: Vec<(&str, &str)> = CUBIN_TARGETS.to_vec();
     if uses_hopper_instructions(&m.source) {
         targets.push(HOPPER_TARGET);
+    } else {
+        // A reused OUT_DIR may hold this module's sm_90a cubin from an earlier source; what
+        // is left there is what the GPU runner's bundle copies.
+        let _ = std::fs::remove_file(out.join(format!("{}.{}.cubin", m.name, HOPPER_TARGET.0)));
     }
     let mut o = NvccOutput {
         ptx: Some(ptx),

@@ -120,31 +120,53 @@ fn every_kernel_file_has_an_op_or_optimizer_folder_with_a_launcher_a_cpu_twin_an
         if p.extension().is_none_or(|x| x != "cu") {
             continue;
         }
-        let op = p.file_stem().unwrap().to_string_lossy().to_string();
-        // An op's kernels live in ops/<op>/, the optimizer's (adamw) in optim/<op>/.
-        let (area, dir) = ["ops", "optim"]
-            .into_iter()
-            .map(|area| (area, src().join(area).join(&op)))
-            .find(|(_, d)| d.is_dir())
-            .unwrap_or_else(|| panic!("kernels/{op}.cu: neither ops/{op}/ nor optim/{op}/"));
+        let stem = p.file_stem().unwrap().to_string_lossy().to_string();
+        // An op's kernels live in ops/<op>/, the optimizer's (adamw) in optim/<op>/. A second
+        // kernel file of an op, kernels/<op>_<variant>.cu (e.g. lora_matmul_wgmma.cu, the
+        // Hopper GEMM), belongs to the same folder, launched by <area>/<op>/<variant>.rs.
+        let split = |at: usize| (stem[..at].to_string(), Some(stem[at + 1..].to_string()));
+        let candidates = std::iter::once((stem.clone(), None))
+            .chain(stem.match_indices('_').map(|(at, _)| split(at)));
+        let (area, op, variant, dir) = candidates
+            .flat_map(|(op, variant)| {
+                ["ops", "optim"]
+                    .into_iter()
+                    .map(move |area| (area, op.clone(), variant.clone()))
+            })
+            .map(|(area, op, variant)| {
+                let dir = src().join(area).join(&op);
+                (area, op, variant, dir)
+            })
+            .find(|(_, _, variant, d)| {
+                d.is_dir()
+                    && variant
+                        .as_ref()
+                        .is_none_or(|v| d.join(format!("{v}.rs")).exists())
+            })
+            .unwrap_or_else(|| {
+                panic!(
+                    "kernels/{stem}.cu: no ops/ or optim/ folder of its op (nor its <variant>.rs)"
+                )
+            });
         for f in ["mod.rs", "cpu.rs", "cuda.rs"] {
             assert!(
                 dir.join(f).exists(),
                 "kernels/{op}.cu: {area}/{op}/{f} is missing"
             );
         }
-        let cuda = fs::read_to_string(dir.join("cuda.rs")).unwrap();
+        let launcher = variant.as_deref().unwrap_or("cuda");
+        let cuda = fs::read_to_string(dir.join(format!("{launcher}.rs"))).unwrap();
         assert!(
             cuda.contains("pub(crate) const KERNELS: &[&str]"),
-            "{area}/{op}/cuda.rs must list its kernels in `KERNELS`"
+            "{area}/{op}/{launcher}.rs must list its kernels in `KERNELS`"
         );
         let listed = match area {
-            "ops" => format!("kernels: {op}::cuda::KERNELS"),
-            _ => format!("kernels: crate::{area}::{op}::cuda::KERNELS"),
+            "ops" => format!("kernels: {op}::{launcher}::KERNELS"),
+            _ => format!("kernels: crate::{area}::{op}::{launcher}::KERNELS"),
         };
         assert!(
             launched.contains(&listed),
-            "ops::LAUNCHERS (src/ops/mod.rs) must include {area}::{op}::cuda::KERNELS"
+            "ops::LAUNCHERS (src/ops/mod.rs) must include {area}::{op}::{launcher}::KERNELS"
         );
         let tests: String = rust_files(&dir)
             .iter()
