@@ -257,8 +257,14 @@ pub(crate) fn try_launch(
     let backend = out.backend();
     let target = match backend {
         Backend::Sim => Target::Simulator,
+        // A module that fails to load is an error when the kernel is forced; the automatic
+        // path then keeps the sm_80 kernel, which loads on its own.
         Backend::Cuda(_) => Target::Gpu {
-            sm90a: backend.runs_arch_specific_cubin(KERNELS[0])?,
+            sm90a: match backend.runs_arch_specific_cubin(KERNELS[0]) {
+                Ok(sm90a) => sm90a,
+                Err(e) if forced => return Err(e),
+                Err(_) => false,
+            },
         },
     };
     let why_not = eligible(g);
