@@ -205,23 +205,20 @@ impl Layout {
     }
 }
 
-/// Runs one case on `device` and compares it with the f64 reference.
-fn check_case(
-    device: &Device,
-    g: &mut impl Rng,
-    dtype: DType,
-    variant: Variant,
-    c: &Case,
-    l: Layout,
-) {
-    let a = Mat::at(g, c.m, c.k, l.t[0], l.offset[0], dtype, device);
-    let b = Mat::at(g, c.k, c.n, l.t[1], l.offset[1], dtype, device);
-    let a2 = Mat::at(g, c.m, c.k2, l.t[2], l.offset[2], dtype, device);
-    let b2 = Mat::at(g, c.k2, c.cols.len(), l.t[3], l.offset[3], dtype, device);
-    let bias = Mat::new(g, 1, c.n, false, dtype, device);
-    let c0 = Mat::new(g, c.m, c.n, false, dtype, device);
-    let alpha = 0.75;
-    let mut gemm = Gemm::new(c.m, c.n, c.k, a.operand(), b.operand()).alpha(alpha);
+/// The four operands A, B, A2, B2 of a case, random, stored as `l` says.
+fn case_operands(device: &Device, g: &mut impl Rng, dtype: DType, c: &Case, l: Layout) -> [Mat; 4] {
+    [
+        Mat::at(g, c.m, c.k, l.t[0], l.offset[0], dtype, device),
+        Mat::at(g, c.k, c.n, l.t[1], l.offset[1], dtype, device),
+        Mat::at(g, c.m, c.k2, l.t[2], l.offset[2], dtype, device),
+        Mat::at(g, c.k2, c.cols.len(), l.t[3], l.offset[3], dtype, device),
+    ]
+}
+
+/// The product of a case over its operands (the extension when `k2 > 0`) on `variant`.
+fn case_gemm<'a>(ops: &'a [Mat; 4], c: &Case, variant: Variant) -> Gemm<'a> {
+    let [a, b, a2, b2] = ops;
+    let mut gemm = Gemm::new(c.m, c.n, c.k, a.operand(), b.operand());
     gemm.variant = variant;
     if c.k2 > 0 {
         gemm = gemm.ext(Extension {
@@ -231,6 +228,24 @@ fn check_case(
             cols: c.cols.clone(),
         });
     }
+    gemm
+}
+
+/// Runs one case on `device` and compares it with the f64 reference.
+fn check_case(
+    device: &Device,
+    g: &mut impl Rng,
+    dtype: DType,
+    variant: Variant,
+    c: &Case,
+    l: Layout,
+) {
+    let ops = case_operands(device, g, dtype, c, l);
+    let [a, b, a2, b2] = &ops;
+    let bias = Mat::new(g, 1, c.n, false, dtype, device);
+    let c0 = Mat::new(g, c.m, c.n, false, dtype, device);
+    let alpha = 0.75;
+    let mut gemm = case_gemm(&ops, c, variant).alpha(alpha);
     if c.bias {
         gemm = gemm.bias(Some(&bias.t));
     }
@@ -242,10 +257,10 @@ fn check_case(
     };
     let want = reference(
         c,
-        &a,
-        &b,
-        &a2,
-        &b2,
+        a,
+        b,
+        a2,
+        b2,
         c.bias.then_some(&bias.dense[..]),
         c.accumulate.then_some(&c0.dense[..]),
         alpha,
@@ -759,29 +774,12 @@ fn wgmma_refuses_what_tma_cannot_read(device: &Device) {
     }
     let mut g = rng("lora_matmul_wgmma_refusals");
     let mut forced = |c: &Case, l: Layout, dtype: DType| {
-        let a = Mat::at(&mut g, c.m, c.k, l.t[0], l.offset[0], dtype, device);
-        let b = Mat::at(&mut g, c.k, c.n, l.t[1], l.offset[1], dtype, device);
-        let a2 = Mat::at(&mut g, c.m, c.k2, l.t[2], l.offset[2], dtype, device);
-        let b2 = Mat::at(
-            &mut g,
-            c.k2,
-            c.cols.len(),
-            l.t[3],
-            l.offset[3],
-            dtype,
-            device,
-        );
-        let mut gemm = Gemm::new(c.m, c.n, c.k, a.operand(), b.operand());
-        gemm.variant = Variant::Wgmma;
-        if c.k2 > 0 {
-            gemm = gemm.ext(Extension {
-                a2: a2.operand(),
-                b2: b2.operand(),
-                k2: c.k2,
-                cols: c.cols.clone(),
-            });
-        }
-        gemm.run([c.m, c.n]).map(|_| ()).unwrap_err().to_string()
+        let ops = case_operands(device, &mut g, dtype, c, l);
+        case_gemm(&ops, c, Variant::Wgmma)
+            .run([c.m, c.n])
+            .map(|_| ())
+            .unwrap_err()
+            .to_string()
     };
     let c = case(16, 24, 32, 8, 0..24);
     for (l, dtype, why) in [
