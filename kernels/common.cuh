@@ -488,11 +488,19 @@ enum class Swizzle : unsigned { none = 0, b128 = 1, b64 = 2, b32 = 3 };
 // wgmma section; the fields of CUTLASS's GmmaDescriptor): bits 0-13 the start address >> 4,
 // 16-29 the leading dimension byte offset >> 4, 32-45 the stride dimension byte offset >> 4,
 // 49-51 the matrix base offset (0 here: operands aligned to their swizzle pattern, 1024 bytes
-// for 128 B), 62-63 the swizzle mode. For the K-major operands used here (A: rows of M, B: rows
-// of N, 16 k-values each): without swizzle, core matrices of 8 rows × 16 bytes, LBO = bytes
-// between the two core matrices along K, SBO = bytes between 8-row groups; swizzled with span
-// W = 32/64/128 bytes, rows W bytes apart, SBO = bytes between 8-row groups (8·W when packed),
-// LBO unused (pass 16), and the start advanced by 32 bytes per k16 step inside a W-byte row.
+// for 128 B), 62-63 the swizzle mode. For K-major operands (A: rows of M, B: rows of N, 16
+// k-values each): without swizzle, core matrices of 8 rows × 16 bytes, LBO = bytes between the
+// two core matrices along K, SBO = bytes between 8-row groups; swizzled with span W = 32/64/128
+// bytes, rows W bytes apart, SBO = bytes between 8-row groups (8·W when packed), LBO unused
+// (pass 16), and the start advanced by 32 bytes per k16 step inside a W-byte row.
+// For MN-major operands (wgmma's TransA / TransB: rows of K, M or N contiguous) the roles
+// differ: without swizzle, core matrices of 8 k-rows × 8 elements (16 bytes), SBO = bytes
+// between core matrices along M/N, LBO = bytes between the two along K (the start advanced by
+// 2·LBO per k16 step); swizzled with span W, atoms of 8 k-rows W bytes apart, each row W/2
+// consecutive 16-bit elements of M/N, LBO = bytes between atoms along M/N (unused when M/N fits
+// in one), SBO = bytes between the two 8-k-row groups of a k16 step (8·W when packed; the start
+// advanced by 2·SBO per k16 step). E.g. a TMA box of 64 bf16 columns × K rows with the 128 B
+// swizzle is an MN-major B of N = 64 with SBO = 1024.
 __device__ __forceinline__ u64 make_smem_desc(const void* start, unsigned lbo_bytes, unsigned sbo_bytes,
                                               Swizzle swizzle) {
     const u64 addr = smem_addr(start);
@@ -716,6 +724,16 @@ __device__ __forceinline__ void wgmma_fence_operands(float (&d)[N]) {
     (void)d;
 #endif
 }
+// The same for the A registers of wgmma_rs_m64nNk16, which must stay unchanged until the wait.
+template <int N>
+__device__ __forceinline__ void wgmma_fence_operands(unsigned (&a)[N]) {
+#if !defined(LORAFUSE_SIM)
+    LF_UNROLL
+    for (int i = 0; i < N; ++i) asm volatile("" : "+r"(a[i])::"memory");
+#else
+    (void)a;
+#endif
+}
 
 // The operand type's name in the wgmma instruction.
 template <typename T> struct wgmma_type;
@@ -723,128 +741,273 @@ template <> struct wgmma_type<bf16> { static constexpr bool is_bf16 = true; };
 template <> struct wgmma_type<f16> { static constexpr bool is_bf16 = false; };
 
 #if defined(LF_SM90A)
+// The asm of wgmma.mma_async m64nNk16 .f32 accumulators, one macro per N (the operand lists
+// differ): TY the type's name, TA / TB the imm-trans-a / imm-trans-b immediates as the string
+// literals "0" or "1" (immediates must be literals in the instruction text). The RS macros take A
+// from the registers a[0..3] (that form has no imm-trans-a). Generated text: d[i] is %i.
 // clang-format off
-#define LF_WGMMA_ASM_N8(TY)                                                          \
-    asm volatile(                                                                       \
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %6, 0;\n"                                   \
-        "wgmma.mma_async.sync.aligned.m64n8k16.f32." TY "." TY " {"                     \
-    "%0, %1, %2, %3" \
-        "}, %4, %5, p, 1, 1, 0, 0;\n}\n"                                            \
+#define LF_WGMMA_ASM_N8(TY, TA, TB) \
+    asm volatile( \
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %6, 0;\n" \
+        "wgmma.mma_async.sync.aligned.m64n8k16.f32." TY "." TY " {" \
+        "%0, %1, %2, %3" \
+        "}, %4, %5, p, 1, 1, " TA ", " TB ";\n}\n" \
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]) \
         : "l"(desc_a), "l"(desc_b), "r"(scale_d))
-#define LF_WGMMA_ASM_N16(TY)                                                          \
-    asm volatile(                                                                       \
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %10, 0;\n"                                   \
-        "wgmma.mma_async.sync.aligned.m64n16k16.f32." TY "." TY " {"                     \
-    "%0, %1, %2, %3, %4, %5, %6, %7" \
-        "}, %8, %9, p, 1, 1, 0, 0;\n}\n"                                            \
+#define LF_WGMMA_ASM_N16(TY, TA, TB) \
+    asm volatile( \
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %10, 0;\n" \
+        "wgmma.mma_async.sync.aligned.m64n16k16.f32." TY "." TY " {" \
+        "%0, %1, %2, %3, %4, %5, %6, %7" \
+        "}, %8, %9, p, 1, 1, " TA ", " TB ";\n}\n" \
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]) \
         : "l"(desc_a), "l"(desc_b), "r"(scale_d))
-#define LF_WGMMA_ASM_N32(TY)                                                          \
-    asm volatile(                                                                       \
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"                                   \
-        "wgmma.mma_async.sync.aligned.m64n32k16.f32." TY "." TY " {"                     \
-    "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15" \
-        "}, %16, %17, p, 1, 1, 0, 0;\n}\n"                                            \
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),\
+#define LF_WGMMA_ASM_N32(TY, TA, TB) \
+    asm volatile( \
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n" \
+        "wgmma.mma_async.sync.aligned.m64n32k16.f32." TY "." TY " {" \
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15" \
+        "}, %16, %17, p, 1, 1, " TA ", " TB ";\n}\n" \
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
           "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]) \
         : "l"(desc_a), "l"(desc_b), "r"(scale_d))
-#define LF_WGMMA_ASM_N64(TY)                                                          \
-    asm volatile(                                                                       \
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"                                   \
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32." TY "." TY " {"                     \
-    "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
-    "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31" \
-        "}, %32, %33, p, 1, 1, 0, 0;\n}\n"                                            \
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),\
-          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),\
-          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),\
+#define LF_WGMMA_ASM_N64(TY, TA, TB) \
+    asm volatile( \
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n" \
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32." TY "." TY " {" \
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31" \
+        "}, %32, %33, p, 1, 1, " TA ", " TB ";\n}\n" \
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), \
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), \
           "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]) \
         : "l"(desc_a), "l"(desc_b), "r"(scale_d))
-#define LF_WGMMA_ASM_N128(TY)                                                          \
-    asm volatile(                                                                       \
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"                                   \
-        "wgmma.mma_async.sync.aligned.m64n128k16.f32." TY "." TY " {"                     \
-    "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
-    "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, " \
-    "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, " \
-    "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63" \
-        "}, %64, %65, p, 1, 1, 0, 0;\n}\n"                                            \
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),\
-          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),\
-          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),\
-          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),\
-          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),\
-          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),\
-          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),\
+#define LF_WGMMA_ASM_N128(TY, TA, TB) \
+    asm volatile( \
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n" \
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32." TY "." TY " {" \
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, " \
+        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, " \
+        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63" \
+        "}, %64, %65, p, 1, 1, " TA ", " TB ";\n}\n" \
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), \
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), \
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), \
+          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), \
+          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), \
+          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), \
           "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]) \
         : "l"(desc_a), "l"(desc_b), "r"(scale_d))
-#define LF_WGMMA_ASM_N256(TY)                                                          \
-    asm volatile(                                                                       \
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"                                   \
-        "wgmma.mma_async.sync.aligned.m64n256k16.f32." TY "." TY " {"                     \
-    "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
-    "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, " \
-    "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, " \
-    "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, " \
-    "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, " \
-    "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, " \
-    "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, " \
-    "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127" \
-        "}, %128, %129, p, 1, 1, 0, 0;\n}\n"                                            \
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),\
-          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),\
-          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),\
-          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),\
-          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),\
-          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),\
-          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),\
-          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),\
-          "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),\
-          "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),\
-          "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),\
-          "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]),\
-          "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]),\
-          "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]),\
-          "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),\
+#define LF_WGMMA_ASM_N256(TY, TA, TB) \
+    asm volatile( \
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n" \
+        "wgmma.mma_async.sync.aligned.m64n256k16.f32." TY "." TY " {" \
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, " \
+        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, " \
+        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, " \
+        "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, " \
+        "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, " \
+        "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, " \
+        "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127" \
+        "}, %128, %129, p, 1, 1, " TA ", " TB ";\n}\n" \
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), \
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), \
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), \
+          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), \
+          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), \
+          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), \
+          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), \
+          "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), \
+          "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), \
+          "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), \
+          "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), \
+          "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]), \
+          "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), \
+          "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), \
           "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127]) \
         : "l"(desc_a), "l"(desc_b), "r"(scale_d))
+#define LF_WGMMA_RS_ASM_N8(TY, TB) \
+    asm volatile( \
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %9, 0;\n" \
+        "wgmma.mma_async.sync.aligned.m64n8k16.f32." TY "." TY " {" \
+        "%0, %1, %2, %3" \
+        "}, {%4, %5, %6, %7}, %8, p, 1, 1, " TB ";\n}\n" \
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]) \
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d))
+#define LF_WGMMA_RS_ASM_N16(TY, TB) \
+    asm volatile( \
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %13, 0;\n" \
+        "wgmma.mma_async.sync.aligned.m64n16k16.f32." TY "." TY " {" \
+        "%0, %1, %2, %3, %4, %5, %6, %7" \
+        "}, {%8, %9, %10, %11}, %12, p, 1, 1, " TB ";\n}\n" \
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]) \
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d))
+#define LF_WGMMA_RS_ASM_N32(TY, TB) \
+    asm volatile( \
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %21, 0;\n" \
+        "wgmma.mma_async.sync.aligned.m64n32k16.f32." TY "." TY " {" \
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15" \
+        "}, {%16, %17, %18, %19}, %20, p, 1, 1, " TB ";\n}\n" \
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]) \
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d))
+#define LF_WGMMA_RS_ASM_N64(TY, TB) \
+    asm volatile( \
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n" \
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32." TY "." TY " {" \
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31" \
+        "}, {%32, %33, %34, %35}, %36, p, 1, 1, " TB ";\n}\n" \
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), \
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), \
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]) \
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d))
+#define LF_WGMMA_RS_ASM_N128(TY, TB) \
+    asm volatile( \
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n" \
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32." TY "." TY " {" \
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, " \
+        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, " \
+        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63" \
+        "}, {%64, %65, %66, %67}, %68, p, 1, 1, " TB ";\n}\n" \
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), \
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), \
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), \
+          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), \
+          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), \
+          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), \
+          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]) \
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d))
+#define LF_WGMMA_RS_ASM_N256(TY, TB) \
+    asm volatile( \
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %133, 0;\n" \
+        "wgmma.mma_async.sync.aligned.m64n256k16.f32." TY "." TY " {" \
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, " \
+        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, " \
+        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, " \
+        "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, " \
+        "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, " \
+        "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, " \
+        "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127" \
+        "}, {%128, %129, %130, %131}, %132, p, 1, 1, " TB ";\n}\n" \
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), \
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), \
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), \
+          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), \
+          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), \
+          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), \
+          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), \
+          "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), \
+          "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), \
+          "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), \
+          "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), \
+          "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]), \
+          "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), \
+          "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), \
+          "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127]) \
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d))
+// Expands an SS macro for the wrapper's T, TransA and TransB (template parameters in scope).
+#define LF_WGMMA_TRANS_SS(M, TY) \
+    if constexpr (TransA && TransB) M(TY, "1", "1"); \
+    else if constexpr (TransA) M(TY, "1", "0"); \
+    else if constexpr (TransB) M(TY, "0", "1"); \
+    else M(TY, "0", "0")
+#define LF_WGMMA_SS(M) \
+    if constexpr (wgmma_type<T>::is_bf16) { LF_WGMMA_TRANS_SS(M, "bf16"); } else { LF_WGMMA_TRANS_SS(M, "f16"); }
+// Expands an RS macro for the wrapper's T and TransB.
+#define LF_WGMMA_TRANS_RS(M, TY) \
+    if constexpr (TransB) M(TY, "1"); \
+    else M(TY, "0")
+#define LF_WGMMA_RS(M) \
+    if constexpr (wgmma_type<T>::is_bf16) { LF_WGMMA_TRANS_RS(M, "bf16"); } else { LF_WGMMA_TRANS_RS(M, "f16"); }
 // clang-format on
 #endif
 
-// wgmma_m64nNk16<T, N>(d, desc_a, desc_b, accumulate): the warpgroup's 64×N f32 tile
-// D = A·Bᵀ + (accumulate ? D : 0), A 64×16 and B N×16 of T (bf16 or f16), both K-major in
-// shared memory through their descriptors (make_smem_desc). `d` is this thread's N/2
-// accumulators: d[i] holds row 16·(warp % 4) + lane / 4 + 8·((i / 2) % 2), column
-// 8·(i / 4) + 2·(lane % 4) + i % 2 (PTX ISA, wgmma register fragments for .f32 D). All 128
-// threads of a warpgroup (warps 4g..4g+3) issue it together with the same descriptors; it is
-// asynchronous: commit, then wait, before touching d. N is a multiple of 8 up to 256 (on the
-// GPU 8, 16, 32, 64, 128 or 256).
-template <typename T, int N>
+// wgmma_m64nNk16<T, N, TransA, TransB>(d, desc_a, desc_b, accumulate): the warpgroup's 64×N f32
+// tile D = A·Bᵀ + (accumulate ? D : 0), A 64×16 and B N×16 of T (bf16 or f16), both in shared
+// memory through their descriptors (make_smem_desc): K-major by default; TransA / TransB
+// (PTX's imm-trans-a / imm-trans-b) read A / B MN-major — M (resp. N) the contiguous dimension,
+// e.g. a row-major K×N B tile as TMA lands it (for the descriptor fields of each layout see
+// make_smem_desc). `d` is this thread's N/2 accumulators: d[i] holds row 16·(warp % 4) +
+// lane / 4 + 8·((i / 2) % 2), column 8·(i / 4) + 2·(lane % 4) + i % 2 (PTX ISA, wgmma register
+// fragments for .f32 D). All 128 threads of a warpgroup (warps 4g..4g+3) issue it together with
+// the same descriptors and flags; it is asynchronous: commit, then wait, before touching d. N is
+// a multiple of 8 up to 256 (on the GPU 8, 16, 32, 64, 128 or 256).
+template <typename T, int N, bool TransA = false, bool TransB = false>
 __device__ __forceinline__ void wgmma_m64nNk16(float (&d)[N / 2], u64 desc_a, u64 desc_b, bool accumulate) {
     static_assert(N >= 8 && N <= 256 && N % 8 == 0, "wgmma m64nNk16: N a multiple of 8 up to 256");
 #if defined(LORAFUSE_SIM)
-    lf_sim::wgmma(d, N, wgmma_type<T>::is_bf16 ? 0 : 1, desc_a, desc_b, accumulate);
+    lf_sim::wgmma(d, N, wgmma_type<T>::is_bf16 ? 0 : 1, desc_a, desc_b, accumulate, TransA, TransB);
 #elif defined(LF_SM90A)
     const unsigned scale_d = accumulate ? 1u : 0u;
     if constexpr (N == 8) {
-        if (wgmma_type<T>::is_bf16) LF_WGMMA_ASM_N8("bf16"); else LF_WGMMA_ASM_N8("f16");
+        LF_WGMMA_SS(LF_WGMMA_ASM_N8);
     } else if constexpr (N == 16) {
-        if (wgmma_type<T>::is_bf16) LF_WGMMA_ASM_N16("bf16"); else LF_WGMMA_ASM_N16("f16");
+        LF_WGMMA_SS(LF_WGMMA_ASM_N16);
     } else if constexpr (N == 32) {
-        if (wgmma_type<T>::is_bf16) LF_WGMMA_ASM_N32("bf16"); else LF_WGMMA_ASM_N32("f16");
+        LF_WGMMA_SS(LF_WGMMA_ASM_N32);
     } else if constexpr (N == 64) {
-        if (wgmma_type<T>::is_bf16) LF_WGMMA_ASM_N64("bf16"); else LF_WGMMA_ASM_N64("f16");
+        LF_WGMMA_SS(LF_WGMMA_ASM_N64);
     } else if constexpr (N == 128) {
-        if (wgmma_type<T>::is_bf16) LF_WGMMA_ASM_N128("bf16"); else LF_WGMMA_ASM_N128("f16");
+        LF_WGMMA_SS(LF_WGMMA_ASM_N128);
     } else if constexpr (N == 256) {
-        if (wgmma_type<T>::is_bf16) LF_WGMMA_ASM_N256("bf16"); else LF_WGMMA_ASM_N256("f16");
+        LF_WGMMA_SS(LF_WGMMA_ASM_N256);
     } else {
         static_assert(N == 8 || N == 16 || N == 32 || N == 64 || N == 128 || N == 256,
                       "wgmma on the GPU: N = 8, 16, 32, 64, 128 or 256 have wrappers");
     }
 #else
     (void)d, (void)desc_a, (void)desc_b, (void)accumulate;
+    __trap();
+#endif
+}
+
+// wgmma_rs_m64nNk16<T, N, TransB>(d, a, desc_b, accumulate): as wgmma_m64nNk16, with A from
+// registers (PTX's register form, which has no imm-trans-a): `a` is this thread's A fragment
+// (PTX ISA, "Register Fragments" for wgmma .f16/.bf16 A): with g = 16·(warp % 4) + lane / 4 and
+// t = lane % 4, a[0] = A[g][2t..2t+1], a[1] = A[g+8][2t..2t+1], a[2] = A[g][2t+8..2t+9],
+// a[3] = A[g+8][2t+8..2t+9], the lower column in the low 16 bits — the layout of an
+// mma.m16n8k16 A fragment per warp, and of the f32 accumulators' columns 0..15 (so a wgmma's
+// result, converted and packed in pairs, is the next one's A). The registers must not be
+// modified until the wgmma_wait that covers this wgmma (pin them with wgmma_fence_operands; the
+// simulator checks them at that wait, so keep the array alive until then), and a wgmma_fence
+// must separate writing them from the wgmma.
+template <typename T, int N, bool TransB = false>
+__device__ __forceinline__ void wgmma_rs_m64nNk16(float (&d)[N / 2], const unsigned (&a)[4], u64 desc_b,
+                                                  bool accumulate) {
+    static_assert(N >= 8 && N <= 256 && N % 8 == 0, "wgmma m64nNk16: N a multiple of 8 up to 256");
+#if defined(LORAFUSE_SIM)
+    lf_sim::wgmma_rs(d, N, wgmma_type<T>::is_bf16 ? 0 : 1, a, desc_b, accumulate, TransB);
+#elif defined(LF_SM90A)
+    const unsigned scale_d = accumulate ? 1u : 0u;
+    if constexpr (N == 8) {
+        LF_WGMMA_RS(LF_WGMMA_RS_ASM_N8);
+    } else if constexpr (N == 16) {
+        LF_WGMMA_RS(LF_WGMMA_RS_ASM_N16);
+    } else if constexpr (N == 32) {
+        LF_WGMMA_RS(LF_WGMMA_RS_ASM_N32);
+    } else if constexpr (N == 64) {
+        LF_WGMMA_RS(LF_WGMMA_RS_ASM_N64);
+    } else if constexpr (N == 128) {
+        LF_WGMMA_RS(LF_WGMMA_RS_ASM_N128);
+    } else if constexpr (N == 256) {
+        LF_WGMMA_RS(LF_WGMMA_RS_ASM_N256);
+    } else {
+        static_assert(N == 8 || N == 16 || N == 32 || N == 64 || N == 128 || N == 256,
+                      "wgmma on the GPU: N = 8, 16, 32, 64, 128 or 256 have wrappers");
+    }
+#else
+    (void)d, (void)a, (void)desc_b, (void)accumulate;
     __trap();
 #endif
 }

@@ -182,13 +182,19 @@ void named_barrier(unsigned id, unsigned n, bool wait);
 // warpgroup-uniform (same direction and count, 24..256, a multiple of 8); no other effect.
 void setmaxnreg(bool inc, unsigned n);
 // wgmma.fence / commit_group / wait_group n and wgmma.mma_async.sync.aligned.m64nNk16.f32.
-// {bf16,f16} with both operands in shared memory through descriptors (K-major, no transpose):
-// d (this thread's N/2 f32 accumulators) = A·Bᵀ + (scale_d ? d : 0). A warpgroup collective;
-// the accumulators read NaN from the issue until the wait_group that covers it.
+// {bf16,f16} (type 0 / 1): d (this thread's N/2 f32 accumulators) = A·Bᵀ + (scale_d ? d : 0).
+// wgmma: both operands in shared memory through descriptors, K-major or (trans_a / trans_b,
+// PTX's imm-trans-a / imm-trans-b) MN-major. wgmma_rs: A from registers, `a` the thread's 4
+// registers of the A fragment (PTX ISA, "Register Fragments"), which must keep their values
+// (and stay alive) until the wait_group that covers the wgmma — checked there. A warpgroup
+// collective (every flag warpgroup-uniform); the accumulators read NaN from the issue until the
+// wait_group that covers it.
 void wgmma_fence();
 void wgmma_commit();
 void wgmma_wait(int n);
-void wgmma(float* d, int n, int type, std::uint64_t desc_a, std::uint64_t desc_b, bool scale_d);
+void wgmma(float* d, int n, int type, std::uint64_t desc_a, std::uint64_t desc_b, bool scale_d, bool trans_a,
+           bool trans_b);
+void wgmma_rs(float* d, int n, int type, const std::uint32_t* a, std::uint64_t desc_b, bool scale_d, bool trans_b);
 
 // The simulator's CUtensorMap (the 128 bytes cuTensorMapEncodeTiled fills), written by
 // lf_sim_tensor_map_encode_2d on the host.

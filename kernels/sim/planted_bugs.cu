@@ -45,8 +45,10 @@
 // Self-tests of the stricter model: sim_selftest_big_smem_f32 (the >48 KiB opt-in),
 // sim_selftest_ldmatrix (the four ldmatrix forms against the PTX ISA's layouts).
 // Hopper (sm_90a wrappers, each with planted bugs beside the clean run): sim_selftest_wgmma_*
-// (descriptors and swizzle modes; a missing fence.proxy.async, a wrong-swizzle descriptor,
-// accumulators read before the wait), sim_selftest_tma (TMA boxes, OOB zero fill, swizzle; a
+// (descriptors, swizzle modes, K- and MN-major operands, A from registers; a missing
+// fence.proxy.async, a wrong-swizzle descriptor, accumulators read before the wait, a K-major
+// operand read as MN-major, swapped LBO/SBO, an A register changed before the wait, a transpose
+// flag not warpgroup-uniform), sim_selftest_tma (TMA boxes, OOB zero fill, swizzle; a
 // wrong mbarrier parity), sim_selftest_pipeline_f32 (producer/consumer warpgroups through
 // mbarriers and a named barrier; wrong parities, a stage never released, a named barrier
 // that never fills, setmaxnreg not uniform).
@@ -559,50 +561,140 @@ __device__ __forceinline__ unsigned operand_offset(unsigned mode, unsigned k_tot
     return (r / 8) * 8 * span + (r % 8) * span + 16 * (chunk ^ phase) + (2 * k) % 16;
 }
 
+// The byte offset of element (mn, k) of an MN-major 16-bit operand (M or N contiguous) for the
+// descriptor swizzle `mode`, also written from the atom's point of view: an atom is 8 k-rows of
+// `span` bytes (16 without swizzle), each holding span / 2 consecutive mn; a row's 16-byte chunk
+// index XORed with the row's place in its pattern; atoms `mn_stride` bytes apart along mn and
+// `k_stride` apart along k (multiples of the atom's bytes, so the pattern lines up).
+__device__ __forceinline__ unsigned mn_operand_offset(unsigned mode, unsigned mn_stride, unsigned k_stride,
+                                                      unsigned mn, unsigned k) {
+    const unsigned span = mode == 1 ? 128 : mode == 2 ? 64 : mode == 3 ? 32 : 16;
+    const unsigned per = span / 2, row = k % 8, e = mn % per;
+    const unsigned phase = mode == 0 ? 0 : row / (128 / span);
+    return (mn / per) * mn_stride + (k / 8) * k_stride + row * span + 16 * (((2 * e) / 16) ^ phase) + (2 * e) % 16;
+}
+
+// The descriptor of an MN-major operand at `base` with those strides. The PTX ISA swaps the
+// fields' roles with the swizzle: without it LBO is the k stride and SBO the mn stride; swizzled,
+// LBO is the mn stride and SBO the k stride. `swap` (planted) fills them the other way round.
+__device__ __forceinline__ lf::u64 mn_desc(const void* base, unsigned mode, unsigned mn_stride, unsigned k_stride,
+                                           bool swap) {
+    unsigned lbo = mode == 0 ? k_stride : mn_stride, sbo = mode == 0 ? mn_stride : k_stride;
+    if (swap) {
+        const unsigned t = lbo;
+        lbo = sbo;
+        sbo = t;
+    }
+    return lf::make_smem_desc(base, lbo, sbo, lf::Swizzle(mode));
+}
+
+// One m64nNk16 in the form and layouts of the `layout` bits (below).
+template <typename T, int N>
+__device__ __forceinline__ void wgmma_selftest_issue(float (&d)[N / 2], unsigned layout, const unsigned (&a)[4],
+                                                     lf::u64 da, lf::u64 db, bool accumulate) {
+    const bool trans_a = layout & 1, trans_b = layout & 2;
+    if (layout & 4) {
+        if (trans_b) {
+            lf::wgmma_rs_m64nNk16<T, N, true>(d, a, db, accumulate);
+        } else {
+            lf::wgmma_rs_m64nNk16<T, N, false>(d, a, db, accumulate);
+        }
+    } else if (trans_a && trans_b) {
+        lf::wgmma_m64nNk16<T, N, true, true>(d, da, db, accumulate);
+    } else if (trans_a) {
+        lf::wgmma_m64nNk16<T, N, true, false>(d, da, db, accumulate);
+    } else if (trans_b) {
+        lf::wgmma_m64nNk16<T, N, false, true>(d, da, db, accumulate);
+    } else {
+        lf::wgmma_m64nNk16<T, N>(d, da, db, accumulate);
+    }
+}
+
 // sim_selftest_wgmma_*: out (f32 64×N, row-major) = A·Bᵀ for A (T 64×K) in `in` and B (T N×K)
-// in `aux`, both row-major, through shared memory and wgmma m64nNk16 with N = arg (8, 16, 64 or
-// 256) and the operand layout of swizzle `mode` (K = 32 without swizzle, else span / 2), one
+// in `aux`, both row-major, through shared memory and wgmma m64nNk16 with N = arg (8, 16, 64, 128
+// or 256) and the operand layouts of swizzle `mode` (K = 32 without swizzle, else span / 2), one
 // k16 step per wgmma, chained on the accumulators. One block of 128 threads, 40960 bytes of
-// dynamic shared memory (A at 0, B at 8192). Planted bugs by the bits of `barrier`:
+// dynamic shared memory (A at 0, B at 8192). The bits of `n` choose the layouts and form:
+//   1  A MN-major (imm-trans-a; its atoms packed along M first),
+//   2  B MN-major (imm-trans-b; its atoms packed along K first, as TMA boxes of span / 2
+//      columns × K rows land: SBO = 8·span),
+//   4  A from registers (wgmma_rs: each thread's fragment read from `in`; bit 1 unused).
+// Planted bugs by the bits of `barrier`:
 //   1  no fence.proxy.async between the stores and the wgmma (launch error),
 //   2  the descriptors name the wrong swizzle (128 B for none, 64 B for 128 B, 128 B otherwise):
 //      a wrong product,
-//   4  the accumulators read before wgmma_wait (NaN).
+//   4  the accumulators read before wgmma_wait (NaN),
+//   8  B stored K-major but read with imm-trans-b (with n bit 2; its K-major descriptors): a
+//      wrong product,
+//   16 the MN-major B's descriptor with LBO and SBO swapped (n bit 2): a wrong product,
+//   32 thread 37 changes one of its A registers between the issue and the wait (n bit 4):
+//      launch error,
+//   64 warp 1 issues with imm-trans-b flipped (not warpgroup-uniform: launch error).
 template <typename T, int N>
 __device__ void wgmma_selftest(const SimTestParams& p) {
     LF_DYNAMIC_SMEM(unsigned char, smem);
     const T* a = static_cast<const T*>(p.in);
     const T* b = static_cast<const T*>(p.aux);
     float* out = static_cast<float*>(p.out);
-    const unsigned mode = unsigned(p.mode), t = threadIdx.x;
+    const unsigned mode = unsigned(p.mode), t = threadIdx.x, layout = unsigned(p.n);
     const unsigned span = mode == 1 ? 128 : mode == 2 ? 64 : mode == 3 ? 32 : 0;
     const unsigned k_total = span == 0 ? 32 : span / 2;
-    for (unsigned i = t; i < 64 * k_total; i += blockDim.x)
-        *reinterpret_cast<T*>(smem + operand_offset(mode, k_total, i / k_total, i % k_total)) = a[i];
-    for (unsigned i = t; i < N * k_total; i += blockDim.x)
-        *reinterpret_cast<T*>(smem + 8192 + operand_offset(mode, k_total, i / k_total, i % k_total)) = b[i];
+    const bool a_mn = (layout & 5) == 1, b_mn = (layout & 2) && !(p.barrier & 8);
+    // MN-major atoms: 8 k-rows of `row` bytes, `per` elements of M/N each.
+    const unsigned row = span == 0 ? 16 : span, per = row / 2, atom = 8 * row;
+    const unsigned a_mn_stride = atom, a_k_stride = (64 / per) * atom;
+    const unsigned b_k_stride = atom, b_mn_stride = (k_total / 8) * atom;
+    for (unsigned i = t; i < 64 * k_total; i += blockDim.x) {
+        const unsigned r = i / k_total, k = i % k_total;
+        const unsigned off = a_mn ? mn_operand_offset(mode, a_mn_stride, a_k_stride, r, k)
+                                  : operand_offset(mode, k_total, r, k);
+        *reinterpret_cast<T*>(smem + off) = a[i];
+    }
+    for (unsigned i = t; i < N * k_total; i += blockDim.x) {
+        const unsigned c = i / k_total, k = i % k_total;
+        const unsigned off = b_mn ? mn_operand_offset(mode, b_mn_stride, b_k_stride, c, k)
+                                  : operand_offset(mode, k_total, c, k);
+        *reinterpret_cast<T*>(smem + 8192 + off) = b[i];
+    }
     if (!(p.barrier & 1)) lf::fence_proxy_async();
     __syncthreads();
+    // The register form's A fragments, one per k16 step: (row g, columns 2q, 2q+1), (g + 8, ...),
+    // (g, 2q + 8, 2q + 9), (g + 8, ...), the lower column in the low half; unchanged until the wait.
+    const unsigned short* a_bits = reinterpret_cast<const unsigned short*>(a);
+    const unsigned w4 = (t / 32) % 4, lane = t % 32, g = 16 * w4 + lane / 4, q = lane % 4;
+    unsigned frag[4][4] = {};
+    if (layout & 4) {
+        for (unsigned kk = 0; kk < k_total / 16; ++kk) {
+            for (unsigned j = 0; j < 4; ++j) {
+                const unsigned r = g + 8 * (j % 2), c = 16 * kk + 2 * q + 8 * (j / 2);
+                frag[kk][j] = unsigned(a_bits[r * k_total + c]) | unsigned(a_bits[r * k_total + c + 1]) << 16;
+            }
+        }
+    }
     const unsigned desc_mode = (p.barrier & 2) ? (mode == 1 ? 2u : 1u) : mode;
     float d[N / 2];
     lf::wgmma_fence();
     for (unsigned kk = 0; kk < k_total / 16; ++kk) {
-        // The k16 step: two core matrices (2·LBO) further without swizzle, 32 bytes further
-        // inside the swizzled rows.
+        // The k16 step, K-major: two core matrices (2·LBO) further without swizzle, 32 bytes
+        // further inside the swizzled rows; MN-major: two 8-k-row groups further.
         const unsigned step = span == 0 ? 256 * kk : 32 * kk;
-        const lf::u64 da = span == 0 ? lf::make_smem_desc(smem + step, 128, (k_total / 8) * 128, lf::Swizzle(desc_mode))
-                                     : lf::make_smem_desc(smem + step, 16, 8 * span, lf::Swizzle(desc_mode));
-        const lf::u64 db = span == 0
-                               ? lf::make_smem_desc(smem + 8192 + step, 128, (k_total / 8) * 128, lf::Swizzle(desc_mode))
-                               : lf::make_smem_desc(smem + 8192 + step, 16, 8 * span, lf::Swizzle(desc_mode));
-        lf::wgmma_m64nNk16<T, N>(d, da, db, kk > 0);
+        const lf::u64 da =
+            a_mn ? mn_desc(smem + 2 * a_k_stride * kk, desc_mode, a_mn_stride, a_k_stride, false)
+            : span == 0 ? lf::make_smem_desc(smem + step, 128, (k_total / 8) * 128, lf::Swizzle(desc_mode))
+                        : lf::make_smem_desc(smem + step, 16, 8 * span, lf::Swizzle(desc_mode));
+        const lf::u64 db =
+            b_mn ? mn_desc(smem + 8192 + 2 * b_k_stride * kk, desc_mode, b_mn_stride, b_k_stride, p.barrier & 16)
+            : span == 0 ? lf::make_smem_desc(smem + 8192 + step, 128, (k_total / 8) * 128, lf::Swizzle(desc_mode))
+                        : lf::make_smem_desc(smem + 8192 + step, 16, 8 * span, lf::Swizzle(desc_mode));
+        const unsigned form = (p.barrier & 64) && t / 32 == 1 ? layout ^ 2 : layout;
+        wgmma_selftest_issue<T, N>(d, form, frag[kk], da, db, kk > 0);
     }
     lf::wgmma_commit();
+    if ((p.barrier & 32) && t == 37) frag[0][1] ^= 1u;  // planted: PTX forbids this before the wait
     if (!(p.barrier & 4)) lf::wgmma_wait<0>();
-    const unsigned w4 = (t / 32) % 4, lane = t % 32;
     for (int i = 0; i < N / 2; ++i) {
-        const unsigned row = 16 * w4 + lane / 4 + 8 * ((i / 2) % 2), col = 8 * (i / 4) + 2 * (lane % 4) + i % 2;
-        out[row * N + col] = d[i];
+        const unsigned r = 16 * w4 + lane / 4 + 8 * ((i / 2) % 2), col = 8 * (i / 4) + 2 * (lane % 4) + i % 2;
+        out[r * N + col] = d[i];
     }
     if (p.barrier & 4) lf::wgmma_wait<0>();
 }
@@ -613,8 +705,9 @@ __device__ void wgmma_selftest_n(const SimTestParams& p) {
         case 8: wgmma_selftest<T, 8>(p); break;
         case 16: wgmma_selftest<T, 16>(p); break;
         case 64: wgmma_selftest<T, 64>(p); break;
+        case 128: wgmma_selftest<T, 128>(p); break;
         case 256: wgmma_selftest<T, 256>(p); break;
-        default: assert(!"wgmma self-test: N = 8, 16, 64 or 256");
+        default: assert(!"wgmma self-test: N = 8, 16, 64, 128 or 256");
     }
 }
 

@@ -545,12 +545,40 @@ struct NamedBarrier {
     uint32_t expected = 0, arrived = 0;
     std::vector<std::pair<uint32_t, unsigned>> waiters;
 };
-enum class WgOp : int { none, wgmma, setmaxnreg };
+enum class WgOp : int { none, wgmma, wgmma_rs, setmaxnreg };
+const char* wg_op_name(WgOp op) {
+    return op == WgOp::wgmma      ? "wgmma.mma_async"
+           : op == WgOp::wgmma_rs ? "wgmma.mma_async (A in registers)"
+                                  : "setmaxnreg";
+}
+// What every thread of a warpgroup must pass identically to a warpgroup collective: wgmma's
+// descriptors (a is 0 in the register form), N, type (0 bf16, 1 f16), scale-d, imm-trans-a/b;
+// setmaxnreg's count (n) and direction (flag).
+struct WgOperands {
+    uint64_t a = 0, b = 0;
+    int n = 0, type = 0, flag = 0;
+    bool trans_a = false, trans_b = false;
+    bool operator==(const WgOperands&) const = default;
+};
+std::string describe(WgOp op, const WgOperands& o) {
+    if (op == WgOp::setmaxnreg) return format("%s %d", o.flag ? "inc" : "dec", o.n);
+    std::string s = op == WgOp::wgmma ? format("desc-a 0x%016llx, ", (unsigned long long)o.a) : std::string();
+    s += format("desc-b 0x%016llx, m64n%dk16, %s, scale-d %d, ", (unsigned long long)o.b, o.n,
+                o.type == 0 ? "bf16" : "f16", o.flag);
+    if (op == WgOp::wgmma) s += format("imm-trans-a %d, ", int(o.trans_a));
+    return s + format("imm-trans-b %d", int(o.trans_b));
+}
 struct WarpgroupSlot {  // the warpgroup collective its threads are in
     uint32_t arrived = 0, exited = 0;
     WgOp op = WgOp::none;
-    uint64_t a = 0, b = 0;
-    int n = 0, type = 0, flag = 0;
+    WgOperands operands;
+    // Completed collectives, and the registers each thread (by its index in the warpgroup)
+    // deposited in the register form of wgmma, by the parity of the collective's number: a thread
+    // reads its quad's registers after the collective completes, and the same half is written
+    // again only in the collective after next, which no thread enters before every thread has
+    // arrived at the next one, i.e. has left this one (and read what it needed).
+    uint64_t generation = 0;
+    uint32_t regs[2][128][4] = {};
     std::vector<std::pair<uint32_t, unsigned>> waiters;
 };
 struct HopperBlock {
@@ -931,11 +959,13 @@ std::vector<unsigned char>& async_view(Launch& L) {
 unsigned char* window_ptr(Launch& L, uint32_t off) { return static_cast<unsigned char*>(L.dyn_smem.get()) + off; }
 
 // A warpgroup collective: the 128 threads of warps 4g..4g+3 must all call it with the same
-// operation and operands. Returns once all have.
-void warpgroup_collective(ThreadCtx& c, WgOp op, const char* name, uint64_t a, uint64_t b, int n, int type,
-                          int flag) {
+// operation and operands. Returns once all have. `deposit` (4 registers, or null): this thread's
+// A fragment for the register form of wgmma; then `quad` receives the 16 registers of the 4
+// threads of the caller's quad (lanes 4·(lane / 4) .. +3 of its warp), in lane order.
+void warpgroup_collective(ThreadCtx& c, WgOp op, const char* name, const WgOperands& operands,
+                          const uint32_t* deposit = nullptr, uint32_t* quad = nullptr) {
     Launch& L = *c.launch;
-    const uint32_t g = c.warp_index / 4;
+    const uint32_t g = c.warp_index / 4, me = 32 * (c.warp_index % 4) + c.lane;
     std::unique_lock lock(L.barrier.mu);
     if (L.failed.load(std::memory_order_acquire)) throw Abort{};
     if (L.threads < 128 * (g + 1)) {
@@ -951,28 +981,25 @@ void warpgroup_collective(ThreadCtx& c, WgOp op, const char* name, uint64_t a, u
     }
     if (s.arrived == 0) {
         s.op = op;
-        s.a = a;
-        s.b = b;
-        s.n = n;
-        s.type = type;
-        s.flag = flag;
-    } else if (s.op != op || s.a != a || s.b != b || s.n != n || s.type != type || s.flag != flag) {
-        fail_unlocked(lock, format("%s is not warpgroup-uniform: this thread's operands (0x%llx, 0x%llx, %d, %d, %d) "
-                                   "differ from those of the %u thread%s of warpgroup %u already in %s "
-                                   "(0x%llx, 0x%llx, %d, %d, %d)",
-                                   name, (unsigned long long)a, (unsigned long long)b, n, type, flag, s.arrived,
-                                   s.arrived == 1 ? "" : "s", g,
-                                   s.op == WgOp::wgmma ? "wgmma.mma_async" : "setmaxnreg",
-                                   (unsigned long long)s.a, (unsigned long long)s.b, s.n, s.type, s.flag));
+        s.operands = operands;
+    } else if (s.op != op || !(s.operands == operands)) {
+        fail_unlocked(lock, format("%s is not warpgroup-uniform: this thread's operands (%s) differ from those of "
+                                   "the %u thread%s of warpgroup %u already in %s (%s)",
+                                   name, describe(op, operands).c_str(), s.arrived, s.arrived == 1 ? "" : "s", g,
+                                   wg_op_name(s.op), describe(s.op, s.operands).c_str()));
     }
+    const uint64_t half = s.generation & 1u;
+    if (deposit != nullptr) std::memcpy(s.regs[half][me], deposit, sizeof s.regs[half][me]);
     if (++s.arrived == 128) {
         s.arrived = 0;
         s.op = WgOp::none;
+        ++s.generation;
         unblock_all(L, s.waiters);
-        return;
+    } else {
+        s.waiters.emplace_back(c.warp_index, c.lane);
+        block_here(c, lock, name);  // returns with the mutex held again
     }
-    s.waiters.emplace_back(c.warp_index, c.lane);
-    block_here(c, lock, name);
+    if (quad != nullptr) std::memcpy(quad, s.regs[half][me & ~3u], 4 * sizeof s.regs[half][me]);
 }
 
 // One thread's wgmma.mma_async operations (PTX: wgmma.fence, commit_group, wait_group). An
@@ -980,12 +1007,19 @@ void warpgroup_collective(ThreadCtx& c, WgOp op, const char* name, uint64_t a, u
 // product is formed at that wait (the latest time the hardware may read shared memory), from
 // the async proxy's view of shared memory.
 struct WgmmaOp {
-    float* d;
-    int n, type;
-    uint64_t a, b;
-    bool scale_d, chained;
+    float* d = nullptr;
+    int n = 0, type = 0;
+    uint64_t a = 0, b = 0;  // the descriptors (a unused in the register form)
+    bool scale_d = false, trans_a = false, trans_b = false;
+    bool chained = false;
     std::vector<float> c;  // the accumulators at the issue (unless chained on a pending op)
-    std::vector<uint16_t> issued;  // the operand bits at the issue (wgmma_operand_bits)
+    std::vector<uint16_t> issued;  // the shared-memory operand bits at the issue (wgmma_operand_bits)
+    // The register form (wgmma_rs): the thread's own A registers, kept to check at the landing
+    // that they still hold their values at the issue, and the 32 A elements its accumulators
+    // need (rows g and g + 8, k 0..15), taken at the issue from its quad's registers.
+    const uint32_t* a_regs = nullptr;
+    uint32_t a_issued[4] = {};
+    std::vector<uint16_t> a_bits;
 };
 struct WgmmaState {
     std::vector<WgmmaOp> open;
@@ -1031,14 +1065,27 @@ uint32_t swizzle_addr(uint32_t addr, uint32_t mode) {
     return addr ^ (((addr >> 7) & bits) << 4);
 }
 uint32_t swizzle_bytes_of(uint32_t mode) { return mode == 1 ? 128 : mode == 2 ? 64 : mode == 3 ? 32 : 0; }
-// The shared address of element (r, k), k < 16, of a K-major operand (rows of A or of Bᵀ):
-// the canonical layouts of the PTX ISA ("Shared Memory Matrix Layout" of wgmma). No
-// swizzle: 8×16-byte core matrices, core matrix (r / 8, k / 8) at start + (r / 8)·SBO +
-// (k / 8)·LBO, its rows 16 bytes apart. Swizzled with span W: rows W bytes apart, 8-row groups
-// SBO apart, the 16 k-values contiguous (LBO unused), then the swizzle of the whole address.
-uint32_t desc_element(const SmemDesc& d, uint32_t r, uint32_t k) {
-    if (d.mode == 0) return d.start + (r / 8) * d.sbo + (k / 8) * d.lbo + (r % 8) * 16 + (k % 8) * 2;
-    return swizzle_addr(d.start + (r / 8) * d.sbo + (r % 8) * swizzle_bytes_of(d.mode) + k * 2, d.mode);
+// The shared address of element (r, k), k < 16, of an operand (r: the row of A, or the column
+// of B, i.e. the row of Bᵀ): the canonical layouts of the PTX ISA ("Shared Memory Matrix
+// Layout" of wgmma, in CuTe notation with T = 8 16-bit elements), offsets in bytes.
+// K-major (imm-trans = 0): no swizzle, ((8,m),(T,2k)):((1T,SBO),(1,LBO)) — 8×16-byte core
+// matrices, core matrix (r / 8, k / 8) at (r / 8)·SBO + (k / 8)·LBO, its rows 16 bytes apart;
+// swizzled with span W, ((8,m),(T,2k)):((W/16·T,SBO),(1,T)) — rows W bytes apart, 8-row groups
+// SBO apart, the 16 k-values contiguous (LBO unused).
+// MN-major (imm-trans = 1): no swizzle, ((T,1,m),(8,k)):((1,T,SBO),(1T,LBO)) — core matrices of
+// 8 k-rows × 8 consecutive r (16 bytes), core matrix (r / 8, k / 8) at (r / 8)·SBO + (k / 8)·LBO;
+// swizzled with span W, ((T,W/16,m),(8,k)):((1,T,LBO),(W/16·T,SBO)) — atoms of 8 k-rows W bytes
+// apart, each holding W/2 consecutive r; atom (r / (W/2), k / 8) at (r / (W/2))·LBO + (k / 8)·SBO.
+// Swizzled, the whole address (start + offset) is then swizzled.
+uint32_t desc_element(const SmemDesc& d, bool mn_major, uint32_t r, uint32_t k) {
+    const uint32_t w = swizzle_bytes_of(d.mode);
+    if (!mn_major) {
+        if (d.mode == 0) return d.start + (r / 8) * d.sbo + (k / 8) * d.lbo + (r % 8) * 16 + (k % 8) * 2;
+        return swizzle_addr(d.start + (r / 8) * d.sbo + (r % 8) * w + k * 2, d.mode);
+    }
+    if (d.mode == 0) return d.start + (r / 8) * d.sbo + (k / 8) * d.lbo + (k % 8) * 16 + (r % 8) * 2;
+    const uint32_t per = w / 2;  // elements of r in one W-byte row of the atom
+    return swizzle_addr(d.start + (r / per) * d.lbo + (k / 8) * d.sbo + (k % 8) * w + (r % per) * 2, d.mode);
 }
 
 // Reads the 16-bit element at shared address `off` for the async proxy; "" or an error.
@@ -1063,13 +1110,13 @@ float half_bits_to_f32(uint16_t h, int type) {
     return type == 0 ? lf_sim::detail::bf16_to_f32(h) : lf_sim::detail::f16_to_f32(h);
 }
 
-// The 16-bit operand elements one thread's part of an m64nNk16 reads, in a fixed order: A's rows
-// 16·(warp % 4) + lane / 4 (+ 8), k 0..15, then B's columns with col % 8 / 2 = lane % 4, k 0..15;
-// from the async proxy's view, checked against the generic one when `fence_check` (schedule mutex
-// held). "" or the error.
-std::string wgmma_operand_bits(Launch& L, const ThreadCtx& c, uint64_t desc_a, uint64_t desc_b, int n,
-                               bool fence_check, std::vector<uint16_t>& out) {
-    const SmemDesc da = decode_desc(desc_a), db = decode_desc(desc_b);
+// The 16-bit shared-memory operand elements one thread's part of an m64nNk16 reads, in a fixed
+// order: A's rows 16·(warp % 4) + lane / 4 (+ 8), k 0..15 (not in the register form), then B's
+// columns with col % 8 / 2 = lane % 4, k 0..15; from the async proxy's view, checked against the
+// generic one when `fence_check` (schedule mutex held). "" or the error.
+std::string wgmma_operand_bits(Launch& L, const ThreadCtx& c, const WgmmaOp& op, bool fence_check,
+                               std::vector<uint16_t>& out) {
+    const SmemDesc da = decode_desc(op.a), db = decode_desc(op.b);
     const uint32_t w4 = c.warp_index % 4, g = c.lane / 4, t = c.lane % 4;
     out.clear();
     auto read = [&](uint32_t off, const char* operand) -> std::string {
@@ -1086,13 +1133,16 @@ std::string wgmma_operand_bits(Launch& L, const ThreadCtx& c, uint64_t desc_a, u
         out.push_back(bits);
         return {};
     };
-    for (uint32_t h = 0; h < 2; ++h)
-        for (uint32_t k = 0; k < 16; ++k)
-            if (std::string e = read(desc_element(da, 16 * w4 + g + 8 * h, k), "A"); !e.empty()) return e;
-    for (uint32_t col = 0; col < uint32_t(n); ++col) {
+    if (op.a_regs == nullptr) {
+        for (uint32_t h = 0; h < 2; ++h)
+            for (uint32_t k = 0; k < 16; ++k)
+                if (std::string e = read(desc_element(da, op.trans_a, 16 * w4 + g + 8 * h, k), "A"); !e.empty())
+                    return e;
+    }
+    for (uint32_t col = 0; col < uint32_t(op.n); ++col) {
         if (col % 8 / 2 != t) continue;
         for (uint32_t k = 0; k < 16; ++k)
-            if (std::string e = read(desc_element(db, col, k), "B"); !e.empty()) return e;
+            if (std::string e = read(desc_element(db, op.trans_b, col, k), "B"); !e.empty()) return e;
     }
     return {};
 }
@@ -1119,9 +1169,19 @@ void wgmma_land(ThreadCtx& c, size_t n) {
     while (st.committed.size() > n) {
         for (size_t j = 0; j < st.committed.front().size(); ++j) {
             const WgmmaOp& op = st.committed.front()[j];
+            // PTX: the A registers of the register form must not be modified before the wait that
+            // covers the wgmma (the hardware may read them until then).
+            if (op.a_regs != nullptr && std::memcmp(op.a_regs, op.a_issued, sizeof op.a_issued) != 0) {
+                uint32_t r = 0;
+                while (op.a_regs[r] == op.a_issued[r]) ++r;
+                fail_unlocked(lock, format("wgmma.mma_async register operand A changed between the wgmma's issue and "
+                                           "the wait that covers it (register a%u: 0x%08x at the issue, 0x%08x at the "
+                                           "wait): PTX forbids modifying the A registers until then",
+                                           r, op.a_issued[r], op.a_regs[r]));
+            }
             std::vector<uint16_t> bits;
-            if (std::string e = wgmma_operand_bits(L, c, op.a, op.b, op.n, true, bits); !e.empty())
-                fail_unlocked(lock, e);
+            if (std::string e = wgmma_operand_bits(L, c, op, true, bits); !e.empty()) fail_unlocked(lock, e);
+            const size_t a_count = op.a_regs == nullptr ? 32 : 0;  // A's elements among `bits`
             if (bits != op.issued) {
                 size_t at = 0;
                 while (bits[at] == op.issued[at]) ++at;
@@ -1129,13 +1189,14 @@ void wgmma_land(ThreadCtx& c, size_t n) {
                                            "and the wait that covers it (the hardware may read it at any time in "
                                            "between): read before its TMA copy landed (a missing mbarrier wait) or "
                                            "overwritten before the wait (a stage released early)",
-                                           at < 32 ? "A" : "B"));
+                                           at < a_count ? "A" : "B"));
             }
+            const uint16_t* a_bits = op.a_regs == nullptr ? bits.data() : op.a_bits.data();
             float a[2][16];
             std::vector<float> b(size_t(op.n) * 16);
             for (uint32_t h = 0; h < 2; ++h)
-                for (uint32_t k = 0; k < 16; ++k) a[h][k] = half_bits_to_f32(bits[16 * h + k], op.type);
-            size_t next = 32;
+                for (uint32_t k = 0; k < 16; ++k) a[h][k] = half_bits_to_f32(a_bits[16 * h + k], op.type);
+            size_t next = a_count;
             for (uint32_t col = 0; col < uint32_t(op.n); ++col) {
                 if (col % 8 / 2 != t) continue;  // this thread's columns only
                 for (uint32_t k = 0; k < 16; ++k) b[size_t(col) * 16 + k] = half_bits_to_f32(bits[next++], op.type);
@@ -1181,8 +1242,7 @@ std::string hopper_exit(ThreadCtx& c) {
     ++s.exited;
     if (s.arrived != 0) {
         return format("returns from the kernel while %u thread%s of its warpgroup wait%s for it in %s", s.arrived,
-                      s.arrived == 1 ? "" : "s", s.arrived == 1 ? "s" : "",
-                      s.op == WgOp::wgmma ? "wgmma.mma_async" : "setmaxnreg");
+                      s.arrived == 1 ? "" : "s", s.arrived == 1 ? "s" : "", wg_op_name(s.op));
     }
     return {};
 }
@@ -1613,7 +1673,10 @@ void lf_sim::setmaxnreg(bool inc, unsigned n) {
     ThreadCtx& c = ctx("setmaxnreg");
     if (n < 24 || n > 256 || n % 8 != 0)
         fail(format("setmaxnreg.%s %u: the count must be a multiple of 8 in 24..256", inc ? "inc" : "dec", n).c_str());
-    warpgroup_collective(c, WgOp::setmaxnreg, "setmaxnreg", 0, 0, int(n), 0, inc ? 1 : 0);
+    WgOperands o;
+    o.n = int(n);
+    o.flag = inc ? 1 : 0;
+    warpgroup_collective(c, WgOp::setmaxnreg, "setmaxnreg", o);
 }
 
 void lf_sim::wgmma_fence() {
@@ -1631,43 +1694,96 @@ void lf_sim::wgmma_wait(int n) {
     wgmma_land(c, size_t(n));
 }
 
-void lf_sim::wgmma(float* d, int n, int type, uint64_t desc_a, uint64_t desc_b, bool scale_d) {
+namespace {
+
+// Issues one wgmma.mma_async for the calling thread: both forms (a_regs null: A in shared memory
+// through desc_a; else the register form, with the thread's 4 A registers).
+void wgmma_issue(float* d, int n, int type, uint64_t desc_a, uint64_t desc_b, bool scale_d, bool trans_a,
+                 bool trans_b, const uint32_t* a_regs) {
     ThreadCtx& c = ctx("wgmma.mma_async");
     Launch& L = *c.launch;
-    if (n < 8 || n > 256 || n % 8 != 0) fail(format("wgmma.mma_async m64n%dk16: N must be 8..256, a multiple of 8", n).c_str());
-    for (uint64_t desc : {desc_a, desc_b}) {
+    if (n < 8 || n > 256 || n % 8 != 0)
+        lf_sim::fail(format("wgmma.mma_async m64n%dk16: N must be 8..256, a multiple of 8", n).c_str());
+    const bool rs = a_regs != nullptr;
+    for (int which = rs ? 1 : 0; which < 2; ++which) {
+        const uint64_t desc = which == 0 ? desc_a : desc_b;
         const SmemDesc dd = decode_desc(desc);
         if (dd.base_offset != 0)
-            fail(format("wgmma descriptor 0x%016llx: matrix base offset %u (the simulator supports 0: operands "
-                        "aligned to their swizzle pattern)",
-                        (unsigned long long)desc, dd.base_offset)
-                     .c_str());
+            lf_sim::fail(format("wgmma descriptor 0x%016llx: matrix base offset %u (the simulator supports 0: "
+                                "operands aligned to their swizzle pattern)",
+                                (unsigned long long)desc, dd.base_offset)
+                             .c_str());
         if (size_t(dd.start) >= L.smem_bytes)
-            fail(format("wgmma descriptor 0x%016llx: start address 0x%x outside the %zu bytes of dynamic shared "
-                        "memory",
-                        (unsigned long long)desc, dd.start, L.smem_bytes)
-                     .c_str());
+            lf_sim::fail(format("wgmma descriptor 0x%016llx: start address 0x%x outside the %zu bytes of dynamic "
+                                "shared memory",
+                                (unsigned long long)desc, dd.start, L.smem_bytes)
+                             .c_str());
+    }
+    WgmmaOp op;
+    op.d = d;
+    op.n = n;
+    op.type = type;
+    op.a = rs ? 0 : desc_a;
+    op.b = desc_b;
+    op.scale_d = scale_d;
+    op.trans_a = !rs && trans_a;
+    op.trans_b = trans_b;
+    if (rs) {
+        op.a_regs = a_regs;
+        std::memcpy(op.a_issued, a_regs, sizeof op.a_issued);
     }
     // The earliest time the hardware may read the operands, this thread's issue: the landing
     // compares these bytes with those it reads.
-    std::vector<uint16_t> issued;
     {
         std::unique_lock lock(L.barrier.mu);
-        if (std::string e = wgmma_operand_bits(L, c, desc_a, desc_b, n, false, issued); !e.empty())
-            fail_unlocked(lock, e);
+        if (std::string e = wgmma_operand_bits(L, c, op, false, op.issued); !e.empty()) fail_unlocked(lock, e);
     }
-    warpgroup_collective(c, WgOp::wgmma, "wgmma.mma_async", desc_a, desc_b, n, type, scale_d ? 1 : 0);
+    WgOperands uniform;
+    uniform.a = op.a;
+    uniform.b = desc_b;
+    uniform.n = n;
+    uniform.type = type;
+    uniform.flag = scale_d ? 1 : 0;
+    uniform.trans_a = op.trans_a;
+    uniform.trans_b = trans_b;
+    if (rs) {
+        // The A fragment (PTX ISA, "Register Fragments" of wgmma m64nNk16, .f16/.bf16 A): the
+        // thread with t = lane % 4 holds, of its warp's rows g = 16·(warp % 4) + lane / 4 and
+        // g + 8: a0 (g, 2t..2t+1), a1 (g + 8, 2t..2t+1), a2 (g, 2t+8..2t+9), a3 (g + 8,
+        // 2t+8..2t+9), the lower column in the low half. This thread's accumulators need rows g
+        // and g + 8 whole, held by the 4 threads of its quad.
+        uint32_t quad[16];
+        warpgroup_collective(c, WgOp::wgmma_rs, "wgmma.mma_async (A in registers)", uniform, a_regs, quad);
+        op.a_bits.resize(32);
+        for (uint32_t h = 0; h < 2; ++h)
+            for (uint32_t k = 0; k < 16; ++k)
+                op.a_bits[16 * h + k] = uint16_t(quad[4 * ((k % 8) / 2) + h + 2 * (k / 8)] >> (16 * (k % 2)));
+    } else {
+        warpgroup_collective(c, WgOp::wgmma, "wgmma.mma_async", uniform);
+    }
     WgmmaState& st = tl_wgmma;
     const WgmmaOp* prev = st.pending_on(d);
     if (prev != nullptr && prev->n != n)
-        fail(format("wgmma.mma_async m64n%dk16 on accumulators still pending in an m64n%dk16", n, prev->n).c_str());
+        lf_sim::fail(
+            format("wgmma.mma_async m64n%dk16 on accumulators still pending in an m64n%dk16", n, prev->n).c_str());
     if (prev == nullptr && !st.fenced)
-        fail("wgmma.mma_async reads accumulator registers with no wgmma.fence since they were last written "
-             "(call lf::wgmma_fence() before the first wgmma of a batch)");
-    WgmmaOp op{d, n, type, desc_a, desc_b, scale_d, prev != nullptr, {}, std::move(issued)};
+        lf_sim::fail("wgmma.mma_async reads accumulator registers with no wgmma.fence since they were last written "
+                     "(call lf::wgmma_fence() before the first wgmma of a batch)");
+    op.chained = prev != nullptr;
     if (prev == nullptr) op.c.assign(d, d + n / 2);
     std::memset(d, 0xff, sizeof(float) * size_t(n / 2));  // NaN until the covering wait
     st.open.push_back(std::move(op));
+}
+
+}  // namespace
+
+void lf_sim::wgmma(float* d, int n, int type, uint64_t desc_a, uint64_t desc_b, bool scale_d, bool trans_a,
+                   bool trans_b) {
+    wgmma_issue(d, n, type, desc_a, desc_b, scale_d, trans_a, trans_b, nullptr);
+}
+void lf_sim::wgmma_rs(float* d, int n, int type, const uint32_t* a, uint64_t desc_b, bool scale_d, bool trans_b) {
+    if (a == nullptr) fail("wgmma.mma_async (A in registers): null A register array");
+    wgmma_issue(d, n, type, 0, desc_b, scale_d, false, trans_b, a);
 }
 
 bool lf_sim::site_deleted(SiteKind kind, const char* file, unsigned line) {

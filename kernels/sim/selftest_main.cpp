@@ -381,9 +381,11 @@ extern "C" int32_t lf_sim_tensor_map_encode_2d(void* map, uint32_t elem_bytes, c
                                                uint64_t dim1, uint64_t stride1_bytes, uint32_t box0, uint32_t box1,
                                                uint32_t swizzle_bytes, char* err, size_t err_cap);
 
-// sim_selftest_wgmma_{bf16,f16}: D = A·Bᵀ through shared memory laid out for swizzle `mode`.
+// sim_selftest_wgmma_{bf16,f16}: D = A·Bᵀ through shared memory laid out for swizzle `mode`,
+// the operand layouts and form `layout` (bits: 1 A MN-major, 2 B MN-major, 4 A from registers).
 // flags: the kernel's planted bugs (planted_bugs.cu). Returns "" if D is exact, else why not.
-std::string run_wgmma(bool f16, int n, int mode, int flags, std::mt19937& rng, Outcome* outcome = nullptr) {
+std::string run_wgmma(bool f16, int n, int mode, int layout, int flags, std::mt19937& rng,
+                      Outcome* outcome = nullptr) {
     const int span = mode == 1 ? 128 : mode == 2 ? 64 : mode == 3 ? 32 : 0;
     const int k = span == 0 ? 32 : span / 2;
     std::uniform_int_distribution<int> dist(-4, 4);
@@ -405,6 +407,7 @@ std::string run_wgmma(bool f16, int n, int mode, int flags, std::mt19937& rng, O
     p.mode = mode;
     p.arg = n;
     p.barrier = flags;
+    p.n = (unsigned long long)layout;
     Outcome o = launch(f16 ? "sim_selftest_wgmma_f16" : "sim_selftest_wgmma_bf16", {1, 1, 1}, {128, 1, 1}, p, 40960);
     if (outcome != nullptr) *outcome = o;
     if (o.rc != 0) return "launch failed: " + o.error;
@@ -426,7 +429,7 @@ void test_wgmma(std::mt19937& rng) {
         for (int mode : {0, 1, 2, 3}) {
             for (int n : {8, 16, 64, 256}) {
                 if (mode != 1 && n == 256 && f16) continue;  // keep it short
-                std::string bad = run_wgmma(f16, n, mode, 0, rng);
+                std::string bad = run_wgmma(f16, n, mode, 0, 0, rng);
                 check(std::string("wgmma m64n") + std::to_string(n) + "k16 " + (f16 ? "f16" : "bf16") +
                           ", descriptor swizzle mode " + std::to_string(mode) + ": exact",
                       bad.empty(), bad);
@@ -435,18 +438,76 @@ void test_wgmma(std::mt19937& rng) {
     }
     // Planted bugs: each caught, beside its clean control above.
     for (int mode : {0, 1, 2, 3}) {
-        std::string bad = run_wgmma(false, 64, mode, 2, rng);
+        std::string bad = run_wgmma(false, 64, mode, 0, 2, rng);
         check("planted: a descriptor with the wrong swizzle (mode " + std::to_string(mode) + ") gives a wrong D",
               bad.find("expected") != std::string::npos, bad.empty() ? "D was right" : bad);
     }
-    std::string early = run_wgmma(false, 64, 1, 4, rng);
+    std::string early = run_wgmma(false, 64, 1, 0, 4, rng);
     check("planted: accumulators read before wgmma_wait are NaN", early.find("nan") != std::string::npos,
           early.empty() ? "D was right" : early);
     Outcome o{};
-    std::string nofence = run_wgmma(false, 64, 1, 1, rng, &o);
+    std::string nofence = run_wgmma(false, 64, 1, 0, 1, rng, &o);
     check("planted: no fence.proxy.async before the wgmma is a launch error",
           o.rc != 0 && o.error.find("fence.proxy.async") != std::string::npos, o.error);
-    check("control: a clean wgmma launch after the errors", run_wgmma(true, 16, 3, 0, rng).empty());
+    check("control: a clean wgmma launch after the errors", run_wgmma(true, 16, 3, 0, 0, rng).empty());
+}
+
+// MN-major operands (imm-trans-a/b) and A from registers (the RS form), in every swizzle mode,
+// against the plain product; then their planted bugs, each beside those clean controls.
+void test_wgmma_layouts(std::mt19937& rng) {
+    const struct {
+        int bits;
+        const char* name;
+    } layouts[] = {{2, "B MN-major"},
+                   {1, "A MN-major"},
+                   {3, "A and B MN-major"},
+                   {4, "A from registers"},
+                   {6, "A from registers, B MN-major"}};
+    for (int mode : {0, 1, 2, 3}) {
+        const int per = mode == 0 ? 8 : mode == 1 ? 64 : mode == 2 ? 32 : 16;  // M/N elements per atom row
+        for (const auto& l : layouts) {
+            for (int n : {16, 64, 128, 256}) {
+                if ((l.bits & 2) && n < per) continue;  // an MN-major B of whole atoms
+                const bool f16 = n == 128;
+                std::string bad = run_wgmma(f16, n, mode, l.bits, 0, rng);
+                check(std::string("wgmma m64n") + std::to_string(n) + "k16 " + (f16 ? "f16" : "bf16") + ", " + l.name +
+                          ", swizzle mode " + std::to_string(mode) + ": exact",
+                      bad.empty(), bad);
+            }
+        }
+    }
+    for (int mode : {0, 1, 2, 3}) {
+        for (int bits : {2, 6}) {
+            std::string bad = run_wgmma(false, 256, mode, bits, 8, rng);
+            check("planted: B stored K-major, read with imm-trans-b (" + std::string(bits & 4 ? "RS" : "SS") +
+                      ", mode " + std::to_string(mode) + ") gives a wrong D",
+                  bad.find("expected") != std::string::npos, bad.empty() ? "D was right" : bad);
+        }
+        std::string bad = run_wgmma(false, 256, mode, 2, 16, rng);
+        check("planted: an MN-major B descriptor with LBO and SBO swapped (mode " + std::to_string(mode) +
+                  ") gives a wrong D",
+              bad.find("expected") != std::string::npos, bad.empty() ? "D was right" : bad);
+    }
+    std::string early = run_wgmma(false, 64, 1, 4, 4, rng);
+    check("planted: RS accumulators read before wgmma_wait are NaN", early.find("nan") != std::string::npos,
+          early.empty() ? "D was right" : early);
+    Outcome o{};
+    run_wgmma(false, 64, 1, 4, 32, rng, &o);
+    check("planted: an A register written between the RS wgmma's issue and its wait is a launch error",
+          o.rc != 0 &&
+              o.error.find("register operand A changed between the wgmma's issue and the wait that covers it") !=
+                  std::string::npos &&
+              o.error.find("thread (37,0,0)") != std::string::npos,
+          o.error);
+    check("control: a clean RS wgmma launch after the error", run_wgmma(true, 64, 3, 6, 0, rng).empty());
+    run_wgmma(false, 64, 1, 2, 64, rng, &o);
+    check("planted: imm-trans-b not warpgroup-uniform is a launch error",
+          o.rc != 0 && o.error.find("not warpgroup-uniform") != std::string::npos &&
+              o.error.find("imm-trans-b") != std::string::npos,
+          o.error);
+    run_wgmma(false, 64, 1, 6, 64, rng, &o);
+    check("planted: RS imm-trans-b not warpgroup-uniform is a launch error",
+          o.rc != 0 && o.error.find("not warpgroup-uniform") != std::string::npos, o.error);
 }
 
 // The shared-memory image of a TMA box (u16 elements) at (c0, c1) of a rows×cols tensor, with
@@ -606,6 +667,7 @@ int main() {
     test_convert();
     test_errors();
     test_wgmma(rng);
+    test_wgmma_layouts(rng);
     test_tma();
     test_pipeline();
     std::printf("INFO launch overhead: 1 block x 256 threads %.2f ms, 64 blocks x 256 threads %.2f ms\n",

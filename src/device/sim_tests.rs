@@ -784,6 +784,19 @@ fn tensor_map_buffer(map: &[u8; 128]) -> (DeviceBuffer, u64) {
 /// descriptor swizzle `mode` (0 none, 1 128 B, 2 64 B, 3 32 B), with the kernel's planted bugs
 /// `flags`. Small integers: every product is exact. Ok(D == A·Bᵀ) or the launch error.
 fn run_wgmma(f16: bool, n: usize, mode: i32, flags: i32, seed: u64) -> Result<bool, String> {
+    run_wgmma_layout(f16, n, mode, 0, flags, seed)
+}
+
+/// As [`run_wgmma`], with the operand layouts and form `layout` (the kernel's bits: 1 A
+/// MN-major, 2 B MN-major, 4 A from registers).
+fn run_wgmma_layout(
+    f16: bool,
+    n: usize,
+    mode: i32,
+    layout: u64,
+    flags: i32,
+    seed: u64,
+) -> Result<bool, String> {
     let span = [0usize, 128, 64, 32][mode as usize];
     let k = if span == 0 { 32 } else { span / 2 };
     let mut state = seed;
@@ -812,6 +825,7 @@ fn run_wgmma(f16: bool, n: usize, mode: i32, flags: i32, seed: u64) -> Result<bo
         out: out.device_ptr(),
         input: ab.device_ptr(),
         aux: bb.device_ptr(),
+        n: layout,
         mode,
         arg: n as i32,
         barrier: flags,
@@ -856,6 +870,54 @@ fn wgmma_reads_descriptors_as_the_ptx_isa_defines_and_its_planted_bugs_fail() {
     // Shared memory written by ordinary stores, read by wgmma without fence.proxy.async.
     let e = run_wgmma(false, 64, 1, 1, 5).unwrap_err();
     assert!(e.contains("fence.proxy.async"), "{e}");
+}
+
+#[test]
+fn wgmma_mn_major_operands_and_register_a_follow_the_ptx_isa_and_their_planted_bugs_fail() {
+    // (layout bits, N): B MN-major (TMA's K rows × N columns), A MN-major, both, A from
+    // registers, A from registers with B MN-major; N of whole MN-major atoms in every mode.
+    for mode in 0..4 {
+        for (layout, n, f16) in [
+            (2u64, 64usize, false),
+            (2, 256, true),
+            (1, 16, false),
+            (3, 128, false),
+            (4, 64, true),
+            (6, 256, false),
+        ] {
+            assert_eq!(
+                run_wgmma_layout(f16, n, mode, layout, 0, 13 + n as u64),
+                Ok(true),
+                "control: layout {layout}, m64n{n}k16 f16={f16}, swizzle mode {mode}"
+            );
+        }
+        // B stored K-major but read with imm-trans-b, in both forms; an MN-major B descriptor
+        // with LBO and SBO in each other's place (the K-major convention).
+        for (layout, flags) in [(2u64, 8), (6, 8), (2, 16)] {
+            assert_eq!(
+                run_wgmma_layout(false, 256, mode, layout, flags, 17),
+                Ok(false),
+                "planted: layout {layout}, bug {flags}, swizzle mode {mode}"
+            );
+        }
+    }
+    // An A register changed between the register-form wgmma's issue and its wait.
+    let e = run_wgmma_layout(false, 64, 1, 4, 32, 19).unwrap_err();
+    assert!(
+        e.contains("register operand A changed between the wgmma's issue and the wait"),
+        "{e}"
+    );
+    // The transpose flag differs across the warpgroup.
+    let e = run_wgmma_layout(false, 64, 1, 2, 64, 23).unwrap_err();
+    assert!(
+        e.contains("not warpgroup-uniform") && e.contains("imm-trans-b"),
+        "{e}"
+    );
+    assert_eq!(
+        run_wgmma_layout(false, 64, 1, 4, 0, 19),
+        Ok(true),
+        "control after the errors"
+    );
 }
 
 #[test]
