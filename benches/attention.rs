@@ -8,6 +8,11 @@
 //!   SDPA's numbers; the kernels execute more (7 GEMMs in the backward, the header of
 //!   `kernels/attention.cu`).
 //!
+//! On a compute-capability 9.0 GPU (H100/H200) the forward runs the Hopper kernel
+//! `kernels/attention_wgmma.cu` (wgmma + TMA, FlashAttention-3 style); `fwd_sm80` reruns it
+//! with `set_hopper_attention(false)` on the FlashAttention-2 kernel, so one call shows both
+//! (PyTorch SDPA's numbers come from `bench/pytorch`).
+//!
 //! Before criterion, a plain timing prints TFLOP/s and the fraction of the ~800 TFLOP/s
 //! floor the header states. Every timed iteration ends with `Device::synchronize()`.
 //! Without a GPU the group prints `skipped`. `cargo bench --bench attention`.
@@ -84,6 +89,18 @@ fn benches(c: &mut Criterion) {
     time("fwd_bwd", fwd_bwd_flops(), &|| {
         fwd_bwd();
     });
+    let hopper = lorafuse::ops::hopper_attention_available(&device).unwrap_or(false);
+    if hopper {
+        lorafuse::ops::set_hopper_attention(false);
+        time("fwd_sm80", fwd_flops(), &|| {
+            fwd();
+        });
+        lorafuse::ops::set_hopper_attention(true);
+    } else {
+        println!(
+            "attention/cuda fwd_sm80: skipped (not a compute-capability 9.0 GPU with the sm_90a cubin: fwd is the sm_80 kernel)"
+        );
+    }
     let mut g = c.benchmark_group("attention/cuda");
     g.sample_size(10)
         .warm_up_time(Duration::from_secs(1))
@@ -91,6 +108,11 @@ fn benches(c: &mut Criterion) {
     let id = format!("B{B}_H{H}_T{T}_hd{HD}_bf16");
     g.throughput(Throughput::Elements(fwd_flops()));
     g.bench_function(BenchmarkId::new("fwd", &id), |bch| bch.iter(fwd));
+    if hopper {
+        lorafuse::ops::set_hopper_attention(false);
+        g.bench_function(BenchmarkId::new("fwd_sm80", &id), |bch| bch.iter(fwd));
+        lorafuse::ops::set_hopper_attention(true);
+    }
     g.throughput(Throughput::Elements(fwd_bwd_flops()));
     g.bench_function(BenchmarkId::new("fwd_bwd", &id), |bch| bch.iter(fwd_bwd));
     g.finish();

@@ -288,9 +288,30 @@ pub fn skip(test: &str, why: &str, require: Option<&str>) {
 /// Instantiates one test body per backend: `test_device!(name, body)` makes a module
 /// `name` with tests `cpu`, `sim` and `cuda`, each calling `body(&Device)`. A backend
 /// that is not present prints `skipped` (and a missing GPU fails under
-/// `LORAFUSE_REQUIRE_GPU=1`).
+/// `LORAFUSE_REQUIRE_GPU=1`). `test_device!(name, body, devices_only)` makes only `sim`
+/// and `cuda`, for kernels that have no CPU twin.
 #[macro_export]
 macro_rules! test_device {
+    // Device kernels with no CPU twin (e.g. the Hopper ones): the simulator and the GPU.
+    ($name:ident, $body:path, devices_only) => {
+        mod $name {
+            use super::*;
+            #[test]
+            fn sim() {
+                let d = $crate::Device::Sim;
+                if $crate::testing::device_available(module_path!(), &d) {
+                    $body(&d);
+                }
+            }
+            #[test]
+            fn cuda() {
+                let d = $crate::Device::Cuda(0);
+                if $crate::testing::device_available(module_path!(), &d) {
+                    $body(&d);
+                }
+            }
+        }
+    };
     ($name:ident, $body:path) => {
         mod $name {
             use super::*;

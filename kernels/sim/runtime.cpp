@@ -540,6 +540,7 @@ struct Mbarrier {
     uint32_t init_tid = 0, init_phase = 0;  // who initialised it, in which __syncthreads phase
     std::vector<TmaChunk> landing;                          // copies signalling this phase
     std::vector<std::pair<uint32_t, unsigned>> waiters;     // (warp, lane) in try_wait
+    bool deferred = false;  // complete, with copies, but nobody has observed it yet (below)
 };
 struct NamedBarrier {
     uint32_t expected = 0, arrived = 0;
@@ -1531,10 +1532,10 @@ Mbarrier& find_mbarrier(Launch& L, std::unique_lock<std::mutex>& lock, void* bar
                                    what, bar, it->second.init_tid));
     return it->second;
 }
-// Completes the mbarrier's current phase if nothing is pending: its TMA copies land (in
-// shared memory and the async proxy's view), the phase advances and its waiters run again.
-void mbarrier_progress(Launch& L, Mbarrier& m) {
-    if (m.pending != 0 || m.tx != 0) return;
+// The mbarrier's current phase completes: its TMA copies land (in shared memory and the async
+// proxy's view), the phase advances and its waiters run again.
+void complete_phase(Launch& L, Mbarrier& m) {
+    m.deferred = false;
     std::vector<unsigned char>& v = async_view(L);
     for (const TmaChunk& ch : m.landing) {
         async_proxy_write16(window_ptr(L, ch.off), ch.bytes);
@@ -1544,6 +1545,23 @@ void mbarrier_progress(Launch& L, Mbarrier& m) {
     ++m.phase;
     m.pending = m.count;
     unblock_all(L, m.waiters);
+}
+// Completes the mbarrier's current phase if nothing is pending. A phase that carries copies
+// and has no waiter yet completes as late as the PTX ISA lets a reader rely on it: when a
+// thread next observes the barrier (`observe`: a try_wait, or an arrival or copy, which
+// belongs to the next phase). So a reader that skips its wait reads the poison whatever the
+// schedule, not data that a producer running ahead happened to land already.
+void mbarrier_progress(Launch& L, Mbarrier& m) {
+    if (m.pending != 0 || m.tx != 0) return;
+    if (!m.landing.empty() && m.waiters.empty()) {
+        m.deferred = true;
+        return;
+    }
+    complete_phase(L, m);
+}
+// A thread observes `m`: a deferred phase completes first.
+void observe(Launch& L, Mbarrier& m) {
+    if (m.deferred) complete_phase(L, m);
 }
 void mbarrier_tx(std::unique_lock<std::mutex>& lock, Mbarrier& m, int64_t delta, const char* what) {
     m.tx += delta;
@@ -1558,6 +1576,7 @@ void mbarrier_arrive_impl(void* bar, int64_t tx, const char* what) {
     std::unique_lock lock(L.barrier.mu);
     if (L.failed.load(std::memory_order_acquire)) throw Abort{};
     Mbarrier& m = find_mbarrier(L, lock, bar, what);
+    observe(L, m);
     mbarrier_tx(lock, m, tx, what);
     if (m.pending == 0) fail_unlocked(lock, format("%s: no arrival pending in the mbarrier's phase", what));
     --m.pending;
@@ -1573,6 +1592,7 @@ void lf_sim::mbarrier_init(void* bar, unsigned count) {
     Launch& L = *c.launch;
     std::unique_lock lock(L.barrier.mu);
     Mbarrier& m = L.hopper.mbarriers[reinterpret_cast<uintptr_t>(bar)];
+    observe(L, m);  // a completed phase nobody observed is no copy in flight
     if (!m.waiters.empty() || !m.landing.empty())
         fail_unlocked(lock, "mbarrier.init of an mbarrier with waiters or TMA copies in flight");
     m = Mbarrier{};
@@ -1589,6 +1609,7 @@ void lf_sim::mbarrier_expect_tx(void* bar, unsigned bytes) {
     Launch& L = *c.launch;
     std::unique_lock lock(L.barrier.mu);
     Mbarrier& m = find_mbarrier(L, lock, bar, "mbarrier.expect_tx");
+    observe(L, m);
     mbarrier_tx(lock, m, int64_t(bytes), "mbarrier.expect_tx");
 }
 bool lf_sim::mbarrier_try_wait_parity(void* bar, unsigned parity) {
@@ -1597,6 +1618,7 @@ bool lf_sim::mbarrier_try_wait_parity(void* bar, unsigned parity) {
     std::unique_lock lock(L.barrier.mu);
     if (L.failed.load(std::memory_order_acquire)) throw Abort{};
     Mbarrier& m = find_mbarrier(L, lock, bar, "mbarrier.try_wait.parity");
+    observe(L, m);
     if ((m.phase & 1u) != (parity & 1u)) return true;  // the phase with this parity completed
     m.waiters.emplace_back(c.warp_index, c.lane);
     block_here(c, lock, "mbarrier.try_wait.parity");
@@ -1616,6 +1638,7 @@ void lf_sim::tma_load_2d(void* dst, const void* map, int c0, int c1, void* bar) 
     std::unique_lock lock(L.barrier.mu);
     if (L.failed.load(std::memory_order_acquire)) throw Abort{};
     Mbarrier& m = find_mbarrier(L, lock, bar, "cp.async.bulk.tensor.2d");
+    observe(L, m);
     std::vector<unsigned char>& v = async_view(L);
     const auto* src = static_cast<const unsigned char*>(t.base);
     for (uint32_t r = 0; r < t.box[1]; ++r) {

@@ -22,6 +22,7 @@ mod matmul;
 pub mod profile;
 
 pub use attention::causal_attention;
+pub use attention::wgmma::{hopper_attention, hopper_attention_available, set_hopper_attention};
 pub use cross_entropy::{
     IGNORE_INDEX, cross_entropy, cross_entropy_fused, cross_entropy_fused_padded,
     cross_entropy_padded,
@@ -53,10 +54,14 @@ struct Launcher {
 /// knows nothing of them: the tidy test checks that these lists name exactly the kernels
 /// `kernels/*.cu` defines, and the GPU tests that each kernel's `__launch_bounds__` admit
 /// the block its launcher gives it.
-const LAUNCHERS: [Launcher; 12] = [
+const LAUNCHERS: [Launcher; 13] = [
     Launcher {
         kernels: attention::cuda::KERNELS,
         threads: |_| attention::cuda::THREADS,
+    },
+    Launcher {
+        kernels: attention::wgmma::KERNELS,
+        threads: |_| attention::wgmma::THREADS,
     },
     Launcher {
         kernels: cross_entropy::cuda::KERNELS,

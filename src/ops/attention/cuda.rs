@@ -271,6 +271,12 @@ fn check_dims(d: Dims) -> Result<()> {
 /// Forward: `y [B, T, C]` in `qkv`'s dtype and `lse [B, H, T]` in f32 (`m + ln l` of each
 /// row's softmax, for the backward), both on `qkv`'s device.
 pub(crate) fn forward(qkv: &Tensor, d: Dims) -> Result<(Tensor, Tensor)> {
+    forward_on(qkv, d, false)
+}
+
+/// [`forward`], on the Hopper kernel (`kernels/attention_wgmma.cu`) when `force_wgmma` (an
+/// error where it cannot run), else as [`super::wgmma::try_launch`] picks.
+pub(crate) fn forward_on(qkv: &Tensor, d: Dims, force_wgmma: bool) -> Result<(Tensor, Tensor)> {
     check_dims(d)?;
     let dtype = qkv.dtype();
     let name = format!("attention_fwd_{}", suffix(dtype)?);
@@ -286,7 +292,10 @@ pub(crate) fn forward(qkv: &Tensor, d: Dims) -> Result<(Tensor, Tensor)> {
     let qd = dev(&qs)?;
     let y = DeviceStorage::alloc(dtype, d.b * d.t * d.c, qd.device())?;
     let lse = DeviceStorage::alloc(DType::F32, d.b * d.h * d.t, qd.device())?;
-    if d.b > 0 && d.t > 0 {
+    let nonempty = d.b > 0 && d.t > 0;
+    let hopper =
+        (nonempty || force_wgmma) && super::wgmma::try_launch(qd, &y, &lse, dtype, d, force_wgmma)?;
+    if nonempty && !hopper {
         let prm = AttentionParams {
             qkv: qd.device_ptr(),
             out: y.device_ptr(),

@@ -431,3 +431,278 @@ fn every_barrier_and_wait_is_load_bearing() {
         &probes,
     );
 }
+
+// ---- The Hopper forward (kernels/attention_wgmma.cu) ----
+
+/// Where a test of the wgmma forward can run: the simulator (forced), and a GPU with the
+/// sm_90a cubin (compute capability 9.0); on another GPU it says `skipped`. (No CPU twin:
+/// these tests are instantiated for the devices only.)
+fn wgmma_runs_on(device: &Device) -> bool {
+    match device {
+        Device::Cpu | Device::Sim => true,
+        Device::Cuda(_) => {
+            let sm90a = crate::device::Backend::of(*device)
+                .and_then(|b| b.runs_arch_specific_cubin(wgmma::KERNELS[0]))
+                .unwrap_or(false);
+            if !sm90a {
+                crate::testing::skip(
+                    &format!("{} on {device}", crate::testing::current_test()),
+                    "not a compute-capability 9.0 GPU with the sm_90a cubin",
+                    None,
+                );
+            }
+            sm90a
+        }
+    }
+}
+
+/// (B, T, C, H) of the wgmma forward's checks: head dims 64 and 128; one to three 128-row
+/// query blocks (three: the K/V stages' second round, their barriers' second phase); B = 2
+/// (the tensor map spans every batch's rows: a block must read its own).
+const WGMMA_SHAPES: [(usize, usize, usize, usize); 3] =
+    [(2, 128, 128, 2), (1, 384, 64, 1), (1, 256, 256, 2)];
+
+/// The f64 logsumexp `lse [B, H, T]` of each row's scaled, causally masked scores (what the
+/// device forwards save for the backward), from an f64 `qkv` on the CPU.
+fn reference_lse(x64: &Tensor, d: cpu::Dims) -> Vec<f64> {
+    let q = x64.to_vec_f64().unwrap();
+    let hd = d.c / d.h;
+    let scale = 1.0 / (hd as f64).sqrt();
+    let mut out = Vec::with_capacity(d.b * d.h * d.t);
+    for b in 0..d.b {
+        for h in 0..d.h {
+            for i in 0..d.t {
+                let row = |t: usize, block: usize| (b * d.t + t) * 3 * d.c + block * d.c + h * hd;
+                let s: Vec<f64> = (0..=i)
+                    .map(|j| {
+                        (0..hd)
+                            .map(|e| q[row(i, 0) + e] * q[row(j, 1) + e])
+                            .sum::<f64>()
+                            * scale
+                    })
+                    .collect();
+                let m = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                out.push(m + s.iter().map(|v| (v - m).exp()).sum::<f64>().ln());
+            }
+        }
+    }
+    out
+}
+
+/// The wgmma forward against the f64 reference (y and lse, which the backward reads: on the
+/// first shape, the sm_80 backward from the wgmma forward's y and lse must match the
+/// reference too), and against itself (two runs, bit for bit).
+fn check_wgmma_forward(device: &Device, shapes: &[(usize, usize, usize, usize)]) {
+    let mut r = rng("attention_wgmma");
+    for (n, &(b, t, c, h)) in shapes.iter().enumerate() {
+        let d = cpu::Dims { b, t, c, h };
+        let x = rand_tensor(&mut r, [b, t, 3 * c], -2.0, 2.0);
+        let gy = rand_tensor(&mut r, [b, t, c], -1.0, 1.0);
+        for dtype in [DType::BF16, DType::F16] {
+            let name = format!("{device} {dtype} B{b} T{t} C{c} H{h} (wgmma)");
+            let (xd, gd) = (on(&x, dtype, device), on(&gy, dtype, device));
+            let (x64, g64) = (
+                on(&xd, DType::F64, &Device::Cpu),
+                on(&gd, DType::F64, &Device::Cpu),
+            );
+            let (y, lse) = cuda::forward_on(&xd, d, true).unwrap();
+            let (y64, gx64) = if n == 0 {
+                run(&x64, &g64, h)
+            } else {
+                (causal_attention(&x64, h).unwrap(), g64)
+            };
+            assert_eq!(y.dims(), &[b, t, c], "{name}");
+            assert_close(
+                &format!("{name}: y"),
+                &y.to_vec_f64().unwrap(),
+                &y64.to_vec_f64().unwrap(),
+                tol(dtype),
+            );
+            assert_close(
+                &format!("{name}: lse"),
+                &lse.to_vec_f64().unwrap(),
+                &reference_lse(&x64, d),
+                tol(DType::F32),
+            );
+            if n == 0 {
+                let gx = cuda::backward(&xd, &y, &lse, &gd, d).unwrap();
+                assert_close(
+                    &format!("{name}: dqkv from the wgmma forward's y and lse"),
+                    &gx.to_vec_f64().unwrap(),
+                    &gx64.to_vec_f64().unwrap(),
+                    tol(dtype),
+                );
+            }
+            if rerun_can_differ(device) {
+                let (y2, lse2) = cuda::forward_on(&xd, d, true).unwrap();
+                assert_eq!(bits(&y), bits(&y2), "{name}: y differs between runs");
+                assert_eq!(bits(&lse), bits(&lse2), "{name}: lse differs between runs");
+            }
+        }
+    }
+}
+
+fn wgmma_forward_matches_the_reference(device: &Device) {
+    if wgmma_runs_on(device) {
+        check_wgmma_forward(device, &WGMMA_SHAPES);
+    }
+}
+crate::test_device!(
+    wgmma_matches_reference,
+    wgmma_forward_matches_the_reference,
+    devices_only
+);
+
+/// The forced wgmma forward refuses, with an error naming why, what it cannot take (and
+/// launches nothing): f32, head dims other than 64 and 128, T not a multiple of 128.
+fn wgmma_forward_refusals(device: &Device) {
+    if !wgmma_runs_on(device) {
+        return;
+    }
+    let mut r = rng("attention_wgmma_refusals");
+    for ((b, t, c, h), dtype, why) in [
+        ((1, 128, 64, 1), DType::F32, "bf16 and f16 only"),
+        ((1, 128, 96, 3), DType::BF16, "head dim 32"),
+        (
+            (1, 130, 64, 1),
+            DType::F16,
+            "T = 130 is not a positive multiple of 128",
+        ),
+        ((1, 0, 64, 1), DType::BF16, "T = 0"),
+    ] {
+        let x = on(
+            &rand_tensor(&mut r, [b, t, 3 * c], -1.0, 1.0),
+            dtype,
+            device,
+        );
+        let e = cuda::forward_on(&x, cpu::Dims { b, t, c, h }, true)
+            .map(|_| ())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(why), "{dtype} B{b} T{t} C{c} H{h}: {e}");
+    }
+}
+crate::test_device!(wgmma_refusals, wgmma_forward_refusals, devices_only);
+
+/// The dispatch: the Hopper forward on a GPU with the sm_90a cubin for shapes it takes,
+/// unless switched off; never on other GPUs or the simulator's automatic path; forced, an
+/// error where it cannot run. The eligibility rules, one by one.
+#[test]
+fn wgmma_dispatch_picks_hopper_only_where_it_runs() {
+    use wgmma::{Target, choose, eligible};
+    let hopper = Target::Gpu { sm90a: true };
+    let other = Target::Gpu { sm90a: false };
+    assert!(choose(false, hopper, None, false).unwrap());
+    assert!(!choose(false, hopper, None, true).unwrap(), "disabled");
+    assert!(!choose(false, hopper, Some("T = 130"), false).unwrap());
+    assert!(!choose(false, other, None, false).unwrap());
+    assert!(!choose(false, Target::Simulator, None, false).unwrap());
+    assert!(choose(true, Target::Simulator, None, false).unwrap());
+    assert!(choose(true, hopper, None, true).unwrap());
+    assert!(matches!(
+        choose(true, other, None, false),
+        Err(Error::Unsupported { .. })
+    ));
+    assert!(matches!(
+        choose(true, hopper, Some("T = 130"), false),
+        Err(Error::Unsupported { .. })
+    ));
+    let dims = |b, t, c, h| cpu::Dims { b, t, c, h };
+    assert_eq!(
+        eligible(DType::BF16, dims(8, 1024, 768, 12), 256),
+        None,
+        "GPT-2"
+    );
+    assert_eq!(
+        eligible(DType::F16, dims(1, 128, 256, 2), 0),
+        None,
+        "hd 128"
+    );
+    for (dtype, d, ptr, why) in [
+        (DType::F32, dims(1, 128, 64, 1), 0, "f32"),
+        (DType::BF16, dims(1, 128, 96, 1), 0, "head dim 96"),
+        (DType::BF16, dims(1, 1000, 768, 12), 0, "T = 1000"),
+        (DType::BF16, dims(1 << 21, 1024, 64, 1), 0, "32-bit"),
+        (DType::BF16, dims(1, 128, 64, 1), 8, "16-byte aligned"),
+    ] {
+        let e = eligible(dtype, d, ptr).unwrap_or_default();
+        assert!(e.contains(why), "{d:?}: {e}");
+    }
+    assert!(!crate::ops::hopper_attention_available(&Device::Sim).unwrap());
+    assert!(!crate::ops::hopper_attention_available(&Device::Cpu).unwrap());
+}
+
+/// The public switch: off, then on again (the state other tests see is restored).
+#[test]
+fn hopper_attention_switch_round_trips() {
+    let before = crate::ops::hopper_attention();
+    crate::ops::set_hopper_attention(false);
+    assert!(!crate::ops::hopper_attention());
+    crate::ops::set_hopper_attention(true);
+    assert!(crate::ops::hopper_attention());
+    crate::ops::set_hopper_attention(before);
+}
+
+#[test]
+fn wgmma_params_match_the_kernels() {
+    assert_eq!(std::mem::size_of::<wgmma::WgmmaAttentionParams>(), 192);
+    for k in wgmma::KERNELS {
+        assert_eq!(
+            crate::device::sim::param_bytes(k),
+            Some(std::mem::size_of::<wgmma::WgmmaAttentionParams>()),
+            "{k}: the Rust and C++ parameter structs differ in size"
+        );
+    }
+    assert_eq!(wgmma::smem_bytes(64), 83_016);
+    assert_eq!(wgmma::smem_bytes(128), 164_936);
+}
+
+/// Every barrier and wait of the wgmma forward — the block barrier after the mbarriers'
+/// initialisation, the producer's waits for free K and V stages, the consumers' waits for
+/// Q, K and V, their wgmma waits — is load-bearing: with any one deleted (a simulator
+/// mutation site), this probe fails. Three query blocks: the stages' second round.
+#[test]
+fn every_wgmma_wait_is_load_bearing() {
+    let probe = || {
+        let (b, t, c, h) = (1, 384, 64, 1);
+        let d = cpu::Dims { b, t, c, h };
+        let mut r = rng("attention_wgmma_mutants");
+        let x = on(
+            &rand_tensor(&mut r, [b, t, 3 * c], -2.0, 2.0),
+            DType::BF16,
+            &Device::Sim,
+        );
+        let (y, lse) = cuda::forward_on(&x, d, true).unwrap();
+        let x64 = on(&x, DType::F64, &Device::Cpu);
+        let y64 = causal_attention(&x64, h).unwrap();
+        assert_close(
+            "mutant: y",
+            &y.to_vec_f64().unwrap(),
+            &y64.to_vec_f64().unwrap(),
+            tol(DType::BF16),
+        );
+        assert_close(
+            "mutant: lse",
+            &lse.to_vec_f64().unwrap(),
+            &reference_lse(&x64, d),
+            tol(DType::F32),
+        );
+    };
+    let probes: [&dyn Fn(); 1] = [&probe];
+    let sites = crate::device::sim_mutation::assert_every_site_is_load_bearing(
+        "attention_wgmma",
+        &["attention_wgmma64"],
+        &probes,
+    );
+    use crate::device::sim_mutation::SiteKind;
+    for kind in [
+        SiteKind::Barrier,
+        SiteKind::MbarrierWait,
+        SiteKind::WgmmaWait,
+    ] {
+        assert!(
+            sites.iter().any(|s| s.kind == kind),
+            "no {kind:?} site reached: {sites:?}"
+        );
+    }
+}

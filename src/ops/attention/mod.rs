@@ -13,12 +13,17 @@
 //! FlashAttention-2 tensor-core kernels: D = rowsum(gy ⊙ y), dk and dv per key block, dq per
 //! query block), so no `T²` buffer exists at any point (at the
 //! GPT-2 124M shape `B=8, H=12, T=1024`, P would be 403 MB per layer; lse is 0.39 MB).
+//! On a compute-capability 9.0 GPU the forward at head dims 64 and 128 with `T` a multiple
+//! of 128 runs the Hopper kernel instead (`kernels/attention_wgmma.cu`, launched by
+//! `wgmma.rs`: wgmma fed by TMA, FlashAttention-3 style), with the same outputs; the
+//! backward always runs `kernels/attention.cu`.
 //! The backward reads the `y` this op returned (the tape keeps a handle to it, which costs
 //! no memory since the caller holds it too): it must not be modified in place before the
 //! backward runs.
 
 pub(crate) mod cpu;
 pub(crate) mod cuda;
+pub(crate) mod wgmma;
 
 use super::{output, with_real};
 use crate::tape::Tape;

@@ -1,0 +1,361 @@
+// attention_wgmma.cu — the causal attention forward for Hopper (sm_90a), FlashAttention-3
+// style: S = Q·Kᵀ and O += P·V on wgmma.mma_async, K and V brought by TMA through an mbarrier
+// pipeline, a producer warpgroup and two consumer warpgroups, and the softmax of one key tile
+// overlapped with the wgmmas of the next. The contract of attention.cu's forward (the CPU
+// reference is src/ops/attention/cpu.rs), restricted to what TMA boxes of whole tiles address.
+//
+// Math (per batch b and head h; q, k, v [T, hd] the columns h·hd.. of qkv's three blocks;
+// scale = 1/√hd; base-2 domain: s' = s·scale·log2 e):
+//   S = Q·Kᵀ per 128-key tile j, masked to −inf above the diagonal (the last tile only);
+//   m' = max(m, rowmax S');  α = 2^(m − m');  P = 2^(S' − m');  l = l·α + rowsum P;
+//   O = O·α + P·V (P rounded to the storage type for the wgmma, as in attention.cu's tensor-
+//   core path; l sums the unrounded P); m = m'.
+//   y_i = O_i / l_i                                            (out =) y [B, T, C], cols h·hd..
+//   lse_i = m_i·ln 2 + ln l_i                                  (out =) lse [B, H, T], f32
+//
+// Shapes: qkv [B, T, 3C], y [B, T, C], lse [B, H, T]; hd = C / H ∈ {64, 128}; T a multiple of
+//   128 (every query and key tile whole: no TMA box crosses into the next batch's rows);
+//   C a multiple of 8 (qkv's rows 16-byte multiples, as TMA needs); B·T < 2^31. The host twin
+//   `wgmma::eligible` (src/ops/attention/wgmma.rs) checks all of it; other shapes take
+//   attention.cu.
+// Dtypes: bf16 or f16 (suffix); f32 accumulators, softmax and statistics; y rounded once.
+//
+// Pipeline (per block: 128 query rows of one (b, h); key tiles j = 0 … q/128 in order):
+//   warpgroup 0, the producer (setmaxnreg.dec 24), thread 0 only: Q once (q_full), then per
+//     key tile j into stage j % 2: waits k_empty, loads K (k_full), waits v_empty, loads V
+//     (v_full). K and V have their own barriers, so S_j starts before V_j has landed and K's
+//     stage is refilled as soon as S has read it: K_{j+1} is in flight a whole iteration
+//     before it is needed.
+//   warpgroups 1 and 2, the consumers (setmaxnreg.inc 240): consumer c owns query rows
+//     64c .. 64c + 63 of the block's 128 and runs, per key tile (FA3's intra-warpgroup
+//     pipelining):
+//       issue S_j = Q·K_jᵀ (hd/16 wgmma m64n128k16, A and B K-major from shared memory);
+//       issue O += P_{j−1}·V_{j−1} (8 wgmma m64n{hd}k16, A = P from registers, B = V MN-major:
+//         trans-b, the 128 B-swizzled TMA box read as the PTX ISA's MN-major layout);
+//       wait for S_j (wait_group 1), free K's stage; softmax of S_j while the P·V wgmmas run;
+//       wait for P·V (wait_group 0), free V's stage; O ·= α_j; P_j packed into A fragments
+//       (the S accumulator pairs are exactly wgmma's A register fragment).
+//     A last P·V after the loop; then l reduced across the quad, lse, O / l stored from
+//     registers (4-byte pairs).
+//   Barriers: q_full (1 arrival + tx), k_full[2], v_full[2] (1 + tx), k_empty[2], v_empty[2]
+//     (8 arrivals: lane 0 of each consumer warp after its wgmma wait and a __syncwarp). The
+//     producer waits the empties with the parity of the previous round (a fresh barrier
+//     passes at once), the consumers the fulls with the round's parity.
+//
+// FLOPs and bytes per call (causal, 128×128 tiles, the diagonal tiles computed whole):
+//   4·hd·128²·Σ_blocks(tiles) = 4·hd·128²·(n(n+1)/2)·B·H with n = T/128; useful
+//   4·hd·T(T+1)/2·B·H. DRAM: qkv read once (2·3·B·T·C bytes; K/V re-read by every query block
+//   of the head, from L2: one head's K and V are 2·T·hd·2 = 256 KB at T 1024, hd 64), y
+//   written (2·B·T·C), lse (4·B·H·T).
+// Headline (GPT-2 124M: B 8, T 1024, C 768, H 12, hd 64), per layer: 12.9 GFLOP useful, 14.5
+//   executed (36 tile pairs per head); 51 MB of DRAM. Floors: 14.7 µs at 989 TFLOP/s (dense
+//   bf16 wgmma peak, H100 SXM / H200), 10.6 µs of DRAM at 4.8 TB/s (H200), 15.2 µs at
+//   3.35 TB/s (H100): compute and DRAM balanced.
+// Expected (a design estimate, not measured on a GPU): per 128-key tile a consumer warpgroup
+//   has 2.1 MFLOP of wgmma (0.56 µs per block at a 132nd of the peak) and 64 exp2 per thread
+//   (16K per block: ~0.55 µs of MUFU at 16/clk/SM); the overlap hides most of the softmax
+//   behind the other warpgroup's and the next tile's wgmmas, but not all (no inter-warpgroup
+//   ping-pong scheduling, FA3's second overlap), and the blocks are short (1–8 tiles at T
+//   1024: the Q load, the first S and the epilogue are exposed, ~1.5 µs per block, 5.8 blocks
+//   per SM). → ~0.85–0.9 µs per tile, ≈ 35–40 µs per layer forward at the headline
+//   (≈ 330–370 TFLOP/s useful, ~0.35 of the peak), against ~56 µs predicted for the sm_80
+//   tensor-core kernel and ~43 µs for FlashAttention-2 (SDPA, ~300 TFLOP/s): ~1.1–1.3× SDPA.
+//   At hd 128 the wgmma work per tile doubles for the same softmax: ~0.45–0.5 of the peak.
+//
+// Launch geometry: grid (T/128, H, B), query blocks longest first (block x takes query block
+//   T/128 − 1 − x); 384 threads = 3 warpgroups, __launch_bounds__(384, 1) (24·128 + 240·256 =
+//   64 512 registers after setmaxnreg). Dynamic shared memory, 1024-byte aligned (the 128 B
+//   swizzle's period), hd/64 boxes of 128 rows × 128 bytes per operand: Q, then 2 stages of
+//   K and V, then the 9 mbarriers: 1024 + 16 KiB·(hd/64)·5 + 72 bytes = 83 016 (hd 64),
+//   164 936 (hd 128) — the opt-in above 48 KiB.
+//   No atomics; every output is one thread's fixed-order computation: deterministic.
+#include "common.cuh"
+
+// Rust twin: `WgmmaAttentionParams` in src/ops/attention/wgmma.rs (a test checks the size).
+struct AttentionWgmmaParams {
+    lf::TensorMap qkv;  // qkv as [B·T, 3C], box 64 columns × 128 rows, 128 B swizzle
+    void* out;          // y [B, T, C]
+    float* lse;         // [B, H, T]
+    long long b, t, c, h;
+    float scale;        // 1/√hd
+    int pad;
+};
+
+namespace {
+
+constexpr int kBM = 128;            // query rows per block: 2 consumer warpgroups × 64
+constexpr int kBC = 128;            // keys per tile
+constexpr int kThreads = 384;       // producer + 2 consumer warpgroups
+constexpr int kConsumerWarps = 8;   // arrivals on an empty barrier
+constexpr unsigned kRow = 128;      // bytes per box row: 64 values, one 128 B swizzle row
+constexpr unsigned kBox = kBC * kRow;  // one 64-column box of 128 rows: 16 KiB
+constexpr unsigned kAtom = 1024;    // the 128 B swizzle's period
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+template <int HD>
+struct Cfg {
+    static constexpr int kBoxes = HD / 64;  // 64-column boxes per operand tile
+    static constexpr unsigned kTile = kBoxes * kBox;
+    static constexpr unsigned kQ = 0, kK = kTile, kV = 3 * kTile;  // K, V: 2 stages each
+    static constexpr unsigned kBars = 5 * kTile;
+    static constexpr unsigned kSmemBytes = kAtom + kBars + 9 * 8;
+    static_assert(kSmemBytes <= 227 * 1024, "fits an sm_90 block's shared memory");
+};
+
+__device__ __forceinline__ float neg_inf() { return __uint_as_float(0xff800000u); }
+
+// Pins the P fragments in place around the asynchronous wgmmas that read them.
+template <int N>
+__device__ __forceinline__ void pin(unsigned (&r)[N][4]) {
+#if !defined(LORAFUSE_SIM)
+    LF_UNROLL
+    for (int i = 0; i < N; ++i)
+        asm volatile("" : "+r"(r[i][0]), "+r"(r[i][1]), "+r"(r[i][2]), "+r"(r[i][3])::"memory");
+#else
+    (void)r;
+#endif
+}
+
+// Every consumer warp's lanes have passed the wgmma wait that covers the stage: lane 0 frees it.
+__device__ __forceinline__ void release(lf::u64* bar) {
+    __syncwarp();
+    if ((threadIdx.x & 31u) == 0) lf::mbarrier_arrive(bar);
+}
+
+// Trap on a launch this instantiation cannot run (the launcher never makes one).
+template <int HD>
+__device__ __forceinline__ void check(const AttentionWgmmaParams& p) {
+    if (p.h <= 0 || p.c % p.h != 0 || p.c / p.h != HD || p.t % kBM != 0 || blockDim.x != kThreads ||
+        (long long)gridDim.x * kBM != p.t)
+        __trap();
+}
+
+template <typename T, int HD>
+__device__ void forward(const AttentionWgmmaParams& p) {
+    using C = Cfg<HD>;
+    check<HD>(p);
+    LF_DYNAMIC_SMEM(unsigned char, raw);
+    unsigned char* smem = raw + ((kAtom - (lf::smem_addr(raw) % kAtom)) % kAtom);
+    lf::u64* bars = reinterpret_cast<lf::u64*>(smem + C::kBars);
+    lf::u64* q_full = bars;
+    lf::u64* k_full = bars + 1;   // [2]
+    lf::u64* v_full = bars + 3;   // [2]
+    lf::u64* k_empty = bars + 5;  // [2]
+    lf::u64* v_empty = bars + 7;  // [2]
+    unsigned char* qs = smem + C::kQ;
+    auto ks = [&](int s) { return smem + C::kK + s * C::kTile; };
+    auto vs = [&](int s) { return smem + C::kV + s * C::kTile; };
+
+    if (threadIdx.x == 0) {
+        lf::mbarrier_init(q_full, 1);
+        for (int s = 0; s < 2; ++s) {
+            lf::mbarrier_init(&k_full[s], 1);
+            lf::mbarrier_init(&v_full[s], 1);
+            lf::mbarrier_init(&k_empty[s], kConsumerWarps);
+            lf::mbarrier_init(&v_empty[s], kConsumerWarps);
+        }
+    }
+    __syncthreads();  // the barriers are initialised before anyone waits on them
+
+    const long long qb = (long long)gridDim.x - 1 - blockIdx.x;  // longest first
+    const long long q0 = qb * kBM, h = blockIdx.y, b = blockIdx.z;
+    const int ntiles = (int)qb + 1;  // keys 0 … q0 + 127
+    const int wg = (int)(threadIdx.x / 128u);
+
+    if (wg == 0) {
+        lf::setmaxnreg_dec<24>();
+        if (threadIdx.x != 0) return;
+        const int row0 = (int)(b * p.t);  // the batch's first row of the [B·T, 3C] map
+        const int col_q = (int)(h * HD), col_k = (int)(p.c + h * HD), col_v = (int)(2 * p.c + h * HD);
+        lf::mbarrier_arrive_expect_tx(q_full, C::kTile);
+        for (int x = 0; x < C::kBoxes; ++x)
+            lf::tma_load_2d(qs + x * kBox, &p.qkv, col_q + 64 * x, row0 + (int)q0, q_full);
+        for (int j = 0; j < ntiles; ++j) {
+            const int s = j & 1;
+            const unsigned parity = ((unsigned)(j >> 1) & 1u) ^ 1u;  // freed in the last round
+            lf::mbarrier_wait_parity(&k_empty[s], parity);
+            lf::mbarrier_arrive_expect_tx(&k_full[s], C::kTile);
+            for (int x = 0; x < C::kBoxes; ++x)
+                lf::tma_load_2d(ks(s) + x * kBox, &p.qkv, col_k + 64 * x, row0 + j * kBC, &k_full[s]);
+            lf::mbarrier_wait_parity(&v_empty[s], parity);
+            lf::mbarrier_arrive_expect_tx(&v_full[s], C::kTile);
+            for (int x = 0; x < C::kBoxes; ++x)
+                lf::tma_load_2d(vs(s) + x * kBox, &p.qkv, col_v + 64 * x, row0 + j * kBC, &v_full[s]);
+        }
+        return;
+    }
+
+    lf::setmaxnreg_inc<240>();
+    const int cw = wg - 1;
+    const int warp = (int)(threadIdx.x / 32u), lane = (int)(threadIdx.x & 31u);
+    const int g = lane / 4, tq = lane % 4;
+    const long long rw = q0 + 64 * cw + 16 * (warp % 4);  // the warp's first query row
+    const long long row[2] = {rw + g, rw + g + 8};
+    const float sl2 = p.scale * kLog2e;
+
+    float s[kBC / 2];        // S of the current tile (m64n128 accumulators)
+    float o[HD / 2];         // O (m64n{hd} accumulators)
+    unsigned pa[kBC / 16][4];  // P of the previous tile as wgmma A fragments
+    LF_UNROLL
+    for (int i = 0; i < HD / 2; ++i) o[i] = 0.0f;
+    float m[2] = {neg_inf(), neg_inf()}, l[2] = {0.0f, 0.0f};  // per row: base-2 max, partial sum
+
+    // S = Q·K_jᵀ into `s`, one group (hd/16 k16 steps; Q rows 64·cw.. of the block).
+    auto issue_s = [&](int j) {
+        const int st = j & 1;
+        lf::mbarrier_wait_parity(&k_full[st], (unsigned)(j >> 1) & 1u);
+        lf::wgmma_fence_operands(s);
+        lf::wgmma_fence();
+        LF_UNROLL
+        for (int kk = 0; kk < HD / 16; ++kk) {
+            const unsigned off = (kk / 4) * kBox + 32 * (kk % 4);
+            const lf::u64 da = lf::make_smem_desc(qs + off + cw * 64 * kRow, 16, kAtom, lf::Swizzle::b128);
+            const lf::u64 db = lf::make_smem_desc(ks(st) + off, 16, kAtom, lf::Swizzle::b128);
+            lf::wgmma_m64nNk16<T, kBC>(s, da, db, kk > 0);
+        }
+        lf::wgmma_commit();
+        lf::wgmma_fence_operands(s);
+    };
+    // O += P·V_j, one group: V's 128 keys × hd values as an MN-major B (16 keys per k16 step,
+    // rows 128 bytes apart, 8-key groups SBO = 1024 apart, 64-column boxes LBO = 16 KiB apart).
+    auto issue_pv = [&](int j) {
+        const int st = j & 1;
+        lf::mbarrier_wait_parity(&v_full[st], (unsigned)(j >> 1) & 1u);
+        lf::wgmma_fence_operands(o);
+        pin(pa);
+        lf::wgmma_fence();
+        LF_UNROLL
+        for (int kk = 0; kk < kBC / 16; ++kk) {
+            const lf::u64 db = lf::make_smem_desc(vs(st) + kk * 16 * kRow, kBox, kAtom, lf::Swizzle::b128);
+            lf::wgmma_rs_m64nNk16<T, HD, true>(o, pa[kk], db, true);
+        }
+        lf::wgmma_commit();
+        lf::wgmma_fence_operands(o);
+        pin(pa);
+    };
+    // The softmax of tile j on `s` (in place: s becomes P in f32): the new max, α, l. s[i] is
+    // row g + 8·((i / 2) % 2) of the warp's 16, key j·128 + 8·(i / 4) + 2·tq + i % 2.
+    auto softmax = [&](int j, float (&alpha)[2]) {
+        const long long j0 = (long long)j * kBC;
+        const bool diag = j0 + kBC - 1 > rw;  // some key of the tile is above some row's diagonal
+        float mt[2] = {neg_inf(), neg_inf()};
+        LF_UNROLL
+        for (int i = 0; i < kBC / 2; ++i) {
+            const long long key = j0 + 8 * (i / 4) + 2 * tq + (i & 1);
+            float v = s[i] * sl2;
+            if (diag && key > row[(i >> 1) & 1]) v = neg_inf();
+            s[i] = v;
+            mt[(i >> 1) & 1] = fmaxf(mt[(i >> 1) & 1], v);
+        }
+        LF_UNROLL
+        for (int r = 0; r < 2; ++r) {
+            mt[r] = fmaxf(mt[r], __shfl_xor_sync(0xffffffffu, mt[r], 1));
+            mt[r] = fmaxf(mt[r], __shfl_xor_sync(0xffffffffu, mt[r], 2));
+            // Key 0 is below every row's diagonal and every tile starts at or below the
+            // block's first row: each row has an unmasked key in every tile, so the max is
+            // finite; α = 0 on the first tile (m = −inf).
+            const float mn = fmaxf(m[r], mt[r]);
+            alpha[r] = exp2f(m[r] - mn);
+            m[r] = mn;
+            l[r] *= alpha[r];
+        }
+        LF_UNROLL
+        for (int i = 0; i < kBC / 2; ++i) {
+            const float pe = exp2f(s[i] - m[(i >> 1) & 1]);  // 0 where masked
+            s[i] = pe;
+            l[(i >> 1) & 1] += pe;
+        }
+    };
+    // P (f32 in `s`) → A fragments: k16 step kk holds s[8kk .. 8kk + 7] as four pairs
+    // (row g, keys 2tq..), (row g + 8, 2tq..), (row g, 2tq + 8..), (row g + 8, 2tq + 8..).
+    auto pack_p = [&]() {
+        LF_UNROLL
+        for (int kk = 0; kk < kBC / 16; ++kk)
+            LF_UNROLL
+            for (int q = 0; q < 4; ++q)
+                pa[kk][q] = lf::pack2(lf::from_f32<T>(s[8 * kk + 2 * q]), lf::from_f32<T>(s[8 * kk + 2 * q + 1]));
+    };
+
+    lf::mbarrier_wait_parity(q_full, 0);
+    float alpha[2];
+    issue_s(0);
+    lf::wgmma_wait<0>();
+    lf::wgmma_fence_operands(s);
+    release(&k_empty[0]);
+    softmax(0, alpha);
+    pack_p();
+    for (int j = 1; j < ntiles; ++j) {
+        issue_s(j);
+        issue_pv(j - 1);
+        lf::wgmma_wait<1>();  // S_j is in; the P·V of tile j − 1 may still run
+        lf::wgmma_fence_operands(s);
+        release(&k_empty[j & 1]);
+        softmax(j, alpha);
+        lf::wgmma_wait<0>();  // P·V of tile j − 1 is done: V's stage and the fragments are free
+        lf::wgmma_fence_operands(o);
+        pin(pa);
+        release(&v_empty[(j - 1) & 1]);
+        LF_UNROLL
+        for (int i = 0; i < HD / 2; ++i) o[i] *= alpha[(i >> 1) & 1];
+        pack_p();
+    }
+    issue_pv(ntiles - 1);
+    lf::wgmma_wait<0>();
+    lf::wgmma_fence_operands(o);
+    release(&v_empty[(ntiles - 1) & 1]);
+
+    // Epilogue: l across the quad, lse, y = O / l from registers: o[i] is row
+    // g + 8·((i / 2) % 2), column 8·(i / 4) + 2·tq + i % 2 of the head.
+    float inv[2];
+    LF_UNROLL
+    for (int r = 0; r < 2; ++r) {
+        l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
+        l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+        if (tq == 0) p.lse[(b * p.h + h) * p.t + row[r]] = m[r] * kLn2 + logf(l[r]);
+        inv[r] = 1.0f / l[r];
+    }
+    T* y = static_cast<T*>(p.out) + b * p.t * p.c + h * HD + 2 * tq;
+    LF_UNROLL
+    for (int i = 0; i < HD / 2; i += 2) {
+        const int r = (i >> 1) & 1;
+        const unsigned v = lf::pack2(lf::from_f32<T>(o[i] * inv[r]), lf::from_f32<T>(o[i + 1] * inv[r]));
+        T* dst = y + row[r] * p.c + 8 * (i / 4);
+#if defined(LORAFUSE_SIM)
+        memcpy(dst, &v, 4);
+#else
+        *reinterpret_cast<unsigned*>(dst) = v;
+#endif
+    }
+}
+
+// The kernel body where wgmma exists (sm_90a, the simulator); elsewhere a trap — the host
+// launches these kernels only from an sm_90a cubin (src/ops/attention/wgmma.rs).
+template <typename T, int HD>
+__device__ __forceinline__ void run(const AttentionWgmmaParams& p) {
+#if defined(LF_SM90A) || defined(LORAFUSE_SIM)
+    forward<T, HD>(p);
+#else
+    (void)p;
+    __trap();
+#endif
+}
+
+}  // namespace
+
+extern "C" __global__ void __launch_bounds__(kThreads, 1)
+    attention_wgmma64_fwd_bf16(const __grid_constant__ AttentionWgmmaParams p) {
+    run<bf16, 64>(p);
+}
+extern "C" __global__ void __launch_bounds__(kThreads, 1)
+    attention_wgmma64_fwd_f16(const __grid_constant__ AttentionWgmmaParams p) {
+    run<f16, 64>(p);
+}
+extern "C" __global__ void __launch_bounds__(kThreads, 1)
+    attention_wgmma128_fwd_bf16(const __grid_constant__ AttentionWgmmaParams p) {
+    run<bf16, 128>(p);
+}
+extern "C" __global__ void __launch_bounds__(kThreads, 1)
+    attention_wgmma128_fwd_f16(const __grid_constant__ AttentionWgmmaParams p) {
+    run<f16, 128>(p);
+}
