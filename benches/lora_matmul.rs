@@ -24,9 +24,10 @@
 //!
 //!
 //! On a compute-capability 9.0 GPU (H100/H200) the forward products (every operand K-major)
-//! run the Hopper GEMM `kernels/lora_matmul_wgmma.cu`; the `*_sm80` rows (`dense_ours_sm80`,
-//! `fused_fwd_sm80`, `gpt2/<gemm>/y_sm80`) rerun them with `set_hopper_gemm(false)`, so one
-//! call shows the sm_80 path, the Hopper path and cuBLAS side by side.
+//! and the backward gx (W0 read MN-major) run the Hopper GEMM `kernels/lora_matmul_wgmma.cu`;
+//! the `*_sm80` rows (`dense_ours_sm80`, `fused_fwd_sm80`, `gpt2/<gemm>/y_sm80`,
+//! `gpt2/<gemm>/gx_sm80`) rerun them with `set_hopper_gemm(false)`, so one call shows the
+//! sm_80 path, the Hopper path and cuBLAS side by side.
 //!
 //! `cargo bench --bench lora_matmul`; BENCHMARKS.md records the numbers.
 
@@ -276,7 +277,7 @@ fn hopper(device: &Device) -> bool {
             } else {
                 "the sm_80 kernel (no CC 9.0 GPU with the sm_90a cubin)"
             };
-            println!("lora_matmul on {device}: forward products (K-major) on {path}");
+            println!("lora_matmul on {device}: y and gx products on {path}");
             on
         }
         Err(e) => panic!("lora_matmul: {e}"),
@@ -329,6 +330,19 @@ fn gpt2_groups(c: &mut Criterion, device: Device) {
         rate(&format!("{name}/gx/{id}"), gx_flops, 20, &device, || {
             gx();
         });
+        if on_hopper {
+            lorafuse::ops::set_hopper_gemm(false);
+            rate(
+                &format!("{name}/gx_sm80/{id}"),
+                gx_flops,
+                20,
+                &device,
+                || {
+                    gx();
+                },
+            );
+            lorafuse::ops::set_hopper_gemm(true);
+        }
         let mut g = c.benchmark_group(&name);
         g.sample_size(10)
             .warm_up_time(Duration::from_millis(500))

@@ -8,11 +8,13 @@
 //   B2t's rows exist for j in [b2_n0, b2_n1) only (zero elsewhere). The LoRA forward
 //   y = [x | s·u]·[W0 | B]ᵀ + b is this product with A = x [M,K], Bt = W0 [N,K], A2 = s·u
 //   [M,r], B2t = B [n,r]: every operand row-major along the reduction ("K-major"), which is
-//   what TMA boxes and wgmma's non-transposed descriptors read. Products with an operand
-//   contiguous along M or N (gx = [gy | s·v]·[W0 ; A] reads W0 along N) stay on the sm_80
-//   kernel; so do operands TMA cannot address (see the host twin `wgmma::eligible` in
-//   src/ops/lora_matmul/wgmma.rs: a 16-byte-aligned base, a row stride of a multiple of
-//   16 bytes — rank r a multiple of 8 for the extension — K ≥ 1).
+//   what TMA boxes and wgmma's non-transposed descriptors read. B and B2 may instead both be
+//   contiguous along N ("MN-major", b_mn_major = 1): the backward gx = [gy | s·v]·[W0 ; A]
+//   reads W0 [N_out, K_in] and A [r, K_in] along K_in, its N; TMA brings boxes of 64 n ×
+//   64 k and wgmma reads them through transposed-B descriptors (imm-trans-b). A and A2 must
+//   be K-major; operands TMA cannot address stay on the sm_80 kernel (see the host twin
+//   `wgmma::eligible` in src/ops/lora_matmul/wgmma.rs: a 16-byte-aligned base, a row stride
+//   of a multiple of 16 bytes — rank r a multiple of 8 for the extension — K ≥ 1).
 //
 // Shapes: M, N, K, K2 any (edges zero-filled by TMA, outputs past M, N not written), M, N,
 //   b2_n1 − b2_n0 < 2^31 (TMA coordinates are 32-bit).
@@ -59,7 +61,9 @@
 //     tile-rows, the tile-row fastest), so the blocks in flight share B's panel in L2.
 //   Reduction: ceil(K/64) base k-tiles of A and Bt, then ceil(K2/64) extension k-tiles of A2
 //     and B2t (skipped when the tile's columns miss [b2_n0, b2_n1)), each a TMA box of
-//     64 k × 128 rows (A) and 64 k × BN rows (B), zero-filled past every edge.
+//     64 k × 128 rows (A) and 64 k × BN rows (B; MN-major: BN/64 boxes of 64 n × 64 k, one
+//     8 KiB atom column each, read with LBO = 8 KiB, SBO = 1024 and the start advanced 2048
+//     bytes = 16 k-rows per k16 step), zero-filled past every edge.
 //   Pipeline: kStages = 4 stages of 128×64 + BN×64 values, 128-byte swizzled (TMA's
 //     CU_TENSOR_MAP_SWIZZLE_128B, read by descriptors with the 128 B mode: rows 128 bytes
 //     apart, SBO 1024 bytes between 8-row groups, the start advanced 32 bytes per k16 step).
@@ -92,6 +96,8 @@ struct LoraMatmulWgmmaParams {
     long long b2_n0, b2_n1;
     float alpha;
     int accumulate;     // 1: C += result (C read first)
+    int b_mn_major;     // 1: Bt and B2t contiguous along N (the maps' boxes 64 n × 64 k)
+    int pad;
 };
 
 namespace {
@@ -103,6 +109,7 @@ constexpr int kThreads = 384;      // producer + 2 consumer warpgroups
 constexpr int kGroupM = 8;         // rasterization: tile-rows per group
 constexpr int kConsumerWarps = 8;  // empty[s] arrivals per round
 constexpr unsigned kSwizzleRow = 128, kSwizzleAtom = 1024;
+constexpr unsigned kMnBox = 64 * kBK * 2;  // an MN-major B box: 64 n × 64 k, 8 KiB
 
 template <int BN>
 struct WgCfg {
@@ -218,13 +225,18 @@ __device__ void gemm_wgmma(const LoraMatmulWgmmaParams& p) {
                 const unsigned round = (unsigned)(it / kStages);
                 lf::mbarrier_wait_parity(&empty[s], (round & 1u) ^ 1u);  // freed in the last round
                 lf::mbarrier_arrive_expect_tx(&full[s], C::kStageBytes);
-                if (kt < w.kt_base) {
-                    lf::tma_load_2d(stage_a(s), &p.a, kt * kBK, (int)w.i0, &full[s]);
-                    lf::tma_load_2d(stage_b(s), &p.b, kt * kBK, (int)w.j0, &full[s]);
+                const bool base = kt < w.kt_base;
+                const int k0 = base ? kt * kBK : (kt - w.kt_base) * kBK;
+                const int j0 = (int)(base ? w.j0 : w.j0 - p.b2_n0);
+                const lf::TensorMap* bmap = base ? &p.b : &p.b2;
+                lf::tma_load_2d(stage_a(s), base ? &p.a : &p.a2, k0, (int)w.i0, &full[s]);
+                if (p.b_mn_major) {
+                    // BN/64 boxes of 64 n × 64 k, each a 128 B-swizzled MN-major atom column.
+                    for (int x = 0; x < BN / 64; ++x)
+                        lf::tma_load_2d(reinterpret_cast<unsigned char*>(stage_b(s)) + x * kMnBox, bmap, j0 + 64 * x,
+                                        k0, &full[s]);
                 } else {
-                    const int q0 = (kt - w.kt_base) * kBK;
-                    lf::tma_load_2d(stage_a(s), &p.a2, q0, (int)w.i0, &full[s]);
-                    lf::tma_load_2d(stage_b(s), &p.b2, q0, (int)(w.j0 - p.b2_n0), &full[s]);
+                    lf::tma_load_2d(stage_b(s), bmap, k0, j0, &full[s]);
                 }
             }
         }
@@ -251,11 +263,23 @@ __device__ void gemm_wgmma(const LoraMatmulWgmmaParams& p) {
             const unsigned char* b_rows = reinterpret_cast<const unsigned char*>(stage_b(s));
             lf::wgmma_fence_operands(acc);
             lf::wgmma_fence();
-            LF_UNROLL
-            for (int k16 = 0; k16 < kBK / 16; ++k16) {
-                const lf::u64 da = lf::make_smem_desc(a_rows + 32 * k16, 16, kSwizzleAtom, lf::Swizzle::b128);
-                const lf::u64 db = lf::make_smem_desc(b_rows + 32 * k16, 16, kSwizzleAtom, lf::Swizzle::b128);
-                lf::wgmma_m64nNk16<T, BN>(acc, da, db, true);
+            if (p.b_mn_major) {
+                // MN-major B: k-rows of 128 bytes (64 n), 8-row groups SBO = 1024 apart, the
+                // 64-column boxes LBO = kMnBox apart; 16 k-rows (2048 bytes) per k16 step.
+                LF_UNROLL
+                for (int k16 = 0; k16 < kBK / 16; ++k16) {
+                    const lf::u64 da = lf::make_smem_desc(a_rows + 32 * k16, 16, kSwizzleAtom, lf::Swizzle::b128);
+                    const lf::u64 db =
+                        lf::make_smem_desc(b_rows + 16 * kSwizzleRow * k16, kMnBox, kSwizzleAtom, lf::Swizzle::b128);
+                    lf::wgmma_m64nNk16<T, BN, false, true>(acc, da, db, true);
+                }
+            } else {
+                LF_UNROLL
+                for (int k16 = 0; k16 < kBK / 16; ++k16) {
+                    const lf::u64 da = lf::make_smem_desc(a_rows + 32 * k16, 16, kSwizzleAtom, lf::Swizzle::b128);
+                    const lf::u64 db = lf::make_smem_desc(b_rows + 32 * k16, 16, kSwizzleAtom, lf::Swizzle::b128);
+                    lf::wgmma_m64nNk16<T, BN>(acc, da, db, true);
+                }
             }
             lf::wgmma_commit();
             lf::wgmma_fence_operands(acc);

@@ -63,6 +63,11 @@ fn attention_matches_the_reference(device: &Device) {
         let x = rand_tensor(&mut r, [b, t, 3 * c], -2.0, 2.0);
         let gy = rand_tensor(&mut r, [b, t, c], -1.0, 1.0);
         for dtype in DTYPES {
+            // On the simulator (whose emulated mma.sync is slow) the tensor-core kernels are
+            // left to their own sweep (`tensor_cores`), which covers these shapes' cases.
+            if *device == Device::Sim && cuda::tc_path(dtype, c / h).is_some() {
+                continue;
+            }
             let name = format!("{device} {dtype} B{b} T{t} C{c} H{h}");
             let (xd, gd) = (on(&x, dtype, device), on(&gy, dtype, device));
             let (x64, g64) = (

@@ -687,6 +687,13 @@ const K_MAJOR: Layout = Layout {
     offset: [0; 4],
 };
 
+/// The layouts of the backward gx on the wgmma kernel: every operand row-major, so B and B2
+/// are contiguous along N (MN-major, read through transposed-B descriptors).
+const MN_B: Layout = Layout {
+    t: [false; 4],
+    offset: [0; 4],
+};
+
 /// Where a test of the wgmma kernel can run: the simulator, and a GPU that has the sm_90a
 /// cubin (compute capability 9.0); elsewhere it says `skipped`. The CPU runs the reference
 /// contract (the variant does not matter there).
@@ -763,6 +770,40 @@ fn wgmma_products_match_the_reference(device: &Device) {
         };
         check_case(device, &mut g, dtype, variant, &c, K_MAJOR);
     }
+    // MN-major B and B2 (the backward gx = [gy | s·v]·[W0 ; A]: every operand row-major):
+    // N past one tile and cut inside the next, a tile wider than N, K not a multiple of 64,
+    // extensions of rank 8 and 16 over ranges that start inside a tile.
+    let mn_shapes = [
+        (
+            Variant::Wgmma256,
+            DType::BF16,
+            case(136, 296, 200, 16, 8..280),
+            true,
+            true,
+        ),
+        (
+            Variant::Wgmma128,
+            DType::F16,
+            case(70, 64, 136, 8, 0..64),
+            false,
+            false,
+        ),
+        (
+            Variant::Wgmma128,
+            DType::BF16,
+            case(65, 200, 64, 8, 72..200),
+            true,
+            false,
+        ),
+    ];
+    for (variant, dtype, c, bias, accumulate) in mn_shapes {
+        let c = Case {
+            bias,
+            accumulate,
+            ..c
+        };
+        check_case(device, &mut g, dtype, variant, &c, MN_B);
+    }
 }
 crate::test_device!(wgmma_products, wgmma_products_match_the_reference);
 
@@ -786,7 +827,7 @@ fn wgmma_refuses_what_tma_cannot_read(device: &Device) {
         (
             Layout::transposed(false, false, false, true),
             DType::BF16,
-            "B is not contiguous along the reduction",
+            "B is MN-major but B2 is K-major",
         ),
         (
             Layout::transposed(true, true, false, true),
@@ -843,7 +884,20 @@ fn every_wgmma_wait_is_load_bearing() {
             },
         ),
     ];
-    let probes: Vec<&dyn Fn()> = probes.iter().map(|p| p as &dyn Fn()).collect();
+    let mn_probe = || {
+        let mut g = rng("lora_matmul_wgmma_mutants_mn");
+        let c = case(70, 136, 320, 8, 0..136);
+        check_case(
+            &Device::Sim,
+            &mut g,
+            DType::BF16,
+            Variant::Wgmma128,
+            &c,
+            MN_B,
+        );
+    };
+    let mut probes: Vec<&dyn Fn()> = probes.iter().map(|p| p as &dyn Fn()).collect();
+    probes.push(&mn_probe);
     let sites = crate::device::sim_mutation::assert_every_site_is_load_bearing(
         "lora_matmul_wgmma",
         &["lora_matmul_wgmma128", "lora_matmul_wgmma256"],
@@ -917,8 +971,9 @@ fn hopper_gemm_switch_round_trips() {
 }
 
 /// The LoRA linear's products on the Hopper kernel: the forward `y = [x | s·u]·[W0 | B]ᵀ`
-/// (K-major throughout) at ranks that are multiples of 8; not `gx = [gy | s·v]·[W0 ; A]`
-/// (W0 read along N), nor a rank-4 extension (rows of 8 bytes), which keep the sm_80 kernel.
+/// (K-major throughout) and the backward `gx = [gy | s·v]·[W0 ; A]` (W0 and A read MN-major)
+/// at ranks that are multiples of 8; not a rank-4 extension (rows of 8 bytes), which keeps the
+/// sm_80 kernel.
 #[test]
 fn wgmma_takes_the_lora_forward_and_leaves_the_rest() {
     let (m, k, n) = (64, 768, 2304);
@@ -945,8 +1000,13 @@ fn wgmma_takes_the_lora_forward_and_leaves_the_rest() {
             k2: r,
             cols: 0..k,
         });
-        let why = wgmma::eligible(&gx).unwrap();
-        assert!(why.starts_with("B is not contiguous"), "{why}");
+        assert!(wgmma::b_mn_major(&gx));
+        assert_eq!(
+            wgmma::eligible(&gx).is_none(),
+            ok,
+            "gx, rank {r}: {:?}",
+            wgmma::eligible(&gx)
+        );
     }
 }
 

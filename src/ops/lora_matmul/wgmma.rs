@@ -28,7 +28,9 @@ pub(crate) struct WgmmaParams {
     pub b2_n1: i64,
     pub alpha: f32,
     pub accumulate: i32,
-    pub _pad: [u64; 6],
+    pub b_mn_major: i32,
+    pub pad: i32,
+    pub _pad: [u64; 5],
 }
 
 /// Every kernel of the module (checked against it by the tidy test).
@@ -146,10 +148,11 @@ pub(crate) fn choose(
     }
 }
 
-/// Why one operand cannot be a TMA box source, if it cannot: it must be K-major (`ks = 1`),
-/// rows `os` elements apart with `os·2` a multiple of 16 bytes and at least a row, a
-/// 16-byte-aligned first element (`offset` elements into a 256-byte-aligned allocation),
-/// and fewer than 2^31 rows (32-bit coordinates).
+/// Why one operand cannot be a TMA box source, if it cannot: it must be K-major (`ks = 1`,
+/// rows of `kext` values `os` elements apart), or for B and B2 (`mn_ok`) MN-major (`os = 1`,
+/// `rows` values contiguous, k-rows `ks` apart); the row pitch `·2` a multiple of 16 bytes
+/// and at least a row, a 16-byte-aligned first element (`offset` elements into a
+/// 256-byte-aligned allocation), and fewer than 2^31 rows (32-bit coordinates).
 fn why_not_operand(
     name: &str,
     o: &Operand<'_>,
@@ -157,16 +160,25 @@ fn why_not_operand(
     ks: usize,
     kext: usize,
     rows: usize,
+    mn_ok: bool,
 ) -> Option<String> {
     const S: usize = 2;
-    if ks != 1 {
+    let (pitch, line) = if ks == 1 {
+        (os, kext)
+    } else if mn_ok && os == 1 {
+        (ks, rows)
+    } else if mn_ok {
+        return Some(format!(
+            "{name} is contiguous along neither the reduction nor its other dimension (strides {ks}, {os})"
+        ));
+    } else {
         return Some(format!(
             "{name} is not contiguous along the reduction (stride {ks})"
         ));
-    }
-    if !(os * S).is_multiple_of(16) || os < kext {
+    };
+    if !(pitch * S).is_multiple_of(16) || pitch < line {
         return Some(format!(
-            "{name}'s rows are {os} elements apart (TMA needs a multiple of 8, at least {kext})"
+            "{name}'s rows are {pitch} elements apart (TMA needs a multiple of 8, at least {line})"
         ));
     }
     if !(o.offset * S).is_multiple_of(16) {
@@ -181,9 +193,15 @@ fn why_not_operand(
     None
 }
 
+/// Whether B (and B2) are read MN-major: contiguous along N rather than the reduction (the
+/// LoRA backward `gx = [gy | s·v]·[W0 ; A]`). `eligible` checks that they agree.
+pub(crate) fn b_mn_major(g: &Gemm<'_>) -> bool {
+    g.b.row_stride != 1 && g.b.col_stride == 1
+}
+
 /// Why the product cannot run on the Hopper kernel, if it cannot (the host twin of the
-/// kernel header's contract): every operand K-major and TMA-addressable, K ≥ 1, M and N
-/// below 2^31.
+/// kernel header's contract): A and A2 K-major, B and B2 both K-major or both MN-major, all
+/// TMA-addressable, K ≥ 1, M and N below 2^31.
 pub(crate) fn eligible(g: &Gemm<'_>) -> Option<String> {
     if g.k == 0 {
         return Some("K = 0".into());
@@ -192,16 +210,34 @@ pub(crate) fn eligible(g: &Gemm<'_>) -> Option<String> {
         return Some(format!("[{}, {}] is past 32-bit coordinates", g.m, g.n));
     }
     let ext = g.ext.as_ref().filter(|e| e.k2 > 0 && !e.cols.is_empty());
-    why_not_operand("A", &g.a, g.a.row_stride, g.a.col_stride, g.k, g.m)
-        .or_else(|| why_not_operand("B", &g.b, g.b.col_stride, g.b.row_stride, g.k, g.n))
+    let mn = b_mn_major(g);
+    why_not_operand("A", &g.a, g.a.row_stride, g.a.col_stride, g.k, g.m, false)
+        .or_else(|| why_not_operand("B", &g.b, g.b.col_stride, g.b.row_stride, g.k, g.n, true))
         .or_else(|| {
             ext.and_then(|e| {
-                why_not_operand("A2", &e.a2, e.a2.row_stride, e.a2.col_stride, e.k2, g.m).or_else(
-                    || {
-                        let w = e.cols.len();
-                        why_not_operand("B2", &e.b2, e.b2.col_stride, e.b2.row_stride, e.k2, w)
-                    },
+                let w = e.cols.len();
+                why_not_operand(
+                    "A2",
+                    &e.a2,
+                    e.a2.row_stride,
+                    e.a2.col_stride,
+                    e.k2,
+                    g.m,
+                    false,
                 )
+                .or_else(|| {
+                    why_not_operand("B2", &e.b2, e.b2.col_stride, e.b2.row_stride, e.k2, w, true)
+                })
+                .or_else(|| {
+                    let b2_mn = e.b2.row_stride != 1 && e.b2.col_stride == 1;
+                    (b2_mn != mn).then(|| {
+                        format!(
+                            "B is {} but B2 is {} (the kernel reads both one way)",
+                            if mn { "MN-major" } else { "K-major" },
+                            if b2_mn { "MN-major" } else { "K-major" }
+                        )
+                    })
+                })
             })
         })
 }
@@ -301,6 +337,26 @@ fn map(
     })
 }
 
+/// An MN-major B operand's tensor map: `cols` contiguous values per k-row, `kext` k-rows
+/// `ks` elements apart, boxes of 64 columns × 64 k-rows, 128-byte swizzled.
+fn map_mn(
+    backend: &Backend,
+    o: &Operand<'_>,
+    ks: usize,
+    kext: usize,
+    cols: usize,
+) -> Result<TensorMap> {
+    let base = cuda::address(o)?;
+    backend.encode_tensor_map(&TensorMap2d {
+        base,
+        elem_bytes: 2,
+        dims: [cols as u64, kext as u64],
+        stride1: (ks * 2) as u64,
+        box_dims: [64, BK],
+        swizzle: 128,
+    })
+}
+
 fn launch(
     g: &Gemm<'_>,
     out: &DeviceStorage,
@@ -312,13 +368,22 @@ fn launch(
     let backend = out.backend();
     let name = kernel_name(dtype, bn)?;
     let int = |v: usize| cuda::int(v);
+    let mn = b_mn_major(g);
     let a = map(backend, &g.a, g.a.row_stride, g.k, g.m, BM)?;
-    let b = map(backend, &g.b, g.b.col_stride, g.k, g.n, bn)?;
+    let b = if mn {
+        map_mn(backend, &g.b, g.b.row_stride, g.k, g.n)?
+    } else {
+        map(backend, &g.b, g.b.col_stride, g.k, g.n, bn)?
+    };
     let zero = TensorMap([0; 16]);
     let (a2, b2, k2, n0, n1) = match g.ext.as_ref().filter(|e| e.k2 > 0 && !e.cols.is_empty()) {
         Some(e) => (
             map(backend, &e.a2, e.a2.row_stride, e.k2, g.m, BM)?,
-            map(backend, &e.b2, e.b2.col_stride, e.k2, e.cols.len(), bn)?,
+            if mn {
+                map_mn(backend, &e.b2, e.b2.row_stride, e.k2, e.cols.len())?
+            } else {
+                map(backend, &e.b2, e.b2.col_stride, e.k2, e.cols.len(), bn)?
+            },
             e.k2,
             e.cols.start,
             e.cols.end,
@@ -345,7 +410,9 @@ fn launch(
         b2_n1: int(n1)?,
         alpha: g.alpha as f32,
         accumulate: accumulate as i32,
-        _pad: [0; 6],
+        b_mn_major: mn as i32,
+        pad: 0,
+        _pad: [0; 5],
     };
     let tiles = g.m.div_ceil(BM) * g.n.div_ceil(bn);
     let grid = tiles.min(sms).max(1) as u32;
