@@ -108,13 +108,8 @@ __device__ __forceinline__ float neg_inf() { return __uint_as_float(0xff800000u)
 // Pins the P fragments in place around the asynchronous wgmmas that read them.
 template <int N>
 __device__ __forceinline__ void pin(unsigned (&r)[N][4]) {
-#if !defined(LORAFUSE_SIM)
     LF_UNROLL
-    for (int i = 0; i < N; ++i)
-        asm volatile("" : "+r"(r[i][0]), "+r"(r[i][1]), "+r"(r[i][2]), "+r"(r[i][3])::"memory");
-#else
-    (void)r;
-#endif
+    for (int i = 0; i < N; ++i) lf::wgmma_fence_operands(r[i]);
 }
 
 // Every consumer warp's lanes have passed the wgmma wait that covers the stage: lane 0 frees it.

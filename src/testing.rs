@@ -285,6 +285,27 @@ pub fn skip(test: &str, why: &str, require: Option<&str>) {
     let _ = std::io::stderr().write_all(skip_line(n, test, why, require).as_bytes());
 }
 
+/// Whether a test of the Hopper kernel `kernel` (an sm_90a module) can run on `device`: the
+/// CPU (the reference contract) and the simulator always, a GPU when its module loaded from
+/// the sm_90a cubin (compute capability 9.0); on another GPU it prints `skipped`.
+#[cfg(test)]
+pub(crate) fn hopper_kernel_runs_on(device: &Device, kernel: &str) -> bool {
+    let Device::Cuda(_) = device else {
+        return true;
+    };
+    let sm90a = crate::device::Backend::of(*device)
+        .and_then(|b| b.runs_arch_specific_cubin(kernel))
+        .unwrap_or(false);
+    if !sm90a {
+        skip(
+            &format!("{} on {device}", current_test()),
+            "not a compute-capability 9.0 GPU with the sm_90a cubin",
+            None,
+        );
+    }
+    sm90a
+}
+
 /// Instantiates one test body per backend: `test_device!(name, body)` makes a module
 /// `name` with tests `cpu`, `sim` and `cuda`, each calling `body(&Device)`. A backend
 /// that is not present prints `skipped` (and a missing GPU fails under
@@ -292,24 +313,28 @@ pub fn skip(test: &str, why: &str, require: Option<&str>) {
 /// and `cuda`, for kernels that have no CPU twin.
 #[macro_export]
 macro_rules! test_device {
+    // The simulator's and the GPU's tests of a body.
+    (@devices $body:path) => {
+        #[test]
+        fn sim() {
+            let d = $crate::Device::Sim;
+            if $crate::testing::device_available(module_path!(), &d) {
+                $body(&d);
+            }
+        }
+        #[test]
+        fn cuda() {
+            let d = $crate::Device::Cuda(0);
+            if $crate::testing::device_available(module_path!(), &d) {
+                $body(&d);
+            }
+        }
+    };
     // Device kernels with no CPU twin (e.g. the Hopper ones): the simulator and the GPU.
     ($name:ident, $body:path, devices_only) => {
         mod $name {
             use super::*;
-            #[test]
-            fn sim() {
-                let d = $crate::Device::Sim;
-                if $crate::testing::device_available(module_path!(), &d) {
-                    $body(&d);
-                }
-            }
-            #[test]
-            fn cuda() {
-                let d = $crate::Device::Cuda(0);
-                if $crate::testing::device_available(module_path!(), &d) {
-                    $body(&d);
-                }
-            }
+            $crate::test_device!(@devices $body);
         }
     };
     ($name:ident, $body:path) => {
@@ -319,20 +344,7 @@ macro_rules! test_device {
             fn cpu() {
                 $body(&$crate::Device::Cpu);
             }
-            #[test]
-            fn sim() {
-                let d = $crate::Device::Sim;
-                if $crate::testing::device_available(module_path!(), &d) {
-                    $body(&d);
-                }
-            }
-            #[test]
-            fn cuda() {
-                let d = $crate::Device::Cuda(0);
-                if $crate::testing::device_available(module_path!(), &d) {
-                    $body(&d);
-                }
-            }
+            $crate::test_device!(@devices $body);
         }
     };
 }

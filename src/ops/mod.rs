@@ -13,6 +13,7 @@ pub(crate) mod decode_attention;
 pub(crate) mod dropout;
 pub(crate) mod elementwise;
 pub(crate) mod embedding;
+pub(crate) mod hopper;
 pub(crate) mod layer_norm;
 mod lora_linear;
 pub(crate) mod lora_matmul;

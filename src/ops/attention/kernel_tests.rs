@@ -439,26 +439,9 @@ fn every_barrier_and_wait_is_load_bearing() {
 
 // ---- The Hopper forward (kernels/attention_wgmma.cu) ----
 
-/// Where a test of the wgmma forward can run: the simulator (forced), and a GPU with the
-/// sm_90a cubin (compute capability 9.0); on another GPU it says `skipped`. (No CPU twin:
-/// these tests are instantiated for the devices only.)
+/// Where a test of the wgmma kernel can run (`testing::hopper_kernel_runs_on`).
 fn wgmma_runs_on(device: &Device) -> bool {
-    match device {
-        Device::Cpu | Device::Sim => true,
-        Device::Cuda(_) => {
-            let sm90a = crate::device::Backend::of(*device)
-                .and_then(|b| b.runs_arch_specific_cubin(wgmma::KERNELS[0]))
-                .unwrap_or(false);
-            if !sm90a {
-                crate::testing::skip(
-                    &format!("{} on {device}", crate::testing::current_test()),
-                    "not a compute-capability 9.0 GPU with the sm_90a cubin",
-                    None,
-                );
-            }
-            sm90a
-        }
-    }
+    crate::testing::hopper_kernel_runs_on(device, wgmma::KERNELS[0])
 }
 
 /// (B, T, C, H) of the wgmma forward's checks: head dims 64 and 128; one to three 128-row

@@ -3,7 +3,9 @@
 //! and the tensor map it reads `qkv` through.
 
 use super::cpu::Dims;
-use crate::device::{Backend, LaunchConfig, TensorMap, TensorMap2d};
+use crate::device::{LaunchConfig, TensorMap, TensorMap2d};
+use crate::ops::hopper;
+pub(crate) use crate::ops::hopper::Target;
 use crate::storage::DeviceStorage;
 use crate::{DType, Error, Result};
 
@@ -47,36 +49,22 @@ pub(crate) fn smem_bytes(hd: usize) -> u32 {
     1024 + 5 * (hd as u32 / 64) * 16 * 1024 + 9 * 8
 }
 
-/// The automatic Hopper attention's switch: 0 = not read yet, 1 = on, 2 = off.
-static HOPPER: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+/// The automatic Hopper attention's switch.
+static HOPPER: hopper::Switch = hopper::Switch::new("LORAFUSE_ATTENTION_HOPPER");
 
 /// Whether the attention forwards that qualify take the Hopper kernel
 /// (`kernels/attention_wgmma.cu`) on a compute-capability 9.0 GPU: on by default, off when
 /// the environment had `LORAFUSE_ATTENTION_HOPPER=0` at the first forward, or as
 /// [`set_hopper_attention`] last set it.
 pub fn hopper_attention() -> bool {
-    use std::sync::atomic::Ordering;
-    match HOPPER.load(Ordering::Relaxed) {
-        0 => {
-            let on = std::env::var("LORAFUSE_ATTENTION_HOPPER").as_deref() != Ok("0");
-            // Another thread's set_hopper_attention wins over the environment.
-            let _ = HOPPER.compare_exchange(
-                0,
-                if on { 1 } else { 2 },
-                Ordering::Relaxed,
-                Ordering::Relaxed,
-            );
-            HOPPER.load(Ordering::Relaxed) == 1
-        }
-        v => v == 1,
-    }
+    HOPPER.get()
 }
 
 /// Turns the automatic Hopper attention forward on or off for the forwards launched after it
 /// (an A/B switch for benchmarks: `false` runs them on the sm_80 tensor-core kernels).
 /// Shapes that do not qualify, and GPUs other than compute capability 9.0, never take it.
 pub fn set_hopper_attention(on: bool) {
-    HOPPER.store(if on { 1 } else { 2 }, std::sync::atomic::Ordering::Relaxed);
+    HOPPER.set(on);
 }
 
 /// Whether `device` can run the Hopper attention at all: a CUDA GPU of compute capability
@@ -84,10 +72,7 @@ pub fn set_hopper_attention(on: bool) {
 /// the CPU and the simulator (where only the kernel tests force it); an error when the GPU
 /// cannot be used.
 pub fn hopper_attention_available(device: &crate::Device) -> Result<bool> {
-    match device {
-        crate::Device::Cuda(_) => Backend::of(*device)?.runs_arch_specific_cubin(KERNELS[0]),
-        _ => Ok(false),
-    }
+    hopper::available(device, KERNELS[0])
 }
 
 /// Why the forward cannot run on the Hopper kernel, if it cannot (the host twin of the kernel
@@ -113,16 +98,6 @@ pub(crate) fn eligible(dtype: DType, d: Dims, qkv_ptr: u64) -> Option<String> {
     None
 }
 
-/// What the backend offers the Hopper kernel (as for the Hopper GEMM).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Target {
-    /// The simulator: it runs the kernel when a test forces it; automatic dispatch never
-    /// picks it there (the sm_80 kernels are what the other tests check).
-    Simulator,
-    /// A GPU; `sm90a` when the module loaded from its `sm_90a` cubin.
-    Gpu { sm90a: bool },
-}
-
 /// Whether a forward runs on the Hopper kernel: when `forced`, always (an error where the GPU
 /// cannot run it or the shape does not qualify, `why_not`); otherwise on a GPU with the
 /// sm_90a cubin when the shape qualifies and the switch is on (`disabled` when off).
@@ -132,23 +107,7 @@ pub(crate) fn choose(
     why_not: Option<&str>,
     disabled: bool,
 ) -> Result<bool> {
-    let unsupported = |msg: String| Error::Unsupported { op: OP, msg };
-    if forced {
-        if let Target::Gpu { sm90a: false } = target {
-            return Err(unsupported(
-                "the wgmma attention needs a compute-capability 9.0 GPU and its sm_90a cubin \
-                 (built by nvcc)"
-                    .into(),
-            ));
-        }
-        return match why_not {
-            Some(why) => Err(unsupported(format!(
-                "the wgmma attention cannot take it: {why}"
-            ))),
-            None => Ok(true),
-        };
-    }
-    Ok(target == (Target::Gpu { sm90a: true }) && why_not.is_none() && !disabled)
+    hopper::choose(OP, "wgmma attention", forced, target, why_not, disabled)
 }
 
 /// The kernel of `dtype` at head dim `hd`.
@@ -182,18 +141,7 @@ pub(crate) fn try_launch(
         return Ok(false);
     }
     let backend = qd.backend();
-    let target = match backend {
-        Backend::Sim => Target::Simulator,
-        // A module that fails to load is an error when the kernel is forced; the automatic
-        // path then keeps the sm_80 kernels, which load on their own.
-        Backend::Cuda(_) => Target::Gpu {
-            sm90a: match backend.runs_arch_specific_cubin(KERNELS[0]) {
-                Ok(sm90a) => sm90a,
-                Err(e) if forced => return Err(e),
-                Err(_) => false,
-            },
-        },
-    };
+    let target = Target::of(backend, KERNELS[0], forced)?;
     let why_not = eligible(dtype, d, qd.device_ptr());
     if !choose(forced, target, why_not.as_deref(), !hopper_attention())? {
         return Ok(false);

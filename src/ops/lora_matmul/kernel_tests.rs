@@ -694,24 +694,9 @@ const MN_B: Layout = Layout {
     offset: [0; 4],
 };
 
-/// Where a test of the wgmma kernel can run: the simulator, and a GPU that has the sm_90a
-/// cubin (compute capability 9.0); elsewhere it says `skipped`. The CPU runs the reference
-/// contract (the variant does not matter there).
+/// Where a test of the wgmma kernel can run (`testing::hopper_kernel_runs_on`).
 fn wgmma_runs_on(device: &Device) -> bool {
-    let Device::Cuda(_) = device else {
-        return true;
-    };
-    let sm90a = crate::device::Backend::of(*device)
-        .and_then(|b| b.runs_arch_specific_cubin(wgmma::KERNELS[0]))
-        .unwrap_or(false);
-    if !sm90a {
-        crate::testing::skip(
-            &format!("{} on {device}", crate::testing::current_test()),
-            "not a compute-capability 9.0 GPU with the sm_90a cubin",
-            None,
-        );
-    }
-    sm90a
+    crate::testing::hopper_kernel_runs_on(device, wgmma::KERNELS[0])
 }
 
 /// Both wgmma tiles against the f64 reference on shapes around them: M and N not multiples

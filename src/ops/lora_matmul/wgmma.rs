@@ -4,8 +4,12 @@
 
 use super::{Gemm, Operand, Variant, cuda};
 use crate::device::{Backend, LaunchConfig, TensorMap, TensorMap2d};
+use crate::ops::hopper;
+pub(crate) use crate::ops::hopper::Target;
 use crate::storage::DeviceStorage;
 use crate::{DType, Error, Result};
+
+const OP: &str = "lora_matmul";
 
 /// Twin of `LoraMatmulWgmmaParams` in `kernels/lora_matmul_wgmma.cu` (the size is checked
 /// against the compiled struct by a kernel test): four tensor maps, then the product's
@@ -55,35 +59,21 @@ pub(crate) fn smem_bytes(bn: usize) -> u32 {
     1024 + STAGES * (BM as u32 + bn as u32) * BK * 2 + 2 * STAGES * 8
 }
 
-/// The automatic Hopper path's switch: 0 = not read yet, 1 = on, 2 = off.
-static HOPPER: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+/// The automatic Hopper GEMM's switch.
+static HOPPER: hopper::Switch = hopper::Switch::new("LORAFUSE_GEMM_HOPPER");
 
 /// Whether the products that qualify take the Hopper GEMM (`kernels/lora_matmul_wgmma.cu`)
 /// on a compute-capability 9.0 GPU: on by default, off when the environment had
 /// `LORAFUSE_GEMM_HOPPER=0` at the first product, or as [`set_hopper_gemm`] last set it.
 pub fn hopper_gemm() -> bool {
-    use std::sync::atomic::Ordering;
-    match HOPPER.load(Ordering::Relaxed) {
-        0 => {
-            let on = std::env::var("LORAFUSE_GEMM_HOPPER").as_deref() != Ok("0");
-            // Another thread's set_hopper_gemm wins over the environment.
-            let _ = HOPPER.compare_exchange(
-                0,
-                if on { 1 } else { 2 },
-                Ordering::Relaxed,
-                Ordering::Relaxed,
-            );
-            HOPPER.load(Ordering::Relaxed) == 1
-        }
-        v => v == 1,
-    }
+    HOPPER.get()
 }
 
 /// Turns the automatic Hopper GEMM path on or off for the products launched after it (an
 /// A/B switch for benchmarks: `false` runs every product on the sm_80 kernels). Products
 /// that do not qualify, and GPUs other than compute capability 9.0, never take it.
 pub fn set_hopper_gemm(on: bool) {
-    HOPPER.store(if on { 1 } else { 2 }, std::sync::atomic::Ordering::Relaxed);
+    HOPPER.set(on);
 }
 
 /// Whether `device` can run the Hopper GEMM at all: a CUDA GPU of compute capability 9.0
@@ -91,28 +81,14 @@ pub fn set_hopper_gemm(on: bool) {
 /// the CPU and the simulator (where only the kernel tests force it); an error when the GPU
 /// cannot be used.
 pub fn hopper_gemm_available(device: &crate::Device) -> Result<bool> {
-    match device {
-        crate::Device::Cuda(_) => Backend::of(*device)?.runs_arch_specific_cubin(KERNELS[0]),
-        _ => Ok(false),
-    }
-}
-
-/// What the backend offers the Hopper kernel.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Target {
-    /// The simulator: it runs the kernel when a test forces it; automatic dispatch never
-    /// picks it there (the sm_80 kernel is what the other tests check).
-    Simulator,
-    /// A GPU; `sm90a` when the module loaded from its `sm_90a` cubin (compute capability
-    /// exactly 9.0 and nvcc at build time).
-    Gpu { sm90a: bool },
+    hopper::available(device, KERNELS[0])
 }
 
 /// Whether a product runs on the Hopper kernel: always for the forced variants (an error
 /// when the GPU cannot run it or an operand does not qualify, `why_not`), and for `Auto` /
 /// `TensorCore` on a GPU with the `sm_90a` cubin when the operands qualify, the dtype is
-/// bf16/f16 and the switch [`hopper_gemm`] is on (`disabled` when off). Every other GPU and variant keeps the
-/// sm_80 kernel.
+/// bf16/f16 and the switch [`hopper_gemm`] is on (`disabled` when off). Every other GPU and
+/// variant keeps the sm_80 kernel.
 pub(crate) fn choose(
     variant: Variant,
     dtype: DType,
@@ -120,30 +96,10 @@ pub(crate) fn choose(
     why_not: Option<&str>,
     disabled: bool,
 ) -> Result<bool> {
-    let unsupported = |msg: String| Error::Unsupported {
-        op: "lora_matmul",
-        msg,
-    };
+    let run = |forced| hopper::choose(OP, "wgmma kernel", forced, target, why_not, disabled);
     match variant {
-        Variant::Wgmma | Variant::Wgmma128 | Variant::Wgmma256 => {
-            if let Target::Gpu { sm90a: false } = target {
-                return Err(unsupported(
-                    "the wgmma kernel needs a compute-capability 9.0 GPU and its sm_90a cubin \
-                     (built by nvcc)"
-                        .into(),
-                ));
-            }
-            match why_not {
-                Some(why) => Err(unsupported(format!(
-                    "the wgmma kernel cannot take it: {why}"
-                ))),
-                None => Ok(true),
-            }
-        }
-        Variant::Auto | Variant::TensorCore => Ok(dtype != DType::F32
-            && target == (Target::Gpu { sm90a: true })
-            && why_not.is_none()
-            && !disabled),
+        Variant::Wgmma | Variant::Wgmma128 | Variant::Wgmma256 => run(true),
+        Variant::Auto | Variant::TensorCore => Ok(dtype != DType::F32 && run(false)?),
         Variant::Simt | Variant::TensorCore128 | Variant::TensorCore64 => Ok(false),
     }
 }
@@ -291,18 +247,7 @@ pub(crate) fn try_launch(
         return Ok(false);
     }
     let backend = out.backend();
-    let target = match backend {
-        Backend::Sim => Target::Simulator,
-        // A module that fails to load is an error when the kernel is forced; the automatic
-        // path then keeps the sm_80 kernel, which loads on its own.
-        Backend::Cuda(_) => Target::Gpu {
-            sm90a: match backend.runs_arch_specific_cubin(KERNELS[0]) {
-                Ok(sm90a) => sm90a,
-                Err(e) if forced => return Err(e),
-                Err(_) => false,
-            },
-        },
-    };
+    let target = Target::of(backend, KERNELS[0], forced)?;
     let why_not = eligible(g);
     if !choose(g.variant, dtype, target, why_not.as_deref(), !hopper_gemm())? {
         return Ok(false);
