@@ -741,57 +741,58 @@ template <> struct wgmma_type<bf16> { static constexpr bool is_bf16 = true; };
 template <> struct wgmma_type<f16> { static constexpr bool is_bf16 = false; };
 
 #if defined(LF_SM90A)
-// The asm of wgmma.mma_async m64nNk16 .f32 accumulators, one macro per N (the operand lists
-// differ): TY the type's name, TA / TB the imm-trans-a / imm-trans-b immediates as the string
-// literals "0" or "1" (immediates must be literals in the instruction text). The RS macros take A
-// from the registers a[0..3] (that form has no imm-trans-a). Generated text: d[i] is %i.
+// The asm of wgmma.mma_async m64nNk16 with .f32 accumulators, one macro per N (d[i] is %i),
+// for both forms: TY the type's name; IP the predicate input's operand (scale-d), AB the A
+// and B operands and TAIL the trailing immediates, as the form has them (below); then the
+// inputs. Immediates must be literals in the instruction text: the transposes are spliced in
+// as "0" or "1".
 // clang-format off
-#define LF_WGMMA_ASM_N8(TY, TA, TB) \
+#define LF_WGMMA_ASM_N8(TY, IP, AB, TAIL, ...) \
     asm volatile( \
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %6, 0;\n" \
+        "{\n.reg .pred p;\nsetp.ne.b32 p, " IP ", 0;\n" \
         "wgmma.mma_async.sync.aligned.m64n8k16.f32." TY "." TY " {" \
         "%0, %1, %2, %3" \
-        "}, %4, %5, p, 1, 1, " TA ", " TB ";\n}\n" \
+        "}, " AB ", p, 1, 1, " TAIL ";\n}\n" \
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]) \
-        : "l"(desc_a), "l"(desc_b), "r"(scale_d))
-#define LF_WGMMA_ASM_N16(TY, TA, TB) \
+        : __VA_ARGS__)
+#define LF_WGMMA_ASM_N16(TY, IP, AB, TAIL, ...) \
     asm volatile( \
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %10, 0;\n" \
+        "{\n.reg .pred p;\nsetp.ne.b32 p, " IP ", 0;\n" \
         "wgmma.mma_async.sync.aligned.m64n16k16.f32." TY "." TY " {" \
         "%0, %1, %2, %3, %4, %5, %6, %7" \
-        "}, %8, %9, p, 1, 1, " TA ", " TB ";\n}\n" \
+        "}, " AB ", p, 1, 1, " TAIL ";\n}\n" \
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]) \
-        : "l"(desc_a), "l"(desc_b), "r"(scale_d))
-#define LF_WGMMA_ASM_N32(TY, TA, TB) \
+        : __VA_ARGS__)
+#define LF_WGMMA_ASM_N32(TY, IP, AB, TAIL, ...) \
     asm volatile( \
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n" \
+        "{\n.reg .pred p;\nsetp.ne.b32 p, " IP ", 0;\n" \
         "wgmma.mma_async.sync.aligned.m64n32k16.f32." TY "." TY " {" \
         "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15" \
-        "}, %16, %17, p, 1, 1, " TA ", " TB ";\n}\n" \
+        "}, " AB ", p, 1, 1, " TAIL ";\n}\n" \
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
           "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]) \
-        : "l"(desc_a), "l"(desc_b), "r"(scale_d))
-#define LF_WGMMA_ASM_N64(TY, TA, TB) \
+        : __VA_ARGS__)
+#define LF_WGMMA_ASM_N64(TY, IP, AB, TAIL, ...) \
     asm volatile( \
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n" \
+        "{\n.reg .pred p;\nsetp.ne.b32 p, " IP ", 0;\n" \
         "wgmma.mma_async.sync.aligned.m64n64k16.f32." TY "." TY " {" \
         "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
         "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31" \
-        "}, %32, %33, p, 1, 1, " TA ", " TB ";\n}\n" \
+        "}, " AB ", p, 1, 1, " TAIL ";\n}\n" \
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
           "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), \
           "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), \
           "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]) \
-        : "l"(desc_a), "l"(desc_b), "r"(scale_d))
-#define LF_WGMMA_ASM_N128(TY, TA, TB) \
+        : __VA_ARGS__)
+#define LF_WGMMA_ASM_N128(TY, IP, AB, TAIL, ...) \
     asm volatile( \
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n" \
+        "{\n.reg .pred p;\nsetp.ne.b32 p, " IP ", 0;\n" \
         "wgmma.mma_async.sync.aligned.m64n128k16.f32." TY "." TY " {" \
         "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
         "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, " \
         "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, " \
         "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63" \
-        "}, %64, %65, p, 1, 1, " TA ", " TB ";\n}\n" \
+        "}, " AB ", p, 1, 1, " TAIL ";\n}\n" \
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
           "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), \
           "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), \
@@ -800,10 +801,10 @@ template <> struct wgmma_type<f16> { static constexpr bool is_bf16 = false; };
           "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), \
           "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), \
           "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]) \
-        : "l"(desc_a), "l"(desc_b), "r"(scale_d))
-#define LF_WGMMA_ASM_N256(TY, TA, TB) \
+        : __VA_ARGS__)
+#define LF_WGMMA_ASM_N256(TY, IP, AB, TAIL, ...) \
     asm volatile( \
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n" \
+        "{\n.reg .pred p;\nsetp.ne.b32 p, " IP ", 0;\n" \
         "wgmma.mma_async.sync.aligned.m64n256k16.f32." TY "." TY " {" \
         "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
         "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, " \
@@ -813,7 +814,7 @@ template <> struct wgmma_type<f16> { static constexpr bool is_bf16 = false; };
         "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, " \
         "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, " \
         "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127" \
-        "}, %128, %129, p, 1, 1, " TA ", " TB ";\n}\n" \
+        "}, " AB ", p, 1, 1, " TAIL ";\n}\n" \
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
           "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), \
           "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), \
@@ -830,106 +831,26 @@ template <> struct wgmma_type<f16> { static constexpr bool is_bf16 = false; };
           "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), \
           "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), \
           "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127]) \
-        : "l"(desc_a), "l"(desc_b), "r"(scale_d))
-#define LF_WGMMA_RS_ASM_N8(TY, TB) \
-    asm volatile( \
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %9, 0;\n" \
-        "wgmma.mma_async.sync.aligned.m64n8k16.f32." TY "." TY " {" \
-        "%0, %1, %2, %3" \
-        "}, {%4, %5, %6, %7}, %8, p, 1, 1, " TB ";\n}\n" \
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]) \
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d))
-#define LF_WGMMA_RS_ASM_N16(TY, TB) \
-    asm volatile( \
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %13, 0;\n" \
-        "wgmma.mma_async.sync.aligned.m64n16k16.f32." TY "." TY " {" \
-        "%0, %1, %2, %3, %4, %5, %6, %7" \
-        "}, {%8, %9, %10, %11}, %12, p, 1, 1, " TB ";\n}\n" \
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]) \
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d))
-#define LF_WGMMA_RS_ASM_N32(TY, TB) \
-    asm volatile( \
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %21, 0;\n" \
-        "wgmma.mma_async.sync.aligned.m64n32k16.f32." TY "." TY " {" \
-        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15" \
-        "}, {%16, %17, %18, %19}, %20, p, 1, 1, " TB ";\n}\n" \
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
-          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]) \
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d))
-#define LF_WGMMA_RS_ASM_N64(TY, TB) \
-    asm volatile( \
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n" \
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32." TY "." TY " {" \
-        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
-        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31" \
-        "}, {%32, %33, %34, %35}, %36, p, 1, 1, " TB ";\n}\n" \
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
-          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), \
-          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), \
-          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]) \
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d))
-#define LF_WGMMA_RS_ASM_N128(TY, TB) \
-    asm volatile( \
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n" \
-        "wgmma.mma_async.sync.aligned.m64n128k16.f32." TY "." TY " {" \
-        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
-        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, " \
-        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, " \
-        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63" \
-        "}, {%64, %65, %66, %67}, %68, p, 1, 1, " TB ";\n}\n" \
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
-          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), \
-          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), \
-          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), \
-          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), \
-          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), \
-          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), \
-          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]) \
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d))
-#define LF_WGMMA_RS_ASM_N256(TY, TB) \
-    asm volatile( \
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %133, 0;\n" \
-        "wgmma.mma_async.sync.aligned.m64n256k16.f32." TY "." TY " {" \
-        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
-        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, " \
-        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, " \
-        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, " \
-        "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, " \
-        "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, " \
-        "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, " \
-        "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127" \
-        "}, {%128, %129, %130, %131}, %132, p, 1, 1, " TB ";\n}\n" \
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
-          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), \
-          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), \
-          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), \
-          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), \
-          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), \
-          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), \
-          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), \
-          "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), \
-          "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), \
-          "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), \
-          "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), \
-          "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]), \
-          "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), \
-          "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), \
-          "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127]) \
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d))
-// Expands an SS macro for the wrapper's T, TransA and TransB (template parameters in scope).
-#define LF_WGMMA_TRANS_SS(M, TY) \
-    if constexpr (TransA && TransB) M(TY, "1", "1"); \
-    else if constexpr (TransA) M(TY, "1", "0"); \
-    else if constexpr (TransB) M(TY, "0", "1"); \
-    else M(TY, "0", "0")
-#define LF_WGMMA_SS(M) \
-    if constexpr (wgmma_type<T>::is_bf16) { LF_WGMMA_TRANS_SS(M, "bf16"); } else { LF_WGMMA_TRANS_SS(M, "f16"); }
-// Expands an RS macro for the wrapper's T and TransB.
-#define LF_WGMMA_TRANS_RS(M, TY) \
-    if constexpr (TransB) M(TY, "1"); \
-    else M(TY, "0")
-#define LF_WGMMA_RS(M) \
-    if constexpr (wgmma_type<T>::is_bf16) { LF_WGMMA_TRANS_RS(M, "bf16"); } else { LF_WGMMA_TRANS_RS(M, "f16"); }
+        : __VA_ARGS__)
+// The shared-memory form (SS) of the N-macro M, for the wrapper's T, TransA and TransB
+// (template parameters in scope): IP "%(N/2 + 2)", AB "%(N/2), %(N/2 + 1)" (the descriptors).
+#define LF_WGMMA_SS_T(M, TY, IP, AB, TA, TB) M(TY, IP, AB, TA ", " TB, "l"(desc_a), "l"(desc_b), "r"(scale_d))
+#define LF_WGMMA_TRANS_SS(M, TY, IP, AB) \
+    if constexpr (TransA && TransB) LF_WGMMA_SS_T(M, TY, IP, AB, "1", "1"); \
+    else if constexpr (TransA) LF_WGMMA_SS_T(M, TY, IP, AB, "1", "0"); \
+    else if constexpr (TransB) LF_WGMMA_SS_T(M, TY, IP, AB, "0", "1"); \
+    else LF_WGMMA_SS_T(M, TY, IP, AB, "0", "0")
+#define LF_WGMMA_SS(M, IP, AB) \
+    if constexpr (wgmma_type<T>::is_bf16) { LF_WGMMA_TRANS_SS(M, "bf16", IP, AB); } else { LF_WGMMA_TRANS_SS(M, "f16", IP, AB); }
+// The register form (RS; no imm-trans-a), for T and TransB: IP "%(N/2 + 5)", AB
+// "{%(N/2) .. %(N/2 + 3)}, %(N/2 + 4)" (A's four registers, B's descriptor).
+#define LF_WGMMA_RS_T(M, TY, IP, AB, TB) \
+    M(TY, IP, AB, TB, "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d))
+#define LF_WGMMA_TRANS_RS(M, TY, IP, AB) \
+    if constexpr (TransB) LF_WGMMA_RS_T(M, TY, IP, AB, "1"); \
+    else LF_WGMMA_RS_T(M, TY, IP, AB, "0")
+#define LF_WGMMA_RS(M, IP, AB) \
+    if constexpr (wgmma_type<T>::is_bf16) { LF_WGMMA_TRANS_RS(M, "bf16", IP, AB); } else { LF_WGMMA_TRANS_RS(M, "f16", IP, AB); }
 // clang-format on
 #endif
 
@@ -951,17 +872,17 @@ __device__ __forceinline__ void wgmma_m64nNk16(float (&d)[N / 2], u64 desc_a, u6
 #elif defined(LF_SM90A)
     const unsigned scale_d = accumulate ? 1u : 0u;
     if constexpr (N == 8) {
-        LF_WGMMA_SS(LF_WGMMA_ASM_N8);
+        LF_WGMMA_SS(LF_WGMMA_ASM_N8, "%6", "%4, %5");
     } else if constexpr (N == 16) {
-        LF_WGMMA_SS(LF_WGMMA_ASM_N16);
+        LF_WGMMA_SS(LF_WGMMA_ASM_N16, "%10", "%8, %9");
     } else if constexpr (N == 32) {
-        LF_WGMMA_SS(LF_WGMMA_ASM_N32);
+        LF_WGMMA_SS(LF_WGMMA_ASM_N32, "%18", "%16, %17");
     } else if constexpr (N == 64) {
-        LF_WGMMA_SS(LF_WGMMA_ASM_N64);
+        LF_WGMMA_SS(LF_WGMMA_ASM_N64, "%34", "%32, %33");
     } else if constexpr (N == 128) {
-        LF_WGMMA_SS(LF_WGMMA_ASM_N128);
+        LF_WGMMA_SS(LF_WGMMA_ASM_N128, "%66", "%64, %65");
     } else if constexpr (N == 256) {
-        LF_WGMMA_SS(LF_WGMMA_ASM_N256);
+        LF_WGMMA_SS(LF_WGMMA_ASM_N256, "%130", "%128, %129");
     } else {
         static_assert(N == 8 || N == 16 || N == 32 || N == 64 || N == 128 || N == 256,
                       "wgmma on the GPU: N = 8, 16, 32, 64, 128 or 256 have wrappers");
@@ -991,17 +912,17 @@ __device__ __forceinline__ void wgmma_rs_m64nNk16(float (&d)[N / 2], const unsig
 #elif defined(LF_SM90A)
     const unsigned scale_d = accumulate ? 1u : 0u;
     if constexpr (N == 8) {
-        LF_WGMMA_RS(LF_WGMMA_RS_ASM_N8);
+        LF_WGMMA_RS(LF_WGMMA_ASM_N8, "%9", "{%4, %5, %6, %7}, %8");
     } else if constexpr (N == 16) {
-        LF_WGMMA_RS(LF_WGMMA_RS_ASM_N16);
+        LF_WGMMA_RS(LF_WGMMA_ASM_N16, "%13", "{%8, %9, %10, %11}, %12");
     } else if constexpr (N == 32) {
-        LF_WGMMA_RS(LF_WGMMA_RS_ASM_N32);
+        LF_WGMMA_RS(LF_WGMMA_ASM_N32, "%21", "{%16, %17, %18, %19}, %20");
     } else if constexpr (N == 64) {
-        LF_WGMMA_RS(LF_WGMMA_RS_ASM_N64);
+        LF_WGMMA_RS(LF_WGMMA_ASM_N64, "%37", "{%32, %33, %34, %35}, %36");
     } else if constexpr (N == 128) {
-        LF_WGMMA_RS(LF_WGMMA_RS_ASM_N128);
+        LF_WGMMA_RS(LF_WGMMA_ASM_N128, "%69", "{%64, %65, %66, %67}, %68");
     } else if constexpr (N == 256) {
-        LF_WGMMA_RS(LF_WGMMA_RS_ASM_N256);
+        LF_WGMMA_RS(LF_WGMMA_ASM_N256, "%133", "{%128, %129, %130, %131}, %132");
     } else {
         static_assert(N == 8 || N == 16 || N == 32 || N == 64 || N == 128 || N == 256,
                       "wgmma on the GPU: N = 8, 16, 32, 64, 128 or 256 have wrappers");
