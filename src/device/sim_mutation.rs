@@ -219,6 +219,27 @@ fn fails_without(site: &Site, probes: &[&dyn Fn()]) -> bool {
     failed
 }
 
+/// [`assert_every_site_is_load_bearing`] for a Hopper (sm_90a) kernel, which must also reach
+/// a site of each kind its pipeline has: the block barrier after the mbarriers' init, an
+/// mbarrier wait and a wgmma wait.
+pub(crate) fn assert_every_hopper_site_is_load_bearing(
+    what: &str,
+    kernels: &[&str],
+    probes: &[&dyn Fn()],
+) {
+    let sites = assert_every_site_is_load_bearing(what, kernels, probes);
+    for kind in [
+        SiteKind::Barrier,
+        SiteKind::MbarrierWait,
+        SiteKind::WgmmaWait,
+    ] {
+        assert!(
+            sites.iter().any(|s| s.kind == kind),
+            "{what}: no {kind:?} site reached: {sites:?}"
+        );
+    }
+}
+
 /// Asserts that each of `probes` (small kernel tests that panic on a wrong result) passes as
 /// it is, that together they reach at least one site of each kernel whose symbol starts with
 /// one of `kernels`, and that deleting any one of those sites makes a probe that reached it

@@ -112,3 +112,29 @@ pub(crate) fn choose(
     }
     Ok(target == (Target::Gpu { sm90a: true }) && why_not.is_none() && !disabled)
 }
+
+#[cfg(test)]
+mod tests {
+    /// A public switch's getter and setter.
+    type Accessors = (fn() -> bool, fn(bool));
+
+    /// The public switches: each off, then on again (the state other tests see is restored).
+    #[test]
+    fn the_public_switches_round_trip() {
+        let switches: [Accessors; 2] = [
+            (crate::ops::hopper_gemm, crate::ops::set_hopper_gemm),
+            (
+                crate::ops::hopper_attention,
+                crate::ops::set_hopper_attention,
+            ),
+        ];
+        for (get, set) in switches {
+            let before = get();
+            set(false);
+            assert!(!get());
+            set(true);
+            assert!(get());
+            set(before);
+        }
+    }
+}
