@@ -8,10 +8,11 @@
 //!   SDPA's numbers; the kernels execute more (7 GEMMs in the backward, the header of
 //!   `kernels/attention.cu`).
 //!
-//! On a compute-capability 9.0 GPU (H100/H200) the forward runs the Hopper kernel
-//! `kernels/attention_wgmma.cu` (wgmma + TMA, FlashAttention-3 style); `fwd_sm80` reruns it
-//! with `set_hopper_attention(false)` on the FlashAttention-2 kernel, so one call shows both
-//! (PyTorch SDPA's numbers come from `bench/pytorch`).
+//! On a compute-capability 9.0 GPU (H100/H200) the forward and the backward run the Hopper
+//! kernels of `kernels/attention_wgmma.cu` (wgmma + TMA, FlashAttention-3 style);
+//! `fwd_sm80` and `fwd_bwd_sm80` rerun them with `set_hopper_attention(false)` on the
+//! FlashAttention-2 kernels, so one call shows both (PyTorch SDPA's numbers come from
+//! `bench/pytorch`).
 //!
 //! Before criterion, a plain timing prints TFLOP/s and the fraction of the ~800 TFLOP/s
 //! floor the header states. Every timed iteration ends with `Device::synchronize()`.
@@ -95,10 +96,13 @@ fn benches(c: &mut Criterion) {
         time("fwd_sm80", fwd_flops(), &|| {
             fwd();
         });
+        time("fwd_bwd_sm80", fwd_bwd_flops(), &|| {
+            fwd_bwd();
+        });
         lorafuse::ops::set_hopper_attention(true);
     } else {
         println!(
-            "attention/cuda fwd_sm80: skipped (not a compute-capability 9.0 GPU with the sm_90a cubin: fwd is the sm_80 kernel)"
+            "attention/cuda fwd_sm80, fwd_bwd_sm80: skipped (not a compute-capability 9.0 GPU with the sm_90a cubin: fwd and fwd_bwd are the sm_80 kernels)"
         );
     }
     let mut g = c.benchmark_group("attention/cuda");
@@ -115,6 +119,13 @@ fn benches(c: &mut Criterion) {
     }
     g.throughput(Throughput::Elements(fwd_bwd_flops()));
     g.bench_function(BenchmarkId::new("fwd_bwd", &id), |bch| bch.iter(fwd_bwd));
+    if hopper {
+        lorafuse::ops::set_hopper_attention(false);
+        g.bench_function(BenchmarkId::new("fwd_bwd_sm80", &id), |bch| {
+            bch.iter(fwd_bwd)
+        });
+        lorafuse::ops::set_hopper_attention(true);
+    }
     g.finish();
 }
 

@@ -9,6 +9,8 @@
 //! instead ([`tc_path`]): `attention_tc{hd}_fwd` (64 query rows per block), and for the
 //! backward `attention_delta_bwd` (D), `attention_tc{hd}_dkv_bwd` (64 keys per block) and
 //! `attention_tc{hd}_dq_bwd` (64 query rows per block), all within 48 KiB of shared memory.
+//! On a Hopper GPU the forward and (at hd 64) the backward's dk/dv and dq take
+//! `kernels/attention_wgmma.cu` instead (`wgmma.rs` decides).
 //!
 //! Tiles: every block owns [`BR`] rows and loops over tiles of `bc` rows, `bc` the largest of
 //! 32, 16 and 8 whose dynamic shared memory fits [`SMEM_BUDGET`] (chosen per kernel from the
@@ -320,6 +322,19 @@ pub(crate) fn backward(
     gy: &Tensor,
     d: Dims,
 ) -> Result<Tensor> {
+    backward_on(qkv, y, lse, gy, d, false)
+}
+
+/// [`backward`], on the Hopper kernels (`kernels/attention_wgmma.cu`) when `force_wgmma` (an
+/// error where they cannot run), else as [`super::wgmma::backward_chosen`] picks.
+pub(crate) fn backward_on(
+    qkv: &Tensor,
+    y: &Tensor,
+    lse: &Tensor,
+    gy: &Tensor,
+    d: Dims,
+    force_wgmma: bool,
+) -> Result<Tensor> {
     check_dims(d)?;
     let dtype = qkv.dtype();
     let sfx = suffix(dtype)?;
@@ -339,7 +354,10 @@ pub(crate) fn backward(
     let (qs, ys, ls, gs) = (qkv.storage(), y.storage(), lse.storage(), gy.storage());
     let (qd, yd, ld, gd) = (dev(&qs)?, dev(&ys)?, dev(&ls)?, dev(&gs)?);
     let dqkv = DeviceStorage::alloc(dtype, d.b * d.t * 3 * d.c, qd.device())?;
-    if d.b > 0 && d.t > 0 {
+    let nonempty = d.b > 0 && d.t > 0;
+    let hopper =
+        (nonempty || force_wgmma) && super::wgmma::backward_chosen(qd, gd, dtype, d, force_wgmma)?;
+    if nonempty {
         let delta = DeviceStorage::alloc(DType::F32, d.b * d.h * d.t, qd.device())?;
         let with_ptrs = |prm: AttentionParams| AttentionParams {
             qkv: qd.device_ptr(),
@@ -353,13 +371,27 @@ pub(crate) fn backward(
         let backend = qd.backend();
         if let Some(tc) = tc {
             // D first; then dk, dv per key block and dq per query block, both reading it
-            // (launches on one stream run in order).
+            // (launches on one stream run in order), on the Hopper kernels when chosen.
             let (cfg_d, prm_d) = grid_setup(d, DELTA_ROWS, DELTA_ROWS, 0, 0)?;
             backend.launch(
                 &format!("attention_delta_bwd_{sfx}"),
                 &cfg_d,
                 &with_ptrs(prm_d),
             )?;
+            if hopper {
+                let args = super::wgmma::BackwardArgs {
+                    qkv: qd,
+                    gy: gd,
+                    lse: ld,
+                    delta: &delta,
+                    dqkv: &dqkv,
+                };
+                super::wgmma::launch_backward(&args, dtype, d)?;
+                return Tensor::from_storage(
+                    Storage::Device(dqkv),
+                    Shape::from([d.b, d.t, 3 * d.c]),
+                );
+            }
             let hd = tc.hd;
             backend.launch(
                 &format!("attention_tc{hd}_dkv_bwd_{sfx}"),

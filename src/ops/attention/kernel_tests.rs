@@ -623,15 +623,22 @@ fn wgmma_dispatch_picks_hopper_only_where_it_runs() {
 #[test]
 fn wgmma_params_match_the_kernels() {
     assert_eq!(std::mem::size_of::<wgmma::WgmmaAttentionParams>(), 192);
+    assert_eq!(std::mem::size_of::<wgmma::WgmmaAttentionBwdParams>(), 320);
     for k in wgmma::KERNELS {
+        let rust = if k.contains("_bwd_") {
+            std::mem::size_of::<wgmma::WgmmaAttentionBwdParams>()
+        } else {
+            std::mem::size_of::<wgmma::WgmmaAttentionParams>()
+        };
         assert_eq!(
             crate::device::sim::param_bytes(k),
-            Some(std::mem::size_of::<wgmma::WgmmaAttentionParams>()),
+            Some(rust),
             "{k}: the Rust and C++ parameter structs differ in size"
         );
     }
     assert_eq!(wgmma::smem_bytes(64), 83_016);
     assert_eq!(wgmma::smem_bytes(128), 164_936);
+    assert_eq!(wgmma::BWD_SMEM_BYTES, 83_000);
 }
 
 /// Every barrier and wait of the wgmma forward — the block barrier after the mbarriers'
@@ -669,6 +676,176 @@ fn every_wgmma_wait_is_load_bearing() {
     crate::device::sim_mutation::assert_every_hopper_site_is_load_bearing(
         "attention_wgmma",
         &["attention_wgmma64"],
+        &probes,
+    );
+}
+
+// ---- The Hopper backward (attention_wgmma64_dkv_bwd, attention_wgmma64_dq_bwd) ----
+
+/// (B, T, C, H) of the wgmma backward's checks, all at hd 64: one 128-row block per head over
+/// B = 2 and H = 2 (the maps span every batch's rows and every head's columns), and three
+/// blocks (6 streamed tiles in the longest: the three stages' second round).
+const WGMMA_BWD_SHAPES: [(usize, usize, usize, usize); 2] = [(2, 128, 128, 2), (1, 384, 64, 1)];
+
+/// The Hopper forward and backward (both forced) against the f64 reference through the tape,
+/// and the backward against itself (two runs, bit for bit).
+fn check_wgmma_backward(device: &Device, shapes: &[(usize, usize, usize, usize)]) {
+    let mut r = rng("attention_wgmma_bwd");
+    for &(b, t, c, h) in shapes {
+        let d = cpu::Dims { b, t, c, h };
+        let x = rand_tensor(&mut r, [b, t, 3 * c], -2.0, 2.0);
+        let gy = rand_tensor(&mut r, [b, t, c], -1.0, 1.0);
+        for dtype in [DType::BF16, DType::F16] {
+            let name = format!("{device} {dtype} B{b} T{t} C{c} H{h} (wgmma backward)");
+            let (xd, gd) = (on(&x, dtype, device), on(&gy, dtype, device));
+            let (x64, g64) = (
+                on(&xd, DType::F64, &Device::Cpu),
+                on(&gd, DType::F64, &Device::Cpu),
+            );
+            let (y, lse) = cuda::forward_on(&xd, d, true).unwrap();
+            let gx = cuda::backward_on(&xd, &y, &lse, &gd, d, true).unwrap();
+            let (_, gx64) = run(&x64, &g64, h);
+            assert_eq!(gx.dims(), &[b, t, 3 * c], "{name}");
+            assert_close(
+                &format!("{name}: dqkv"),
+                &gx.to_vec_f64().unwrap(),
+                &gx64.to_vec_f64().unwrap(),
+                tol(dtype),
+            );
+            if rerun_can_differ(device) {
+                let gx2 = cuda::backward_on(&xd, &y, &lse, &gd, d, true).unwrap();
+                assert_eq!(bits(&gx), bits(&gx2), "{name}: dqkv differs between runs");
+            }
+        }
+    }
+}
+
+fn wgmma_backward_matches_the_reference(device: &Device) {
+    if wgmma_runs_on(device) {
+        check_wgmma_backward(device, &WGMMA_BWD_SHAPES);
+    }
+}
+crate::test_device!(
+    wgmma_bwd_matches_reference,
+    wgmma_backward_matches_the_reference,
+    devices_only
+);
+
+/// The forced wgmma backward refuses, with an error naming why, what it cannot take: f32,
+/// head dim 128 (the forward takes it, the backward does not), T not a multiple of 128.
+fn wgmma_backward_refusals(device: &Device) {
+    if !wgmma_runs_on(device) {
+        return;
+    }
+    let mut r = rng("attention_wgmma_bwd_refusals");
+    for ((b, t, c, h), dtype, why) in [
+        ((1, 128, 64, 1), DType::F32, "bf16 and f16 only"),
+        ((1, 128, 128, 1), DType::BF16, "the backward takes 64 only"),
+        (
+            (1, 130, 64, 1),
+            DType::F16,
+            "T = 130 is not a positive multiple of 128",
+        ),
+        ((1, 0, 64, 1), DType::BF16, "T = 0"),
+    ] {
+        let d = cpu::Dims { b, t, c, h };
+        let x = on(
+            &rand_tensor(&mut r, [b, t, 3 * c], -1.0, 1.0),
+            dtype,
+            device,
+        );
+        let gy = on(&rand_tensor(&mut r, [b, t, c], -1.0, 1.0), dtype, device);
+        let (y, lse) = cuda::forward(&x, d).unwrap();
+        let e = cuda::backward_on(&x, &y, &lse, &gy, d, true)
+            .map(|_| ())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(why), "{dtype} B{b} T{t} C{c} H{h}: {e}");
+    }
+}
+crate::test_device!(wgmma_bwd_refusals, wgmma_backward_refusals, devices_only);
+
+/// The backward's eligibility rules beyond the forward's, one by one.
+#[test]
+fn wgmma_backward_eligibility() {
+    use wgmma::backward_eligible;
+    let dims = |b, t, c, h| cpu::Dims { b, t, c, h };
+    assert_eq!(
+        backward_eligible(DType::BF16, dims(8, 1024, 768, 12), 256, 512),
+        None,
+        "GPT-2"
+    );
+    for (dtype, d, qkv, gy, why) in [
+        (
+            DType::BF16,
+            dims(1, 128, 128, 1),
+            0,
+            0,
+            "the backward takes 64 only",
+        ),
+        (
+            DType::F16,
+            dims(1, 128, 64, 1),
+            0,
+            8,
+            "gy is not 16-byte aligned",
+        ),
+        (
+            DType::F16,
+            dims(1, 128, 64, 1),
+            8,
+            0,
+            "qkv is not 16-byte aligned",
+        ),
+        (DType::F32, dims(1, 128, 64, 1), 0, 0, "f32"),
+        (DType::BF16, dims(1, 192, 64, 1), 0, 0, "T = 192"),
+    ] {
+        let e = backward_eligible(dtype, d, qkv, gy).unwrap_or_default();
+        assert!(e.contains(why), "{d:?}: {e}");
+    }
+}
+
+/// Every barrier and wait of the two wgmma backward kernels — the block barrier after the
+/// mbarriers' initialisation, the producer's waits for free stages, the consumers' waits
+/// for the resident operands and each streamed tile, their wgmma waits — is load-bearing:
+/// with any one deleted (a simulator mutation site), this probe fails. Three blocks per head:
+/// the stages' second round in both kernels.
+#[test]
+fn every_wgmma_backward_wait_is_load_bearing() {
+    let (b, t, c, h) = (1, 384, 64, 1);
+    let d = cpu::Dims { b, t, c, h };
+    let mut r = rng("attention_wgmma_bwd_mutants");
+    let x = on(
+        &rand_tensor(&mut r, [b, t, 3 * c], -2.0, 2.0),
+        DType::BF16,
+        &Device::Sim,
+    );
+    let gy = on(
+        &rand_tensor(&mut r, [b, t, c], -1.0, 1.0),
+        DType::BF16,
+        &Device::Sim,
+    );
+    // The forward and the reference once, outside the mutants (the forward's sites are not
+    // this test's: the kernel prefixes below leave them out).
+    let (y, lse) = cuda::forward_on(&x, d, true).unwrap();
+    let (x64, g64) = (
+        on(&x, DType::F64, &Device::Cpu),
+        on(&gy, DType::F64, &Device::Cpu),
+    );
+    let want = run(&x64, &g64, h).1.to_vec_f64().unwrap();
+    let probe = || {
+        let gx = cuda::backward_on(&x, &y, &lse, &gy, d, true).unwrap();
+        assert_close(
+            "mutant: dqkv",
+            &gx.to_vec_f64().unwrap(),
+            &want,
+            tol(DType::BF16),
+        );
+    };
+    let probes: [&dyn Fn(); 1] = [&probe];
+    crate::device::sim_mutation::assert_every_hopper_site_is_load_bearing(
+        "attention_wgmma_bwd",
+        &["attention_wgmma64_dkv", "attention_wgmma64_dq"],
         &probes,
     );
 }

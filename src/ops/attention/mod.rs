@@ -15,8 +15,9 @@
 //! GPT-2 124M shape `B=8, H=12, T=1024`, P would be 403 MB per layer; lse is 0.39 MB).
 //! On a compute-capability 9.0 GPU the forward at head dims 64 and 128 with `T` a multiple
 //! of 128 runs the Hopper kernel instead (`kernels/attention_wgmma.cu`, launched by
-//! `wgmma.rs`: wgmma fed by TMA, FlashAttention-3 style), with the same outputs; the
-//! backward always runs `kernels/attention.cu`.
+//! `wgmma.rs`: wgmma fed by TMA, FlashAttention-3 style), with the same outputs; so does the
+//! backward at head dim 64 (D on `kernels/attention.cu`, then dk, dv and dq on the Hopper
+//! kernels, still without atomics).
 //! The backward reads the `y` this op returned (the tape keeps a handle to it, which costs
 //! no memory since the caller holds it too): it must not be modified in place before the
 //! backward runs.

@@ -1,6 +1,7 @@
-//! Launcher of `kernels/attention_wgmma.cu`, the Hopper (sm_90a) attention forward
-//! (FlashAttention-3 style): when it runs ([`choose`]), the shapes it takes ([`eligible`]),
-//! and the tensor map it reads `qkv` through.
+//! Launcher of `kernels/attention_wgmma.cu`, the Hopper (sm_90a) attention (FlashAttention-3
+//! style): when it runs ([`choose`]), the shapes the forward and the backward take
+//! ([`eligible`], [`backward_eligible`]), and the tensor maps they read `qkv` and `gy`
+//! through.
 
 use super::cpu::Dims;
 use crate::device::{LaunchConfig, TensorMap, TensorMap2d};
@@ -29,12 +30,35 @@ pub(crate) struct WgmmaAttentionParams {
     pub _pad: u64,
 }
 
+/// Twin of `AttentionWgmmaBwdParams` in `kernels/attention_wgmma.cu` (the size is checked
+/// against the compiled struct by a kernel test): the two tensor maps, then the pointers and
+/// scalars (320 bytes, a multiple of the maps' 64-byte alignment: no tail padding).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
+pub(crate) struct WgmmaAttentionBwdParams {
+    pub qkv: TensorMap,
+    pub gy: TensorMap,
+    pub dqkv: u64,
+    pub lse: u64,
+    pub delta: u64,
+    pub b: i64,
+    pub t: i64,
+    pub c: i64,
+    pub h: i64,
+    pub scale: f32,
+    pub pad: i32,
+}
+
 /// Every kernel of the module (checked against it by the tidy test).
 pub(crate) const KERNELS: &[&str] = &[
     "attention_wgmma64_fwd_bf16",
     "attention_wgmma64_fwd_f16",
     "attention_wgmma128_fwd_bf16",
     "attention_wgmma128_fwd_f16",
+    "attention_wgmma64_dkv_bwd_bf16",
+    "attention_wgmma64_dkv_bwd_f16",
+    "attention_wgmma64_dq_bwd_bf16",
+    "attention_wgmma64_dq_bwd_f16",
 ];
 
 /// Threads per block: a producer and two consumer warpgroups.
@@ -49,19 +73,29 @@ pub(crate) fn smem_bytes(hd: usize) -> u32 {
     1024 + 5 * (hd as u32 / 64) * 16 * 1024 + 9 * 8
 }
 
+/// Rows of a streamed tile of the backward (`kRows` in the `.cu`): 64 keys (dq) or 64 queries
+/// (dkv), each one TMA box of 64 rows.
+pub(crate) const BWD_ROWS: usize = 64;
+
+/// The dynamic shared memory of both backward kernels (hd 64): 1024 bytes of alignment slack,
+/// two resident 128-row operands (16 KiB each), three stages of two streamed 64-row operands
+/// (8 KiB each), seven mbarriers.
+pub(crate) const BWD_SMEM_BYTES: u32 = 1024 + 2 * 16 * 1024 + 3 * 2 * 8 * 1024 + 7 * 8;
+
 /// The automatic Hopper attention's switch.
 static HOPPER: hopper::Switch = hopper::Switch::new("LORAFUSE_ATTENTION_HOPPER");
 
-/// Whether the attention forwards that qualify take the Hopper kernel
+/// Whether the attention forwards and backwards that qualify take the Hopper kernels
 /// (`kernels/attention_wgmma.cu`) on a compute-capability 9.0 GPU: on by default, off when
-/// the environment had `LORAFUSE_ATTENTION_HOPPER=0` at the first forward, or as
+/// the environment had `LORAFUSE_ATTENTION_HOPPER=0` at the first attention launch, or as
 /// [`set_hopper_attention`] last set it.
 pub fn hopper_attention() -> bool {
     HOPPER.get()
 }
 
-/// Turns the automatic Hopper attention forward on or off for the forwards launched after it
-/// (an A/B switch for benchmarks: `false` runs them on the sm_80 tensor-core kernels).
+/// Turns the automatic Hopper attention on or off for the forwards and backwards launched
+/// after it (an A/B switch for benchmarks: `false` runs them on the sm_80 tensor-core
+/// kernels).
 /// Shapes that do not qualify, and GPUs other than compute capability 9.0, never take it.
 pub fn set_hopper_attention(on: bool) {
     HOPPER.set(on);
@@ -98,7 +132,31 @@ pub(crate) fn eligible(dtype: DType, d: Dims, qkv_ptr: u64) -> Option<String> {
     None
 }
 
-/// Whether a forward runs on the Hopper kernel: when `forced`, always (an error where the GPU
+/// Why the backward cannot run on the Hopper kernels, if it cannot: the forward's rules
+/// ([`eligible`]), head dim 64 only (at 128 the dkv kernel's four accumulator tiles would not
+/// fit a consumer's 240 registers), and `gy` 16-byte aligned (the second tensor map's base).
+pub(crate) fn backward_eligible(
+    dtype: DType,
+    d: Dims,
+    qkv_ptr: u64,
+    gy_ptr: u64,
+) -> Option<String> {
+    if let Some(why) = eligible(dtype, d, qkv_ptr) {
+        return Some(why);
+    }
+    if d.c / d.h != 64 {
+        return Some(format!(
+            "head dim {} (the backward takes 64 only)",
+            d.c / d.h
+        ));
+    }
+    if !gy_ptr.is_multiple_of(16) {
+        return Some("gy is not 16-byte aligned".into());
+    }
+    None
+}
+
+/// Whether a forward or backward runs on the Hopper kernels: when `forced`, always (an error where the GPU
 /// cannot run it or the shape does not qualify, `why_not`); otherwise on a GPU with the
 /// sm_90a cubin when the shape qualifies and the switch is on (`disabled` when off).
 pub(crate) fn choose(
@@ -148,16 +206,7 @@ pub(crate) fn try_launch(
     }
     let hd = d.c / d.h;
     let name = kernel_name(dtype, hd)?;
-    let int =
-        |v: usize| i64::try_from(v).map_err(|_| Error::invalid(format!("{OP}: {v} overflows i64")));
-    let qkv = backend.encode_tensor_map(&TensorMap2d {
-        base: qd.device_ptr(),
-        elem_bytes: 2,
-        dims: [3 * d.c as u64, (d.b * d.t) as u64],
-        stride1: (3 * d.c * 2) as u64,
-        box_dims: [64, TILE as u32],
-        swizzle: 128,
-    })?;
+    let qkv = backend.encode_tensor_map(&rows_map(qd, 3 * d.c, d, TILE))?;
     let params = WgmmaAttentionParams {
         qkv,
         out: y.device_ptr(),
@@ -170,6 +219,32 @@ pub(crate) fn try_launch(
         pad: 0,
         _pad: 0,
     };
+    let smem = smem_bytes(hd);
+    backend.opt_in_dynamic_shared(name, smem)?;
+    backend
+        .launch(name, &launch_config(d, smem)?, &params)
+        .map(|()| true)
+}
+
+fn int(v: usize) -> Result<i64> {
+    i64::try_from(v).map_err(|_| Error::invalid(format!("{OP}: {v} overflows i64")))
+}
+
+/// The tensor map of a bf16/f16 `[B·T, cols]` row-major tensor at `s`: boxes of 64 columns ×
+/// `box_rows` rows, 128-byte swizzle (the kernels' shared layouts).
+fn rows_map(s: &DeviceStorage, cols: usize, d: Dims, box_rows: usize) -> TensorMap2d {
+    TensorMap2d {
+        base: s.device_ptr(),
+        elem_bytes: 2,
+        dims: [cols as u64, (d.b * d.t) as u64],
+        stride1: (cols * 2) as u64,
+        box_dims: [64, box_rows as u32],
+        swizzle: 128,
+    }
+}
+
+/// Grid (T/128, H, B) of [`THREADS`] threads with `smem` bytes of dynamic shared memory.
+fn launch_config(d: Dims, smem: u32) -> Result<LaunchConfig> {
     let too_big = || Error::invalid(format!("{OP}: {d:?} exceeds the launch grid"));
     let grid = [
         u32::try_from(d.t / TILE).map_err(|_| too_big())?,
@@ -182,12 +257,74 @@ pub(crate) fn try_launch(
             .filter(|&z| z <= 65_535)
             .ok_or_else(too_big)?,
     ];
-    let smem = smem_bytes(hd);
-    backend.opt_in_dynamic_shared(name, smem)?;
-    let cfg = LaunchConfig {
+    Ok(LaunchConfig {
         grid,
         block: [THREADS, 1, 1],
         shared_bytes: smem,
+    })
+}
+
+/// The backward's tensors (validated by the caller): `qkv`, `gy`, the forward's `lse`, the
+/// row sums `delta` that `attention_delta_bwd` wrote, and the output `dqkv`.
+pub(crate) struct BackwardArgs<'a> {
+    pub qkv: &'a DeviceStorage,
+    pub gy: &'a DeviceStorage,
+    pub lse: &'a DeviceStorage,
+    pub delta: &'a DeviceStorage,
+    pub dqkv: &'a DeviceStorage,
+}
+
+/// Whether the backward runs on the Hopper kernels ([`choose`] on [`backward_eligible`]);
+/// the caller then launches `attention_delta_bwd` first and [`launch_backward`] after it.
+pub(crate) fn backward_chosen(
+    qd: &DeviceStorage,
+    gd: &DeviceStorage,
+    dtype: DType,
+    d: Dims,
+    forced: bool,
+) -> Result<bool> {
+    if !forced && (dtype == DType::F32 || !hopper_attention()) {
+        return Ok(false);
+    }
+    let target = Target::of(qd.backend(), KERNELS[0], forced)?;
+    let why_not = backward_eligible(dtype, d, qd.device_ptr(), gd.device_ptr());
+    choose(forced, target, why_not.as_deref(), !hopper_attention())
+}
+
+/// Launches the Hopper backward of a shape [`backward_chosen`] accepted: dk and dv
+/// (`attention_wgmma64_dkv_bwd`, one block per 128 keys), then dq
+/// (`attention_wgmma64_dq_bwd`, one block per 128 query rows), each writing its own columns
+/// of `dqkv`.
+pub(crate) fn launch_backward(a: &BackwardArgs<'_>, dtype: DType, d: Dims) -> Result<()> {
+    let sfx = match dtype {
+        DType::BF16 => "bf16",
+        DType::F16 => "f16",
+        dt => {
+            return Err(Error::Unsupported {
+                op: OP,
+                msg: format!("no {dt} wgmma attention backward"),
+            });
+        }
     };
-    backend.launch(name, &cfg, &params).map(|()| true)
+    let backend = a.qkv.backend();
+    let params = WgmmaAttentionBwdParams {
+        qkv: backend.encode_tensor_map(&rows_map(a.qkv, 3 * d.c, d, BWD_ROWS))?,
+        gy: backend.encode_tensor_map(&rows_map(a.gy, d.c, d, BWD_ROWS))?,
+        dqkv: a.dqkv.device_ptr(),
+        lse: a.lse.device_ptr(),
+        delta: a.delta.device_ptr(),
+        b: int(d.b)?,
+        t: int(d.t)?,
+        c: int(d.c)?,
+        h: int(d.h)?,
+        scale: (1.0 / ((d.c / d.h) as f64).sqrt()) as f32,
+        pad: 0,
+    };
+    let cfg = launch_config(d, BWD_SMEM_BYTES)?;
+    for kernel in ["dkv", "dq"] {
+        let name = format!("attention_wgmma64_{kernel}_bwd_{sfx}");
+        backend.opt_in_dynamic_shared(&name, BWD_SMEM_BYTES)?;
+        backend.launch(&name, &cfg, &params)?;
+    }
+    Ok(())
 }
