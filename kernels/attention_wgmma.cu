@@ -528,6 +528,36 @@ __device__ __forceinline__ void store_rows(T* out, long long ld, const long long
     }
 }
 
+// A backward consumer's loop over its tiles n0 … n_end − 1 (FA3's intra-warpgroup overlap):
+// per tile, issue the SS group of tile n (issue_s) and the RS group of tile n − 1 (issue_r);
+// wait for the first, run tile n's element-wise pass (grads) while the second runs; wait for
+// it, free stage n − 1, pack tile n's fragments for the next RS group. fence_s / fence_r pin
+// the registers each group writes or reads around its wait.
+template <class IssueS, class IssueR, class FenceS, class Grads, class FenceR, class Pack>
+__device__ __forceinline__ void consume(int n0, int n_end, lf::u64* empty, IssueS issue_s, IssueR issue_r,
+                                        FenceS fence_s, Grads grads, FenceR fence_r, Pack pack_next) {
+    issue_s(n0);
+    lf::wgmma_wait<0>();
+    fence_s();
+    grads(n0);
+    pack_next();
+    for (int n = n0 + 1; n < n_end; ++n) {
+        issue_s(n);
+        issue_r(n - 1);
+        lf::wgmma_wait<1>();  // tile n's SS group is in; tile n − 1's RS group may still run
+        fence_s();
+        grads(n);
+        lf::wgmma_wait<0>();  // tile n − 1's stage and fragments are free
+        fence_r();
+        release(&empty[(n - 1) % kStages]);
+        pack_next();
+    }
+    issue_r(n_end - 1);
+    lf::wgmma_wait<0>();
+    fence_r();
+    release(&empty[(n_end - 1) % kStages]);
+}
+
 // dk, dv of 128 keys (block x: key block x, the longest first), streaming the 64-row query
 // tiles from the diagonal on. Consumer c owns keys 64c.. of the block: Sᵀ = K·Qᵀ and
 // dPᵀ = V·gyᵀ (K-major, from shared memory), Pᵀ = 2^(Sᵀ·s' − lse₂) masked, dSᵀ =
@@ -624,36 +654,21 @@ __device__ void backward_dkv(const AttentionWgmmaBwdParams& p) {
     const int n0 = cw;
     if (cw == 1) release(&sm.empty[0]);
     lf::mbarrier_wait_parity(sm.fixed_full, 0);
-    stats(n0);
-    issue_s(n0);
-    lf::wgmma_wait<0>();
-    lf::wgmma_fence_operands(st);
-    lf::wgmma_fence_operands(dpt);
-    grads(n0);
-    pack<T>(pa, st);
-    pack<T>(pb, dpt);
-    for (int n = n0 + 1; n < ntiles; ++n) {
+    consume(n0, ntiles, sm.empty, [&](int n) {
         stats(n);
         issue_s(n);
-        issue_kv(n - 1);
-        lf::wgmma_wait<1>();  // Sᵀ, dPᵀ of tile n are in; dv, dk of tile n − 1 may still run
+    }, issue_kv, [&] {
         lf::wgmma_fence_operands(st);
         lf::wgmma_fence_operands(dpt);
-        grads(n);
-        lf::wgmma_wait<0>();  // tile n − 1's stage and fragments are free
+    }, grads, [&] {
         lf::wgmma_fence_operands(dv);
         lf::wgmma_fence_operands(dk);
         pin(pa);
         pin(pb);
-        release(&sm.empty[(n - 1) % kStages]);
+    }, [&] {
         pack<T>(pa, st);
         pack<T>(pb, dpt);
-    }
-    issue_kv(ntiles - 1);
-    lf::wgmma_wait<0>();
-    lf::wgmma_fence_operands(dv);
-    lf::wgmma_fence_operands(dk);
-    release(&sm.empty[(ntiles - 1) % kStages]);
+    });
 
     T* out = static_cast<T*>(p.dqkv) + b * p.t * 3 * p.c + h * HD;
     const long long rows[2] = {key[0], key[1]};
@@ -741,59 +756,31 @@ __device__ void backward_dq(const AttentionWgmmaBwdParams& p) {
     // producer waits for no stage after the last, so that stage needs no release).
     const int n_end = ntiles - 1 + cw;
     lf::mbarrier_wait_parity(sm.fixed_full, 0);
-    issue_s(0);
-    lf::wgmma_wait<0>();
-    lf::wgmma_fence_operands(s);
-    lf::wgmma_fence_operands(dp);
-    grads(0);
-    pack<T>(pa, dp);
-    for (int n = 1; n < n_end; ++n) {
-        issue_s(n);
-        issue_dq(n - 1);
-        lf::wgmma_wait<1>();  // S, dP of tile n are in; dq of tile n − 1 may still run
+    consume(0, n_end, sm.empty, issue_s, issue_dq, [&] {
         lf::wgmma_fence_operands(s);
         lf::wgmma_fence_operands(dp);
-        grads(n);
-        lf::wgmma_wait<0>();  // tile n − 1's stage and fragments are free
+    }, grads, [&] {
         lf::wgmma_fence_operands(dq);
         pin(pa);
-        release(&sm.empty[(n - 1) % kStages]);
-        pack<T>(pa, dp);
-    }
-    issue_dq(n_end - 1);
-    lf::wgmma_wait<0>();
-    lf::wgmma_fence_operands(dq);
-    release(&sm.empty[(n_end - 1) % kStages]);
+    }, [&] { pack<T>(pa, dp); });
 
     store_rows<T, HD>(static_cast<T*>(p.dqkv) + b * p.t * 3 * p.c + h * HD, 3 * p.c, row, tq, dq);
 }
 
-// The kernel body where wgmma exists (sm_90a, the simulator); elsewhere a trap — the host
+// The kernel bodies where wgmma exists (sm_90a, the simulator); elsewhere a trap — the host
 // launches these kernels only from an sm_90a cubin (src/ops/attention/wgmma.rs).
-template <typename T, int HD>
-__device__ __forceinline__ void run(const AttentionWgmmaParams& p) {
-#if defined(LF_SM90A) || defined(LORAFUSE_SIM)
-    forward<T, HD>(p);
-#else
-    (void)p;
-    __trap();
-#endif
-}
+enum class Pass { fwd, dkv, dq };
 
-template <typename T, int HD>
-__device__ __forceinline__ void run_dkv(const AttentionWgmmaBwdParams& p) {
+template <Pass K, typename T, int HD, typename P>
+__device__ __forceinline__ void run(const P& p) {
 #if defined(LF_SM90A) || defined(LORAFUSE_SIM)
-    backward_dkv<T, HD>(p);
-#else
-    (void)p;
-    __trap();
-#endif
-}
-
-template <typename T, int HD>
-__device__ __forceinline__ void run_dq(const AttentionWgmmaBwdParams& p) {
-#if defined(LF_SM90A) || defined(LORAFUSE_SIM)
-    backward_dq<T, HD>(p);
+    if constexpr (K == Pass::fwd) {
+        forward<T, HD>(p);
+    } else if constexpr (K == Pass::dkv) {
+        backward_dkv<T, HD>(p);
+    } else {
+        backward_dq<T, HD>(p);
+    }
 #else
     (void)p;
     __trap();
@@ -804,33 +791,33 @@ __device__ __forceinline__ void run_dq(const AttentionWgmmaBwdParams& p) {
 
 extern "C" __global__ void __launch_bounds__(kThreads, 1)
     attention_wgmma64_fwd_bf16(const __grid_constant__ AttentionWgmmaParams p) {
-    run<bf16, 64>(p);
+    run<Pass::fwd, bf16, 64>(p);
 }
 extern "C" __global__ void __launch_bounds__(kThreads, 1)
     attention_wgmma64_fwd_f16(const __grid_constant__ AttentionWgmmaParams p) {
-    run<f16, 64>(p);
+    run<Pass::fwd, f16, 64>(p);
 }
 extern "C" __global__ void __launch_bounds__(kThreads, 1)
     attention_wgmma128_fwd_bf16(const __grid_constant__ AttentionWgmmaParams p) {
-    run<bf16, 128>(p);
+    run<Pass::fwd, bf16, 128>(p);
 }
 extern "C" __global__ void __launch_bounds__(kThreads, 1)
     attention_wgmma128_fwd_f16(const __grid_constant__ AttentionWgmmaParams p) {
-    run<f16, 128>(p);
+    run<Pass::fwd, f16, 128>(p);
 }
 extern "C" __global__ void __launch_bounds__(kThreads, 1)
     attention_wgmma64_dkv_bwd_bf16(const __grid_constant__ AttentionWgmmaBwdParams p) {
-    run_dkv<bf16, 64>(p);
+    run<Pass::dkv, bf16, 64>(p);
 }
 extern "C" __global__ void __launch_bounds__(kThreads, 1)
     attention_wgmma64_dkv_bwd_f16(const __grid_constant__ AttentionWgmmaBwdParams p) {
-    run_dkv<f16, 64>(p);
+    run<Pass::dkv, f16, 64>(p);
 }
 extern "C" __global__ void __launch_bounds__(kThreads, 1)
     attention_wgmma64_dq_bwd_bf16(const __grid_constant__ AttentionWgmmaBwdParams p) {
-    run_dq<bf16, 64>(p);
+    run<Pass::dq, bf16, 64>(p);
 }
 extern "C" __global__ void __launch_bounds__(kThreads, 1)
     attention_wgmma64_dq_bwd_f16(const __grid_constant__ AttentionWgmmaBwdParams p) {
-    run_dq<f16, 64>(p);
+    run<Pass::dq, f16, 64>(p);
 }

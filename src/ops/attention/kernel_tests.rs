@@ -444,9 +444,10 @@ fn wgmma_runs_on(device: &Device) -> bool {
     crate::testing::hopper_kernel_runs_on(device, wgmma::KERNELS[0])
 }
 
-/// (B, T, C, H) of the wgmma forward's checks: head dims 64 and 128; one to three 128-row
-/// query blocks (three: the K/V stages' second round, their barriers' second phase); B = 2
-/// (the tensor map spans every batch's rows: a block must read its own).
+/// (B, T, C, H) of the wgmma checks: head dims 64 (forward and backward) and 128 (the
+/// forward); one to three 128-row blocks (three: every kernel's stages turn over, their
+/// barriers reach a second phase); B = 2 and H = 2 (the tensor maps span every batch's rows
+/// and every head's columns: a block must read its own).
 const WGMMA_SHAPES: [(usize, usize, usize, usize); 3] =
     [(2, 128, 128, 2), (1, 384, 64, 1), (1, 256, 256, 2)];
 
@@ -479,13 +480,15 @@ fn reference_lse(x64: &Tensor, d: cpu::Dims) -> Vec<f64> {
 
 /// The wgmma forward against the f64 reference (y and lse, which the backward reads: on the
 /// first shape, the sm_80 backward from the wgmma forward's y and lse must match the
-/// reference too), and against itself (two runs, bit for bit).
-fn check_wgmma_forward(device: &Device, shapes: &[(usize, usize, usize, usize)]) {
+/// reference too), at hd 64 the wgmma backward from them, and both against themselves (two
+/// runs, bit for bit).
+fn check_wgmma(device: &Device, shapes: &[(usize, usize, usize, usize)]) {
     let mut r = rng("attention_wgmma");
     for (n, &(b, t, c, h)) in shapes.iter().enumerate() {
         let d = cpu::Dims { b, t, c, h };
         let x = rand_tensor(&mut r, [b, t, 3 * c], -2.0, 2.0);
         let gy = rand_tensor(&mut r, [b, t, c], -1.0, 1.0);
+        let hopper_backward = c / h == 64;
         for dtype in [DType::BF16, DType::F16] {
             let name = format!("{device} {dtype} B{b} T{t} C{c} H{h} (wgmma)");
             let (xd, gd) = (on(&x, dtype, device), on(&gy, dtype, device));
@@ -494,30 +497,37 @@ fn check_wgmma_forward(device: &Device, shapes: &[(usize, usize, usize, usize)])
                 on(&gd, DType::F64, &Device::Cpu),
             );
             let (y, lse) = cuda::forward_on(&xd, d, true).unwrap();
-            let (y64, gx64) = if n == 0 {
+            let (y64, gx64) = if n == 0 || hopper_backward {
                 run(&x64, &g64, h)
             } else {
                 (causal_attention(&x64, h).unwrap(), g64)
             };
             assert_eq!(y.dims(), &[b, t, c], "{name}");
-            assert_close(
-                &format!("{name}: y"),
-                &y.to_vec_f64().unwrap(),
-                &y64.to_vec_f64().unwrap(),
-                tol(dtype),
-            );
+            let v = |t: &Tensor| t.to_vec_f64().unwrap();
+            assert_close(&format!("{name}: y"), &v(&y), &v(&y64), tol(dtype));
             assert_close(
                 &format!("{name}: lse"),
-                &lse.to_vec_f64().unwrap(),
+                &v(&lse),
                 &reference_lse(&x64, d),
                 tol(DType::F32),
             );
             if n == 0 {
-                let gx = cuda::backward(&xd, &y, &lse, &gd, d).unwrap();
+                let gx = cuda::backward_on(&xd, &y, &lse, &gd, d, false).unwrap();
                 assert_close(
-                    &format!("{name}: dqkv from the wgmma forward's y and lse"),
-                    &gx.to_vec_f64().unwrap(),
-                    &gx64.to_vec_f64().unwrap(),
+                    &format!("{name}: sm_80 dqkv from the wgmma forward's y and lse"),
+                    &v(&gx),
+                    &v(&gx64),
+                    tol(dtype),
+                );
+            }
+            let backward = || cuda::backward_on(&xd, &y, &lse, &gd, d, true).unwrap();
+            let gx = hopper_backward.then(backward);
+            if let Some(gx) = &gx {
+                assert_eq!(gx.dims(), &[b, t, 3 * c], "{name}");
+                assert_close(
+                    &format!("{name}: wgmma dqkv"),
+                    &v(gx),
+                    &v(&gx64),
                     tol(dtype),
                 );
             }
@@ -525,52 +535,81 @@ fn check_wgmma_forward(device: &Device, shapes: &[(usize, usize, usize, usize)])
                 let (y2, lse2) = cuda::forward_on(&xd, d, true).unwrap();
                 assert_eq!(bits(&y), bits(&y2), "{name}: y differs between runs");
                 assert_eq!(bits(&lse), bits(&lse2), "{name}: lse differs between runs");
+                if let Some(gx) = &gx {
+                    assert_eq!(
+                        bits(gx),
+                        bits(&backward()),
+                        "{name}: dqkv differs between runs"
+                    );
+                }
             }
         }
     }
 }
 
-fn wgmma_forward_matches_the_reference(device: &Device) {
+fn wgmma_matches_the_reference(device: &Device) {
     if wgmma_runs_on(device) {
-        check_wgmma_forward(device, &WGMMA_SHAPES);
+        check_wgmma(device, &WGMMA_SHAPES);
     }
 }
 crate::test_device!(
     wgmma_matches_reference,
-    wgmma_forward_matches_the_reference,
+    wgmma_matches_the_reference,
     devices_only
 );
 
-/// The forced wgmma forward refuses, with an error naming why, what it cannot take (and
-/// launches nothing): f32, head dims other than 64 and 128, T not a multiple of 128.
-fn wgmma_forward_refusals(device: &Device) {
+/// The forced wgmma forward and backward refuse, with an error naming why, what they cannot
+/// take (and launch nothing): f32, head dims other than 64 and 128 (the backward: 64 only),
+/// T not a multiple of 128.
+fn wgmma_refusals_name_the_reason(device: &Device) {
     if !wgmma_runs_on(device) {
         return;
     }
     let mut r = rng("attention_wgmma_refusals");
-    for ((b, t, c, h), dtype, why) in [
-        ((1, 128, 64, 1), DType::F32, "bf16 and f16 only"),
-        ((1, 128, 96, 3), DType::BF16, "head dim 32"),
+    for ((b, t, c, h), dtype, backward, why) in [
+        ((1, 128, 64, 1), DType::F32, false, "bf16 and f16 only"),
+        ((1, 128, 96, 3), DType::BF16, false, "head dim 32"),
         (
             (1, 130, 64, 1),
             DType::F16,
+            false,
             "T = 130 is not a positive multiple of 128",
         ),
-        ((1, 0, 64, 1), DType::BF16, "T = 0"),
+        ((1, 0, 64, 1), DType::BF16, false, "T = 0"),
+        ((1, 128, 64, 1), DType::F32, true, "bf16 and f16 only"),
+        (
+            (1, 128, 128, 1),
+            DType::BF16,
+            true,
+            "the backward takes 64 only",
+        ),
+        (
+            (1, 130, 64, 1),
+            DType::F16,
+            true,
+            "T = 130 is not a positive multiple of 128",
+        ),
+        ((1, 0, 64, 1), DType::BF16, true, "T = 0"),
     ] {
+        let d = cpu::Dims { b, t, c, h };
         let x = on(
             &rand_tensor(&mut r, [b, t, 3 * c], -1.0, 1.0),
             dtype,
             device,
         );
-        let e = cuda::forward_on(&x, cpu::Dims { b, t, c, h }, true)
-            .map(|_| ())
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains(why), "{dtype} B{b} T{t} C{c} H{h}: {e}");
+        let e = if backward {
+            let gy = on(&rand_tensor(&mut r, [b, t, c], -1.0, 1.0), dtype, device);
+            let (y, lse) = cuda::forward(&x, d).unwrap();
+            cuda::backward_on(&x, &y, &lse, &gy, d, true).map(|_| ())
+        } else {
+            cuda::forward_on(&x, d, true).map(|_| ())
+        };
+        let e = e.unwrap_err().to_string();
+        let pass = if backward { "backward" } else { "forward" };
+        assert!(e.contains(why), "{pass} {dtype} B{b} T{t} C{c} H{h}: {e}");
     }
 }
-crate::test_device!(wgmma_refusals, wgmma_forward_refusals, devices_only);
+crate::test_device!(wgmma_refusals, wgmma_refusals_name_the_reason, devices_only);
 
 /// The dispatch: the Hopper forward on a GPU with the sm_90a cubin for shapes it takes,
 /// unless switched off; never on other GPUs or the simulator's automatic path; forced, an
@@ -681,89 +720,6 @@ fn every_wgmma_wait_is_load_bearing() {
 }
 
 // ---- The Hopper backward (attention_wgmma64_dkv_bwd, attention_wgmma64_dq_bwd) ----
-
-/// (B, T, C, H) of the wgmma backward's checks, all at hd 64: one 128-row block per head over
-/// B = 2 and H = 2 (the maps span every batch's rows and every head's columns), and three
-/// blocks (6 streamed tiles in the longest: the three stages' second round).
-const WGMMA_BWD_SHAPES: [(usize, usize, usize, usize); 2] = [(2, 128, 128, 2), (1, 384, 64, 1)];
-
-/// The Hopper forward and backward (both forced) against the f64 reference through the tape,
-/// and the backward against itself (two runs, bit for bit).
-fn check_wgmma_backward(device: &Device, shapes: &[(usize, usize, usize, usize)]) {
-    let mut r = rng("attention_wgmma_bwd");
-    for &(b, t, c, h) in shapes {
-        let d = cpu::Dims { b, t, c, h };
-        let x = rand_tensor(&mut r, [b, t, 3 * c], -2.0, 2.0);
-        let gy = rand_tensor(&mut r, [b, t, c], -1.0, 1.0);
-        for dtype in [DType::BF16, DType::F16] {
-            let name = format!("{device} {dtype} B{b} T{t} C{c} H{h} (wgmma backward)");
-            let (xd, gd) = (on(&x, dtype, device), on(&gy, dtype, device));
-            let (x64, g64) = (
-                on(&xd, DType::F64, &Device::Cpu),
-                on(&gd, DType::F64, &Device::Cpu),
-            );
-            let (y, lse) = cuda::forward_on(&xd, d, true).unwrap();
-            let gx = cuda::backward_on(&xd, &y, &lse, &gd, d, true).unwrap();
-            let (_, gx64) = run(&x64, &g64, h);
-            assert_eq!(gx.dims(), &[b, t, 3 * c], "{name}");
-            assert_close(
-                &format!("{name}: dqkv"),
-                &gx.to_vec_f64().unwrap(),
-                &gx64.to_vec_f64().unwrap(),
-                tol(dtype),
-            );
-            if rerun_can_differ(device) {
-                let gx2 = cuda::backward_on(&xd, &y, &lse, &gd, d, true).unwrap();
-                assert_eq!(bits(&gx), bits(&gx2), "{name}: dqkv differs between runs");
-            }
-        }
-    }
-}
-
-fn wgmma_backward_matches_the_reference(device: &Device) {
-    if wgmma_runs_on(device) {
-        check_wgmma_backward(device, &WGMMA_BWD_SHAPES);
-    }
-}
-crate::test_device!(
-    wgmma_bwd_matches_reference,
-    wgmma_backward_matches_the_reference,
-    devices_only
-);
-
-/// The forced wgmma backward refuses, with an error naming why, what it cannot take: f32,
-/// head dim 128 (the forward takes it, the backward does not), T not a multiple of 128.
-fn wgmma_backward_refusals(device: &Device) {
-    if !wgmma_runs_on(device) {
-        return;
-    }
-    let mut r = rng("attention_wgmma_bwd_refusals");
-    for ((b, t, c, h), dtype, why) in [
-        ((1, 128, 64, 1), DType::F32, "bf16 and f16 only"),
-        ((1, 128, 128, 1), DType::BF16, "the backward takes 64 only"),
-        (
-            (1, 130, 64, 1),
-            DType::F16,
-            "T = 130 is not a positive multiple of 128",
-        ),
-        ((1, 0, 64, 1), DType::BF16, "T = 0"),
-    ] {
-        let d = cpu::Dims { b, t, c, h };
-        let x = on(
-            &rand_tensor(&mut r, [b, t, 3 * c], -1.0, 1.0),
-            dtype,
-            device,
-        );
-        let gy = on(&rand_tensor(&mut r, [b, t, c], -1.0, 1.0), dtype, device);
-        let (y, lse) = cuda::forward(&x, d).unwrap();
-        let e = cuda::backward_on(&x, &y, &lse, &gy, d, true)
-            .map(|_| ())
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains(why), "{dtype} B{b} T{t} C{c} H{h}: {e}");
-    }
-}
-crate::test_device!(wgmma_bwd_refusals, wgmma_backward_refusals, devices_only);
 
 /// The backward's eligibility rules beyond the forward's, one by one.
 #[test]

@@ -195,15 +195,10 @@ pub(crate) fn try_launch(
     d: Dims,
     forced: bool,
 ) -> Result<bool> {
-    if !forced && (dtype == DType::F32 || !hopper_attention()) {
+    if !chosen(qd, dtype, forced, || eligible(dtype, d, qd.device_ptr()))? {
         return Ok(false);
     }
     let backend = qd.backend();
-    let target = Target::of(backend, KERNELS[0], forced)?;
-    let why_not = eligible(dtype, d, qd.device_ptr());
-    if !choose(forced, target, why_not.as_deref(), !hopper_attention())? {
-        return Ok(false);
-    }
     let hd = d.c / d.h;
     let name = kernel_name(dtype, hd)?;
     let qkv = backend.encode_tensor_map(&rows_map(qd, 3 * d.c, d, TILE))?;
@@ -283,12 +278,24 @@ pub(crate) fn backward_chosen(
     d: Dims,
     forced: bool,
 ) -> Result<bool> {
+    chosen(qd, dtype, forced, || {
+        backward_eligible(dtype, d, qd.device_ptr(), gd.device_ptr())
+    })
+}
+
+/// [`choose`] for a launch on `qd`'s backend, with `why_not` the shape's eligibility
+/// (evaluated only when the switch or the force asks for the Hopper kernels).
+fn chosen(
+    qd: &DeviceStorage,
+    dtype: DType,
+    forced: bool,
+    why_not: impl FnOnce() -> Option<String>,
+) -> Result<bool> {
     if !forced && (dtype == DType::F32 || !hopper_attention()) {
         return Ok(false);
     }
     let target = Target::of(qd.backend(), KERNELS[0], forced)?;
-    let why_not = backward_eligible(dtype, d, qd.device_ptr(), gd.device_ptr());
-    choose(forced, target, why_not.as_deref(), !hopper_attention())
+    choose(forced, target, why_not().as_deref(), !hopper_attention())
 }
 
 /// Launches the Hopper backward of a shape [`backward_chosen`] accepted: dk and dv
