@@ -15,11 +15,12 @@
 //   channels j ≡ lane mod 32 in order, then a fixed xor-shuffle tree), so they differ
 //   from the CPU's serial sums by f32 rounding (tests: rel-L2 tolerances). ggamma and
 //   gbeta are summed in the reference's order (`cpu::backward_params`): the rows in chunks
-//   of 256 (kChunkRows), each chunk in row order, then the K = ⌈R/256⌉ chunk sums in chunk
-//   order, with __fadd_rn / __fmul_rn (no FMA) — layer_norm_bwd writes the chunk sums
-//   (partials =), layer_norm_params_bwd adds them up (ggamma =, gbeta =): gbeta equals the
-//   CPU reference bit for bit, and ggamma would for identical mean/rstd. No atomics: every
-//   result is deterministic and independent of the grid.
+//   of 32 (kChunkRows), each chunk in row order; chunk k's sum added, in chunk order, into
+//   lane k mod 32; the 32 lanes combined by the xor tree of distances 16, 8, 4, 2, 1 — all
+//   with __fadd_rn / __fmul_rn (no FMA). layer_norm_bwd writes the chunk sums (partials =),
+//   layer_norm_params_bwd combines them (ggamma =, gbeta =): gbeta equals the CPU reference
+//   bit for bit, and ggamma would for identical mean/rstd. No atomics: every result is
+//   deterministic and independent of the grid.
 //
 // Shapes: x, y, gy, gx [R, C] row-major (R = the product of the leading dims); gamma, beta,
 // ggamma, gbeta [C]; mean, rstd [R] f32; partials [2, K, C] f32 (scratch).
@@ -37,17 +38,24 @@
 //   loads in flight per SM against the ~25 KB Little's law asks (3.35 TB/s × ~1 µs / 132
 //   SMs); the statistics are two 5-step xor-shuffle trees per row, no barrier, no
 //   shared memory; 1024 blocks ≈ 1.9 waves of 528 (the second nearly full).
-//   backward ~20·R·C FLOPs; the gx blocks read x, gy (registers) and write gx:
-//   3·s·R·C = 37.7 MB → 12.6 µs H100 / 8.8 µs H200 (the floor); the chunk-sum blocks read
-//   x and gy a second time (25.2 MB, partly from L2: 50 MB on H100, 60 MB on H200) and
-//   write + read 2·2·4·K·C = 0.4 MB of chunk sums (K = 32). Predicted: the gx blocks at
-//   ≥ 85 % (93–101 registers → 2 blocks = 16 warps per SM, 3 KB per warp in flight: ~48 KB
-//   per SM); the whole backward ~50–60 % of the 37.7 MB floor (~22–25 µs H100): the
-//   chunk sums are K·C = 24576 chains of 256 dependent additions (96 blocks of 256
-//   threads, 16 loads in flight per thread with kBatch = 8) that start first and overlap
-//   the gx blocks, but their second read of x and gy stays. Known gap (next step): one
-//   pass, a block per chunk staging the rows' gy and gy·n in shared memory for the ordered
-//   sums, with smaller chunks (both sides) and a warp-parallel final pass.
+//   backward ~20·R·C FLOPs; reads x, gy once and writes gx: 3·s·R·C = 37.7 MB → 12.6 µs
+//   H100 / 8.8 µs H200 (the floor), with or without the parameter sums:
+//   - gx only (LoRA: γ, β frozen), one warp per row in registers: predicted ≥ 85 % (104–128
+//     registers, the fused path sharing the kernel → 2 blocks = 16 warps per SM, 3 KB per
+//     warp in flight: ~48 KB per SM).
+//   - gx and the parameter sums, rows in registers (full fine-tuning at GPT-2's shapes):
+//     one pass, backward_fused. A block per 32-row chunk (K = 256 blocks ≈ one wave of 2 per
+//     SM) loads each row once, stages gy·n and gy in shared memory (2 × 8 × C f32 =
+//     48 KiB at C = 768) and sums them per channel in row order; + 2·2·4·K·C = 3.1 MB of
+//     chunk sums written and read back (L2). Predicted ~75–80 % of the floor (~16 µs H100):
+//     the two barriers per 8 rows stall a block between its loads and its sums, and the
+//     other block of the SM covers the gap only in part. The design before 2026-12-04 read x
+//     and gy a second time in separate chunk-sum blocks (256-row chunks): ~50–60 %.
+//   - otherwise (scalar rows, or only the parameter sums): the gx blocks as above beside
+//     chunk-sum blocks that read x and gy again, one thread per channel per chunk
+//     (K·⌈C/256⌉ units of 32 dependent additions; kBatch = 8 rows of loads in flight).
+//   layer_norm_params_bwd: one warp per channel reads its K chunk sums (lane l: chunks l,
+//   l + 32, …; 8 loads at K = 256) and combines the lanes: C warps, ~1–2 µs.
 //   Not measured on a GPU.
 //
 // Launch geometry: 256-thread blocks of 8 warps.
@@ -56,13 +64,16 @@
 //     8 bf16/f16), C ≤ 1024 and x, y, γ, β are 16-byte aligned (then every row is): lane l
 //     holds the vectors l, l + 32, … (≤ 32 f32 values per lane); otherwise the scalar
 //     path (lanes stride over the channels, three passes over the row from L1/L2).
-//   layer_norm_bwd: grid = chan_blocks + row_blocks. The first chan_blocks blocks take the
+//   layer_norm_bwd: fused (the parameter `fused`: gx and the sums wanted, the row in
+//     registers): grid = min(K, the cap) blocks, each taking chunks k (grid-stride) 8 rows at
+//     a time, dynamic shared memory 2 × 8 × C f32 (the opt-in above 48 KiB, C ≤ 1024).
+//     Otherwise grid = chan_blocks + row_blocks. The first chan_blocks blocks take the
 //     (chunk, 256-channel group) units k·G + g in a grid-stride loop (G = ⌈C/256⌉), one
-//     thread per channel summing the chunk's ≤ 256 rows in order (coalesced across the
+//     thread per channel summing the chunk's ≤ 32 rows in order (coalesced across the
 //     warp); the others compute gx, one warp per row as the forward (register or scalar
 //     path, the same test), skipped when gx is not wanted (row_blocks = 0).
-//   layer_norm_params_bwd: one thread per channel (grid-stride, ⌈C/256⌉ blocks up to the
-//     cap) adds the K chunk sums in order and rounds once.
+//   layer_norm_params_bwd: one warp per channel (grid-stride, ⌈C/8⌉ blocks up to the cap)
+//     combines the K chunk sums (lanes, then the xor tree) and rounds once.
 #include "common.cuh"
 
 // Rust twin: `LayerNormParams` in src/ops/layer_norm/cuda.rs (a test checks the size).
@@ -82,7 +93,7 @@ struct LayerNormParams {
     float* partials;       // backward: [2, chunks, C] f32 chunk sums of ggamma, then gbeta
     long long chunks;      // backward: K = ⌈rows / kChunkRows⌉
     float eps;
-    int pad;
+    int fused;             // backward: 1 = every block runs backward_fused (gx and chunk sums)
 };
 
 namespace {
@@ -91,7 +102,7 @@ constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 // Rows per chunk of the parameter sums: fixed (the CPU reference sums in the same chunks),
 // so the result does not depend on the grid. Rust twin: `cpu::ROW_CHUNK`.
-constexpr long long kChunkRows = 256;
+constexpr long long kChunkRows = 32;
 
 // The sum over the warp: every lane ends with the same value (a + b = b + a exactly).
 __device__ __forceinline__ float warp_sum(float v) {
@@ -338,20 +349,135 @@ LF_UNROLL
     }
 }
 
-// ggamma and gbeta: the chunk sums added in chunk order, rounded once.
+// One pass over x and gy for gx and the chunk sums (row path in registers, both wanted): the
+// block takes chunks k (grid-stride), 8 rows at a time, one per warp. A warp loads its row,
+// writes the reference's products gy·n and gy (f32) into the staging rows of shared memory
+// and computes gx as backward_x_vec; after a barrier, thread t adds the staged rows in row
+// order into its channels t, t + 256, … (≤ 4 of them: C ≤ 1024); a second barrier frees the
+// staging for the next 8 rows. Shared: 2 × 8 × C f32 (48 KiB at C = 768).
+constexpr int kChanPerThread = 32 * kRegValues / kThreads;  // 4
+template <typename T>
+__device__ void backward_fused(const LayerNormParams& p) {
+    constexpr int W = lf::vec16<T>::n, NV = kRegValues / W;
+    static_assert(W % 4 == 0, "16-byte staging stores");
+    if (!row_in_registers<T>(p.c, p.x, p.gy, p.gx, p.gamma)) __trap();  // the launcher checks it
+    LF_DYNAMIC_SMEM(float, stage);
+    float* sgn = stage;            // [8][C]: gy·n of the round's rows
+    float* sg = stage + kWarps * p.c;  // [8][C]: gy
+    const int lane = threadIdx.x & 31;
+    const int warp = (int)(threadIdx.x >> 5);
+    const T* gamma = static_cast<const T*>(p.gamma);
+    const int nvec = (int)(p.c / W);
+    const float n = (float)p.c;
+    for (long long k = blockIdx.x; k < p.chunks; k += gridDim.x) {
+        const long long r0 = k * kChunkRows;
+        const long long r1 = r0 + kChunkRows < p.rows ? r0 + kChunkRows : p.rows;
+        float gg[kChanPerThread], gb[kChanPerThread];
+LF_UNROLL
+        for (int u = 0; u < kChanPerThread; ++u) gg[u] = gb[u] = 0.0f;
+        for (long long base = r0; base < r1; base += kWarps) {
+            const long long row = base + warp;
+            if (row < r1) {
+                const T* x = static_cast<const T*>(p.x) + row * p.c;
+                const T* gy = static_cast<const T*>(p.gy) + row * p.c;
+                T* gx = static_cast<T*>(p.gx) + row * p.c;
+                const float m = p.mean[row], r = p.rstd[row];
+                float xv[NV][W], dv[NV][W];
+LF_UNROLL
+                for (int i = 0; i < NV; ++i) {
+                    const int q = lane + 32 * i;
+                    if (q < nvec) {
+                        lf::load16(x + q * W, xv[i]);
+                        lf::load16(gy + q * W, dv[i]);
+                    }
+                }
+                float sd = 0.0f, sdn = 0.0f;
+LF_UNROLL
+                for (int i = 0; i < NV; ++i) {
+                    const int q = lane + 32 * i;
+                    if (q < nvec) {
+                        float g[W], pn[W];
+                        lf::load16(gamma + q * W, g);
+LF_UNROLL
+                        for (int e = 0; e < W; ++e) {
+                            pn[e] = __fmul_rn(dv[i][e], __fmul_rn(__fsub_rn(xv[i][e], m), r));
+                            const float d = g[e] * dv[i][e];
+                            sd += d;
+                            sdn += d * ((xv[i][e] - m) * r);
+                        }
+                        float* dn = sgn + warp * p.c + q * W;
+                        float* dg = sg + warp * p.c + q * W;
+LF_UNROLL
+                        for (int e = 0; e < W; e += 4) {
+                            *reinterpret_cast<float4*>(dn + e) = make_float4(pn[e], pn[e + 1], pn[e + 2], pn[e + 3]);
+                            *reinterpret_cast<float4*>(dg + e) =
+                                make_float4(dv[i][e], dv[i][e + 1], dv[i][e + 2], dv[i][e + 3]);
+                        }
+LF_UNROLL
+                        for (int e = 0; e < W; ++e) dv[i][e] *= g[e];
+                    }
+                }
+                const float mean_d = warp_sum(sd) / n, mean_dn = warp_sum(sdn) / n;
+LF_UNROLL
+                for (int i = 0; i < NV; ++i) {
+                    const int q = lane + 32 * i;
+                    if (q < nvec) {
+LF_UNROLL
+                        for (int e = 0; e < W; ++e)
+                            xv[i][e] = (dv[i][e] - mean_d - (xv[i][e] - m) * r * mean_dn) * r;
+                        lf::store16(gx + q * W, xv[i]);
+                    }
+                }
+            }
+            __syncthreads();  // the round's rows are staged
+            const int staged = (int)(r1 - base < kWarps ? r1 - base : kWarps);
+LF_UNROLL
+            for (int u = 0; u < kChanPerThread; ++u) {
+                const long long j = threadIdx.x + (long long)kThreads * u;
+                if (j < p.c) {
+                    for (int w = 0; w < staged; ++w) {
+                        gg[u] = __fadd_rn(gg[u], sgn[w * p.c + j]);
+                        gb[u] = __fadd_rn(gb[u], sg[w * p.c + j]);
+                    }
+                }
+            }
+            __syncthreads();  // the staging is free for the next rows
+        }
+LF_UNROLL
+        for (int u = 0; u < kChanPerThread; ++u) {
+            const long long j = threadIdx.x + (long long)kThreads * u;
+            if (j < p.c) {
+                p.partials[k * p.c + j] = gg[u];
+                p.partials[(p.chunks + k) * p.c + j] = gb[u];
+            }
+        }
+    }
+}
+
+// ggamma and gbeta from the chunk sums, one warp per channel (grid-stride): lane l adds the
+// chunks l, l + 32, … in order, then a fixed xor tree over the lanes (cpu::combine_lanes),
+// rounded once.
 template <typename T>
 __device__ void params(const LayerNormParams& p) {
     T* ggamma = static_cast<T*>(p.ggamma);
     T* gbeta = static_cast<T*>(p.gbeta);
-    for (long long j = (long long)blockIdx.x * kThreads + threadIdx.x; j < p.c;
-         j += (long long)gridDim.x * kThreads) {
+    const int lane = threadIdx.x & 31;
+    for (long long j = (long long)blockIdx.x * kWarps + (threadIdx.x >> 5); j < p.c;
+         j += (long long)gridDim.x * kWarps) {
         float gg = 0.0f, gb = 0.0f;
-        for (long long k = 0; k < p.chunks; ++k) {
+        for (long long k = lane; k < p.chunks; k += 32) {
             gg = __fadd_rn(gg, p.partials[k * p.c + j]);
             gb = __fadd_rn(gb, p.partials[(p.chunks + k) * p.c + j]);
         }
-        ggamma[j] = lf::from_f32<T>(gg);
-        gbeta[j] = lf::from_f32<T>(gb);
+LF_UNROLL
+        for (int off = 16; off > 0; off >>= 1) {
+            gg = __fadd_rn(gg, __shfl_xor_sync(0xffffffffu, gg, off));
+            gb = __fadd_rn(gb, __shfl_xor_sync(0xffffffffu, gb, off));
+        }
+        if (lane == 0) {
+            ggamma[j] = lf::from_f32<T>(gg);
+            gbeta[j] = lf::from_f32<T>(gb);
+        }
     }
 }
 
@@ -359,6 +485,10 @@ __device__ void params(const LayerNormParams& p) {
 // they start in the first wave and the gx blocks fill the SMs around them.
 template <typename T>
 __device__ void backward(const LayerNormParams& p) {
+    if (p.fused) {
+        backward_fused<T>(p);
+        return;
+    }
     const long long b = blockIdx.x;
     const long long chan_blocks = (long long)gridDim.x - p.row_blocks;
     if (b < chan_blocks) {

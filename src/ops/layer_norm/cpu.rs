@@ -93,15 +93,32 @@ pub(crate) fn backward_x<T: Real>(
 }
 
 /// Rows per chunk of the parameter-gradient sums (the kernel's `kChunkRows`).
-pub(crate) const ROW_CHUNK: usize = 256;
+pub(crate) const ROW_CHUNK: usize = 32;
+
+/// Lanes of the chunk sums' final combination (a warp's).
+pub(crate) const LANES: usize = 32;
+
+/// The fixed combination of a channel's lane sums, as a warp's xor-shuffle tree computes it
+/// (`layer_norm_params_bwd`): at each distance 16, 8, 4, 2, 1 every lane adds its partner's
+/// value, all at once (a + b = b + a exactly, so all lanes end equal); the result is lane 0's.
+pub(crate) fn combine_lanes<T: Real>(s: &mut [T; LANES]) -> T {
+    for off in [16, 8, 4, 2, 1] {
+        let old = *s;
+        for (l, v) in s.iter_mut().enumerate() {
+            *v = old[l] + old[l ^ off];
+        }
+    }
+    s[0]
+}
 
 /// The parameter gradients `(ggamma, gbeta)` over rows of `c` elements:
 /// `ggamma[j] = Σ_r gy[r, j]·n[r, j]`, `gbeta[j] = Σ_r gy[r, j]`.
 ///
-/// The order of the sums is part of the contract (the kernel reproduces it bit for bit):
-/// the rows in chunks of [`ROW_CHUNK`], each chunk summed in row order from 0, then the
-/// chunk sums added in chunk order. Parallel over blocks of columns, so the result does
-/// not depend on the thread count.
+/// The order of the sums is part of the contract (the kernels reproduce it bit for bit):
+/// the rows in chunks of [`ROW_CHUNK`], each chunk summed in row order from 0; chunk k's sum
+/// added, in chunk order, into lane k mod [`LANES`] (from 0); the lanes combined by
+/// [`combine_lanes`]. Parallel over blocks of columns, so the result does not depend on the
+/// thread count.
 pub(crate) fn backward_params<T: Real>(
     x: &[T],
     gy: &[T],
@@ -119,11 +136,13 @@ pub(crate) fn backward_params<T: Real>(
             let j0 = blk * COL_BLOCK;
             let w = gg.len();
             let (mut pg, mut pb) = (vec![T::zero(); w], vec![T::zero(); w]);
-            for (((x, gy), m), r) in x
+            let (mut lg, mut lb) = (vec![[T::zero(); LANES]; w], vec![[T::zero(); LANES]; w]);
+            for (k, (((x, gy), m), r)) in x
                 .chunks(ROW_CHUNK * c)
                 .zip(gy.chunks(ROW_CHUNK * c))
                 .zip(mean.chunks(ROW_CHUNK))
                 .zip(rstd.chunks(ROW_CHUNK))
+                .enumerate()
             {
                 pg.fill(T::zero());
                 pb.fill(T::zero());
@@ -140,12 +159,18 @@ pub(crate) fn backward_params<T: Real>(
                         *pb += g;
                     }
                 }
-                for (a, p) in gg.iter_mut().zip(&pg) {
-                    *a += *p;
+                for (lanes, p) in lg.iter_mut().zip(&pg) {
+                    lanes[k % LANES] += *p;
                 }
-                for (a, p) in gb.iter_mut().zip(&pb) {
-                    *a += *p;
+                for (lanes, p) in lb.iter_mut().zip(&pb) {
+                    lanes[k % LANES] += *p;
                 }
+            }
+            for ((g, lanes), (b, lanes_b)) in
+                gg.iter_mut().zip(&mut lg).zip(gb.iter_mut().zip(&mut lb))
+            {
+                *g = combine_lanes(lanes);
+                *b = combine_lanes(lanes_b);
             }
         });
     (ggamma, gbeta)

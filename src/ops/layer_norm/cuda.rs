@@ -27,7 +27,8 @@ pub(crate) struct LayerNormParams {
     pub partials: u64,
     pub chunks: i64,
     pub eps: f32,
-    pub pad: i32,
+    /// 1: the backward runs `backward_fused` in every block.
+    pub fused: i32,
 }
 
 /// Every kernel the launchers may launch (checked against the compiled modules by the tidy
@@ -47,6 +48,20 @@ pub(crate) const KERNELS: &[&str] = &[
 /// Threads per block and rows per block (one warp per row), the header's launch geometry.
 pub(crate) const THREADS: usize = 256;
 const WARPS: usize = THREADS / 32;
+
+/// The host twin of the kernels' `row_in_registers`: rows of `c` values of `dtype` are held
+/// in registers as 16-byte vectors when `c` is a multiple of the vector width, at most 1024,
+/// and every row pointer (`ptrs`) is 16-byte aligned.
+pub(crate) fn row_in_registers(dtype: DType, c: usize, ptrs: &[u64]) -> bool {
+    let width = 16 / dtype.size_in_bytes();
+    c.is_multiple_of(width) && c <= 1024 && ptrs.iter().all(|p| p.is_multiple_of(16))
+}
+
+/// Dynamic shared bytes of `backward_fused` for rows of `c ≤ 1024` values (the register
+/// path's limit): two f32 staging rows per warp (`gy·n`, `gy`), 64 KiB at most.
+pub(crate) fn fused_shared_bytes(c: usize) -> u32 {
+    (2 * WARPS * c.min(1024) * 4) as u32
+}
 
 const OP: &str = "layer_norm";
 
@@ -159,6 +174,18 @@ pub(crate) fn backward(
     } else {
         0
     };
+    // Both wanted and the rows fit the register path: one pass (`backward_fused`), a block
+    // per chunk (grid-stride past the cap), instead of gx blocks beside chunk-sum blocks.
+    let gx_ptr = gx.as_ref().map_or(Ok(0), ptr)?;
+    let fused = want_x
+        && want_params
+        && rows > 0
+        && row_in_registers(dtype, c, &[xd.device_ptr(), ptr(gy)?, gx_ptr, ptr(gamma)?]);
+    let (row_blocks, chan_blocks) = if fused {
+        (0, chunks.clamp(1, cap))
+    } else {
+        (row_blocks, chan_blocks)
+    };
     let partials = if want_params {
         Some(DeviceStorage::alloc(
             DType::F32,
@@ -188,19 +215,26 @@ pub(crate) fn backward(
         row_blocks: int(row_blocks)?,
         partials: partials.as_ref().map_or(0, DeviceStorage::device_ptr),
         chunks: int(chunks)?,
+        fused: i32::from(fused),
         ..Default::default()
     };
+    let shared_bytes = if fused { fused_shared_bytes(c) } else { 0 };
+    if shared_bytes > 48 * 1024 {
+        backend.opt_in_dynamic_shared(&name, shared_bytes)?;
+    }
     let cfg = LaunchConfig {
         grid: [grid, 1, 1],
         block: [THREADS as u32, 1, 1],
-        shared_bytes: 0,
+        shared_bytes,
     };
     backend.launch(&name, &cfg, &params)?;
     if want_params {
         // In stream order after the chunk sums; the scratch is freed in stream order too.
-        let blocks = c.div_ceil(THREADS).clamp(1, cap) as u32;
+        // One warp per channel.
+        let blocks = c.div_ceil(WARPS).clamp(1, cap) as u32;
         let cfg = LaunchConfig {
             grid: [blocks, 1, 1],
+            shared_bytes: 0,
             ..cfg
         };
         backend.launch(

@@ -1,6 +1,7 @@
 //! Kernel-level tests (DESIGN §6) of LayerNorm on every backend present: forward and
 //! backward through the tape against the CPU engine in the same dtype, over odd shapes
-//! (rows 1–600 around the 8-row blocks and the 256-row chunks of the parameter sums,
+//! (rows 1–1100 around the 8-row blocks, the 32-row chunks of the parameter sums and their
+//! 32 lanes,
 //! channels 1–770 around the 32-lane warps and the 256-channel blocks) and the three
 //! storage dtypes. The warp reductions sum in another order than the CPU's serial loops,
 //! so y, gx and ggamma are compared by rel-L2 (f32 1e-5, bf16 1e-2, f16 2e-3: a few units
@@ -14,13 +15,18 @@ use crate::testing::{assert_close, rand_tensor, rng};
 
 const DTYPES: [DType; 3] = [DType::F32, DType::BF16, DType::F16];
 
-/// (rows, channels): rows past one and several 256-row chunks of the parameter sums
-/// (257, 600), channels past one 256-thread group; then the register path's edges: C a
-/// multiple of the vector width (f32 4, bf16/f16 8: 8, 64, 768, 1000 — 1000/8 leaves lanes
-/// with fewer vectors) or not (1, 7, 63, and 772 = 768 + 4: vectors for f32 only, rows at
-/// 8-byte offsets for bf16/f16, so those take the scalar path), and past the 1024 values a
-/// warp holds (1040: scalar for every dtype).
-const SHAPES: [(usize, usize); 16] = [
+/// (rows, channels): rows past one and several 32-row chunks of the parameter sums (65,
+/// 130, 257, 600: chunks ending mid-round of 8 rows), more chunks than the 32 lanes that
+/// combine them (1100 on the register path, 1037 on the scalar one), channels past one
+/// 256-thread group; then the register path's edges: C a multiple of the vector width (f32
+/// 4, bf16/f16 8: 8, 64, 768, 1000 — 1000/8 leaves lanes with fewer vectors) or not (1, 7,
+/// 63, and 772 = 768 + 4: vectors for f32 only, rows at 8-byte offsets for bf16/f16, so
+/// those take the scalar path), and past the 1024 values a warp holds (1040: scalar for every
+/// dtype). The register-path shapes with gx tracked run the one-pass `backward_fused`; with
+/// x untracked, the chunk-sum blocks (their results must agree bit for bit).
+const SHAPES: [(usize, usize); 18] = [
+    (1100, 64),
+    (1037, 7),
     (1, 1),
     (7, 3),
     (65, 31),
@@ -178,4 +184,64 @@ fn params_match_the_kernels() {
             "{k}: the Rust and C++ parameter structs differ in size"
         );
     }
+}
+
+/// The host twin of the kernels' register-path test, which decides the one-pass backward:
+/// the vector width per dtype, the 1024-value limit, every pointer's alignment.
+#[test]
+fn the_fused_backward_takes_rows_the_registers_hold() {
+    use cuda::{fused_shared_bytes, row_in_registers};
+    assert!(row_in_registers(DType::BF16, 768, &[0, 256, 4096]));
+    assert!(row_in_registers(DType::F32, 772, &[16]));
+    assert!(!row_in_registers(DType::F16, 772, &[16]), "772 % 8");
+    assert!(row_in_registers(DType::F16, 1024, &[16]));
+    assert!(
+        !row_in_registers(DType::BF16, 1032, &[16]),
+        "past 1024 values"
+    );
+    assert!(
+        !row_in_registers(DType::BF16, 768, &[16, 8]),
+        "a pointer 8 bytes off"
+    );
+    assert_eq!(
+        fused_shared_bytes(768),
+        48 * 1024,
+        "GPT-2: the default limit, no opt-in"
+    );
+    assert_eq!(fused_shared_bytes(1024), 64 * 1024);
+}
+
+/// Both barriers of the one-pass backward (the staged rows are complete before they are
+/// summed; the sums are done before the next rows overwrite them) are load-bearing: with
+/// either deleted (a simulator mutation site), this probe fails. Reaching a site of a
+/// `layer_norm_bwd` kernel at all shows the probe ran `backward_fused` (the only part with a
+/// barrier).
+#[test]
+fn every_fused_backward_barrier_is_load_bearing() {
+    let mut r = rng("layer_norm_mutants");
+    let (rows, c) = (100, 64);
+    let ins = [
+        rand_tensor(&mut r, [rows, c], -3.0, 5.0),
+        rand_tensor(&mut r, [c], -2.0, 2.0),
+        rand_tensor(&mut r, [c], -1.0, 1.0),
+        rand_tensor(&mut r, [rows, c], -1.0, 1.0),
+    ];
+    let want = run(&ins, DType::BF16, &Device::Cpu, true);
+    let probe = || {
+        let (_, gx, gg, gb) = run(&ins, DType::BF16, &Device::Sim, true);
+        assert_close(
+            "mutant gx",
+            gx.as_ref().unwrap(),
+            want.1.as_ref().unwrap(),
+            tol(DType::BF16),
+        );
+        assert_close("mutant ggamma", &gg, &want.2, tol(DType::BF16));
+        assert_eq!(bits(&gb), bits(&want.3), "mutant gbeta");
+    };
+    let probes: [&dyn Fn(); 1] = [&probe];
+    crate::device::sim_mutation::assert_every_site_is_load_bearing(
+        "layer_norm",
+        &["layer_norm_bwd"],
+        &probes,
+    );
 }

@@ -229,8 +229,8 @@ mod tests {
     #[test]
     fn layer_norm_grads_only_for_tracked_inputs_and_deterministic() {
         let mut r = rng("layer_norm_partial");
-        // Large enough for several rayon tasks and column blocks.
-        let (m, c) = (300, 200);
+        // Large enough for several rayon tasks and column blocks, and more chunks than lanes.
+        let (m, c) = (1100, 200);
         let x = rand_tensor(&mut r, [m, c], -2.0, 2.0)
             .to_dtype(DType::F32)
             .unwrap();
@@ -263,22 +263,33 @@ mod tests {
         let c2 = run(false);
         assert_eq!((&a.1, &a.2), (&c2.1, &c2.2));
         // gbeta is the column sum of the seed in the documented order (rows in chunks of
-        // cpu::ROW_CHUNK, each in row order, then the chunk sums in order): bit for bit.
+        // cpu::ROW_CHUNK, each in row order; chunk k into lane k mod 32 in order; the lanes
+        // by the xor tree of distances 16 … 1): bit for bit.
         let sv = seed.to_vec_f32().unwrap();
-        let mut want = vec![0.0f32; c];
-        for chunk in sv.chunks(cpu::ROW_CHUNK * c) {
+        let mut lanes = vec![[0.0f32; 32]; c];
+        for (k, chunk) in sv.chunks(cpu::ROW_CHUNK * c).enumerate() {
             let mut part = vec![0.0f32; c];
             for row in chunk.chunks(c) {
                 for (p, v) in part.iter_mut().zip(row) {
                     *p += v;
                 }
             }
-            for (w, p) in want.iter_mut().zip(&part) {
-                *w += p;
+            for (l, p) in lanes.iter_mut().zip(&part) {
+                l[k % 32] += p;
             }
         }
+        let want: Vec<f32> = lanes
+            .iter()
+            .map(|l| {
+                let mut l = *l;
+                for d in [16, 8, 4, 2, 1] {
+                    l = std::array::from_fn(|i| l[i] + l[i ^ d]);
+                }
+                l[0]
+            })
+            .collect();
         assert_eq!(c2.2, want);
-        assert!(m > cpu::ROW_CHUNK, "the rows span several chunks");
+        assert!(m > 32 * cpu::ROW_CHUNK, "the chunks wrap around the lanes");
     }
 
     #[test]
