@@ -488,6 +488,23 @@ __device__ __forceinline__ void mma_rows(float (&acc)[kRows / 2], const unsigned
     }
 }
 
+// The SS group of streamed tile n once it has landed: acc0 = fixed(0)·stream(0)ᵀ and
+// acc1 = fixed(1)·stream(1)ᵀ over the head dim (Sᵀ and dPᵀ in dkv, S and dP in dq), one commit.
+template <typename T, int HD>
+__device__ __forceinline__ void issue_ss(const BwdSmem<HD>& sm, int n, int cw, float (&acc0)[kRows / 2],
+                                         float (&acc1)[kRows / 2]) {
+    const int st = n % kStages;
+    lf::mbarrier_wait_parity(&sm.full[st], (unsigned)(n / kStages) & 1u);
+    lf::wgmma_fence_operands(acc0);
+    lf::wgmma_fence_operands(acc1);
+    lf::wgmma_fence();
+    mma_rows<T, HD>(acc0, sm.fixed(0), cw, sm.stream(st, 0));
+    mma_rows<T, HD>(acc1, sm.fixed(1), cw, sm.stream(st, 1));
+    lf::wgmma_commit();
+    lf::wgmma_fence_operands(acc0);
+    lf::wgmma_fence_operands(acc1);
+}
+
 // acc += P·B: P from registers (4 k16 steps over the streamed tile's 64 rows), B the streamed
 // 64-row operand read MN-major (rows 128 bytes apart, 8-row groups SBO = 1024 apart,
 // 64-column boxes LBO = 8 KiB apart; no commit).
@@ -609,18 +626,6 @@ __device__ void backward_dkv(const AttentionWgmmaBwdParams& p) {
             dd[i] = p.delta[bh + q];
         }
     };
-    auto issue_s = [&](int n) {
-        const int s = n % kStages;
-        lf::mbarrier_wait_parity(&sm.full[s], (unsigned)(n / kStages) & 1u);
-        lf::wgmma_fence_operands(st);
-        lf::wgmma_fence_operands(dpt);
-        lf::wgmma_fence();
-        mma_rows<T, HD>(st, sm.fixed(0), cw, sm.stream(s, 0));
-        mma_rows<T, HD>(dpt, sm.fixed(1), cw, sm.stream(s, 1));
-        lf::wgmma_commit();
-        lf::wgmma_fence_operands(st);
-        lf::wgmma_fence_operands(dpt);
-    };
     auto issue_kv = [&](int n) {
         const int s = n % kStages;
         lf::wgmma_fence_operands(dv);
@@ -656,7 +661,7 @@ __device__ void backward_dkv(const AttentionWgmmaBwdParams& p) {
     lf::mbarrier_wait_parity(sm.fixed_full, 0);
     consume(n0, ntiles, sm.empty, [&](int n) {
         stats(n);
-        issue_s(n);
+        issue_ss<T, HD>(sm, n, cw, st, dpt);
     }, issue_kv, [&] {
         lf::wgmma_fence_operands(st);
         lf::wgmma_fence_operands(dpt);
@@ -718,18 +723,7 @@ __device__ void backward_dq(const AttentionWgmmaBwdParams& p) {
     LF_UNROLL
     for (int i = 0; i < HD / 2; ++i) dq[i] = 0.0f;
 
-    auto issue_s = [&](int n) {
-        const int st = n % kStages;
-        lf::mbarrier_wait_parity(&sm.full[st], (unsigned)(n / kStages) & 1u);
-        lf::wgmma_fence_operands(s);
-        lf::wgmma_fence_operands(dp);
-        lf::wgmma_fence();
-        mma_rows<T, HD>(s, sm.fixed(0), cw, sm.stream(st, 0));
-        mma_rows<T, HD>(dp, sm.fixed(1), cw, sm.stream(st, 1));
-        lf::wgmma_commit();
-        lf::wgmma_fence_operands(s);
-        lf::wgmma_fence_operands(dp);
-    };
+    auto issue_s = [&](int n) { issue_ss<T, HD>(sm, n, cw, s, dp); };
     auto issue_dq = [&](int n) {
         lf::wgmma_fence_operands(dq);
         pin(pa);

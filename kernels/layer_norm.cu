@@ -226,58 +226,76 @@ __device__ void forward(const LayerNormParams& p) {
     }
 }
 
-// gx, row in registers (as forward_vec): x and d = gamma·gy held per lane, the two row
-// sums, then gx; one warp per row, `block` counts the blocks of this role, `nblocks`.
-template <typename T>
-__device__ void backward_x_vec(const LayerNormParams& p, long long block, long long nblocks) {
+// gx of one row in registers (as forward_vec; one warp): x and d = gamma·gy held per lane,
+// the two row sums, then gx. With Stage, also the reference's products gy·n and gy of the
+// row (f32, __fmul_rn / __fsub_rn as cpu::backward_params) into the staging rows sgn, sg.
+template <typename T, bool Stage>
+__device__ __forceinline__ void row_gx_vec(const LayerNormParams& p, long long row, float* sgn, float* sg) {
     constexpr int W = lf::vec16<T>::n, NV = kRegValues / W;
+    static_assert(W % 4 == 0, "16-byte staging stores");
     const int lane = threadIdx.x & 31;
-    const long long warp = threadIdx.x >> 5;
     const T* gamma = static_cast<const T*>(p.gamma);
     const int nvec = (int)(p.c / W);
     const float n = (float)p.c;
-    for (long long row = block * kWarps + warp; row < p.rows; row += nblocks * kWarps) {
-        const T* x = static_cast<const T*>(p.x) + row * p.c;
-        const T* gy = static_cast<const T*>(p.gy) + row * p.c;
-        T* gx = static_cast<T*>(p.gx) + row * p.c;
-        const float m = p.mean[row], r = p.rstd[row];
-        float xv[NV][W], dv[NV][W];
+    const T* x = static_cast<const T*>(p.x) + row * p.c;
+    const T* gy = static_cast<const T*>(p.gy) + row * p.c;
+    T* gx = static_cast<T*>(p.gx) + row * p.c;
+    const float m = p.mean[row], r = p.rstd[row];
+    float xv[NV][W], dv[NV][W];
 LF_UNROLL
-        for (int i = 0; i < NV; ++i) {
-            const int q = lane + 32 * i;
-            if (q < nvec) {
-                lf::load16(x + q * W, xv[i]);
-                lf::load16(gy + q * W, dv[i]);
-            }
+    for (int i = 0; i < NV; ++i) {
+        const int q = lane + 32 * i;
+        if (q < nvec) {
+            lf::load16(x + q * W, xv[i]);
+            lf::load16(gy + q * W, dv[i]);
         }
-        float sd = 0.0f, sdn = 0.0f;
+    }
+    float sd = 0.0f, sdn = 0.0f;
 LF_UNROLL
-        for (int i = 0; i < NV; ++i) {
-            const int q = lane + 32 * i;
-            if (q < nvec) {
-                float g[W];
-                lf::load16(gamma + q * W, g);
+    for (int i = 0; i < NV; ++i) {
+        const int q = lane + 32 * i;
+        if (q < nvec) {
+            float g[W];
+            lf::load16(gamma + q * W, g);
+            if constexpr (Stage) {
 LF_UNROLL
-                for (int e = 0; e < W; ++e) {
-                    const float d = g[e] * dv[i][e];
-                    dv[i][e] = d;
-                    sd += d;
-                    sdn += d * ((xv[i][e] - m) * r);
+                for (int e = 0; e < W; e += 4) {
+                    float pn[4];
+LF_UNROLL
+                    for (int f = 0; f < 4; ++f)
+                        pn[f] = __fmul_rn(dv[i][e + f], __fmul_rn(__fsub_rn(xv[i][e + f], m), r));
+                    *reinterpret_cast<float4*>(sgn + q * W + e) = make_float4(pn[0], pn[1], pn[2], pn[3]);
+                    *reinterpret_cast<float4*>(sg + q * W + e) =
+                        make_float4(dv[i][e], dv[i][e + 1], dv[i][e + 2], dv[i][e + 3]);
                 }
             }
-        }
-        const float mean_d = warp_sum(sd) / n, mean_dn = warp_sum(sdn) / n;
 LF_UNROLL
-        for (int i = 0; i < NV; ++i) {
-            const int q = lane + 32 * i;
-            if (q < nvec) {
-LF_UNROLL
-                for (int e = 0; e < W; ++e)
-                    xv[i][e] = (dv[i][e] - mean_d - (xv[i][e] - m) * r * mean_dn) * r;
-                lf::store16(gx + q * W, xv[i]);
+            for (int e = 0; e < W; ++e) {
+                const float d = g[e] * dv[i][e];
+                dv[i][e] = d;
+                sd += d;
+                sdn += d * ((xv[i][e] - m) * r);
             }
         }
     }
+    const float mean_d = warp_sum(sd) / n, mean_dn = warp_sum(sdn) / n;
+LF_UNROLL
+    for (int i = 0; i < NV; ++i) {
+        const int q = lane + 32 * i;
+        if (q < nvec) {
+LF_UNROLL
+            for (int e = 0; e < W; ++e) xv[i][e] = (dv[i][e] - mean_d - (xv[i][e] - m) * r * mean_dn) * r;
+            lf::store16(gx + q * W, xv[i]);
+        }
+    }
+}
+
+// gx, row in registers: one warp per row, `block` counts the blocks of this role, `nblocks`.
+template <typename T>
+__device__ void backward_x_vec(const LayerNormParams& p, long long block, long long nblocks) {
+    const long long warp = threadIdx.x >> 5;
+    for (long long row = block * kWarps + warp; row < p.rows; row += nblocks * kWarps)
+        row_gx_vec<T, false>(p, row, nullptr, nullptr);
 }
 
 // gx, scalar (any C, any alignment): one warp per row, lanes striding over the channels.
@@ -358,17 +376,11 @@ LF_UNROLL
 constexpr int kChanPerThread = 32 * kRegValues / kThreads;  // 4
 template <typename T>
 __device__ void backward_fused(const LayerNormParams& p) {
-    constexpr int W = lf::vec16<T>::n, NV = kRegValues / W;
-    static_assert(W % 4 == 0, "16-byte staging stores");
     if (!row_in_registers<T>(p.c, p.x, p.gy, p.gx, p.gamma)) __trap();  // the launcher checks it
     LF_DYNAMIC_SMEM(float, stage);
-    float* sgn = stage;            // [8][C]: gy·n of the round's rows
+    float* sgn = stage;                // [8][C]: gy·n of the round's rows
     float* sg = stage + kWarps * p.c;  // [8][C]: gy
-    const int lane = threadIdx.x & 31;
     const int warp = (int)(threadIdx.x >> 5);
-    const T* gamma = static_cast<const T*>(p.gamma);
-    const int nvec = (int)(p.c / W);
-    const float n = (float)p.c;
     for (long long k = blockIdx.x; k < p.chunks; k += gridDim.x) {
         const long long r0 = k * kChunkRows;
         const long long r1 = r0 + kChunkRows < p.rows ? r0 + kChunkRows : p.rows;
@@ -377,58 +389,7 @@ LF_UNROLL
         for (int u = 0; u < kChanPerThread; ++u) gg[u] = gb[u] = 0.0f;
         for (long long base = r0; base < r1; base += kWarps) {
             const long long row = base + warp;
-            if (row < r1) {
-                const T* x = static_cast<const T*>(p.x) + row * p.c;
-                const T* gy = static_cast<const T*>(p.gy) + row * p.c;
-                T* gx = static_cast<T*>(p.gx) + row * p.c;
-                const float m = p.mean[row], r = p.rstd[row];
-                float xv[NV][W], dv[NV][W];
-LF_UNROLL
-                for (int i = 0; i < NV; ++i) {
-                    const int q = lane + 32 * i;
-                    if (q < nvec) {
-                        lf::load16(x + q * W, xv[i]);
-                        lf::load16(gy + q * W, dv[i]);
-                    }
-                }
-                float sd = 0.0f, sdn = 0.0f;
-LF_UNROLL
-                for (int i = 0; i < NV; ++i) {
-                    const int q = lane + 32 * i;
-                    if (q < nvec) {
-                        float g[W], pn[W];
-                        lf::load16(gamma + q * W, g);
-LF_UNROLL
-                        for (int e = 0; e < W; ++e) {
-                            pn[e] = __fmul_rn(dv[i][e], __fmul_rn(__fsub_rn(xv[i][e], m), r));
-                            const float d = g[e] * dv[i][e];
-                            sd += d;
-                            sdn += d * ((xv[i][e] - m) * r);
-                        }
-                        float* dn = sgn + warp * p.c + q * W;
-                        float* dg = sg + warp * p.c + q * W;
-LF_UNROLL
-                        for (int e = 0; e < W; e += 4) {
-                            *reinterpret_cast<float4*>(dn + e) = make_float4(pn[e], pn[e + 1], pn[e + 2], pn[e + 3]);
-                            *reinterpret_cast<float4*>(dg + e) =
-                                make_float4(dv[i][e], dv[i][e + 1], dv[i][e + 2], dv[i][e + 3]);
-                        }
-LF_UNROLL
-                        for (int e = 0; e < W; ++e) dv[i][e] *= g[e];
-                    }
-                }
-                const float mean_d = warp_sum(sd) / n, mean_dn = warp_sum(sdn) / n;
-LF_UNROLL
-                for (int i = 0; i < NV; ++i) {
-                    const int q = lane + 32 * i;
-                    if (q < nvec) {
-LF_UNROLL
-                        for (int e = 0; e < W; ++e)
-                            xv[i][e] = (dv[i][e] - mean_d - (xv[i][e] - m) * r * mean_dn) * r;
-                        lf::store16(gx + q * W, xv[i]);
-                    }
-                }
-            }
+            if (row < r1) row_gx_vec<T, true>(p, row, sgn + warp * p.c, sg + warp * p.c);
             __syncthreads();  // the round's rows are staged
             const int staged = (int)(r1 - base < kWarps ? r1 - base : kWarps);
 LF_UNROLL
