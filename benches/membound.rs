@@ -96,7 +96,8 @@ fn bench_cuda(c: &mut Criterion, dev: Device) {
     let beta = rand(&[C], -0.5, 0.5, &dev, 3);
     let gy = rand(&[N, C], -1.0, 1.0, &dev, 4);
     let ln_fwd = 2 * s2 * n * cc + 2 * s2 * cc + 8 * n;
-    let chunks = n.div_ceil(256);
+    // The parameter sums' 32-row chunks (`kChunkRows` in kernels/layer_norm.cu).
+    let chunks = n.div_ceil(32);
     let ln_bwd = 3 * s2 * n * cc + s2 * cc + 8 * n + 2 * 2 * 4 * chunks * cc + 2 * s2 * cc;
     case(c, "layer_norm_fwd", ln_fwd, copy_gbs, || {
         layer_norm(&x, &gamma, &beta, 1e-5).expect("ln");
